@@ -1,0 +1,99 @@
+"""Per-scale patch encoders (Enc64, Enc32, Enc16) and the relative-angle classifier.
+
+Each encoder is a VGG16 prefix (unpadded) plus a small convolutional head whose output is
+1x1 for a θ×θ input. Applied to a whole image it is fully convolutional and yields the grid
+of all patch embeddings at the network stride, equal to embedding each patch cropped alone.
+
+How each scale was chosen (receptive field ≤ patch size, stride dividing the paper's
+inference stride):
+
+====  =========================  ==============  =================================  ======
+θ     VGG16 prefix (layers)      feature size    head                               stride
+====  =========================  ==============  =================================  ======
+64    conv1_1 .. pool3 (17)      3×3×256         conv3×3→128, LReLU, conv1×1→D      8
+32    conv1_1 .. pool2 (10)      5×5×128         conv3×3→128, LReLU, conv3×3→D      4
+16    conv1_1 .. pool2 (10)      1×1×128         conv1×1→128, LReLU, conv1×1→D      4
+====  =========================  ==============  =================================  ======
+
+The deepest prefix that still leaves a spatial map ≥1 for the patch keeps the most ImageNet
+structure; a head with a 3×3 kernel then mixes the remaining positions into one vector.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mspray.model.backbone import vgg16_prefix
+
+#: patch size -> (number of VGG16 feature modules, channels out, network stride)
+_PREFIX = {64: (17, 256, 8), 32: (10, 128, 4), 16: (10, 128, 4)}
+N_ANGLES = 12
+
+
+def network_stride(patch_size: int) -> int:
+    """Pixel stride between neighbouring embeddings of a dense grid for ``patch_size``."""
+    if patch_size not in _PREFIX:
+        raise ValueError(f"unsupported patch size {patch_size}; choose from {sorted(_PREFIX)}")
+    return _PREFIX[patch_size][2]
+
+
+def _head(patch_size: int, in_ch: int, dim: int) -> nn.Sequential:
+    hidden = 128
+    if patch_size == 64:
+        return nn.Sequential(nn.Conv2d(in_ch, hidden, 3), nn.LeakyReLU(0.1),
+                             nn.Conv2d(hidden, dim, 1))
+    if patch_size == 32:
+        return nn.Sequential(nn.Conv2d(in_ch, hidden, 3), nn.LeakyReLU(0.1),
+                             nn.Conv2d(hidden, dim, 3))
+    return nn.Sequential(nn.Conv2d(in_ch, hidden, 1), nn.LeakyReLU(0.1),
+                         nn.Conv2d(hidden, dim, 1))
+
+
+class PatchEncoder(nn.Module):
+    """Enc_θ: maps θ×θ patches to D-vectors; whole images to a D×h×w embedding grid.
+
+    Inputs are ImageNet-normalised float tensors ``B×3×H×W``.
+    """
+
+    def __init__(self, patch_size: int, embed_dim: int = 64, vgg_state: dict | None = None):
+        super().__init__()
+        n_layers, ch, stride = _PREFIX[patch_size]
+        self.patch_size = patch_size
+        self.stride = stride
+        self.embed_dim = embed_dim
+        self.features = vgg16_prefix(n_layers)
+        if vgg_state is not None:
+            from mspray.model.backbone import init_prefix
+
+            init_prefix(self.features, vgg_state)
+        self.head = _head(patch_size, ch, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``B×3×H×W`` -> ``B×D×h×w`` with ``h = (H - θ) // stride + 1``."""
+        if x.shape[-1] < self.patch_size or x.shape[-2] < self.patch_size:
+            raise ValueError(f"input {tuple(x.shape[-2:])} smaller than patch {self.patch_size}")
+        return self.head(self.features(x))
+
+    def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """``N×3×θ×θ`` patches -> ``N×D`` embeddings."""
+        return self.forward(patches).flatten(1)
+
+
+class AngleHead(nn.Module):
+    """Classifier C: predicts the relative angle (12 classes of 30°) of patch j about i.
+
+    Every layer, the last included, is a trainable parameter (the public code's last layer
+    never received gradients).
+    """
+
+    def __init__(self, embed_dim: int = 64, hidden: int = 128, n_classes: int = N_ANGLES):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(2 * embed_dim, hidden), nn.LeakyReLU(0.1),
+            nn.Linear(hidden, hidden), nn.LeakyReLU(0.1),
+            nn.Linear(hidden, n_classes),
+        )
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([a, b], dim=1))
