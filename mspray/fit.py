@@ -1,0 +1,101 @@
+"""Fit a detector on normal images: train every scale, build banks, calibrate, save.
+
+The scale training step is pluggable: plain torch on one process by default, or the Ray
+Train adapter (``mspray.train.ray_train``) when the config asks for workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable
+
+import torch
+
+from mspray.config import MSPrayConfig
+from mspray.data.images import load_images
+from mspray.detector import Detector
+from mspray.model.backbone import PretrainedWeightsError, load_vgg16_state
+from mspray.model.detector import MultiScaleDetector
+from mspray.train.loop import ScaleModel, resolve_device, train_scale
+
+log = logging.getLogger(__name__)
+
+#: (cfg, train_uris, val_uris) -> {scale: trained ScaleModel}
+ScaleTrainFn = Callable[[MSPrayConfig, list[str], list[str]], dict[int, ScaleModel]]
+
+
+def split_holdout(paths: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic split of normal training images into (train, held-out validation).
+
+    At least one image is held out whenever there are two or more and ``fraction > 0``: the
+    held-out images select the checkpoint and calibrate the threshold, so they must not be
+    in the bank.
+    """
+    paths = sorted(paths)
+    n_val = 0 if fraction <= 0 or len(paths) < 2 else max(1, math.floor(fraction * len(paths)))
+    order = list(range(len(paths)))
+    random.Random(seed).shuffle(order)
+    val = sorted(paths[i] for i in order[:n_val])
+    train = sorted(paths[i] for i in order[n_val:])
+    return train, val
+
+
+def backbone_state(cfg: MSPrayConfig) -> tuple[dict | None, bool]:
+    """ImageNet VGG16 weights when the config asks for them: (state or None, loaded?)."""
+    if not cfg.model.pretrained:
+        return None, False
+    try:
+        return load_vgg16_state(cfg.model.weights_path), True
+    except PretrainedWeightsError as e:
+        if not cfg.model.pretrained_fallback:
+            raise
+        log.warning("ImageNet weights unavailable (%s); training from random init. "
+                    "Set model.pretrained_fallback=false to make this an error.", e)
+        return None, False
+
+
+def local_scale_trainer(cfg: MSPrayConfig, train: torch.Tensor, val: torch.Tensor | None,
+                        state: dict | None, progress: bool = True) -> dict[int, ScaleModel]:
+    """Train every scale one after another on this process."""
+    models = {}
+    for scale in cfg.model.scales:
+        models[scale], history = train_scale(cfg, scale, train, val, state, progress=progress)
+        if history:
+            last = history[-1]
+            log.info("scale %d: loss %.4f, best validation loss %.4f", scale, last["loss"],
+                     last["best_val_loss"])
+    return models
+
+
+def fit_detector(cfg: MSPrayConfig, image_uris: list[str], out: str | None = None,
+                 trainer: ScaleTrainFn | None = None, progress: bool = True) -> Detector:
+    """Train on normal ``image_uris``; build banks from the training split; calibrate on the
+    held-out split; save a bundle to ``out`` when given."""
+    if not image_uris:
+        raise ValueError("no training images")
+    train_uris, val_uris = split_holdout(image_uris, cfg.train.val_fraction, cfg.train.seed)
+    size = cfg.model.image_size
+    train = load_images(train_uris, size, progress=progress, desc="loading train images")
+    val = load_images(val_uris, size, progress=progress, desc="loading held-out images") \
+        if val_uris else None
+    state, loaded = backbone_state(cfg)
+    if trainer is None:
+        models = local_scale_trainer(cfg, train, val, state, progress)
+    else:
+        models = trainer(cfg, train_uris, val_uris)
+    det = Detector(cfg, MultiScaleDetector(cfg, models), device=resolve_device(cfg.train.device))
+    det.build_banks(train, progress=progress)
+    if val is None:
+        log.warning("only one training image: calibrating the threshold on it (it is in the "
+                    "bank, so the threshold will be low)")
+    det.calibrate(val if val is not None else train)
+    det.meta.update(pretrained_loaded=loaded, n_train_images=len(train_uris),
+                    n_holdout_images=len(val_uris))
+    if out:
+        from mspray.bundle import save_bundle
+
+        save_bundle(det, out)
+    return det
+

@@ -1,0 +1,42 @@
+"""MultiScaleDetector: the trained encoders of all scales as one module.
+
+Images in, per-scale embedding grids out, computed densely (one forward pass per scale for
+the whole batch; never patch by patch).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mspray.config import MSPrayConfig
+from mspray.model.encoder import AngleHead, PatchEncoder
+from mspray.train.loop import ScaleModel, normalize
+
+
+class MultiScaleDetector(nn.Module):
+    """Enc64 / Enc32 / Enc16 (whichever the config lists) and their angle heads."""
+
+    def __init__(self, cfg: MSPrayConfig, scale_models: dict[int, ScaleModel] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.model.embed_dim
+        models = scale_models or {
+            s: ScaleModel(PatchEncoder(s, d), AngleHead(d)) for s in cfg.model.scales
+        }
+        self.scales = nn.ModuleDict({str(s): models[s] for s in cfg.model.scales})
+
+    def encoder(self, scale: int) -> PatchEncoder:
+        return self.scales[str(scale)].encoder
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, scale: int, stride: int | None = None) -> torch.Tensor:
+        """``B×3×H×W`` images in [0, 1] -> ``B×h×w×D`` embedding grid at ``stride``
+        (default: the config's inference stride for ``scale``)."""
+        enc = self.encoder(scale)
+        stride = stride or self.cfg.stride_for(scale)
+        if stride % enc.stride:
+            raise ValueError(f"stride {stride} is not a multiple of {enc.stride} (scale {scale})")
+        step = stride // enc.stride
+        grid = enc(normalize(images))[:, :, ::step, ::step]
+        return grid.permute(0, 2, 3, 1).contiguous()
