@@ -100,13 +100,13 @@ def sample_triplets(img: torch.Tensor, h: int, w: int, p: int, g: torch.Generato
     return Samples(img, (i, j, k))
 
 
-def angle_offsets(labels: torch.Tensor, p: int, g: torch.Generator,
-                  jitter: float = 0.125) -> torch.Tensor:
-    """Offsets of patch n about m for angle classes ``labels``: distance ≈ one patch size
-    (±jitter·p), rounded to integers. Rounding moves the point by < 1 px, far less than the
-    15° half-width of a class at distance ≥ 0.875·p, so the label stays exact."""
+def angle_offsets(labels: torch.Tensor, d_lo: float, d_hi: float,
+                  g: torch.Generator) -> torch.Tensor:
+    """Offsets of patch n about m for angle classes ``labels``, at a distance uniform in
+    ``[d_lo, d_hi]``, rounded to integers. Rounding moves the point by < 1 px, far less than
+    the 15° half-width of a class at these distances, so the label stays exact."""
     theta = labels.double() * (2 * math.pi / N_ANGLES)
-    d = p * (1 + jitter * (2 * torch.rand(labels.numel(), generator=g, dtype=torch.float64) - 1))
+    d = d_lo + (d_hi - d_lo) * torch.rand(labels.numel(), generator=g, dtype=torch.float64)
     dx = torch.round(d * torch.cos(theta)).long()
     dy = torch.round(-d * torch.sin(theta)).long()
     return torch.stack([dy, dx], 1)
@@ -120,15 +120,17 @@ def offset_angle_class(off: torch.Tensor) -> torch.Tensor:
 
 def sample_angles(img: torch.Tensor, h: int, w: int, p: int, g: torch.Generator,
                   jitter: float = 0.125) -> Samples:
-    """SSL pairs (m, n) with n about one patch size from m at one of 12 angles.
+    """SSL pairs (m, n) with n about one patch size (p·(1±jitter)) from m at one of 12
+    angles; the far end of the range shrinks to fit small images (never below 0.75·p).
 
     The angle and offset are drawn first, then m is drawn only where both patches fit, so
     no patch is ever clipped and every label is correct by construction."""
-    reach = int(math.ceil(p * (1 + jitter))) + 1
-    _check(h, w, p, p + reach)
+    d_hi = min(p * (1 + jitter), min(h, w) - p)
+    _check(h, w, p, int(math.ceil(1.75 * p)))
+    d_lo = min(p * (1 - jitter), d_hi)
     n = img.numel()
     labels = torch.randint(0, N_ANGLES, (n,), generator=g)
-    off = angle_offsets(labels, p, g, jitter)
+    off = angle_offsets(labels, d_lo, d_hi, g)
     lo = (-off).clamp(min=0)
     hi = torch.tensor([h - p, w - p]) - off.clamp(min=0)
     m = torch.stack([_uniform(n, lo[:, 0], hi[:, 0], g), _uniform(n, lo[:, 1], hi[:, 1], g)], 1)

@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from mspray.config import ConfigError, MSPrayConfig
+
+
+def test_defaults_follow_the_paper():
+    cfg = MSPrayConfig()
+    assert cfg.model.scales == (64, 32, 16)
+    assert cfg.model.strides == (16, 4, 4)
+    assert cfg.model.embed_dim == 64 and cfg.model.image_size == 256
+    assert cfg.train.lam == 1e-3 and cfg.train.lr == 1e-5 and cfg.train.batch_size == 64
+    assert cfg.train.samples_per_image == 100 and cfg.train.n_centers == 50
+    assert cfg.train.center_update_every == 5
+
+
+def test_json_round_trip_keeps_every_field():
+    cfg = MSPrayConfig().replace(**{"train.epochs": 7, "model.scales": (64, 16),
+                                    "model.strides": (16, 4), "bank.index": "ivf"})
+    back = MSPrayConfig.from_json(cfg.to_json())
+    assert back == cfg
+    assert isinstance(back.model.scales, tuple)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ({"train.lr": -1.0}, "train.lr"),
+        ({"model.scales": (64, 48)}, "model.scales"),
+        ({"model.strides": (16, 4, 6)}, "model.strides"),
+        ({"model.image_size": 250}, "model.image_size"),
+        ({"bank.coreset_ratio": 0.0}, "bank.coreset_ratio"),
+        ({"train.losses": ("svdd", "nope")}, "train.losses"),
+        ({"train.device": "tpu"}, "train.device"),
+    ],
+)
+def test_invalid_values_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        MSPrayConfig().replace(**override)
+
+
+def test_wrong_types_and_unknown_fields_in_json_name_the_field():
+    data = MSPrayConfig().to_dict()
+    data["train"]["epochs"] = "ten"
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        MSPrayConfig.from_dict(data)
+    data = MSPrayConfig().to_dict()
+    data["model"]["embed_dims"] = 3
+    with pytest.raises(ConfigError, match=r"model\.embed_dims"):
+        MSPrayConfig.from_dict(data)
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        MSPrayConfig.from_json("{")
+    assert json.loads(MSPrayConfig().to_json())["bank"]["index"] == "flat"

@@ -1,0 +1,87 @@
+import math
+
+import pytest
+import torch
+
+from mspray.model.encoder import N_ANGLES
+from mspray.train import sampling
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _inside(pos, h, w, p):
+    return bool(((pos >= 0).all() and (pos[:, 0] <= h - p).all() and (pos[:, 1] <= w - p).all()))
+
+
+@pytest.mark.parametrize("p", [64, 32, 16])
+def test_angle_labels_are_correct_by_construction(p):
+    h, w = 2 * p + 8, 3 * p
+    img = torch.zeros(20000, dtype=torch.long)
+    s = sampling.sample_angles(img, h, w, p, _gen(p))
+    m, n = s.pos
+    assert _inside(m, h, w, p) and _inside(n, h, w, p)  # nothing ever clipped
+    off = n - m
+    # Recompute the angle of every pair from the positions alone.
+    ang = torch.atan2(-off[:, 0].double(), off[:, 1].double()) % (2 * math.pi)
+    expected = torch.round(ang / (2 * math.pi / N_ANGLES)).long() % N_ANGLES
+    assert torch.equal(expected, s.labels)
+    # ... and the angle is within a few degrees of the class centre, not merely nearest.
+    centre = s.labels.double() * 2 * math.pi / N_ANGLES
+    diff = torch.remainder(ang - centre + math.pi, 2 * math.pi) - math.pi
+    assert diff.abs().max() < math.radians(5)
+    dist = off.double().norm(dim=1)
+    assert dist.min() >= 0.85 * p and dist.max() <= 1.15 * p
+    assert torch.bincount(s.labels, minlength=N_ANGLES).min() > 1000  # all classes used
+
+
+def test_offset_angle_class_inverts_angle_offsets():
+    labels = torch.arange(N_ANGLES).repeat(50)
+    off = sampling.angle_offsets(labels, 28.0, 36.0, _gen())
+    assert torch.equal(sampling.offset_angle_class(off), labels)
+
+
+@pytest.mark.parametrize("p, r", [(64, 4), (32, 2), (16, 1)])
+def test_svdd_pairs_are_close_neighbours(p, r):
+    s = sampling.sample_svdd(torch.zeros(5000, dtype=torch.long), 100, 120, p, _gen())
+    i, j = s.pos
+    d = (j - i).abs()
+    assert d.max() <= r and (d.sum(1) > 0).all()
+    assert _inside(i, 100, 120, p) and _inside(j, 100, 120, p)
+    assert {int(v) for v in (j - i)[:, 0].unique()} == set(range(-r, r + 1))
+
+
+def test_triplets_far_patch_does_not_overlap_the_anchor():
+    p = 32
+    s = sampling.sample_triplets(torch.zeros(4000, dtype=torch.long), 128, 128, p, _gen())
+    i, j, k = s.pos
+    assert ((k - i).abs().amax(1) >= p).all()
+    assert ((j - i).abs().amax(1) <= 2).all()
+    assert _inside(k, 128, 128, p)
+
+
+def test_balanced_images_uses_every_image_evenly():
+    idx = sampling.balanced_images(7, 30, _gen())
+    counts = torch.bincount(idx, minlength=7)
+    assert counts.sum() == 30 and counts.max() - counts.min() <= 1
+
+
+def test_crop_matches_slicing():
+    images = torch.randn(3, 3, 40, 50)
+    img = torch.tensor([0, 2, 1])
+    pos = torch.tensor([[0, 0], [5, 7], [24, 34]])
+    out = sampling.crop(images, img, pos, 16)
+    for n in range(3):
+        y, x = pos[n].tolist()
+        assert torch.equal(out[n], images[img[n], :, y : y + 16, x : x + 16])
+
+
+def test_small_images_shrink_the_angle_distance_but_keep_labels_exact():
+    img = torch.zeros(5000, dtype=torch.long)
+    s = sampling.sample_angles(img, 128, 128, 64, _gen())
+    off = s.pos[1] - s.pos[0]
+    assert torch.equal(sampling.offset_angle_class(off), s.labels)
+    assert off.abs().max() <= 64 and _inside(s.pos[1], 128, 128, 64)
+    with pytest.raises(ValueError, match="too small"):
+        sampling.sample_angles(img[:3], 100, 100, 64, _gen())
