@@ -50,6 +50,7 @@ class ModelConfig:
 class TrainConfig:
     """Per-scale encoder training (paper section 3.2-3.3)."""
 
+    #: 0 skips training: banks are built from the initial (ImageNet or random) encoders.
     epochs: int = 20
     batch_size: int = 64
     lr: float = 1e-5
@@ -183,7 +184,7 @@ class MSPrayConfig:
         _check(m.score_window >= 1, "model.score_window", m.score_window, ">= 1")
         _check(m.score_window_stride >= 1, "model.score_window_stride", m.score_window_stride,
                ">= 1")
-        _check(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+        _check(t.epochs >= 0, "train.epochs", t.epochs, "must be >= 0 (0 = no training)")
         _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
         _check(t.lr > 0, "train.lr", t.lr, "must be > 0")
         _check(t.lam >= 0, "train.lam", t.lam, "must be >= 0")

@@ -27,6 +27,7 @@ def test_json_round_trip_keeps_every_field():
     "override, field",
     [
         ({"train.lr": -1.0}, "train.lr"),
+        ({"train.epochs": -1}, "train.epochs"),
         ({"model.scales": (64, 48)}, "model.scales"),
         ({"model.strides": (16, 4, 6)}, "model.strides"),
         ({"model.image_size": 250}, "model.image_size"),
