@@ -23,8 +23,12 @@ def ray_local(s3_server, tmp_path_factory):
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not ray.is_initialized():
-        ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, log_to_driver=True,
-                 _temp_dir=str(tmp_path_factory.mktemp("ray")))
+        ray.init(
+            num_cpus=RAY_TEST_CPUS,
+            include_dashboard=False,
+            log_to_driver=True,
+            _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        )
     yield ray
     try:
         from ray import serve

@@ -42,8 +42,7 @@ def bank_name(scale: int) -> str:
 
 def save_bundle(det: Detector, uri: str) -> str:
     """Write ``det`` to ``uri``; returns the bundle version (a content hash)."""
-    weights = st_save({k: v.detach().cpu().contiguous()
-                       for k, v in det.model.state_dict().items()})
+    weights = st_save({k: v.detach().cpu().contiguous() for k, v in det.model.state_dict().items()})
     banks = {s: det.banks[s].to_bytes() for s in det.scales if s in det.banks}
     digest = hashlib.sha256(weights)
     for s in sorted(banks):
@@ -70,8 +69,12 @@ def save_bundle(det: Detector, uri: str) -> str:
     return version
 
 
-def load_bundle(uri: str, device: str | torch.device = "cpu", with_banks: bool = True,
-                config: MSPrayConfig | None = None) -> Detector:
+def load_bundle(
+    uri: str,
+    device: str | torch.device = "cpu",
+    with_banks: bool = True,
+    config: MSPrayConfig | None = None,
+) -> Detector:
     """Load a bundle saved by :func:`save_bundle`.
 
     ``config`` overrides runtime-only settings (e.g. ``bank.use_gpu``) while the model
@@ -82,8 +85,9 @@ def load_bundle(uri: str, device: str | torch.device = "cpu", with_banks: bool =
         raise BundleError(f"{uri}: not a complete mspray bundle (no meta.json)")
     cfg = MSPrayConfig.from_json(storage.read_text(storage.join(uri, "config.json")))
     if config is not None:
-        cfg = MSPrayConfig.from_dict({**cfg.to_dict(), "bank": config.to_dict()["bank"],
-                                      "score": config.to_dict()["score"]})
+        cfg = MSPrayConfig.from_dict(
+            {**cfg.to_dict(), "bank": config.to_dict()["bank"], "score": config.to_dict()["score"]}
+        )
     meta = json.loads(storage.read_text(meta_uri))
     if meta.get("format") != FORMAT:
         raise BundleError(f"{uri}: unsupported bundle format {meta.get('format')!r}")

@@ -173,36 +173,58 @@ class MSPrayConfig:
 
         for p, st in zip(m.scales, m.strides, strict=True):
             ns = network_stride(p)
-            _check(st > 0 and st % ns == 0, "model.strides", m.strides,
-                   f"stride for patch {p} must be a positive multiple of {ns}")
-            _check((m.image_size - p) % st == 0, "model.image_size", m.image_size,
-                   f"(image_size - {p}) must be a multiple of the stride {st} so patches "
-                   "tile the image")
+            _check(
+                st > 0 and st % ns == 0,
+                "model.strides",
+                m.strides,
+                f"stride for patch {p} must be a positive multiple of {ns}",
+            )
+            _check(
+                (m.image_size - p) % st == 0,
+                "model.image_size",
+                m.image_size,
+                f"(image_size - {p}) must be a multiple of the stride {st} so patches "
+                "tile the image",
+            )
         _check(m.embed_dim >= 1, "model.embed_dim", m.embed_dim, "must be >= 1")
         _check(m.fusion in ("sum", "zscore"), "model.fusion", m.fusion, "'sum' or 'zscore'")
         _check(m.smoothing_sigma >= 0, "model.smoothing_sigma", m.smoothing_sigma, ">= 0")
         _check(m.score_window >= 1, "model.score_window", m.score_window, ">= 1")
-        _check(m.score_window_stride >= 1, "model.score_window_stride", m.score_window_stride,
-               ">= 1")
+        _check(
+            m.score_window_stride >= 1, "model.score_window_stride", m.score_window_stride, ">= 1"
+        )
         _check(t.epochs >= 0, "train.epochs", t.epochs, "must be >= 0 (0 = no training)")
         _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
         _check(t.lr > 0, "train.lr", t.lr, "must be > 0")
         _check(t.lam >= 0, "train.lam", t.lam, "must be >= 0")
         _check(t.samples_per_image >= 1, "train.samples_per_image", t.samples_per_image, ">= 1")
         _check(t.n_centers >= 1, "train.n_centers", t.n_centers, "must be >= 1")
-        _check(t.center_update_every >= 1, "train.center_update_every",
-               t.center_update_every, ">= 1")
+        _check(
+            t.center_update_every >= 1, "train.center_update_every", t.center_update_every, ">= 1"
+        )
         _check(t.kmeans_iters >= 1, "train.kmeans_iters", t.kmeans_iters, ">= 1")
-        _check(len(t.losses) >= 1 and set(t.losses) <= set(LOSS_NAMES), "train.losses",
-               t.losses, f"a non-empty subset of {LOSS_NAMES}")
+        _check(
+            len(t.losses) >= 1 and set(t.losses) <= set(LOSS_NAMES),
+            "train.losses",
+            t.losses,
+            f"a non-empty subset of {LOSS_NAMES}",
+        )
         _check(0 <= t.val_fraction < 1, "train.val_fraction", t.val_fraction, "in [0, 1)")
-        _check(t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda", "mps"),
-               "train.device", t.device, "'auto', 'cpu', 'cuda[:N]' or 'mps'")
+        _check(
+            t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda", "mps"),
+            "train.device",
+            t.device,
+            "'auto', 'cpu', 'cuda[:N]' or 'mps'",
+        )
         _check(t.workers >= 0, "train.workers", t.workers, "must be >= 0")
         _check(t.max_failures >= -1, "train.max_failures", t.max_failures, ">= -1")
         _check(0 < b.coreset_ratio <= 1, "bank.coreset_ratio", b.coreset_ratio, "in (0, 1]")
-        _check(b.coreset_max_candidates >= 1, "bank.coreset_max_candidates",
-               b.coreset_max_candidates, ">= 1")
+        _check(
+            b.coreset_max_candidates >= 1,
+            "bank.coreset_max_candidates",
+            b.coreset_max_candidates,
+            ">= 1",
+        )
         _check(b.index in ("flat", "ivf"), "bank.index", b.index, "'flat' or 'ivf'")
         _check(b.ivf_nlist >= 1, "bank.ivf_nlist", b.ivf_nlist, ">= 1")
         _check(b.ivf_nprobe >= 1, "bank.ivf_nprobe", b.ivf_nprobe, ">= 1")
@@ -210,11 +232,19 @@ class MSPrayConfig:
         _check(b.bank_stride >= 0, "bank.bank_stride", b.bank_stride, ">= 0")
         for p in m.scales:
             ns = network_stride(p)
-            _check(b.bank_stride % ns == 0, "bank.bank_stride", b.bank_stride,
-                   f"must be 0 or a multiple of {ns} (patch {p})")
+            _check(
+                b.bank_stride % ns == 0,
+                "bank.bank_stride",
+                b.bank_stride,
+                f"must be 0 or a multiple of {ns} (patch {p})",
+            )
         _check(s.batch_size >= 1, "score.batch_size", s.batch_size, ">= 1")
-        _check(0 < s.threshold_quantile <= 1, "score.threshold_quantile",
-               s.threshold_quantile, "in (0, 1]")
+        _check(
+            0 < s.threshold_quantile <= 1,
+            "score.threshold_quantile",
+            s.threshold_quantile,
+            "in (0, 1]",
+        )
         _check(s.threshold_margin > 0, "score.threshold_margin", s.threshold_margin, "> 0")
         _check(s.max_image_pixels > 0, "score.max_image_pixels", s.max_image_pixels, "> 0")
         _check(s.max_image_bytes > 0, "score.max_image_bytes", s.max_image_bytes, "> 0")

@@ -34,11 +34,16 @@ class Prediction:
 class Detector:
     """Scores images against the banks of normal patch embeddings of every scale."""
 
-    def __init__(self, cfg: MSPrayConfig, model: MultiScaleDetector,
-                 banks: dict[int, PatchBank] | None = None,
-                 stats: dict[int, tuple[float, float]] | None = None,
-                 threshold: float | None = None, meta: dict | None = None,
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        cfg: MSPrayConfig,
+        model: MultiScaleDetector,
+        banks: dict[int, PatchBank] | None = None,
+        stats: dict[int, tuple[float, float]] | None = None,
+        threshold: float | None = None,
+        meta: dict | None = None,
+        device: str | torch.device = "cpu",
+    ):
         self.cfg = cfg
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -65,15 +70,20 @@ class Detector:
         grid = self.model.embed(images.to(self.device), scale, self.bank_stride(scale))
         return grid.reshape(-1, grid.shape[-1]).float().cpu().numpy()
 
-    def build_banks(self, images: torch.Tensor, batch_size: int | None = None,
-                    progress: bool = False) -> None:
+    def build_banks(
+        self, images: torch.Tensor, batch_size: int | None = None, progress: bool = False
+    ) -> None:
         """Banks of every scale from normal ``images`` (``N×3×H×W`` in [0, 1])."""
         from tqdm.auto import tqdm
 
         bs = batch_size or self.cfg.score.batch_size
         for scale in tqdm(self.scales, desc="banks", disable=not progress):
-            emb = np.concatenate([self.bank_embeddings(images[i : i + bs], scale)
-                                  for i in range(0, images.shape[0], bs)])
+            emb = np.concatenate(
+                [
+                    self.bank_embeddings(images[i : i + bs], scale)
+                    for i in range(0, images.shape[0], bs)
+                ]
+            )
             self.banks[scale] = PatchBank.build(emb, self.cfg.bank, seed=self.cfg.train.seed)
 
     # ------------------------------------------------------------------ scoring
@@ -90,8 +100,9 @@ class Detector:
             b, h, w, d = grid.shape
             dist = self.banks[scale].search(grid.reshape(-1, d))
             scores = torch.from_numpy(np.asarray(dist, dtype=np.float32)).view(b, h, w)
-            out[scale] = M.patch_scores_to_map(scores, scale, self.cfg.stride_for(scale),
-                                               tuple(images.shape[-2:]))
+            out[scale] = M.patch_scores_to_map(
+                scores, scale, self.cfg.stride_for(scale), tuple(images.shape[-2:])
+            )
         return out
 
     def _finish(self, m: torch.Tensor) -> torch.Tensor:
@@ -113,11 +124,14 @@ class Detector:
         images (never test labels)."""
         bs = batch_size or self.cfg.score.batch_size
         raw = [self.raw_scale_maps(images[i : i + bs]) for i in range(0, len(images), bs)]
-        self.stats = {s: score_stats(torch.cat([r[s] for r in raw]).flatten().numpy())
-                      for s in self.scales}
+        self.stats = {
+            s: score_stats(torch.cat([r[s] for r in raw]).flatten().numpy()) for s in self.scales
+        }
         stats = self.stats if self.cfg.model.fusion == "zscore" else None
         fused = torch.cat([self._finish(M.fuse_maps(r, stats)) for r in raw])
-        scores = M.image_scores(fused, self.cfg.model.score_window,
-                                self.cfg.model.score_window_stride)
-        self.threshold = calibrate_threshold(scores.numpy(), self.cfg.score.threshold_quantile,
-                                             self.cfg.score.threshold_margin)
+        scores = M.image_scores(
+            fused, self.cfg.model.score_window, self.cfg.model.score_window_stride
+        )
+        self.threshold = calibrate_threshold(
+            scores.numpy(), self.cfg.score.threshold_quantile, self.cfg.score.threshold_margin
+        )

@@ -16,8 +16,13 @@ from mspray.detector import Detector
 from mspray.metrics import compute_metrics
 
 
-def evaluate(det: Detector, samples: list[Sample], maps_dir: str | None = None,
-             batch_size: int | None = None, progress: bool = True) -> dict:
+def evaluate(
+    det: Detector,
+    samples: list[Sample],
+    maps_dir: str | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Score every sample and compute image/pixel metrics.
 
     Returns a JSON-ready dict with ``image_auroc``, ``pixel_auroc``, ``pixel_aupro``,
@@ -36,8 +41,9 @@ def evaluate(det: Detector, samples: list[Sample], maps_dir: str | None = None,
     bar = tqdm(total=len(samples), desc="evaluating", disable=not progress)
     for i in range(0, len(samples), bs):
         chunk = samples[i : i + bs]
-        images = torch.stack([load_image(s.path, size, det.cfg.score.max_image_pixels)
-                              for s in chunk])
+        images = torch.stack(
+            [load_image(s.path, size, det.cfg.score.max_image_pixels) for s in chunk]
+        )
         t0 = time.perf_counter()
         pred = det.predict(images)
         model_seconds += time.perf_counter() - t0
@@ -54,17 +60,22 @@ def evaluate(det: Detector, samples: list[Sample], maps_dir: str | None = None,
     bar.close()
     labels = np.array([s.label for s in samples])
     score_arr = torch.cat(scores).numpy()
-    out = compute_metrics(labels, score_arr,
-                          torch.cat(masks).numpy() if with_masks else None,
-                          torch.cat(maps).float().numpy() if with_masks else None)
+    out = compute_metrics(
+        labels,
+        score_arr,
+        torch.cat(masks).numpy() if with_masks else None,
+        torch.cat(maps).float().numpy() if with_masks else None,
+    )
     from mspray.metrics import image_auroc
 
     out.update(
         threshold=det.threshold,
         n_images=len(samples),
         seconds_per_image=model_seconds / len(samples),
-        scale_image_auroc={str(s): _none_if_nan(image_auroc(labels, torch.cat(v).numpy()))
-                           for s, v in scale_scores.items()},
+        scale_image_auroc={
+            str(s): _none_if_nan(image_auroc(labels, torch.cat(v).numpy()))
+            for s, v in scale_scores.items()
+        },
         model_version=det.version,
     )
     if det.threshold is not None:
@@ -82,12 +93,19 @@ def _none_if_nan(x: float) -> float | None:
     return None if x is None or x != x else float(x)
 
 
-def _write_overlays(maps_dir: str, chunk: list[Sample], images: torch.Tensor,
-                    amaps: torch.Tensor, masks: list[torch.Tensor], det: Detector) -> None:
+def _write_overlays(
+    maps_dir: str,
+    chunk: list[Sample],
+    images: torch.Tensor,
+    amaps: torch.Tensor,
+    masks: list[torch.Tensor],
+    det: Detector,
+) -> None:
     lo, hi = viz.color_range(amaps, det.threshold)
     for s, img, amap, mask in zip(chunk, images, amaps, masks, strict=True):
         p = PurePosixPath(s.path)
         name = f"{p.parent.name}_{p.stem}.png"
-        panel = viz.overlay(viz.tensor_to_rgb(img), amap.numpy(), lo, hi,
-                            mask.numpy() if s.mask_path else None)
+        panel = viz.overlay(
+            viz.tensor_to_rgb(img), amap.numpy(), lo, hi, mask.numpy() if s.mask_path else None
+        )
         storage.write_bytes(storage.join(maps_dir, name), viz.to_png(panel))

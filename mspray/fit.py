@@ -51,26 +51,43 @@ def backbone_state(cfg: MSPrayConfig) -> tuple[dict | None, bool]:
     except PretrainedWeightsError as e:
         if not cfg.model.pretrained_fallback:
             raise
-        log.warning("ImageNet weights unavailable (%s); training from random init. "
-                    "Set model.pretrained_fallback=false to make this an error.", e)
+        log.warning(
+            "ImageNet weights unavailable (%s); training from random init. "
+            "Set model.pretrained_fallback=false to make this an error.",
+            e,
+        )
         return None, False
 
 
-def local_scale_trainer(cfg: MSPrayConfig, train: torch.Tensor, val: torch.Tensor | None,
-                        state: dict | None, progress: bool = True) -> dict[int, ScaleModel]:
+def local_scale_trainer(
+    cfg: MSPrayConfig,
+    train: torch.Tensor,
+    val: torch.Tensor | None,
+    state: dict | None,
+    progress: bool = True,
+) -> dict[int, ScaleModel]:
     """Train every scale one after another on this process."""
     models = {}
     for scale in cfg.model.scales:
         models[scale], history = train_scale(cfg, scale, train, val, state, progress=progress)
         if history:
             last = history[-1]
-            log.info("scale %d: loss %.4f, best validation loss %.4f", scale, last["loss"],
-                     last["best_val_loss"])
+            log.info(
+                "scale %d: loss %.4f, best validation loss %.4f",
+                scale,
+                last["loss"],
+                last["best_val_loss"],
+            )
     return models
 
 
-def fit_detector(cfg: MSPrayConfig, image_uris: list[str], out: str | None = None,
-                 trainer: ScaleTrainFn | None = None, progress: bool = True) -> Detector:
+def fit_detector(
+    cfg: MSPrayConfig,
+    image_uris: list[str],
+    out: str | None = None,
+    trainer: ScaleTrainFn | None = None,
+    progress: bool = True,
+) -> Detector:
     """Train on normal ``image_uris``; build banks from the training split; calibrate on the
     held-out split; save a bundle to ``out`` when given."""
     if not image_uris:
@@ -78,8 +95,11 @@ def fit_detector(cfg: MSPrayConfig, image_uris: list[str], out: str | None = Non
     train_uris, val_uris = split_holdout(image_uris, cfg.train.val_fraction, cfg.train.seed)
     size = cfg.model.image_size
     train = load_images(train_uris, size, progress=progress, desc="loading train images")
-    val = load_images(val_uris, size, progress=progress, desc="loading held-out images") \
-        if val_uris else None
+    val = (
+        load_images(val_uris, size, progress=progress, desc="loading held-out images")
+        if val_uris
+        else None
+    )
     state, loaded = backbone_state(cfg)
     if trainer is None:
         models = local_scale_trainer(cfg, train, val, state, progress)
@@ -88,14 +108,16 @@ def fit_detector(cfg: MSPrayConfig, image_uris: list[str], out: str | None = Non
     det = Detector(cfg, MultiScaleDetector(cfg, models), device=resolve_device(cfg.train.device))
     det.build_banks(train, progress=progress)
     if val is None:
-        log.warning("only one training image: calibrating the threshold on it (it is in the "
-                    "bank, so the threshold will be low)")
+        log.warning(
+            "only one training image: calibrating the threshold on it (it is in the "
+            "bank, so the threshold will be low)"
+        )
     det.calibrate(val if val is not None else train)
-    det.meta.update(pretrained_loaded=loaded, n_train_images=len(train_uris),
-                    n_holdout_images=len(val_uris))
+    det.meta.update(
+        pretrained_loaded=loaded, n_train_images=len(train_uris), n_holdout_images=len(val_uris)
+    )
     if out:
         from mspray.bundle import save_bundle
 
         save_bundle(det, out)
     return det
-

@@ -8,8 +8,19 @@ import numpy as np
 from PIL import Image
 
 # Anchor colours of a perceptually ordered "inferno"-like ramp (dark -> yellow).
-_RAMP = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66],
-                  [245, 125, 21], [250, 193, 39], [252, 255, 164]], dtype=np.float32)
+_RAMP = np.array(
+    [
+        [0, 0, 4],
+        [40, 11, 84],
+        [101, 21, 110],
+        [159, 42, 99],
+        [212, 72, 66],
+        [245, 125, 21],
+        [250, 193, 39],
+        [252, 255, 164],
+    ],
+    dtype=np.float32,
+)
 
 
 def colorize(amap: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
@@ -20,8 +31,14 @@ def colorize(amap: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     return (_RAMP[lo] * (1 - frac) + _RAMP[lo + 1] * frac).astype(np.uint8)
 
 
-def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float,
-            mask: np.ndarray | None = None, alpha: float = 0.5) -> np.ndarray:
+def overlay(
+    image: np.ndarray,
+    amap: np.ndarray,
+    vmin: float,
+    vmax: float,
+    mask: np.ndarray | None = None,
+    alpha: float = 0.5,
+) -> np.ndarray:
     """Side-by-side panel: image | heatmap blended on the image (| ground truth mask)."""
     heat = colorize(amap, vmin, vmax)
     blend = (image.astype(np.float32) * (1 - alpha) + heat * alpha).astype(np.uint8)

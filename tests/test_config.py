@@ -16,8 +16,14 @@ def test_defaults_follow_the_paper():
 
 
 def test_json_round_trip_keeps_every_field():
-    cfg = MSPrayConfig().replace(**{"train.epochs": 7, "model.scales": (64, 16),
-                                    "model.strides": (16, 4), "bank.index": "ivf"})
+    cfg = MSPrayConfig().replace(
+        **{
+            "train.epochs": 7,
+            "model.scales": (64, 16),
+            "model.strides": (16, 4),
+            "bank.index": "ivf",
+        }
+    )
     back = MSPrayConfig.from_json(cfg.to_json())
     assert back == cfg
     assert isinstance(back.model.scales, tuple)

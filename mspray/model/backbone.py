@@ -54,12 +54,13 @@ def load_vgg16_state(weights_path: str | None = None, download: bool = True) -> 
     """
     if weights_path:
         if weights_path.startswith("s3://"):
-            from mspray.storage import read_bytes  # local import: core works without S3
-
             import io
 
-            state = torch.load(io.BytesIO(read_bytes(weights_path)), map_location="cpu",
-                               weights_only=True)
+            from mspray.storage import read_bytes  # local import: core works without S3
+
+            state = torch.load(
+                io.BytesIO(read_bytes(weights_path)), map_location="cpu", weights_only=True
+            )
         else:
             if not Path(weights_path).is_file():
                 raise PretrainedWeightsError(f"VGG16 weights file not found: {weights_path}")
@@ -96,4 +97,4 @@ def init_prefix(prefix: nn.Sequential, state: dict | None) -> None:
     missing = [k for k in own if k not in state]
     if missing:
         raise PretrainedWeightsError(f"weights file lacks {missing[:3]}")
-    prefix.load_state_dict({k[len("features."):]: state[k] for k in own}, strict=True)
+    prefix.load_state_dict({k[len("features.") :]: state[k] for k in own}, strict=True)

@@ -41,13 +41,14 @@ def network_stride(patch_size: int) -> int:
 def _head(patch_size: int, in_ch: int, dim: int) -> nn.Sequential:
     hidden = 128
     if patch_size == 64:
-        return nn.Sequential(nn.Conv2d(in_ch, hidden, 3), nn.LeakyReLU(0.1),
-                             nn.Conv2d(hidden, dim, 1))
+        return nn.Sequential(
+            nn.Conv2d(in_ch, hidden, 3), nn.LeakyReLU(0.1), nn.Conv2d(hidden, dim, 1)
+        )
     if patch_size == 32:
-        return nn.Sequential(nn.Conv2d(in_ch, hidden, 3), nn.LeakyReLU(0.1),
-                             nn.Conv2d(hidden, dim, 3))
-    return nn.Sequential(nn.Conv2d(in_ch, hidden, 1), nn.LeakyReLU(0.1),
-                         nn.Conv2d(hidden, dim, 1))
+        return nn.Sequential(
+            nn.Conv2d(in_ch, hidden, 3), nn.LeakyReLU(0.1), nn.Conv2d(hidden, dim, 3)
+        )
+    return nn.Sequential(nn.Conv2d(in_ch, hidden, 1), nn.LeakyReLU(0.1), nn.Conv2d(hidden, dim, 1))
 
 
 class PatchEncoder(nn.Module):
@@ -90,8 +91,10 @@ class AngleHead(nn.Module):
     def __init__(self, embed_dim: int = 64, hidden: int = 128, n_classes: int = N_ANGLES):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(2 * embed_dim, hidden), nn.LeakyReLU(0.1),
-            nn.Linear(hidden, hidden), nn.LeakyReLU(0.1),
+            nn.Linear(2 * embed_dim, hidden),
+            nn.LeakyReLU(0.1),
+            nn.Linear(hidden, hidden),
+            nn.LeakyReLU(0.1),
             nn.Linear(hidden, n_classes),
         )
 

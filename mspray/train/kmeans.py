@@ -91,9 +91,13 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tenso
 
 def assign(x: torch.Tensor, centers: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
     """Index of the nearest center of every row, in chunks to bound memory."""
-    return torch.cat([sq_dists(x[i : i + chunk], centers).argmin(1)
-                      for i in range(0, x.shape[0], chunk)]) if x.shape[0] else \
-        torch.zeros(0, dtype=torch.long, device=x.device)
+    return (
+        torch.cat(
+            [sq_dists(x[i : i + chunk], centers).argmin(1) for i in range(0, x.shape[0], chunk)]
+        )
+        if x.shape[0]
+        else torch.zeros(0, dtype=torch.long, device=x.device)
+    )
 
 
 def lloyd_step(x: torch.Tensor, centers: torch.Tensor, comm: Comm) -> torch.Tensor:
@@ -112,8 +116,9 @@ def lloyd_step(x: torch.Tensor, centers: torch.Tensor, comm: Comm) -> torch.Tens
 
 
 @torch.no_grad()
-def fit_centers(x_local: torch.Tensor, k: int, iters: int, comm: Comm, seed: int,
-                init_sample: int = 20000) -> torch.Tensor:
+def fit_centers(
+    x_local: torch.Tensor, k: int, iters: int, comm: Comm, seed: int, init_sample: int = 20000
+) -> torch.Tensor:
     """K centers of the union of every worker's ``x_local`` (float32, n_i×D).
 
     k-means++ runs on an all-gathered sample of at most ``init_sample`` rows per worker;

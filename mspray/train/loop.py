@@ -36,8 +36,12 @@ class ScaleModel(nn.Module):
         self.encoder = encoder
         self.head = head
 
-    def forward(self, patches: torch.Tensor, ssl_a: torch.Tensor | None = None,
-                ssl_b: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        patches: torch.Tensor,
+        ssl_a: torch.Tensor | None = None,
+        ssl_b: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embeddings ``N×D`` of ``patches`` and angle logits for index pairs (a, b)."""
         emb = self.encoder.embed_patches(patches)
         logits = None if ssl_a is None else self.head(emb[ssl_a], emb[ssl_b])
@@ -64,8 +68,14 @@ class ScaleTrainer:
     step counts and validation loss. With the defaults it is single-process training.
     """
 
-    def __init__(self, cfg: MSPrayConfig, scale: int, model: nn.Module,
-                 device: torch.device | str = "cpu", comm: Comm | None = None):
+    def __init__(
+        self,
+        cfg: MSPrayConfig,
+        scale: int,
+        model: nn.Module,
+        device: torch.device | str = "cpu",
+        comm: Comm | None = None,
+    ):
         self.cfg = cfg
         self.t = cfg.train
         self.scale = scale
@@ -84,11 +94,19 @@ class ScaleTrainer:
     # ------------------------------------------------------------------ sampling
     def _generator(self, epoch: int, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(
-            (self.t.seed * 1_000_003 + self.scale * 7919 + epoch * 104_729
-             + self.comm.rank * 31 + salt) % (2**63))
+            (
+                self.t.seed * 1_000_003
+                + self.scale * 7919
+                + epoch * 104_729
+                + self.comm.rank * 31
+                + salt
+            )
+            % (2**63)
+        )
 
-    def _draw(self, n_images: int, n: int, h: int, w: int, g: torch.Generator
-              ) -> dict[str, sampling.Samples]:
+    def _draw(
+        self, n_images: int, n: int, h: int, w: int, g: torch.Generator
+    ) -> dict[str, sampling.Samples]:
         p = self.scale
         draw = {
             "svdd": sampling.sample_svdd,
@@ -96,18 +114,27 @@ class ScaleTrainer:
             "ssl": sampling.sample_angles,
             "kmeans": sampling.sample_patches,
         }
-        return {name: draw[name](sampling.balanced_images(n_images, n, g), h, w, p, g)
-                for name in self.t.losses}
+        return {
+            name: draw[name](sampling.balanced_images(n_images, n, g), h, w, p, g)
+            for name in self.t.losses
+        }
 
     def _steps(self, n_local_images: int, local_batch: int) -> int:
         """Steps per epoch, equal on every worker: global samples / global batch."""
         total = self.comm.all_reduce_sum(torch.tensor([float(n_local_images)]))
-        return max(1, math.ceil(float(total.item()) * self.t.samples_per_image
-                                / (local_batch * self.comm.world_size)))
+        return max(
+            1,
+            math.ceil(
+                float(total.item())
+                * self.t.samples_per_image
+                / (local_batch * self.comm.world_size)
+            ),
+        )
 
     # ------------------------------------------------------------------ one step
-    def _losses(self, images: torch.Tensor, s: dict[str, sampling.Samples], model: nn.Module
-                ) -> dict[str, torch.Tensor]:
+    def _losses(
+        self, images: torch.Tensor, s: dict[str, sampling.Samples], model: nn.Module
+    ) -> dict[str, torch.Tensor]:
         p = self.scale
         chunks, spans, start = [], {}, 0
         for name, smp in s.items():
@@ -141,8 +168,9 @@ class ScaleTrainer:
         return out
 
     # ------------------------------------------------------------------ epochs
-    def train_epoch(self, images: torch.Tensor, epoch: int, progress: bool = True
-                    ) -> dict[str, float]:
+    def train_epoch(
+        self, images: torch.Tensor, epoch: int, progress: bool = True
+    ) -> dict[str, float]:
         """One epoch over ``images`` (normalised, on device). Returns mean loss terms."""
         self.model.train()
         local_batch = max(1, self.t.batch_size // self.comm.world_size)
@@ -152,8 +180,12 @@ class ScaleTrainer:
         s = self._draw(images.shape[0], steps * local_batch, h, w, g)
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
-        bar = tqdm(range(steps), desc=f"scale {self.scale} epoch {epoch + 1}", leave=False,
-                   disable=not progress or self.comm.rank != 0)
+        bar = tqdm(
+            range(steps),
+            desc=f"scale {self.scale} epoch {epoch + 1}",
+            leave=False,
+            disable=not progress or self.comm.rank != 0,
+        )
         for step in bar:
             idx = torch.arange(step * local_batch, (step + 1) * local_batch)
             terms = self._losses(images, {k: v.take(idx) for k, v in s.items()}, self.model)
@@ -184,8 +216,9 @@ class ScaleTrainer:
             for i in range(0, n, bs):
                 idx = torch.arange(i, min(n, i + bs))
                 terms = self._losses(images, {k: v.take(idx) for k, v in s.items()}, self.core)
-                total += torch.tensor([float(losses.total_loss(terms, self.t.lam)) * len(idx),
-                                       len(idx)])
+                total += torch.tensor(
+                    [float(losses.total_loss(terms, self.t.lam)) * len(idx), len(idx)]
+                )
         total = self.comm.all_reduce_sum(total)
         return float(total[0] / total[1]) if total[1] > 0 else math.nan
 
@@ -196,20 +229,26 @@ class ScaleTrainer:
         g = self._generator(epoch, 2)
         h, w = images.shape[-2:]
         n = images.shape[0] * self.t.samples_per_image
-        s = sampling.sample_patches(sampling.balanced_images(images.shape[0], n, g), h, w,
-                                    self.scale, g)
+        s = sampling.sample_patches(
+            sampling.balanced_images(images.shape[0], n, g), h, w, self.scale, g
+        )
         embs = []
         for i in range(0, n, 512):
             idx = torch.arange(i, min(n, i + 512))
             patches = sampling.crop(images, s.img[idx], s.pos[0][idx], self.scale)
             embs.append(self.core.encoder.embed_patches(patches).float())
         x = torch.cat(embs) if embs else torch.zeros(0, self.core.encoder.embed_dim)
-        self.centers = fit_centers(x, self.t.n_centers, self.t.kmeans_iters, self.comm,
-                                   seed=self.t.seed + epoch)
+        self.centers = fit_centers(
+            x, self.t.n_centers, self.t.kmeans_iters, self.comm, seed=self.t.seed + epoch
+        )
 
-    def fit(self, train_images: torch.Tensor, val_images: torch.Tensor | None = None,
-            on_epoch_end: Callable[[ScaleTrainer, dict[str, float]], None] | None = None,
-            progress: bool = True) -> list[dict[str, float]]:
+    def fit(
+        self,
+        train_images: torch.Tensor,
+        val_images: torch.Tensor | None = None,
+        on_epoch_end: Callable[[ScaleTrainer, dict[str, float]], None] | None = None,
+        progress: bool = True,
+    ) -> list[dict[str, float]]:
         """Train from ``self.epoch`` to ``cfg.train.epochs``; images in [0, 1] (``B×3×H×W``).
 
         ``on_epoch_end`` is called after every epoch (checkpointing, reporting). At the end
@@ -219,15 +258,22 @@ class ScaleTrainer:
         val = normalize(val_images.to(self.device)) if val_images is not None else None
         use_val = val is not None and self._global_count(val.shape[0]) > 0
         if not use_val and self.comm.rank == 0:
-            log.warning("scale %d: no held-out images; selecting the model by training loss",
-                        self.scale)
+            log.warning(
+                "scale %d: no held-out images; selecting the model by training loss", self.scale
+            )
         epochs = range(self.epoch, self.t.epochs)
-        bar = tqdm(epochs, desc=f"train scale {self.scale}", disable=not progress
-                   or self.comm.rank != 0, initial=self.epoch, total=self.t.epochs)
+        bar = tqdm(
+            epochs,
+            desc=f"train scale {self.scale}",
+            disable=not progress or self.comm.rank != 0,
+            initial=self.epoch,
+            total=self.t.epochs,
+        )
         for epoch in bar:
             t0 = time.perf_counter()
             if "kmeans" in self.t.losses and (
-                    self.centers is None or epoch % self.t.center_update_every == 0):
+                self.centers is None or epoch % self.t.center_update_every == 0
+            ):
                 self.update_centers(train, epoch)
             metrics = self.train_epoch(train, epoch, progress=progress)
             metrics["val_loss"] = self.validation_loss(val) if use_val else metrics["loss"]
@@ -278,13 +324,19 @@ def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def build_scale_model(cfg: MSPrayConfig, scale: int, vgg_state: dict | None) -> ScaleModel:
     """A fresh :class:`ScaleModel` for ``scale`` (ImageNet prefix when ``vgg_state``)."""
     torch.manual_seed(cfg.train.seed + scale)  # heads' random init is reproducible
-    return ScaleModel(PatchEncoder(scale, cfg.model.embed_dim, vgg_state),
-                      AngleHead(cfg.model.embed_dim))
+    return ScaleModel(
+        PatchEncoder(scale, cfg.model.embed_dim, vgg_state), AngleHead(cfg.model.embed_dim)
+    )
 
 
-def train_scale(cfg: MSPrayConfig, scale: int, train_images: torch.Tensor,
-                val_images: torch.Tensor | None, vgg_state: dict | None = None,
-                progress: bool = True) -> tuple[ScaleModel, list[dict[str, float]]]:
+def train_scale(
+    cfg: MSPrayConfig,
+    scale: int,
+    train_images: torch.Tensor,
+    val_images: torch.Tensor | None,
+    vgg_state: dict | None = None,
+    progress: bool = True,
+) -> tuple[ScaleModel, list[dict[str, float]]]:
     """Train one scale on one process; returns the best model (by validation loss)."""
     device = resolve_device(cfg.train.device)
     model = build_scale_model(cfg, scale, vgg_state).to(device)

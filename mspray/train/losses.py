@@ -40,8 +40,11 @@ def kmeans_loss(emb: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
 def total_loss(terms: dict[str, torch.Tensor], lam: float) -> torch.Tensor:
     """Eq. 5: λ·(L_SVDD + L_Cos) + L_SSL + L_Kmeans over the terms present."""
     zero = next(iter(terms.values())).new_zeros(())
-    return (lam * (terms.get("svdd", zero) + terms.get("cos", zero))
-            + terms.get("ssl", zero) + terms.get("kmeans", zero))
+    return (
+        lam * (terms.get("svdd", zero) + terms.get("cos", zero))
+        + terms.get("ssl", zero)
+        + terms.get("kmeans", zero)
+    )
 
 
 def sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

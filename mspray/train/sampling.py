@@ -36,8 +36,11 @@ class Samples:
         return int(self.img.numel())
 
     def take(self, idx: torch.Tensor) -> Samples:
-        return Samples(self.img[idx], tuple(p[idx] for p in self.pos),
-                       None if self.labels is None else self.labels[idx])
+        return Samples(
+            self.img[idx],
+            tuple(p[idx] for p in self.pos),
+            None if self.labels is None else self.labels[idx],
+        )
 
 
 def _uniform(n: int, lo: torch.Tensor, hi: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -54,8 +57,12 @@ def _corners(n: int, h: int, w: int, p: int, g: torch.Generator, margin: int = 0
 
 def balanced_images(n_images: int, n: int, g: torch.Generator) -> torch.Tensor:
     """``n`` image indices, each image used ⌊n/N⌋ or ⌈n/N⌉ times, in random order."""
-    idx = torch.cat([torch.arange(n_images).repeat(n // n_images),
-                     torch.randperm(n_images, generator=g)[: n % n_images]])
+    idx = torch.cat(
+        [
+            torch.arange(n_images).repeat(n // n_images),
+            torch.randperm(n_images, generator=g)[: n % n_images],
+        ]
+    )
     return idx[torch.randperm(n, generator=g)]
 
 
@@ -82,8 +89,9 @@ def sample_svdd(img: torch.Tensor, h: int, w: int, p: int, g: torch.Generator) -
     return Samples(img, (i, i + neighbour_offsets(n, r, g)))
 
 
-def sample_triplets(img: torch.Tensor, h: int, w: int, p: int, g: torch.Generator,
-                    candidates: int = 16) -> Samples:
+def sample_triplets(
+    img: torch.Tensor, h: int, w: int, p: int, g: torch.Generator, candidates: int = 16
+) -> Samples:
     """Triplets (i, j near, k far): j within ±r of i, k at Chebyshev distance ≥ p from i
     (no overlap with i). Among ``candidates`` uniform draws for k the first far one is
     kept (the farthest if none is), which keeps k uniform over the far region."""
@@ -100,8 +108,9 @@ def sample_triplets(img: torch.Tensor, h: int, w: int, p: int, g: torch.Generato
     return Samples(img, (i, j, k))
 
 
-def angle_offsets(labels: torch.Tensor, d_lo: float, d_hi: float,
-                  g: torch.Generator) -> torch.Tensor:
+def angle_offsets(
+    labels: torch.Tensor, d_lo: float, d_hi: float, g: torch.Generator
+) -> torch.Tensor:
     """Offsets of patch n about m for angle classes ``labels``, at a distance uniform in
     ``[d_lo, d_hi]``, rounded to integers. Rounding moves the point by < 1 px, far less than
     the 15° half-width of a class at these distances, so the label stays exact."""
@@ -118,8 +127,9 @@ def offset_angle_class(off: torch.Tensor) -> torch.Tensor:
     return torch.round(ang / (2 * math.pi / N_ANGLES)).long() % N_ANGLES
 
 
-def sample_angles(img: torch.Tensor, h: int, w: int, p: int, g: torch.Generator,
-                  jitter: float = 0.125) -> Samples:
+def sample_angles(
+    img: torch.Tensor, h: int, w: int, p: int, g: torch.Generator, jitter: float = 0.125
+) -> Samples:
     """SSL pairs (m, n) with n about one patch size (p·(1±jitter)) from m at one of 12
     angles; the far end of the range shrinks to fit small images (never below 0.75·p).
 

@@ -14,10 +14,16 @@ def test_dense_grid_equals_each_patch_cropped_alone(p):
         grid = enc(x)  # B×D×h×w
         s = enc.stride
         assert grid.shape[-2:] == ((x.shape[2] - p) // s + 1, (x.shape[3] - p) // s + 1)
-        ys, xs = torch.meshgrid(torch.arange(grid.shape[2]), torch.arange(grid.shape[3]),
-                                indexing="ij")
-        crops = torch.stack([x[b, :, i * s : i * s + p, j * s : j * s + p]
-                             for b in range(2) for i, j in zip(ys.flatten(), xs.flatten())])
+        ys, xs = torch.meshgrid(
+            torch.arange(grid.shape[2]), torch.arange(grid.shape[3]), indexing="ij"
+        )
+        crops = torch.stack(
+            [
+                x[b, :, i * s : i * s + p, j * s : j * s + p]
+                for b in range(2)
+                for i, j in zip(ys.flatten(), xs.flatten(), strict=True)
+            ]
+        )
         alone = enc.embed_patches(crops).view(2, grid.shape[2], grid.shape[3], -1)
     err = (alone - grid.permute(0, 2, 3, 1)).abs().max().item()
     assert err < 1e-4, err

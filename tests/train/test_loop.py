@@ -8,10 +8,18 @@ from mspray.train.loop import ScaleTrainer, build_scale_model
 
 
 def _cfg(**kw):
-    base = {"train.epochs": 3, "train.samples_per_image": 8, "train.batch_size": 16,
-            "train.n_centers": 4, "train.center_update_every": 2, "train.lr": 1e-3,
-            "model.image_size": 64, "model.scales": (16,), "model.strides": (4,),
-            "model.embed_dim": 16}
+    base = {
+        "train.epochs": 3,
+        "train.samples_per_image": 8,
+        "train.batch_size": 16,
+        "train.n_centers": 4,
+        "train.center_update_every": 2,
+        "train.lr": 1e-3,
+        "model.image_size": 64,
+        "model.scales": (16,),
+        "model.strides": (4,),
+        "model.embed_dim": 16,
+    }
     base.update(kw)
     return MSPrayConfig().replace(**base)
 
@@ -52,8 +60,9 @@ def test_resume_from_state_matches_an_uninterrupted_run():
     full = ScaleTrainer(cfg, 16, build_scale_model(cfg, 16, None))
     full.fit(imgs, val, progress=False)
 
-    short = MSPrayConfig.from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"],
-                                                               "epochs": 2}})
+    short = MSPrayConfig.from_dict(
+        {**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "epochs": 2}}
+    )
     first = ScaleTrainer(short, 16, build_scale_model(cfg, 16, None))
     first.fit(imgs, val, progress=False)
     state = first.state_dict()

@@ -45,7 +45,11 @@ def test_identical_pairs_have_finite_gradients():
 
 
 def test_total_loss_weights_svdd_and_cos_by_lambda():
-    t = {"svdd": torch.tensor(2.0), "cos": torch.tensor(1.0), "ssl": torch.tensor(0.5),
-         "kmeans": torch.tensor(0.25)}
+    t = {
+        "svdd": torch.tensor(2.0),
+        "cos": torch.tensor(1.0),
+        "ssl": torch.tensor(0.5),
+        "kmeans": torch.tensor(0.25),
+    }
     assert torch.isclose(losses.total_loss(t, 1e-3), torch.tensor(1e-3 * 3 + 0.75))
     assert torch.isclose(losses.total_loss({"ssl": torch.tensor(1.0)}, 1e-3), torch.tensor(1.0))

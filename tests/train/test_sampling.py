@@ -12,7 +12,7 @@ def _gen(seed=0):
 
 
 def _inside(pos, h, w, p):
-    return bool(((pos >= 0).all() and (pos[:, 0] <= h - p).all() and (pos[:, 1] <= w - p).all()))
+    return bool((pos >= 0).all() and (pos[:, 0] <= h - p).all() and (pos[:, 1] <= w - p).all())
 
 
 @pytest.mark.parametrize("p", [64, 32, 16])
