@@ -1,0 +1,106 @@
+"""The assembled detector: maps/scores from a tiny trained model, and the bundle contract."""
+
+import numpy as np
+import pytest
+import torch
+
+from mspray.bundle import BundleError, load_bundle, save_bundle
+from mspray.config import MSPrayConfig
+from mspray.data.datasets import test_samples, train_paths
+from mspray.data.images import load_images
+from mspray.fit import fit_detector, split_holdout
+
+TINY = {
+    "model.image_size": 64,
+    "model.scales": (32, 16),
+    "model.strides": (4, 4),
+    "model.embed_dim": 16,
+    "model.pretrained": False,
+    "train.epochs": 1,
+    "train.samples_per_image": 4,
+    "train.batch_size": 16,
+    "train.n_centers": 4,
+    "train.val_fraction": 0.25,
+    "bank.coreset_ratio": 0.5,
+    "score.batch_size": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(synthetic_root, tmp_path_factory):
+    """A detector trained for one epoch on the session's synthetic dataset, and its bundle."""
+    cfg = MSPrayConfig().replace(**TINY)
+    spec = f"mvtec:{synthetic_root}"
+    out = str(tmp_path_factory.mktemp("bundle") / "b")
+    det = fit_detector(cfg, train_paths(spec, "synthetic"), out=out, progress=False)
+    return det, out, spec
+
+
+def test_predict_shapes_and_threshold_from_held_out_normals(tiny):
+    det, _, spec = tiny
+    samples = test_samples(spec, "synthetic")
+    images = load_images([s.path for s in samples[:3]], 64, progress=False)
+    pred = det.predict(images)
+    assert pred.maps.shape == (3, 64, 64) and pred.image_scores.shape == (3,)
+    assert set(pred.scale_maps) == {32, 16} and pred.scale_scores[16].shape == (3,)
+    assert det.threshold is not None and np.isfinite(det.threshold)
+    assert torch.equal(pred.is_anomalous, pred.image_scores > det.threshold)
+    assert det.meta["n_holdout_images"] >= 1
+
+
+def test_bank_images_score_near_zero_and_holdout_does_not(tiny):
+    det, _, spec = tiny
+    train, val = split_holdout(train_paths(spec, "synthetic"), 0.25, det.cfg.train.seed)
+    raw_train = det.raw_scale_maps(load_images(train[:2], 64, progress=False))
+    raw_val = det.raw_scale_maps(load_images(val[:2], 64, progress=False))
+    for s in det.scales:
+        # coreset keeps half the patches, so bank images are close but not all at 0
+        assert raw_train[s].mean() < raw_val[s].mean()
+
+
+def test_bundle_round_trip_gives_identical_scores(tiny, tmp_path):
+    det, out, spec = tiny
+    loaded = load_bundle(out)
+    assert loaded.version == det.version and len(loaded.version) == 12
+    assert loaded.threshold == pytest.approx(det.threshold)
+    assert {s: b.ntotal for s, b in loaded.banks.items()} == {
+        s: b.ntotal for s, b in det.banks.items()
+    }
+    images = load_images([s.path for s in test_samples(spec, "synthetic")[:4]], 64, progress=False)
+    a, b = det.predict(images), loaded.predict(images)
+    assert torch.equal(a.image_scores, b.image_scores)
+    assert torch.equal(a.maps, b.maps)
+    # Saving again is deterministic: the version is a content hash.
+    assert save_bundle(loaded, str(tmp_path / "again")) == det.version
+
+
+def test_bundle_files_load_without_pickle(tiny):
+    _, out, _ = tiny
+    from pathlib import Path
+
+    names = sorted(p.name for p in Path(out).iterdir())
+    assert names == [
+        "bank_16.faiss",
+        "bank_32.faiss",
+        "config.json",
+        "meta.json",
+        "model.safetensors",
+    ]
+    # safetensors is a JSON header + raw tensor bytes; nothing to unpickle.
+    raw = (Path(out) / "model.safetensors").read_bytes()
+    assert b"\x80\x04" not in raw[:64]
+
+
+def test_incomplete_bundle_is_a_clear_error(tiny, tmp_path):
+    _, out, _ = tiny
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "meta.json").unlink()
+    with pytest.raises(BundleError, match="meta.json"):
+        load_bundle(str(broken))
+    shutil.copytree(out, tmp_path / "nobank")
+    (tmp_path / "nobank" / "bank_16.faiss").unlink()
+    with pytest.raises(BundleError, match="bank_16"):
+        load_bundle(str(tmp_path / "nobank"))
