@@ -60,7 +60,7 @@ def test_chunked_search_equals_unchunked() -> None:
     b = rng.standard_normal((2000, 24)).astype(np.float32)
     q = rng.standard_normal((1001, 24)).astype(np.float32)
     whole = PatchBank.build(b, _cfg(search_chunk=100_000)).search(q)
-    chunked = PatchBank.build(b, _cfg(search_chunk=7)).search(q)
+    chunked = PatchBank.build(b, _cfg(search_chunk=97)).search(q)
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
 
 
