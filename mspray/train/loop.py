@@ -107,16 +107,22 @@ class ScaleTrainer:
     def _draw(
         self, n_images: int, n: int, h: int, w: int, g: torch.Generator
     ) -> dict[str, sampling.Samples]:
-        p = self.scale
-        draw = {
-            "svdd": sampling.sample_svdd,
-            "cos": sampling.sample_triplets,
-            "ssl": sampling.sample_angles,
-            "kmeans": sampling.sample_patches,
-        }
+        """Positions for one epoch, keyed by sample kind. As in the paper (sec. 3.3), SVDD
+        and Cos share one selection: the pair (i, j) of each triplet is the SVDD pair, so
+        those two losses cost three patches per sample, not five."""
+        p, want = self.scale, set(self.t.losses)
+        kinds = {}
+        if "cos" in want:
+            kinds["near"] = sampling.sample_triplets
+        elif "svdd" in want:
+            kinds["near"] = sampling.sample_svdd
+        if "ssl" in want:
+            kinds["ssl"] = sampling.sample_angles
+        if "kmeans" in want:
+            kinds["kmeans"] = sampling.sample_patches
         return {
-            name: draw[name](sampling.balanced_images(n_images, n, g), h, w, p, g)
-            for name in self.t.losses
+            name: fn(sampling.balanced_images(n_images, n, g), h, w, p, g)
+            for name, fn in kinds.items()
         }
 
     def _steps(self, n_local_images: int, local_batch: int) -> int:
@@ -156,16 +162,27 @@ class ScaleTrainer:
             return emb[o + i * n : o + (i + 1) * n]
 
         out: dict[str, torch.Tensor] = {}
-        if "svdd" in spans:
-            out["svdd"] = losses.svdd_loss(part("svdd", 0), part("svdd", 1))
-        if "cos" in spans:
-            out["cos"] = losses.cos_loss(part("cos", 0), part("cos", 1), part("cos", 2))
+        if "svdd" in self.t.losses:
+            out["svdd"] = losses.svdd_loss(part("near", 0), part("near", 1))
+        if "cos" in self.t.losses:
+            out["cos"] = losses.cos_loss(part("near", 0), part("near", 1), part("near", 2))
         if "ssl" in spans:
             out["ssl"] = losses.ssl_loss(logits, s["ssl"].labels.to(emb.device))
         if "kmeans" in spans:
             assert self.centers is not None, "update_centers() must run before training"
             out["kmeans"] = losses.kmeans_loss(part("kmeans", 0), self.centers)
         return out
+
+    def train_step(
+        self, images: torch.Tensor, batch: dict[str, sampling.Samples]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimiser step on this rank's ``batch`` (gradients averaged by DDP if wrapped)."""
+        terms = self._losses(images, batch, self.model)
+        loss = losses.total_loss(terms, self.t.lam)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss, terms
 
     # ------------------------------------------------------------------ epochs
     def train_epoch(
@@ -188,18 +205,17 @@ class ScaleTrainer:
         )
         for step in bar:
             idx = torch.arange(step * local_batch, (step + 1) * local_batch)
-            terms = self._losses(images, {k: v.take(idx) for k, v in s.items()}, self.model)
-            loss = losses.total_loss(terms, self.t.lam)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            loss, terms = self.train_step(images, {k: v.take(idx) for k, v in s.items()})
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.4f}")
         dt = time.perf_counter() - t0
         out = {k: v / steps for k, v in sums.items()}
-        out["samples_per_s"] = steps * local_batch * len(s) * self.comm.world_size / dt
+        # A "sample" is one draw for every loss (a triplet, an angle pair and a K-means patch).
+        out["samples_per_s"] = steps * local_batch * self.comm.world_size / dt
+        patches = sum(len(v.pos) for v in s.values())
+        out["patches_per_s"] = out["samples_per_s"] * patches
         return out
 
     @torch.no_grad()
