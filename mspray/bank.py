@@ -307,14 +307,15 @@ class PatchBank:
 def _select(
     embeddings: ArrayLike, cfg: BankConfig, seed: int, bank: PatchBank | None = None
 ) -> np.ndarray:
-    """Rows kept for the bank: all of them, or a greedy coreset of ceil(ratio·N) rows picked
-    among at most ``cfg.coreset_max_candidates`` random candidates (bounds the O(N·M) cost).
+    """Rows kept for the bank: all of them, or a greedy coreset of ceil(ratio·N) rows (at
+    most ``cfg.coreset_max_size``) picked among at most ``cfg.coreset_max_candidates`` random
+    candidates (bounds the O(N·M) cost).
     With ``bank``, picks start from the existing bank's coverage."""
     x = _as_f32(embeddings)
     n = x.shape[0]
     if cfg.coreset_ratio >= 1.0 or n == 0:
         return x
-    n_target = math.ceil(cfg.coreset_ratio * n)
+    n_target = min(math.ceil(cfg.coreset_ratio * n), cfg.coreset_max_size)
     if n > cfg.coreset_max_candidates:
         rng = np.random.default_rng(seed)
         cand = np.sort(rng.choice(n, size=cfg.coreset_max_candidates, replace=False))

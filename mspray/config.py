@@ -86,6 +86,8 @@ class BankConfig:
     coreset_ratio: float = 0.1
     #: Random subsample before the greedy coreset to bound its O(N*M) cost.
     coreset_max_candidates: int = 200_000
+    #: Upper bound on the coreset size per scale (bounds build and search time on big sets).
+    coreset_max_size: int = 20_000
     #: "flat" (exact IndexFlatL2) or "ivf" (IndexIVFFlat, approximate, for big banks).
     index: Literal["flat", "ivf"] = "flat"
     ivf_nlist: int = 1024

@@ -142,6 +142,12 @@ def test_build_caps_coreset_by_candidates() -> None:
     assert bank.ntotal == 120
 
 
+def test_build_caps_coreset_size() -> None:
+    x = _clustered(1000, 8, 5, seed=8)
+    assert PatchBank.build(x, _cfg(coreset_ratio=0.5, coreset_max_size=37)).ntotal == 37
+    assert PatchBank.build(x, _cfg(coreset_ratio=1.0, coreset_max_size=37)).ntotal == 1000
+
+
 # ---------------------------------------------------------------------- IVF
 def test_ivf_approximates_flat() -> None:
     x = _clustered(6000, 16, 30, seed=8)
