@@ -55,7 +55,9 @@ def evaluate(
             maps.append(pred.maps.half())  # halves memory; metrics only rank values
             masks.append(torch.stack(chunk_masks))
         if maps_dir:
-            _write_overlays(maps_dir, chunk, images, pred.maps, chunk_masks, det)
+            _write_overlays(
+                maps_dir, chunk, images, pred.maps, chunk_masks if with_masks else None, det
+            )
         bar.update(len(chunk))
     bar.close()
     labels = np.array([s.label for s in samples])
@@ -98,14 +100,14 @@ def _write_overlays(
     chunk: list[Sample],
     images: torch.Tensor,
     amaps: torch.Tensor,
-    masks: list[torch.Tensor],
+    masks: list[torch.Tensor] | None,
     det: Detector,
 ) -> None:
+    """One PNG per image: image | heatmap overlay | ground truth (when the set has masks)."""
     lo, hi = viz.color_range(amaps, det.threshold)
-    for s, img, amap, mask in zip(chunk, images, amaps, masks, strict=True):
+    for i, (s, img, amap) in enumerate(zip(chunk, images, amaps, strict=True)):
         p = PurePosixPath(s.path)
         name = f"{p.parent.name}_{p.stem}.png"
-        panel = viz.overlay(
-            viz.tensor_to_rgb(img), amap.numpy(), lo, hi, mask.numpy() if s.mask_path else None
-        )
+        mask = None if masks is None else masks[i].numpy()  # normal images: an empty panel
+        panel = viz.overlay(viz.tensor_to_rgb(img), amap.numpy(), lo, hi, mask)
         storage.write_bytes(storage.join(maps_dir, name), viz.to_png(panel))
