@@ -95,7 +95,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="train with Ray Train on N DDP workers "
                    "(0 = plain single-process training)")
     p.add_argument("--use-gpu", action="store_true", help="Ray Train workers use one GPU each")
-    p.add_argument("--storage", help="Ray Train checkpoint storage (local path or s3://)")
+    p.add_argument("--storage", help="Ray Train checkpoint storage, local path or s3:// "
+                   "(default: OUT.ray_runs next to the bundle)")
+    p.add_argument("--run-name", help="Ray Train run name; rerunning with the same name and "
+                   "storage resumes from its last checkpoint (default: a new name, logged)")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
@@ -110,9 +113,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     log.info("training on %d normal images from %s", len(uris), args.data)
     trainer = None
     if cfg.train.workers > 0:
-        from mspray.train.ray_train import ray_scale_trainer
+        from mspray.train.ray_train import default_storage_for, ray_scale_trainer
 
-        trainer = ray_scale_trainer(address=args.address, run_name=None)
+        trainer = ray_scale_trainer(
+            address=args.address, run_name=args.run_name,
+            storage=cfg.train.storage or default_storage_for(args.out))
     det = fit_detector(cfg, uris, out=args.out, trainer=trainer, progress=not args.quiet)
     print(json.dumps({"bundle": args.out, "version": det.version, "threshold": det.threshold,
                       "bank_sizes": {str(s): b.ntotal for s, b in det.banks.items()},

@@ -1,0 +1,383 @@
+"""Ray Train adapter: each scale's encoder trained data-parallel (DDP) by the core loop.
+
+This is a thin layer over :class:`mspray.train.loop.ScaleTrainer`; it adds only what Ray
+gives: worker processes (gloo on CPU, nccl on GPU), per-rank sharding of the image list,
+per-epoch checkpoints through ``ray.train.report``, and restarts after worker failures.
+
+- Every worker loads ``uris[rank::world_size]``; the core seeds sampling by (seed, scale,
+  epoch, rank) and uses a per-rank batch of ``batch_size // world_size``, so the global
+  batch is the configured one.
+- K-means centers come from ``fit_centers(..., TorchDistComm())``: k-means++ on an
+  all-gathered sample, Lloyd sums/counts all-reduced; every worker ends with the same centers.
+- Rank 0 writes the trainer state (model, optimizer, centers, epoch, best model, history,
+  torch RNG) with ``torch.save`` after every epoch and waits until Ray Train has committed
+  it; a restarted worker group, or a rerun with the same run name and storage, continues
+  from the latest one. The state holds only
+  tensors and plain Python values, so it loads with ``torch.load(weights_only=True)``.
+- Fault injection for tests and drills lives here, never in the core loop:
+  ``MSPRAY_FAIL_AT_EPOCH=N`` (read on the driver) makes the last rank fail once, after
+  finishing epoch N and before its checkpoint is reported; ``MSPRAY_FAIL_MODE=exit`` kills
+  the worker process instead of raising. A marker file in the run folder makes it fire once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import mspray.storage as store
+from mspray.config import MSPrayConfig
+from mspray.train.loop import ScaleModel, ScaleTrainer, build_scale_model
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.pt"
+RUN_FILE = "mspray_run.json"
+FAIL_MARKER = "injected_failure.marker"
+FAIL_AT_ENV = "MSPRAY_FAIL_AT_EPOCH"
+FAIL_MODE_ENV = "MSPRAY_FAIL_MODE"
+
+# Fields that may change between a run and its resumption: they do not change what the
+# saved state means (more epochs continue training; worker count only changes the draws).
+_RESUMABLE_CHANGES = {
+    "train.epochs",
+    "train.workers",
+    "train.use_gpu",
+    "train.device",
+    "train.storage",
+    "train.max_failures",
+    "train.parallel_scales",
+}
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the fault-injection hook (``MSPRAY_FAIL_AT_EPOCH``)."""
+
+
+# ---------------------------------------------------------------------------- Ray start-up
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local Ray on demand.
+
+    A local Ray gets more logical CPUs than the machine has cores (``num_cpus``): each
+    Ray Train worker reserves a CPU, and two real cores could never host two workers plus
+    anything else. Does nothing when Ray is already initialised (tests, notebooks).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address)  # None: ray reads RAY_ADDRESS (set by `ray job submit`)
+    else:
+        ray.init(address="local", num_cpus=num_cpus or 4, include_dashboard=False)
+
+
+def default_storage_for(bundle_uri: str) -> str:
+    """Checkpoint storage next to a bundle: ``<bundle>.ray_runs`` (local or s3://)."""
+    return store.normalize(bundle_uri).rstrip("/") + ".ray_runs"
+
+
+def new_run_name() -> str:
+    return f"mspray-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def _abs_uri(uri: str) -> str:
+    # Ray Train workers chdir into the run folder, so relative paths would break there.
+    return uri if store.is_remote(uri) else store.normalize(uri)
+
+
+def _config_fingerprint(cfg: MSPrayConfig) -> dict[str, Any]:
+    data = json.loads(cfg.to_json())
+    for key in _RESUMABLE_CHANGES:
+        section, _, name = key.partition(".")
+        data[section].pop(name, None)
+    return {"model": data["model"], "train": data["train"]}
+
+
+# ---------------------------------------------------------------------------- worker side
+def _checkpoint_state(tr: ScaleTrainer) -> dict[str, Any]:
+    state = tr.state_dict()
+    state["torch_rng"] = torch.get_rng_state()
+    return state
+
+
+def load_state(checkpoint: Any) -> dict[str, Any]:
+    """The trainer state stored in a Ray ``Checkpoint`` (local or remote storage)."""
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def _maybe_fail(fault: dict[str, Any] | None, epoch: int, rank: int, world: int) -> None:
+    """Fault injection: the last rank fails once after finishing ``fault['epoch']``."""
+    if not fault or epoch != fault["epoch"] or rank != world - 1:
+        return
+    if store.exists(fault["marker"]):
+        return  # already failed once in this run
+    store.write_text(fault["marker"], f"failed after epoch {epoch} on rank {rank}\n")
+    log.warning("injected failure after epoch %d on rank %d (%s)", epoch, rank, fault["mode"])
+    if fault["mode"] == "exit":
+        os._exit(1)  # a hard crash: no exception, no clean-up, like a killed process
+    raise InjectedFailure(f"injected failure after epoch {epoch} on rank {rank}")
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train per-worker function: train one scale with the core loop under DDP."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from mspray.data.images import load_images
+    from mspray.train.kmeans import LocalComm, TorchDistComm
+
+    cfg = MSPrayConfig.from_dict(config["cfg"])
+    scale = int(config["scale"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # One intra-op thread per reserved CPU: workers sharing a node must not oversubscribe it.
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+
+    vgg_state = None
+    if config.get("vgg_ref") is not None:
+        import ray as _ray
+
+        vgg_state = _ray.get(config["vgg_ref"])
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(build_scale_model(cfg, scale, vgg_state))
+    comm = TorchDistComm() if dist.is_available() and dist.is_initialized() else LocalComm()
+    tr = ScaleTrainer(cfg, scale, model, device, comm)
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        state = load_state(ckpt)
+        tr.load_state_dict(state)
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
+        if rank == 0:
+            log.info("scale %d: resuming after epoch %d", scale, tr.epoch)
+    start_epoch = tr.epoch
+
+    train_uris = config["train_uris"][rank::world]
+    val_uris = config["val_uris"][rank::world]
+    size = cfg.model.image_size
+    train = load_images(train_uris, size, progress=False)
+    val = load_images(val_uris, size, progress=False) if config["val_uris"] else None
+
+    def on_epoch_end(t: ScaleTrainer, metrics: dict[str, float]) -> None:
+        # ``metrics`` is also the history entry: recording the attempt's first epoch there
+        # shows in the final state which epochs were redone after a restart.
+        metrics["start_epoch"] = start_epoch
+        _maybe_fail(config.get("fault"), t.epoch, rank, world)
+        report = {**metrics, "scale": scale, "world_size": world}
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:  # DDP keeps every rank's state identical: one writer is enough
+                torch.save(_checkpoint_state(t), os.path.join(d, STATE_FILE))
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            # Every rank calls report (it is a barrier); the upload is synchronous, so the
+            # temporary folder may go away afterwards.
+            ray.train.report(report, checkpoint=checkpoint)
+        if rank == 0:
+            # report() returns once the files are uploaded, but the controller registers
+            # the checkpoint (and writes the run snapshot a rerun resumes from) only at its
+            # next poll, up to ~2 s later: wait for that, or a crash right now would lose
+            # this epoch even though its files are in storage.
+            ray.train.get_all_reported_checkpoints(
+                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
+            )
+
+    tr.fit(train, val, on_epoch_end=on_epoch_end, progress=bool(config.get("progress")))
+
+
+# ---------------------------------------------------------------------------- driver side
+@dataclass
+class RayScaleTrainer:
+    """A :data:`mspray.fit.ScaleTrainFn` that trains every scale with Ray Train.
+
+    Settings left ``None`` come from ``cfg.train`` at call time. ``results`` holds each
+    scale's Ray ``Result`` after a call (metrics, checkpoint paths).
+    """
+
+    address: str | None = None
+    run_name: str | None = None
+    storage: str | None = None
+    workers: int | None = None
+    use_gpu: bool | None = None
+    max_failures: int | None = None
+    parallel_scales: bool | None = None
+    cpus_per_worker: float = 1.0
+    keep_checkpoints: int | None = 2
+    progress: bool = False
+    results: dict[int, Any] = field(default_factory=dict)
+
+    def __call__(
+        self, cfg: MSPrayConfig, train_uris: Sequence[str], val_uris: Sequence[str]
+    ) -> dict[int, ScaleModel]:
+        import ray
+
+        t = cfg.train
+        workers = max(1, self.workers if self.workers is not None else t.workers)
+        if len(train_uris) < workers:
+            log.warning(
+                "%d training images for %d workers: using %d workers",
+                len(train_uris),
+                workers,
+                len(train_uris),
+            )
+            workers = max(1, len(train_uris))
+        parallel = t.parallel_scales if self.parallel_scales is None else self.parallel_scales
+        n_parallel = len(cfg.model.scales) if parallel else 1
+        ensure_ray(self.address, num_cpus=max(4, n_parallel * (workers + 1) + 1))
+        if self.run_name is None:
+            self.run_name = new_run_name()
+            log.info("Ray Train run name %s (pass it again to resume this run)", self.run_name)
+        root = self.storage or t.storage
+        root = _abs_uri(root) if root else os.path.expanduser("~/ray_results")
+
+        from mspray.fit import backbone_state
+
+        vgg_state, _ = backbone_state(cfg)
+        # Through the object store: workers on other nodes may not have the weights file.
+        vgg_ref = ray.put(vgg_state) if vgg_state is not None else None
+        train_uris = [_abs_uri(u) for u in train_uris]
+        val_uris = [_abs_uri(u) for u in val_uris]
+
+        if t.epochs == 0:  # nothing to train: the initial encoders, as the core does
+            return {s: build_scale_model(cfg, s, vgg_state) for s in cfg.model.scales}
+
+        def one(scale: int) -> tuple[int, ScaleModel]:
+            return scale, self._train_scale(
+                cfg, scale, train_uris, val_uris, workers, root, vgg_ref
+            )
+
+        if n_parallel > 1:
+            with ThreadPoolExecutor(max_workers=n_parallel) as pool:
+                return dict(pool.map(one, cfg.model.scales))
+        return dict(one(s) for s in cfg.model.scales)
+
+    def run_dir(self, root: str, scale: int) -> str:
+        return store.join(root, f"{self.run_name}-s{scale}")
+
+    def _check_run(self, cfg: MSPrayConfig, run_dir: str) -> None:
+        """Refuse to resume a run saved with an incompatible config; record it otherwise."""
+        path = store.join(run_dir, RUN_FILE)
+        mine = _config_fingerprint(cfg)
+        if store.exists(path):
+            saved = json.loads(store.read_text(path))
+            if saved != mine:
+                raise ValueError(
+                    f"run {run_dir} was started with a different model/training config; "
+                    "use another run name (only epochs, workers, device and storage may "
+                    "change on resume)"
+                )
+        else:
+            store.makedirs(run_dir)
+            store.write_text(path, json.dumps(mine, indent=2, sort_keys=True))
+
+    def _train_scale(
+        self,
+        cfg: MSPrayConfig,
+        scale: int,
+        train_uris: list[str],
+        val_uris: list[str],
+        workers: int,
+        root: str,
+        vgg_ref: Any,
+    ) -> ScaleModel:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        t = cfg.train
+        use_gpu = t.use_gpu if self.use_gpu is None else self.use_gpu
+        max_failures = t.max_failures if self.max_failures is None else self.max_failures
+        run_dir = self.run_dir(root, scale)
+        self._check_run(cfg, run_dir)
+        fault = None
+        if os.environ.get(FAIL_AT_ENV):
+            fault = {
+                "epoch": int(os.environ[FAIL_AT_ENV]),
+                "mode": os.environ.get(FAIL_MODE_ENV, "raise"),
+                "marker": store.join(run_dir, FAIL_MARKER),
+            }
+        name = f"{self.run_name}-s{scale}"
+        if store.is_remote(root):
+            fs, path = store.filesystem(root)
+            location: dict[str, Any] = {"storage_path": path, "storage_filesystem": fs}
+        else:
+            location = {"storage_path": root}
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={
+                "cfg": cfg.to_dict(),
+                "scale": scale,
+                "train_uris": train_uris,
+                "val_uris": val_uris,
+                "vgg_ref": vgg_ref,
+                "fault": fault,
+                "threads": self.cpus_per_worker,
+                "progress": self.progress,
+            },
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=workers,
+                use_gpu=use_gpu,
+                resources_per_worker={"CPU": self.cpus_per_worker},
+            ),
+            run_config=RunConfig(
+                name=name,
+                **location,
+                failure_config=FailureConfig(max_failures=max_failures),
+                # The latest checkpoint is always kept too (it is what a restart loads),
+                # and it carries the best weights so far, which the driver uses.
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=self.keep_checkpoints,
+                    checkpoint_score_attribute="val_loss",
+                    checkpoint_score_order="min",
+                ),
+            ),
+        )
+        t0 = time.perf_counter()
+        result = trainer.fit()  # raises TrainingFailedError once max_failures is spent
+        self.results[scale] = result
+        if result.checkpoint is None:
+            raise RuntimeError(f"scale {scale}: the Ray Train run reported no checkpoint")
+        state = load_state(result.checkpoint)
+        model = build_scale_model(cfg, scale, None)
+        model.load_state_dict(state["best_state"] or state["model"])
+        last = state["history"][-1] if state["history"] else {}
+        log.info(
+            "scale %d: %d epochs on %d workers in %.0f s; loss %.4f, best validation loss %.4f",
+            scale,
+            state["epoch"],
+            workers,
+            time.perf_counter() - t0,
+            last.get("loss", float("nan")),
+            state["best_val"],
+        )
+        return model
+
+
+def ray_scale_trainer(
+    address: str | None = None,
+    run_name: str | None = None,
+    storage: str | None = None,
+    **kwargs: Any,
+) -> RayScaleTrainer:
+    """The Ray Train scale trainer to pass to :func:`mspray.fit.fit_detector`.
+
+    ``address``: Ray cluster (default: ``RAY_ADDRESS`` or a local Ray started on demand).
+    ``run_name``: rerunning with the same name and ``storage`` resumes from the last
+    checkpoint (default: a new name). ``storage``: local path or s3:// for checkpoints
+    (default: ``cfg.train.storage``, else ``~/ray_results``). Other keyword arguments are
+    :class:`RayScaleTrainer` fields.
+    """
+    return RayScaleTrainer(address=address, run_name=run_name, storage=storage, **kwargs)

@@ -1,0 +1,229 @@
+"""Ray Train adapter: real Ray processes (TorchTrainer, gloo on CPU), no mocks.
+
+Every test uses the session-scoped ``ray_local`` fixture (one local Ray for the suite).
+Sizes are tiny (64×64 images, scale 16, a few samples) so the module runs in about a minute
+on two cores.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import ray.cloudpickle
+import torch
+
+from mspray.config import MSPrayConfig
+from mspray.data.datasets import train_paths
+from mspray.fit import split_holdout
+from mspray.train import ray_train
+from mspray.train.kmeans import LocalComm, TorchDistComm, fit_centers
+from mspray.train.loop import ScaleTrainer, build_scale_model, normalize
+
+pytestmark = pytest.mark.ray
+
+# Ray workers cannot import a pytest test module by name: ship its functions by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+SCALE = 16
+
+
+def _cfg(**kw) -> MSPrayConfig:
+    base = {
+        "train.epochs": 3,
+        "train.samples_per_image": 4,
+        "train.batch_size": 8,
+        "train.n_centers": 4,
+        "train.center_update_every": 2,
+        "train.lr": 1e-3,
+        "train.val_fraction": 0.2,
+        "model.image_size": 64,
+        "model.scales": (SCALE,),
+        "model.strides": (4,),
+        "model.embed_dim": 16,
+        "model.pretrained": False,
+    }
+    base.update(kw)
+    return MSPrayConfig().replace(**base)
+
+
+def _fit_ray(config: dict, num_workers: int):
+    """Run ``config['fn']`` on ``num_workers`` gloo workers; rank 0's return value."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers),
+        run_config=RunConfig(storage_path=config["storage"]),
+    )
+    return _map_tensors(trainer.fit().return_value, lambda a: torch.from_numpy(a.copy()))
+
+
+def _worker_entry(config: dict):
+    # Ray Train refuses torch tensors in return values: send numpy arrays.
+    return _map_tensors(config["fn"](config), lambda t: t.numpy())
+
+
+def _map_tensors(obj, fn):
+    if isinstance(obj, dict):
+        return {k: fn(v) for k, v in obj.items()}
+    return fn(obj)
+
+
+# ---------------------------------------------------------------------------- DDP equality
+STEPS = 3
+GLOBAL_BATCH = 8
+
+
+def _fixed_problem(cfg: MSPrayConfig):
+    """Images, K-means centers and STEPS global batches, identical on every process."""
+    g = torch.Generator().manual_seed(123)
+    images = normalize(torch.rand(4, 3, 64, 64, generator=g))
+    centers = torch.randn(cfg.train.n_centers, cfg.model.embed_dim, generator=g)
+    probe = ScaleTrainer(cfg, SCALE, build_scale_model(cfg, SCALE, None))
+    draws = probe._draw(images.shape[0], STEPS * GLOBAL_BATCH, 64, 64, g)
+    return images, centers, draws
+
+
+def _train_steps(cfg: MSPrayConfig, model, comm) -> dict[str, torch.Tensor]:
+    """STEPS core optimiser steps; rank r takes its contiguous slice of each global batch."""
+    images, centers, draws = _fixed_problem(cfg)
+    tr = ScaleTrainer(cfg, SCALE, model, "cpu", comm)
+    tr.centers = centers
+    per_rank = GLOBAL_BATCH // comm.world_size
+    for step in range(STEPS):
+        lo = step * GLOBAL_BATCH + comm.rank * per_rank
+        idx = torch.arange(lo, lo + per_rank)
+        tr.train_step(images, {k: v.take(idx) for k, v in draws.items()})
+    return {k: v.detach().clone() for k, v in tr.core.state_dict().items()}
+
+
+def _ddp_steps(config: dict):
+    import ray.train.torch
+
+    cfg = MSPrayConfig.from_dict(config["cfg"])
+    torch.set_num_threads(1)
+    model = ray.train.torch.prepare_model(build_scale_model(cfg, SCALE, None))
+    return _train_steps(cfg, model, TorchDistComm())
+
+
+def test_two_gloo_workers_match_one_worker_on_the_same_global_batch(ray_local, tmp_path):
+    # Every loss term is a mean over samples, and DDP averages gradients over ranks, so two
+    # ranks with half of a global batch each take the same optimiser step as one process
+    # with the whole batch: equal up to float32 reduction order.
+    cfg = _cfg()
+    assert GLOBAL_BATCH % 2 == 0
+    single = _train_steps(cfg, build_scale_model(cfg, SCALE, None), LocalComm())
+    config = {"fn": _ddp_steps, "cfg": cfg.to_dict(), "storage": str(tmp_path)}
+    ddp = _fit_ray(config, num_workers=2)
+    init = build_scale_model(cfg, SCALE, None).state_dict()
+    moved = max(float((single[k] - init[k]).abs().max()) for k in init)
+    assert moved > 1e-4  # the steps did change the weights (lr 1e-3)
+    worst = max(float((single[k] - ddp[k]).abs().max()) for k in single)
+    # Tolerance 1e-5 absolute: 100× below the 1e-3 Adam step size; the observed difference
+    # is float32 reduction-order noise (~7e-7 here).
+    assert worst < 1e-5, worst
+
+
+# ---------------------------------------------------------------------------- k-means
+def _shard(rank: int, n: int = 300) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + rank)
+    means = torch.tensor([[0.0, 0.0, 0.0], [6.0, 0.0, 0.0], [0.0, 6.0, 0.0], [0.0, 0.0, 6.0]])
+    # Unequal shards with different cluster mixes: the union is what counts.
+    pick = torch.randint(0, 4 - rank, (n + 57 * rank,), generator=g)
+    return means[pick] + torch.randn(len(pick), 3, generator=g)
+
+
+def _dist_kmeans(config: dict):
+    comm = TorchDistComm()
+    centers = fit_centers(_shard(comm.rank), 6, 15, comm, seed=7)
+    every = comm.all_gather_cat(centers[None])  # world×K×D: one copy per worker
+    return every
+
+
+def test_distributed_kmeans_equals_single_process_kmeans_on_the_union(ray_local, tmp_path):
+    every = _fit_ray({"fn": _dist_kmeans, "storage": str(tmp_path)}, num_workers=2)
+    assert every.shape == (2, 6, 3)
+    assert torch.equal(every[0], every[1])  # all workers end with identical centers
+    union = torch.cat([_shard(0), _shard(1)])  # rank order: the all-gather's order
+    ref = fit_centers(union, 6, 15, LocalComm(), seed=7)
+    # Same k-means++ init (same gathered sample, same seed); Lloyd sums differ only in
+    # float32 summation order. Tolerance 1e-4 absolute on coordinates of magnitude ~6
+    # (observed ~1.5e-6).
+    assert torch.allclose(every[0], ref, atol=1e-4), (every[0] - ref).abs().max()
+
+
+# ---------------------------------------------------------------------------- fault tolerance
+@pytest.fixture(scope="module")
+def split(synthetic_root):
+    uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
+    return split_holdout(uris, 0.2, 0)
+
+
+def test_injected_failure_resumes_from_the_last_checkpoint(ray_local, split, tmp_path, monkeypatch):
+    monkeypatch.setenv(ray_train.FAIL_AT_ENV, "2")
+    monkeypatch.setenv(ray_train.FAIL_MODE_ENV, "raise")
+    rt = ray_train.ray_scale_trainer(
+        run_name="fault", storage=str(tmp_path), workers=2, max_failures=1, keep_checkpoints=None
+    )
+    models = rt(_cfg(), *split)
+
+    run_dir = rt.run_dir(str(tmp_path), SCALE)
+    assert os.path.exists(os.path.join(run_dir, ray_train.FAIL_MARKER))  # it did fail once
+    result = rt.results[SCALE]
+    state = ray_train.load_state(result.checkpoint)
+    assert state["epoch"] == 3 and result.metrics["epoch"] == 3
+    hist = state["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    # Epoch 1 from the first attempt; the failure hit after epoch 2, before its checkpoint,
+    # so the second attempt resumed after epoch 1 and redid exactly one epoch.
+    assert [h["start_epoch"] for h in hist] == [0, 1, 1]
+    assert len(result.best_checkpoints) == 3  # one checkpoint per finished epoch
+    assert result.metrics["world_size"] == 2
+    for k in ("svdd", "cos", "ssl", "kmeans", "val_loss", "samples_per_s"):
+        assert k in result.metrics
+    # The driver gets the best-by-validation-loss weights.
+    best = min(hist, key=lambda h: h["val_loss"])
+    assert state["best_val"] == best["val_loss"]
+    for k, v in models[SCALE].state_dict().items():
+        assert torch.equal(v, state["best_state"][k])
+
+
+def test_killed_run_resumes_with_the_same_name(ray_local, split, s3_bucket, monkeypatch):
+    # Checkpoints in S3 (the local moto server). The worker process is killed (os._exit)
+    # after epoch 2, before its checkpoint, and no retries are allowed: the run dies the way
+    # a killed job does, with only epoch 1 saved.
+    from ray.train import TrainingFailedError
+
+    storage = f"{s3_bucket}/runs"
+    cfg = _cfg(**{"train.epochs": 2})
+    monkeypatch.setenv(ray_train.FAIL_AT_ENV, "2")
+    monkeypatch.setenv(ray_train.FAIL_MODE_ENV, "exit")
+    killed = ray_train.ray_scale_trainer(
+        run_name="killed", storage=storage, workers=1, max_failures=0
+    )
+    with pytest.raises(TrainingFailedError):
+        killed(cfg, *split)
+
+    monkeypatch.delenv(ray_train.FAIL_AT_ENV)
+    rerun = ray_train.ray_scale_trainer(run_name="killed", storage=storage, workers=1)
+    rerun(cfg, *split)
+    state = ray_train.load_state(rerun.results[SCALE].checkpoint)
+    assert state["epoch"] == 2
+    assert [h["epoch"] for h in state["history"]] == [1, 2]
+    assert [h["start_epoch"] for h in state["history"]] == [0, 1]  # continued after epoch 1
+
+    # Rerunning a finished run trains nothing more and returns the same final state.
+    again = ray_train.ray_scale_trainer(run_name="killed", storage=storage, workers=1)
+    again(cfg, *split)
+    assert ray_train.load_state(again.results[SCALE].checkpoint)["epoch"] == 2
+
+    # A config that changes what the saved state means is refused, not silently resumed.
+    with pytest.raises(ValueError, match="different model/training config"):
+        ray_train.ray_scale_trainer(run_name="killed", storage=storage, workers=1)(
+            _cfg(**{"model.embed_dim": 8}), *split
+        )
