@@ -137,6 +137,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--maps", metavar="DIR", help="write heatmap overlay PNGs here")
     p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
     p.add_argument("--batch-size", type=int, help="images per forward pass")
+    from mspray.scoring.args import add_evaluate_ray_args
+
+    add_evaluate_ray_args(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -147,10 +150,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mspray.evaluate import evaluate
     from mspray.train.loop import resolve_device
 
-    det = load_bundle(args.bundle, device=resolve_device(args.device))
-    samples = test_samples(args.data, args.category)
-    metrics = evaluate(det, samples, maps_dir=args.maps, batch_size=args.batch_size,
-                       progress=not args.quiet)
+    if getattr(args, "ray", False) or getattr(args, "workers", None):
+        from mspray.scoring.args import run_evaluate_ray
+
+        metrics = run_evaluate_ray(args)
+    else:
+        det = load_bundle(args.bundle, device=resolve_device(args.device))
+        samples = test_samples(args.data, args.category)
+        metrics = evaluate(det, samples, maps_dir=args.maps, batch_size=args.batch_size,
+                           progress=not args.quiet)
     text = json.dumps(metrics, indent=2)
     storage.write_text(args.json, text + "\n")
     print(text)
@@ -175,9 +183,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_build_bank(sub: argparse._SubParsersAction) -> None:
+    from mspray.scoring.args import BUILD_BANK_DESCRIPTION, BUILD_BANK_EPILOG, add_build_bank_args
+
+    p = sub.add_parser("build-bank", help="build or extend a bundle's patch banks on Ray Data",
+                       description=BUILD_BANK_DESCRIPTION, epilog=BUILD_BANK_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_build_bank_args(p)
+    p.set_defaults(func=cmd_build_bank)
+
+
+def cmd_build_bank(args: argparse.Namespace) -> int:
+    from mspray.scoring.args import run_build_bank
+
+    return run_build_bank(args)
+
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    from mspray.scoring.args import SCORE_DESCRIPTION, SCORE_EPILOG, add_score_args
+
+    p = sub.add_parser("score", help="batch-score an image prefix to Parquet (+ heatmaps) on "
+                       "Ray Data; resumable", description=SCORE_DESCRIPTION,
+                       epilog=SCORE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_score_args(p)
+    p.set_defaults(func=cmd_score)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from mspray.scoring.args import run_score
+
+    return run_score(args)
+
+
 #: Subcommands; the Ray layers register theirs here as well.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train, _add_evaluate, _add_demo,
+    _add_train, _add_evaluate, _add_demo, _add_build_bank, _add_score,
 ]
 
 

@@ -1,0 +1,227 @@
+"""Batch scoring on Ray Data: images/s with 1 vs 2 actors, and peak memory for N vs 4N images.
+
+One local Ray (4 logical CPUs), one bundle (random-init encoders, all three scales, banks
+from synthetic normal images), synthetic test images; every run goes through the public
+``score_prefix`` into a fresh output folder. Throughput is given end to end (actor start-up
+included) and in steady state (from the first part to the last, minus the first unit of
+each actor). Memory is sampled every 0.2 s over this process and all its descendants (GCS,
+raylet, Ray workers): the sum of their PSS (shared pages split between processes, so the
+sum is not inflated), the PSS of the largest scoring actor, and the driver's own RSS; each
+run starts once the previous run's actors have exited. Prints a table and the ratios.
+
+    python benchmarks/bench_scoring.py [--n 64] [--image-size 128] [--part-size 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from mspray import storage
+from mspray.config import MSPrayConfig
+from mspray.data.datasets import train_paths
+from mspray.data.synthetic import make_synthetic_dataset
+from mspray.fit import fit_detector
+from mspray.scoring.batch import ScoreSummary, score_prefix
+from mspray.scoring.runtime import PoolOptions, init_ray
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(pid))
+    return kids
+
+
+def _tree(root: int) -> list[int]:
+    kids, out, todo = _children(), [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, []))
+    return out
+
+
+def _kib(pid: int, path: str, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/{path}").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().split("\0", 1)[0]
+    except OSError:
+        return ""
+
+
+def _actors() -> list[int]:
+    """Scoring actor processes of this process's Ray."""
+    return [p for p in _tree(os.getpid()) if _name(p).startswith("ray::MapWorker")]
+
+
+def wait_for_no_actors(timeout: float = 60.0) -> None:
+    """Actors of the previous run exit asynchronously; measure the next run without them."""
+    deadline = time.monotonic() + timeout
+    while _actors() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+class MemorySampler:
+    """Peaks, sampled in a thread: the sum of PSS over this process tree, the PSS of the
+    largest scoring actor, and the driver's RSS (KiB)."""
+
+    def __init__(self, every: float = 0.2) -> None:
+        self.every = every
+        self.peak_tree = self.peak_actor = self.peak_driver = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = os.getpid()
+        while not self._stop.is_set():
+            pss = {p: _kib(p, "smaps_rollup", "Pss:") for p in _tree(me)}
+            actors = [pss[p] for p in pss if _name(p).startswith("ray::MapWorker")]
+            self.peak_tree = max(self.peak_tree, sum(pss.values()))
+            self.peak_actor = max([self.peak_actor, *actors])
+            self.peak_driver = max(self.peak_driver, _kib(me, "status", "VmRSS:"))
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def steady_rate(s: ScoreSummary, workers: int, part_size: int) -> float:
+    """Images/s from the first part to the last, without each actor's first unit (mostly
+    computed before the first part arrived)."""
+    window = s.score_seconds - s.first_part_seconds
+    return max(s.scored - workers * part_size, 0) / window if window > 0 else float("nan")
+
+
+def run(bundle: str, inp: str, out: str, workers: int, part_size: int):
+    wait_for_no_actors()
+    with MemorySampler() as mem:
+        s = score_prefix(
+            bundle,
+            inp,
+            out,
+            pool=PoolOptions(workers=workers),
+            part_size=part_size,
+            progress=False,
+        )
+    assert s.missing == 0 and s.duplicates == 0 and s.errors == 0, s.line()
+    return s, mem
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=64, help="images of the small set (N)")
+    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--part-size", type=int, default=8)
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="alternating 1/2-actor runs on N; the best of each is reported",
+    )
+    ap.add_argument("--workdir", help="default: a temp folder")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scoring_"))
+    size, n, ps = args.image_size, args.n, args.part_size
+
+    cfg = MSPrayConfig().replace(
+        **{
+            "model.image_size": size,
+            "model.pretrained": False,
+            "train.epochs": 0,
+            "bank.coreset_ratio": 0.1,
+            "score.batch_size": 8,
+        }
+    )
+    data = str(work / "data")
+    make_synthetic_dataset(data, n_train=8, n_test_good=4 * n, n_test_defect=0, size=size)
+    bundle = str(work / "bundle")
+    fit_detector(cfg, train_paths(f"mvtec:{data}", "synthetic"), out=bundle, progress=False)
+    images = storage.list_files(f"{data}/synthetic/test/good")
+    small, large = work / "in_n", work / "in_4n"
+    for i, p in enumerate(images):
+        for d in [small, large] if i < n else [large]:
+            d.mkdir(exist_ok=True)
+            (d / Path(p).name).write_bytes(Path(p).read_bytes())
+
+    init_ray(progress=False)
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    load = os.getloadavg()[0]
+    best: dict[int, tuple] = {}
+    # Alternate 1 and 2 actors, so a burst of load from other processes hits both alike.
+    for r in range(args.repeats):
+        for workers in (1, 2):
+            s, mem = run(bundle, str(small), str(work / f"out_n_{workers}_{r}"), workers, ps)
+            if workers not in best or steady_rate(s, workers, ps) > steady_rate(
+                best[workers][0], workers, ps
+            ):
+                best[workers] = (s, mem)
+    s4, mem4 = run(bundle, str(large), str(work / "out_4n_2"), 2, ps)
+    rows = [
+        ("N, 1 actor", *best[1], 1),
+        ("N, 2 actors", *best[2], 2),
+        ("4N, 2 actors", s4, mem4, 2),
+    ]
+
+    print(
+        f"\n{size}x{size} images, scales {cfg.model.scales}, part size {ps}, "
+        f"local Ray with {cpus} logical CPUs on {os.cpu_count()} cores; load average "
+        f"{load:.1f} at start, {os.getloadavg()[0]:.1f} at end; best of {args.repeats} for N"
+    )
+    head = (
+        f"{'run':<14}{'images':>7}{'wall s':>8}{'img/s e2e':>11}{'img/s steady':>14}"
+        f"{'start-up s':>12}{'tree PSS MiB':>14}{'actor PSS MiB':>15}{'driver RSS MiB':>16}"
+    )
+    print(head)
+    print("-" * len(head))
+    for label, s, mem, w in rows:
+        print(
+            f"{label:<14}{s.scored:>7}{s.score_seconds:>8.1f}"
+            f"{s.scored / s.score_seconds:>11.2f}{steady_rate(s, w, ps):>14.2f}"
+            f"{s.first_part_seconds:>12.1f}{mem.peak_tree / 1024:>14.0f}"
+            f"{mem.peak_actor / 1024:>15.0f}"
+            f"{mem.peak_driver / 1024:>16.0f}"
+        )
+    one, two, four = rows
+    e2e = (two[1].scored / two[1].score_seconds) / (one[1].scored / one[1].score_seconds)
+    steady = steady_rate(two[1], 2, ps) / steady_rate(one[1], 1, ps)
+    print(f"\nspeed-up 2 vs 1 actors: steady {steady:.2f}x, end to end {e2e:.2f}x (target >= 1.7x)")
+    m4, m1 = four[2], two[2]
+    print(
+        f"peak memory 4N / N (2 actors): process tree {m4.peak_tree / m1.peak_tree:.2f}x, "
+        f"largest actor {m4.peak_actor / m1.peak_actor:.2f}x, "
+        f"driver {m4.peak_driver / m1.peak_driver:.2f}x (flat = 1.0)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Bank building with Ray Data: embed normal images on an actor pool, coreset, write banks.
+
+Actors (detector loaded once each) read and embed a batch of training images at every
+scale. When a scale's patches would not fit the global coreset's candidate budget
+(``bank.coreset_max_candidates``), each batch is first reduced on its actor by a greedy
+k-center coreset (per shard); the driver then runs the global coreset over the union
+(:meth:`PatchBank.build`) with the ratio adjusted so the bank ends up with
+``coreset_ratio`` × (all patches) rows. Small banks skip the per-shard step, which makes the
+result identical to the core's :meth:`Detector.build_banks` on the same images.
+
+``append=True`` adds new normal images to a bundle's existing banks without retraining:
+their patches go through the same coreset (picks start from the existing bank's coverage,
+see :meth:`PatchBank.add`), or all of them with ``append_all``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from mspray.bank import PatchBank, greedy_coreset
+from mspray.config import BankConfig, MSPrayConfig
+from mspray.scoring.inputs import iter_loaded
+from mspray.scoring.runtime import PoolOptions, bundle_config, init_ray, load_worker_detector
+
+log = logging.getLogger(__name__)
+
+
+def shard_keep_ratio(cfg: BankConfig, total_rows: int) -> float:
+    """Fraction of each shard's patches kept by the per-shard coreset: 1 while all patches
+    fit the global candidate budget, else just enough for the union to fit it (never less
+    than the final ratio)."""
+    if cfg.coreset_ratio >= 1.0 or total_rows <= cfg.coreset_max_candidates:
+        return 1.0
+    return max(cfg.coreset_ratio, cfg.coreset_max_candidates / total_rows)
+
+
+def global_bank_config(cfg: BankConfig, total_rows: int, union_rows: int) -> BankConfig:
+    """Bank config for the global coreset over ``union_rows`` shard-reduced rows, so that it
+    keeps ``ceil(coreset_ratio × total_rows)`` of them, as a one-step coreset would."""
+    if cfg.coreset_ratio >= 1.0 or union_rows == total_rows or union_rows == 0:
+        return cfg
+    target = math.ceil(cfg.coreset_ratio * total_rows)
+    return dataclasses.replace(cfg, coreset_ratio=min(1.0, target / union_rows))
+
+
+class Embedder:
+    """Ray Data actor: batch of (idx, path) rows -> one row per kept patch embedding
+    (``scale``, ``idx``, ``emb``), plus one row with ``error`` set per unreadable image."""
+
+    def __init__(
+        self,
+        bundle: str,
+        config_json: str,
+        keep: dict[int, float],
+        cpus: float,
+        gpus: float,
+        io_threads: int,
+    ) -> None:
+        self.det = load_worker_detector(bundle, config_json, cpus, gpus, with_banks=False)
+        self.keep = {int(s): r for s, r in keep.items()}
+        self.pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="mspray-io")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cfg = self.det.cfg
+        idx = [int(i) for i in batch["idx"]]
+        uris = [str(p) for p in batch["path"]]
+        (loaded,) = iter_loaded(uris, len(uris), cfg.model.image_size, cfg.score, self.pool)
+        dim = cfg.model.embed_dim
+        scales, ids, embs, errors = [], [], [], []
+        for i, err in zip(idx, loaded.errors, strict=True):
+            if err is not None:
+                scales.append(np.array([-1], np.int32))
+                ids.append(np.array([i], np.int64))
+                embs.append(np.zeros((1, dim), np.float32))
+                errors.append(err)
+        good = [idx[k] for k in loaded.ok]
+        for s in self.det.scales if good else ():
+            emb = self.det.bank_embeddings(loaded.images, s)
+            per_image = emb.shape[0] // len(good)
+            rows = np.repeat(np.asarray(good, np.int64), per_image)
+            keep = self.keep.get(s, 1.0)
+            if keep < 1.0:
+                # seeded by the shard's first image, so a rerun reduces it the same way
+                sel = greedy_coreset(
+                    torch.from_numpy(emb), math.ceil(keep * len(emb)), seed=cfg.train.seed + good[0]
+                )
+                sel = np.sort(sel.numpy())  # keep image order for the global step
+                emb, rows = emb[sel], rows[sel]
+            scales.append(np.full(len(emb), s, np.int32))
+            ids.append(rows)
+            embs.append(emb)
+        n_err = len(errors)
+        total = sum(len(a) for a in ids)
+        return {
+            "scale": np.concatenate(scales) if scales else np.zeros(0, np.int32),
+            "idx": np.concatenate(ids) if ids else np.zeros(0, np.int64),
+            "emb": np.concatenate(embs) if embs else np.zeros((0, dim), np.float32),
+            "error": np.array(errors + [None] * (total - n_err), dtype=object),
+        }
+
+
+@dataclass
+class BankBuildResult:
+    """What a bank build/append did."""
+
+    out: str
+    version: str
+    bank_sizes: dict[int, int]
+    n_images: int  # images embedded (bank images; held-out ones are not counted)
+    n_errors: int  # unreadable images, skipped
+    threshold: float | None
+    appended: bool
+    seconds: float
+    errors: list[str] = field(default_factory=list)  # the first few error messages
+
+
+def _patches_per_image(det, scales: tuple[int, ...]) -> dict[int, int]:
+    size = det.cfg.model.image_size
+    probe = torch.zeros(1, 3, size, size)
+    return {s: int(det.bank_embeddings(probe, s).shape[0]) for s in scales}
+
+
+def embed_images(
+    bundle: str,
+    cfg: MSPrayConfig,
+    uris: list[str],
+    keep: dict[int, float],
+    pool: PoolOptions,
+    io_threads: int = 4,
+) -> tuple[dict[int, np.ndarray], list[str]]:
+    """Per-scale embeddings of ``uris`` (after the per-shard coreset given by ``keep``), in
+    image order, and the error messages of the images that could not be read."""
+    import ray
+
+    ds = ray.data.from_items([{"idx": i, "path": p} for i, p in enumerate(uris)])
+    ds = ds.map_batches(
+        Embedder,
+        batch_size=cfg.score.batch_size,
+        batch_format="numpy",
+        fn_constructor_kwargs={
+            "bundle": bundle,
+            "config_json": cfg.to_json(),
+            "keep": {str(s): r for s, r in keep.items()},
+            "cpus": pool.cpus_per_worker,
+            "gpus": pool.gpus_per_worker,
+            "io_threads": io_threads,
+        },
+        **pool.map_batches_args(math.ceil(len(uris) / cfg.score.batch_size)),
+    )
+    parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {s: [] for s in cfg.model.scales}
+    errors: list[str] = []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        scale = batch["scale"]
+        bad = scale < 0
+        errors.extend(str(e) for e in batch["error"][bad])
+        for s in parts:
+            m = scale == s
+            if m.any():
+                parts[s].append((batch["idx"][m], batch["emb"][m]))
+    out = {}
+    for s, chunks in parts.items():
+        if not chunks:
+            continue
+        idx = np.concatenate([c[0] for c in chunks])
+        emb = np.concatenate([c[1] for c in chunks])
+        # stable: patches of one image stay in their grid order
+        out[s] = np.ascontiguousarray(emb[np.argsort(idx, kind="stable")], dtype=np.float32)
+    return out, errors
+
+
+def build_banks(
+    bundle: str,
+    uris: list[str],
+    out: str | None = None,
+    *,
+    append: bool = False,
+    append_all: bool = False,
+    calibrate: bool = True,
+    pool: PoolOptions | None = None,
+    overrides: dict[str, Any] | None = None,
+    io_threads: int = 4,
+    progress: bool = True,
+    address: str | None = None,
+) -> BankBuildResult:
+    """Build (or, with ``append``, extend) the banks of ``bundle`` from normal images.
+
+    Without ``append`` the images are split like training does (same held-out fraction and
+    seed, see :func:`mspray.fit.split_holdout`): the bank is built from the training part
+    and, with ``calibrate``, the threshold and fusion statistics are recomputed on the
+    held-out part. With ``append`` every image goes into the banks and the threshold is kept
+    (new normal patches can only lower distances). The bundle is saved to ``out`` (default:
+    ``bundle`` itself), which gives it a new version.
+    """
+    from mspray.bundle import load_bundle, save_bundle
+    from mspray.data.images import load_images
+    from mspray.fit import split_holdout
+
+    if not uris:
+        raise ValueError("no images to put in the banks")
+    t0 = time.perf_counter()
+    pool = pool or PoolOptions()
+    cfg = bundle_config(bundle, overrides)
+    det = load_bundle(bundle, with_banks=append, config=cfg)
+    if append:
+        bank_uris, val_uris = sorted(uris), []
+    else:
+        bank_uris, val_uris = split_holdout(uris, cfg.train.val_fraction, cfg.train.seed)
+    per_image = _patches_per_image(det, det.scales)
+    totals = {s: per_image[s] * len(bank_uris) for s in det.scales}
+    keep = {s: 1.0 if append_all else shard_keep_ratio(cfg.bank, totals[s]) for s in totals}
+    log.info(
+        "embedding %d images at scales %s (per-shard coreset keep ratio %s)",
+        len(bank_uris),
+        det.scales,
+        keep,
+    )
+    init_ray(address, progress)
+    embs, errors = embed_images(bundle, cfg, bank_uris, keep, pool, io_threads)
+    if errors:
+        log.warning("%d unreadable images skipped, e.g. %s", len(errors), errors[0])
+    n_good = len(bank_uris) - len(errors)
+    if n_good == 0:
+        raise ValueError(f"none of the {len(bank_uris)} images could be read: {errors[0]}")
+    for s in det.scales:
+        emb = embs[s]
+        total = per_image[s] * n_good
+        if append:
+            bank_cfg = None if append_all else global_bank_config(cfg.bank, total, len(emb))
+            added = det.banks[s].add(emb, bank_cfg)
+            log.info(
+                "scale %d: added %d of %d patches (bank now %d)",
+                s,
+                added,
+                total,
+                det.banks[s].ntotal,
+            )
+        else:
+            bank_cfg = global_bank_config(cfg.bank, total, len(emb))
+            det.banks[s] = PatchBank.build(emb, bank_cfg, seed=cfg.train.seed)
+            log.info("scale %d: bank of %d from %d patches", s, det.banks[s].ntotal, total)
+    if not append and calibrate:
+        if val_uris:
+            det.calibrate(
+                load_images(
+                    val_uris,
+                    cfg.model.image_size,
+                    progress=progress,
+                    desc="loading held-out images",
+                )
+            )
+        else:
+            log.warning(
+                "no held-out images (fewer than 2 images or val_fraction=0): the "
+                "threshold of the bundle is kept"
+            )
+    det.meta.setdefault("bank_builds", []).append(
+        {
+            "images": n_good,
+            "errors": len(errors),
+            "append": append,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    )
+    if not append:
+        det.meta.update(n_train_images=n_good, n_holdout_images=len(val_uris))
+    target = out or bundle
+    version = save_bundle(det, target)
+    return BankBuildResult(
+        out=target,
+        version=version,
+        bank_sizes={s: b.ntotal for s, b in det.banks.items()},
+        n_images=n_good,
+        n_errors=len(errors),
+        threshold=det.threshold,
+        appended=append,
+        seconds=time.perf_counter() - t0,
+        errors=errors[:10],
+    )

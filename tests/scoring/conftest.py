@@ -1,0 +1,78 @@
+"""Fixtures of the Ray Data tests: one tiny trained bundle for the whole session.
+
+- ``tiny_bundle`` (session): a detector trained for one epoch (64 px images, scales 32 and
+  16, random init) on the session's synthetic dataset, saved as a local bundle; yields
+  ``(bundle_path, dataset_spec)``.
+- ``png_bytes`` (function): ``png_bytes((w, h), mode="RGB", seed=0)`` -> PNG file bytes
+  (random RGB noise, or a blank 1-bit image).
+- ``bad_inputs`` (session): name -> bytes of one of each kind of bad file a nightly archive
+  can hold (zero-byte, truncated, not an image, decompression bomb, over 100 kB).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY = {
+    "model.image_size": 64,
+    "model.scales": (32, 16),
+    "model.strides": (4, 4),
+    "model.embed_dim": 16,
+    "model.pretrained": False,
+    "train.epochs": 1,
+    "train.samples_per_image": 4,
+    "train.batch_size": 16,
+    "train.n_centers": 4,
+    "train.val_fraction": 0.25,
+    "bank.coreset_ratio": 0.5,
+    "score.batch_size": 4,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(synthetic_root, tmp_path_factory) -> tuple[str, str]:
+    """A tiny trained bundle (local path) and the ``mvtec:`` spec of its dataset."""
+    from mspray.config import MSPrayConfig
+    from mspray.data.datasets import train_paths
+    from mspray.fit import fit_detector
+
+    spec = f"mvtec:{synthetic_root}"
+    out = str(tmp_path_factory.mktemp("scoring_bundle") / "bundle")
+    cfg = MSPrayConfig().replace(**TINY)
+    fit_detector(cfg, train_paths(spec, "synthetic"), out=out, progress=False)
+    return out, spec
+
+
+def _png(size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> bytes:
+    if mode == "1":
+        img = Image.new("1", size)
+    else:
+        rng = np.random.default_rng(seed)
+        img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def png_bytes():
+    """PNG bytes of a random RGB (or blank 1-bit) image of a given size."""
+    return _png
+
+
+@pytest.fixture(scope="session")
+def bad_inputs() -> dict[str, bytes]:
+    """One of each kind of bad input: name -> file bytes (huge.png is > 100 kB)."""
+    good = _png((48, 40), seed=1)
+    return {
+        "zero.png": b"",
+        "truncated.png": good[: len(good) // 2],
+        "not_an_image.jpg": b"this is a log file, not a JPEG\n" * 10,
+        # 20000x20000 1-bit image: a few kB of PNG, 400 Mpx once decoded
+        "bomb.png": _png((20000, 20000), mode="1"),
+        "huge.png": _png((300, 300), seed=2),  # ~270 kB
+    }

@@ -1,0 +1,82 @@
+"""Output layout helpers of batch scoring (no Ray)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pandas as pd
+import pyarrow as pa
+
+from mspray.scoring.batch import list_inputs
+from mspray.scoring.results import (
+    expand_date,
+    list_parts,
+    map_uri,
+    part_name,
+    read_results,
+    result_schema,
+    write_part,
+    write_run_summary,
+)
+
+
+def test_part_name_depends_only_on_the_set_of_paths():
+    a = part_name(["s3://b/x/1.png", "s3://b/x/2.png"])
+    assert a == part_name(["s3://b/x/2.png", "s3://b/x/1.png"])
+    assert a != part_name(["s3://b/x/1.png"])
+    assert a.startswith("part-") and a.endswith(".parquet")
+
+
+def test_expand_date_fills_templates_and_leaves_other_text():
+    d = dt.date(2024, 3, 7)
+    assert expand_date("s3://b/archive/{date}/", d) == "s3://b/archive/2024-03-07/"
+    assert expand_date("/x/{year}/{month}/{day}/{other}", d) == "/x/2024/03/07/{other}"
+    today = dt.datetime.now(dt.timezone.utc).date().isoformat()
+    assert expand_date("{date}") == today
+
+
+def test_parts_are_the_only_files_dataset_readers_see(tmp_path):
+    out = str(tmp_path / "out")
+    schema = result_schema((32, 16))
+    now = dt.datetime.now(dt.timezone.utc)
+    rows = [
+        {
+            "path": "/in/a.png",
+            "image_score": 1.5,
+            "is_anomalous": True,
+            "score_32": 0.1,
+            "score_16": 0.2,
+            "threshold": 1.0,
+            "model_version": "v1",
+            "scored_at": now,
+            "map_path": map_uri(out, "/in", "/in/a.png"),
+        },
+        {
+            "path": "/in/b.png",
+            "threshold": 1.0,
+            "model_version": "v1",
+            "scored_at": now,
+            "error": "/in/b.png: empty file",
+        },
+    ]
+    uri = write_part(out, pa.Table.from_pylist(rows, schema=schema))
+    write_run_summary(out, {"scored": 2})
+    (tmp_path / "out" / "_maps").mkdir(exist_ok=True)
+    (tmp_path / "out" / "_maps" / "a.png.png").write_bytes(b"\x89PNG not parquet")
+    (tmp_path / "out" / ".part-x.parquet.tmp").write_bytes(b"half a part")  # killed write
+    assert list_parts(out) == [uri]
+    df = pd.read_parquet(out)  # pyarrow dataset discovery skips _maps, _runs and temp files
+    assert sorted(df["path"]) == ["/in/a.png", "/in/b.png"]
+    err = df.set_index("path").loc["/in/b.png"]
+    assert pd.isna(err["image_score"]) and err["error"].endswith("empty file")
+    assert read_results(out, ["path"]).num_rows == 2
+    assert read_results(str(tmp_path / "nothing"), ["path"]).num_rows == 0
+    assert map_uri(out, "/in", "/in/sub/c.jpg").endswith("/out/_maps/sub/c.jpg.png")
+
+
+def test_output_inside_the_input_prefix_is_not_scored(tmp_path):
+    for name in ("a.png", "sub/b.png", "out/_maps/a.png.png", "output2/c.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    found = list_inputs(str(tmp_path), str(tmp_path / "out"))
+    assert [p[len(str(tmp_path)) + 1 :] for p in found] == ["a.png", "output2/c.png", "sub/b.png"]
