@@ -1,0 +1,163 @@
+"""cluster.yaml validates against the autoscaler schema that ships inside the ray package.
+
+``ray up`` runs ``prepare_config`` (merge with the provider's defaults.yaml, docker checks,
+per-type worker limits) and then ``validate_config`` (``jsonschema`` against
+``ray/autoscaler/ray-schema.json`` plus cross-field checks). The tests run the same two calls
+offline; only the AWS API steps (instance-type resource lookup, IAM/subnet bootstrap) are
+left to a real ``ray up``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import ray.autoscaler
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = REPO / "cluster.yaml"
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict[str, Any]:
+    """cluster.yaml as written (parsed the way `ray up` parses it)."""
+    with open(CLUSTER_YAML) as f:
+        return yaml.safe_load(f)
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict[str, Any]:
+    """The autoscaler JSON schema shipped with the installed ray."""
+    path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+    return json.loads(path.read_text())
+
+
+def test_raw_file_matches_schema(raw: dict[str, Any], schema: dict[str, Any]) -> None:
+    # The schema forbids unknown keys at most levels, so a misspelt key fails here.
+    jsonschema.validate(raw, schema)
+
+
+def test_prepared_config_passes_ray_validation(raw: dict[str, Any]) -> None:
+    prepared = prepare_config(copy.deepcopy(raw))
+    validate_config(prepared)  # raises on any problem
+    assert prepared["head_node_type"] in prepared["available_node_types"]
+
+
+def test_validation_is_not_vacuous(raw: dict[str, Any]) -> None:
+    """The same validator rejects a typo'd key and an inconsistent worker budget."""
+    bad = copy.deepcopy(raw)
+    bad["idle_timout_minutes"] = 5
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(bad))
+    bad = copy.deepcopy(raw)
+    bad["available_node_types"]["gpu_worker"]["min_workers"] = bad["max_workers"] + 1
+    with pytest.raises(ValueError):
+        validate_config(prepare_config(bad))
+
+
+def test_node_types(raw: dict[str, Any]) -> None:
+    types = raw["available_node_types"]
+    head = types[raw["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0, "the head is a CPU node"
+    gpu = [t for n, t in types.items() if t.get("resources", {}).get("GPU", 0) > 0]
+    cpu = [
+        t
+        for n, t in types.items()
+        if n != raw["head_node_type"] and t.get("resources", {}).get("GPU", 0) == 0
+    ]
+    assert gpu and cpu, "needs a GPU worker type and a CPU worker type"
+    assert any(t["node_config"]["InstanceType"].startswith(("g5", "g6", "p")) for t in gpu)
+    for t in gpu + cpu:
+        assert 0 <= t["min_workers"] <= t["max_workers"] <= raw["max_workers"]
+    assert raw["idle_timeout_minutes"] > 0
+    assert raw["provider"]["type"] == "aws"
+
+
+def test_gpu_workers_install_the_gpu_extra(raw: dict[str, Any]) -> None:
+    types = raw["available_node_types"]
+    for t in types.values():
+        if t["resources"].get("GPU", 0) > 0:
+            cmds = "\n".join(t["worker_setup_commands"])
+            assert "[gpu]" in cmds and "faiss-gpu" in cmds
+    # Everything else installs the package through the shared setup commands.
+    assert any("pip install" in c and "mspray" in c for c in raw["setup_commands"])
+    assert raw["file_mounts"], "the repository is synced to the nodes"
+
+
+def test_s3_access_by_instance_profile_not_keys(raw: dict[str, Any]) -> None:
+    for name, t in raw["available_node_types"].items():
+        assert "IamInstanceProfile" in t["node_config"], f"{name} has no instance profile"
+    text = CLUSTER_YAML.read_text()
+    # No credentials of any kind in the file.
+    for pattern in (
+        r"AKIA[0-9A-Z]{16}",
+        r"aws_secret_access_key",
+        r"AWS_SECRET_ACCESS_KEY",
+        r"aws_access_key_id\s*[:=]",
+        r"AWS_ACCESS_KEY_ID\s*=",
+    ):
+        assert not re.search(pattern, text), pattern
+
+
+# ------------------------------------------------------------------------ README accuracy
+README = REPO / "README.md"
+
+
+def _readme_section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(title)
+    end = text.find("\n### ", start + len(title))
+    end = text.find("\n## ", start + len(title)) if end == -1 else end
+    return text[start:end]
+
+
+def _default_text(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        value = list(value)
+    return json.dumps(value)
+
+
+def test_readme_documents_every_config_field() -> None:
+    """The configuration reference lists every field of mspray/config.py with its default."""
+    import dataclasses
+
+    from mspray.config import MSPrayConfig
+
+    cfg = MSPrayConfig()
+    for section in dataclasses.fields(cfg):
+        table = _readme_section(f"### `{section.name}`")
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            default = _default_text(getattr(getattr(cfg, section.name), f.name))
+            row = f"| `{f.name}` | `{default}` |"
+            assert row in table, f"README: no row {row!r} under {section.name}"
+
+
+def test_readme_names_only_existing_jobs_and_commands() -> None:
+    from mspray.cli import build_parser
+
+    text = README.read_text()
+    for job in set(re.findall(r"ray_jobs/(\w+)\.py", text)):
+        assert (REPO / "ray_jobs" / f"{job}.py").is_file(), f"README names ray_jobs/{job}.py"
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for cmd in set(re.findall(r"^\s*mspray ([a-z-]+)", text, flags=re.M)):
+        assert cmd in sub.choices, f"README names `mspray {cmd}`"
+    quick = _readme_section("## Quick start")
+    assert (
+        "python -m pip install -c constraints-cpu.txt -e . && mspray demo --out /tmp/mspray-demo"
+        in quick
+    )
+    assert (
+        'python -m pip install -c constraints-cpu.txt -e ".[dev]" && python -m pytest -q' in quick
+    )
+    assert "## Results" in text
