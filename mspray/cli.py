@@ -215,9 +215,25 @@ def cmd_score(args: argparse.Namespace) -> int:
     return run_score(args)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from mspray.serve.cli import DESCRIPTION, EPILOG, add_serve_args
+
+    p = sub.add_parser("serve", help="HTTP endpoint for a bundle on Ray Serve (batched, "
+                       "autoscaled); blocks until Ctrl-C", description=DESCRIPTION,
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mspray.serve.cli import run_serve
+
+    return run_serve(args)
+
+
 #: Subcommands; the Ray layers register theirs here as well.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train, _add_evaluate, _add_demo, _add_build_bank, _add_score,
+    _add_train, _add_evaluate, _add_demo, _add_build_bank, _add_score, _add_serve,
 ]
 
 

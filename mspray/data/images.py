@@ -40,7 +40,19 @@ _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
 class ImageDecodeError(ValueError):
-    """An image could not be decoded; the message names the file."""
+    """An image could not be decoded; the message names the file.
+
+    ``reason`` says why, for callers that map it to a status (e.g. HTTP 400/413/415):
+    ``"empty"``, ``"too_large"`` (pixel count / decompression bomb), ``"unsupported"``
+    (a decodable image in a mode we do not handle) or ``"corrupt"`` (anything else).
+    """
+
+    def __init__(self, message: str, reason: str = "corrupt"):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # keep ``reason`` across pickling (Ray ships exceptions)
+        return type(self), (str(self), self.reason)
 
 
 def _to_rgb(img: Image.Image, name: str) -> np.ndarray:
@@ -55,7 +67,7 @@ def _to_rgb(img: Image.Image, name: str) -> np.ndarray:
         a = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
         return np.repeat(a[:, :, None], 3, axis=2)
     if img.mode not in _TO_RGB:
-        raise ImageDecodeError(f"{name}: unsupported image mode {img.mode!r}")
+        raise ImageDecodeError(f"{name}: unsupported image mode {img.mode!r}", "unsupported")
     if img.mode != "RGB":
         img = img.convert("RGB")
     return np.array(img, dtype=np.uint8)  # a writable copy (asarray is read-only)
@@ -68,7 +80,7 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = 40_000_00
     decompression bomb costs nothing. Raises only :class:`ImageDecodeError` for bad bytes.
     """
     if not data:
-        raise ImageDecodeError(f"{name}: empty file")
+        raise ImageDecodeError(f"{name}: empty file", "empty")
     try:
         with warnings.catch_warnings():
             # PIL only warns between MAX_IMAGE_PIXELS and twice that; make it an error
@@ -80,14 +92,15 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = 40_000_00
                 if w * h > max_pixels:
                     raise ImageDecodeError(
                         f"{name}: {w}x{h} = {w * h} pixels is over the "
-                        f"limit of {max_pixels} (decompression bomb?)"
+                        f"limit of {max_pixels} (decompression bomb?)",
+                        "too_large",
                     )
                 img.load()  # decode everything now: truncated data fails here, not later
                 return np.ascontiguousarray(_to_rgb(img, name))
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageDecodeError(f"{name}: decompression bomb ({e})") from None
+        raise ImageDecodeError(f"{name}: decompression bomb ({e})", "too_large") from None
     except Exception as e:  # PIL raises many exception types for corrupt input
         raise ImageDecodeError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
 
