@@ -87,32 +87,40 @@ def fit_detector(
     out: str | None = None,
     trainer: ScaleTrainFn | None = None,
     progress: bool = True,
+    build_banks: bool = True,
 ) -> Detector:
     """Train on normal ``image_uris``; build banks from the training split; calibrate on the
-    held-out split; save a bundle to ``out`` when given."""
+    held-out split; save a bundle to ``out`` when given.
+
+    With ``build_banks=False`` only the encoders are trained and saved (a bundle without
+    banks): the Ray Data bank builder (``mspray build-bank``) then embeds the images on an
+    actor pool, builds the banks and calibrates.
+    """
     if not image_uris:
         raise ValueError("no training images")
     train_uris, val_uris = split_holdout(image_uris, cfg.train.val_fraction, cfg.train.seed)
     size = cfg.model.image_size
-    train = load_images(train_uris, size, progress=progress, desc="loading train images")
-    val = (
-        load_images(val_uris, size, progress=progress, desc="loading held-out images")
-        if val_uris
+    state, loaded = backbone_state(cfg)
+    local = trainer is None or build_banks
+    train = (
+        load_images(train_uris, size, progress=progress, desc="loading train images")
+        if local
         else None
     )
-    state, loaded = backbone_state(cfg)
+    val = load_images(val_uris, size, progress=False) if local and val_uris else None
     if trainer is None:
         models = local_scale_trainer(cfg, train, val, state, progress)
     else:
         models = trainer(cfg, train_uris, val_uris)
     det = Detector(cfg, MultiScaleDetector(cfg, models), device=resolve_device(cfg.train.device))
-    det.build_banks(train, progress=progress)
-    if val is None:
-        log.warning(
-            "only one training image: calibrating the threshold on it (it is in the "
-            "bank, so the threshold will be low)"
-        )
-    det.calibrate(val if val is not None else train)
+    if build_banks:
+        det.build_banks(train, progress=progress)
+        if val is None:
+            log.warning(
+                "only one training image: calibrating the threshold on it (it is in the "
+                "bank, so the threshold will be low)"
+            )
+        det.calibrate(val if val is not None else train)
     det.meta.update(
         pretrained_loaded=loaded, n_train_images=len(train_uris), n_holdout_images=len(val_uris)
     )
