@@ -117,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         trainer = ray_scale_trainer(
             address=args.address, run_name=args.run_name,
-            storage=cfg.train.storage or default_storage_for(args.out))
+            storage=cfg.train.storage or default_storage_for(args.out), progress=not args.quiet)
     det = fit_detector(cfg, uris, out=args.out, trainer=trainer, progress=not args.quiet)
     print(json.dumps({"bundle": args.out, "version": det.version, "threshold": det.threshold,
                       "bank_sizes": {str(s): b.ntotal for s, b in det.banks.items()},

@@ -216,7 +216,8 @@ class RayScaleTrainer:
     parallel_scales: bool | None = None
     cpus_per_worker: float = 1.0
     keep_checkpoints: int | None = 2
-    progress: bool = False
+    #: Progress bars (epochs, steps) from rank 0 only, forwarded by Ray to the driver's log.
+    progress: bool = True
     results: dict[int, Any] = field(default_factory=dict)
 
     def __call__(
