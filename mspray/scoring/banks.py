@@ -89,11 +89,10 @@ class Embedder:
             rows = np.repeat(np.asarray(good, np.int64), per_image)
             keep = self.keep.get(s, 1.0)
             if keep < 1.0:
-                # seeded by the shard's first image, so a rerun reduces it the same way
-                sel = greedy_coreset(
-                    torch.from_numpy(emb), math.ceil(keep * len(emb)), seed=cfg.train.seed + good[0]
-                )
-                sel = np.sort(sel.numpy())  # keep image order for the global step
+                # seeded by the shard's first image: the same shard is reduced the same way
+                x = torch.from_numpy(emb).to(self.det.device)  # on the actor's GPU if any
+                sel = greedy_coreset(x, math.ceil(keep * len(emb)), seed=cfg.train.seed + good[0])
+                sel = np.sort(sel.cpu().numpy())  # keep image order for the global step
                 emb, rows = emb[sel], rows[sel]
             scales.append(np.full(len(emb), s, np.int32))
             ids.append(rows)

@@ -21,11 +21,18 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
+import torch
 
 from mspray import storage, viz
 from mspray.scoring.inputs import Loaded, error_text, iter_loaded
-from mspray.scoring.results import map_uri, read_results, result_schema, write_part
-from mspray.scoring.results import write_run_summary as _write_run_summary
+from mspray.scoring.results import (
+    map_uri,
+    read_results,
+    result_schema,
+    write_output,
+    write_part,
+    write_run_summary,
+)
 from mspray.scoring.runtime import PoolOptions, bundle_config, init_ray, load_worker_detector
 
 log = logging.getLogger(__name__)
@@ -121,18 +128,29 @@ class UnitScorer:
         errors = list(loaded.errors)
         ok = loaded.ok
         results: dict[int, dict] = {}
+        maps: dict[int, torch.Tensor] = {}
         if ok:
             try:
-                results = self._predict(loaded.images, ok, loaded.uris)
+                results, maps = self._predict(loaded.images, ok)
             except Exception:  # e.g. out of memory on a big batch: one image at a time
                 log.warning(
                     "batch failed; scoring its %d images one by one", len(ok), exc_info=True
                 )
                 for j, i in enumerate(ok):
                     try:
-                        results.update(self._predict(loaded.images[j : j + 1], [i], loaded.uris))
+                        r, m = self._predict(loaded.images[j : j + 1], [i])
+                        results.update(r)
+                        maps.update(m)
                     except Exception as e:
                         errors[i] = error_text(loaded.uris[i], e)
+        if self.maps:
+            # outside the try: an output that cannot be written fails the unit (a rerun
+            # scores it again) instead of turning a good image into an error row
+            for j, i in enumerate(ok):
+                if i in results:
+                    results[i]["map_path"] = self._write_map(
+                        loaded.uris[i], loaded.images[j], maps[i]
+                    )
         rows = []
         for i, uri in enumerate(loaded.uris):
             row = {"path": uri, **base}
@@ -143,24 +161,29 @@ class UnitScorer:
             rows.append(row)
         return rows
 
-    def _predict(self, images, positions: list[int], uris: list[str]) -> dict[int, dict]:
-        """Scores (and heatmaps) of the good images, keyed by their position in the batch."""
+    def _predict(
+        self, images: torch.Tensor, positions: list[int]
+    ) -> tuple[dict[int, dict], dict[int, torch.Tensor]]:
+        """Result columns and fused maps of the good images, keyed by batch position."""
         det = self.det
         pred = det.predict(images)
-        out = {}
+        rows, maps = {}, {}
         for j, i in enumerate(positions):
             row: dict[str, Any] = {"image_score": float(pred.image_scores[j])}
             if pred.is_anomalous is not None:
                 row["is_anomalous"] = bool(pred.is_anomalous[j])
             for s in det.scales:
                 row[f"score_{s}"] = float(pred.scale_scores[s][j])
-            if self.maps:
-                amap = pred.maps[j]
-                lo, hi = viz.color_range(amap, det.threshold)
-                panel = viz.overlay(viz.tensor_to_rgb(images[j]), amap.numpy(), lo, hi)
-                row["map_path"] = map_uri(self.output, self.input_root, uris[i])
-                storage.write_bytes(row["map_path"], viz.to_png(panel))
-            out[i] = row
+            rows[i] = row
+            maps[i] = pred.maps[j]
+        return rows, maps
+
+    def _write_map(self, uri: str, image: torch.Tensor, amap: torch.Tensor) -> str:
+        """The heatmap panel (image | overlay) of one image; returns where it went."""
+        lo, hi = viz.color_range(amap, self.det.threshold)
+        panel = viz.overlay(viz.tensor_to_rgb(image), amap.numpy(), lo, hi)
+        out = map_uri(self.output, self.input_root, uri)
+        write_output(out, viz.to_png(panel))
         return out
 
 
@@ -279,6 +302,6 @@ def score_prefix(
     summary.missing = len(wanted) - len(after)
     summary.duplicates = sum(c - 1 for c in after.values())
     summary.seconds = time.perf_counter() - t0
-    _write_run_summary(output, asdict(summary))
+    write_run_summary(output, asdict(summary))
     log.info("%s", summary.line())
     return summary

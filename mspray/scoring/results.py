@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import time
 import uuid
 
 import pyarrow as pa
@@ -62,12 +63,30 @@ def part_name(paths: list[str]) -> str:
     return f"{PART_PREFIX}{digest}.parquet"
 
 
+#: Attempts per output write on I/O errors; after that the error fails the unit (and the
+#: job), so a rerun writes it, rather than the image being marked done without its output.
+WRITE_ATTEMPTS = 3
+
+
+def write_output(uri: str, data: bytes) -> None:
+    """Write one output file (atomically, see :func:`mspray.storage.write_bytes`), retrying
+    transient I/O errors."""
+    for attempt in range(WRITE_ATTEMPTS):
+        try:
+            storage.write_bytes(uri, data)
+            return
+        except OSError:
+            if attempt == WRITE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+
+
 def write_part(output: str, table: pa.Table) -> str:
     """Write ``table`` as one part, atomically; returns its URI."""
     uri = storage.join(output, part_name(table.column("path").to_pylist()))
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, compression="zstd")
-    storage.write_bytes(uri, buf.getvalue().to_pybytes())
+    write_output(uri, buf.getvalue().to_pybytes())
     return uri
 
 

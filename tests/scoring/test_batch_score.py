@@ -94,7 +94,7 @@ def test_interrupted_run_then_rerun_gives_exactly_one_row_per_image(
 ):
     bundle, spec = tiny_bundle
     src = storage.list_files(os.path.join(spec.split(":", 1)[1], "synthetic", "test"))
-    inp = tmp_path / "archive"
+    inp = tmp_path / "archive" / "2024-03-07"
     n = 40
     for i in range(n):
         dst = inp / f"batch{i // 10}" / f"{i:03d}.png"
@@ -102,8 +102,10 @@ def test_interrupted_run_then_rerun_gives_exactly_one_row_per_image(
         dst.write_bytes(Path(src[i % len(src)]).read_bytes())
     out = tmp_path / "scores"
     address = ray_local.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "mspray.cli", "-q", "score", "--bundle", bundle,
-           "--input", str(inp), "--output", str(out), "--workers", "1", "--part-size", "1",
+    # the nightly job entrypoint, with the {date} template of a cron line
+    cmd = [sys.executable, str(REPO / "ray_jobs" / "score.py"), "-q", "--bundle", bundle,
+           "--input", str(tmp_path / "archive" / "{date}"), "--output", str(out),
+           "--date", "2024-03-07", "--workers", "1", "--part-size", "1",
            "--address", address]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
