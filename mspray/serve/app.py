@@ -45,6 +45,10 @@ from mspray.serve import inputs
 log = logging.getLogger("ray.serve")
 
 DEPLOYMENT_NAME = "MSPrayDetector"
+#: Default batch wait. Longer than Serve's 10 ms: under load a client's next request takes
+#: tens of ms to travel client -> proxy -> replica, and a shorter wait splits the clients
+#: into small cohorts that never share a batch (measured in benchmarks/bench_serve.py).
+BATCH_WAIT_S = 0.02
 
 
 class ServeSettings(BaseModel):
@@ -56,7 +60,9 @@ class ServeSettings(BaseModel):
     device: str = Field("auto", description="torch device: auto, cpu, cuda[:N]")
     bank_gpu: bool = Field(False, description="faiss bank search on the GPU")
     max_batch_size: int = Field(16, ge=1, description="requests per forward pass")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill up")
+    batch_wait_timeout_s: float = Field(
+        BATCH_WAIT_S, ge=0, description="how long a batch waits to fill up"
+    )
     max_image_bytes: int | None = Field(
         None, gt=0, description="body size limit (default: the bundle's score.max_image_bytes)"
     )
@@ -81,7 +87,7 @@ class AppArgs(BaseModel):
     device: str = "auto"
     bank_gpu: bool = False
     max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    batch_wait_timeout_s: float = Field(BATCH_WAIT_S, ge=0)
     max_image_bytes: int | None = Field(None, gt=0)
     max_image_pixels: int | None = Field(None, gt=0)
     #: A fixed replica count; None autoscales between min_replicas and max_replicas.
@@ -271,7 +277,7 @@ class MSPrayDetector:
             raise RuntimeError("no model loaded: set user_config.bundle_uri")
 
     # ------------------------------------------------------------------ batching
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=BATCH_WAIT_S)
     async def _predict_batch(self, images: list[torch.Tensor]) -> list[ItemResult]:
         current = self._current  # pinned: a swap during this batch does not affect it
         assert current is not None

@@ -105,7 +105,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--batch-wait-ms",
         metavar="MS",
         type=float,
-        default=10,
+        default=20,
         help="how long a batch waits to fill up (default: %(default)s ms)",
     )
     g.add_argument(
