@@ -21,16 +21,27 @@ log = logging.getLogger("mspray")
 # ---------------------------------------------------------------------------- config options
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model / training configuration")
-    g.add_argument("--config", metavar="JSON", help="start from this config file "
-                   "(the options below override it)")
-    g.add_argument("--epochs", type=int, help="training epochs per scale")
+    g.add_argument(
+        "--config",
+        metavar="JSON",
+        help="start from this config file (the options below override it)",
+    )
+    g.add_argument("--epochs", type=int, help="training epochs per scale (0 = no training)")
+    g.add_argument(
+        "--max-minutes", type=float, help="training time budget per scale (0 = no limit)"
+    )
     g.add_argument("--scales", help="comma-separated patch sizes, e.g. 64,32,16")
     g.add_argument("--strides", help="comma-separated inference strides, one per scale")
     g.add_argument("--image-size", type=int, help="images are resized to this square size")
-    g.add_argument("--no-pretrained", action="store_true",
-                   help="random init instead of ImageNet VGG16 weights")
-    g.add_argument("--weights", metavar="PATH", help="local or s3:// VGG16 weights file "
-                   "(default: the torch hub cache, downloading if needed)")
+    g.add_argument(
+        "--no-pretrained", action="store_true", help="random init instead of ImageNet VGG16 weights"
+    )
+    g.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="local or s3:// VGG16 weights file "
+        "(default: the torch hub cache, downloading if needed)",
+    )
     g.add_argument("--device", help="cpu, cuda[:N] or auto (default)")
     g.add_argument("--batch-size", type=int, help="samples per loss per optimiser step")
     g.add_argument("--samples-per-image", type=int, help="samples per image per loss per epoch")
@@ -55,24 +66,32 @@ def config_from_args(args: argparse.Namespace) -> MSPrayConfig:
         cfg = MSPrayConfig.from_json(storage.read_text(args.config))
     over: dict = {}
     pairs = [
-        ("epochs", "train.epochs", None), ("image_size", "model.image_size", None),
-        ("device", "train.device", None), ("batch_size", "train.batch_size", None),
-        ("samples_per_image", "train.samples_per_image", None), ("lr", "train.lr", None),
-        ("seed", "train.seed", None), ("coreset_ratio", "bank.coreset_ratio", None),
-        ("fusion", "model.fusion", None), ("weights", "model.weights_path", None),
-        ("scales", "model.scales", _ints), ("strides", "model.strides", _ints),
+        ("epochs", "train.epochs", None),
+        ("max_minutes", "train.max_minutes", None),
+        ("image_size", "model.image_size", None),
+        ("device", "train.device", None),
+        ("batch_size", "train.batch_size", None),
+        ("samples_per_image", "train.samples_per_image", None),
+        ("lr", "train.lr", None),
+        ("seed", "train.seed", None),
+        ("coreset_ratio", "bank.coreset_ratio", None),
+        ("fusion", "model.fusion", None),
+        ("weights", "model.weights_path", None),
+        ("scales", "model.scales", _ints),
+        ("strides", "model.strides", _ints),
         ("losses", "train.losses", lambda s: tuple(x for x in s.split(",") if x)),
-        ("workers", "train.workers", None), ("storage", "train.storage", None),
+        ("workers", "train.workers", None),
+        ("storage", "train.storage", None),
     ]
     for attr, key, conv in pairs:
         value = getattr(args, attr, None)
         if value is not None:
             over[key] = conv(value) if conv else value
     if "model.scales" in over and "model.strides" not in over:
-        default = dict(zip(MSPrayConfig().model.scales, MSPrayConfig().model.strides,
-                           strict=True))
-        over["model.strides"] = tuple(default[s] for s in over["model.scales"]
-                                      if s in default) or over["model.scales"]
+        default = dict(zip(MSPrayConfig().model.scales, MSPrayConfig().model.strides, strict=True))
+        over["model.strides"] = (
+            tuple(default[s] for s in over["model.scales"] if s in default) or over["model.scales"]
+        )
     if getattr(args, "no_pretrained", False):
         over["model.pretrained"] = False
     if getattr(args, "use_gpu", False):
@@ -84,21 +103,34 @@ def config_from_args(args: argparse.Namespace) -> MSPrayConfig:
 
 # ---------------------------------------------------------------------------- commands
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train all scales on normal images and write a bundle",
-                       description="Train the per-scale encoders on the normal training "
-                       "images, build the patch banks, calibrate the threshold on held-out "
-                       "normal images and write a model bundle.")
-    p.add_argument("--data", required=True, help="mvtec:ROOT, btad:ROOT, folder:PATH or "
-                   "s3://bucket/prefix")
+    p = sub.add_parser(
+        "train",
+        help="train all scales on normal images and write a bundle",
+        description="Train the per-scale encoders on the normal training "
+        "images, build the patch banks, calibrate the threshold on held-out "
+        "normal images and write a model bundle.",
+    )
+    p.add_argument(
+        "--data", required=True, help="mvtec:ROOT, btad:ROOT, folder:PATH or s3://bucket/prefix"
+    )
     p.add_argument("--category", help="category (sub-folder) of an mvtec/btad dataset")
     p.add_argument("--out", required=True, help="bundle directory (local path or s3://)")
-    p.add_argument("--workers", type=int, help="train with Ray Train on N DDP workers "
-                   "(0 = plain single-process training)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="train with Ray Train on N DDP workers (0 = plain single-process training)",
+    )
     p.add_argument("--use-gpu", action="store_true", help="Ray Train workers use one GPU each")
-    p.add_argument("--storage", help="Ray Train checkpoint storage, local path or s3:// "
-                   "(default: OUT.ray_runs next to the bundle)")
-    p.add_argument("--run-name", help="Ray Train run name; rerunning with the same name and "
-                   "storage resumes from its last checkpoint (default: a new name, logged)")
+    p.add_argument(
+        "--storage",
+        help="Ray Train checkpoint storage, local path or s3:// "
+        "(default: OUT.ray_runs next to the bundle)",
+    )
+    p.add_argument(
+        "--run-name",
+        help="Ray Train run name; rerunning with the same name and "
+        "storage resumes from its last checkpoint (default: a new name, logged)",
+    )
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
@@ -116,20 +148,35 @@ def cmd_train(args: argparse.Namespace) -> int:
         from mspray.train.ray_train import default_storage_for, ray_scale_trainer
 
         trainer = ray_scale_trainer(
-            address=args.address, run_name=args.run_name,
-            storage=cfg.train.storage or default_storage_for(args.out), progress=not args.quiet)
+            address=args.address,
+            run_name=args.run_name,
+            storage=cfg.train.storage or default_storage_for(args.out),
+            progress=not args.quiet,
+        )
     det = fit_detector(cfg, uris, out=args.out, trainer=trainer, progress=not args.quiet)
-    print(json.dumps({"bundle": args.out, "version": det.version, "threshold": det.threshold,
-                      "bank_sizes": {str(s): b.ntotal for s, b in det.banks.items()},
-                      "pretrained_loaded": det.meta.get("pretrained_loaded")}, indent=2))
+    print(
+        json.dumps(
+            {
+                "bundle": args.out,
+                "version": det.version,
+                "threshold": det.threshold,
+                "bank_sizes": {str(s): b.ntotal for s, b in det.banks.items()},
+                "pretrained_loaded": det.meta.get("pretrained_loaded"),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="metrics of a bundle on a labelled test set",
-                       description="Score the test split and write the metrics JSON "
-                       "(image_auroc, pixel_auroc, pixel_aupro, f1_max, threshold, n_images, "
-                       "seconds_per_image; pixel metrics null without ground truth masks).")
+    p = sub.add_parser(
+        "evaluate",
+        help="metrics of a bundle on a labelled test set",
+        description="Score the test split and write the metrics JSON "
+        "(image_auroc, pixel_auroc, pixel_aupro, f1_max, threshold, n_images, "
+        "seconds_per_image; pixel metrics null without ground truth masks).",
+    )
     p.add_argument("--bundle", required=True, help="bundle directory (local path or s3://)")
     p.add_argument("--data", required=True, help="mvtec:ROOT, btad:ROOT or s3://bucket/prefix")
     p.add_argument("--category", help="category of an mvtec/btad dataset")
@@ -157,8 +204,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         det = load_bundle(args.bundle, device=resolve_device(args.device))
         samples = test_samples(args.data, args.category)
-        metrics = evaluate(det, samples, maps_dir=args.maps, batch_size=args.batch_size,
-                           progress=not args.quiet)
+        metrics = evaluate(
+            det, samples, maps_dir=args.maps, batch_size=args.batch_size, progress=not args.quiet
+        )
     text = json.dumps(metrics, indent=2)
     storage.write_text(args.json, text + "\n")
     print(text)
@@ -166,13 +214,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="synthetic data -> train -> evaluate, end to end",
-                       description="Make a synthetic dataset, train all three scales, build "
-                       "banks, evaluate, print a metrics table and write heatmap overlays.")
+    p = sub.add_parser(
+        "demo",
+        help="synthetic data -> train -> evaluate, end to end",
+        description="Make a synthetic dataset, train all three scales, build "
+        "banks, evaluate, print a metrics table and write heatmap overlays.",
+    )
     p.add_argument("--out", default="mspray-demo", help="working folder (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per scale (demo default 3)")
-    p.add_argument("--local", action="store_true",
-                   help="skip the Ray layers: plain single-process training and scoring")
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="skip the Ray layers: plain single-process training and scoring",
+    )
     p.set_defaults(func=cmd_demo)
 
 
@@ -186,9 +240,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_build_bank(sub: argparse._SubParsersAction) -> None:
     from mspray.scoring.args import BUILD_BANK_DESCRIPTION, BUILD_BANK_EPILOG, add_build_bank_args
 
-    p = sub.add_parser("build-bank", help="build or extend a bundle's patch banks on Ray Data",
-                       description=BUILD_BANK_DESCRIPTION, epilog=BUILD_BANK_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "build-bank",
+        help="build or extend a bundle's patch banks on Ray Data",
+        description=BUILD_BANK_DESCRIPTION,
+        epilog=BUILD_BANK_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_build_bank_args(p)
     p.set_defaults(func=cmd_build_bank)
 
@@ -202,9 +260,13 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
 def _add_score(sub: argparse._SubParsersAction) -> None:
     from mspray.scoring.args import SCORE_DESCRIPTION, SCORE_EPILOG, add_score_args
 
-    p = sub.add_parser("score", help="batch-score an image prefix to Parquet (+ heatmaps) on "
-                       "Ray Data; resumable", description=SCORE_DESCRIPTION,
-                       epilog=SCORE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "score",
+        help="batch-score an image prefix to Parquet (+ heatmaps) on Ray Data; resumable",
+        description=SCORE_DESCRIPTION,
+        epilog=SCORE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_score_args(p)
     p.set_defaults(func=cmd_score)
 
@@ -218,9 +280,13 @@ def cmd_score(args: argparse.Namespace) -> int:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from mspray.serve.cli import DESCRIPTION, EPILOG, add_serve_args
 
-    p = sub.add_parser("serve", help="HTTP endpoint for a bundle on Ray Serve (batched, "
-                       "autoscaled); blocks until Ctrl-C", description=DESCRIPTION,
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "serve",
+        help="HTTP endpoint for a bundle on Ray Serve (batched, autoscaled); blocks until Ctrl-C",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_serve_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -233,7 +299,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 #: Subcommands; the Ray layers register theirs here as well.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train, _add_evaluate, _add_demo, _add_build_bank, _add_score, _add_serve,
+    _add_train,
+    _add_evaluate,
+    _add_demo,
+    _add_build_bank,
+    _add_score,
+    _add_serve,
 ]
 
 
@@ -254,8 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError, ValueError) as e:

@@ -186,9 +186,17 @@ class ScaleTrainer:
 
     # ------------------------------------------------------------------ epochs
     def train_epoch(
-        self, images: torch.Tensor, epoch: int, progress: bool = True
+        self,
+        images: torch.Tensor,
+        epoch: int,
+        progress: bool = True,
+        deadline: float | None = None,
     ) -> dict[str, float]:
-        """One epoch over ``images`` (normalised, on device). Returns mean loss terms."""
+        """One epoch over ``images`` (normalised, on device). Returns mean loss terms.
+
+        With a ``deadline`` (``time.monotonic()`` value) the epoch ends early once it has
+        passed; ``out["stopped_early"]`` is then 1. Every rank stops after the same step.
+        """
         self.model.train()
         local_batch = max(1, self.t.batch_size // self.comm.world_size)
         steps = self._steps(images.shape[0], local_batch)
@@ -203,15 +211,23 @@ class ScaleTrainer:
             leave=False,
             disable=not progress or self.comm.rank != 0,
         )
+        done, stopped = 0, False
         for step in bar:
             idx = torch.arange(step * local_batch, (step + 1) * local_batch)
             loss, terms = self.train_step(images, {k: v.take(idx) for k, v in s.items()})
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.4f}")
+            done = step + 1
+            bar.set_postfix(loss=f"{sums['loss'] / done:.4f}")
+            if deadline is not None and self._any_rank(time.monotonic() > deadline):
+                stopped = True
+                break
+        bar.close()
         dt = time.perf_counter() - t0
-        out = {k: v / steps for k, v in sums.items()}
+        out = {k: v / done for k, v in sums.items()}
+        out["stopped_early"] = float(stopped)
+        steps = done
         # A "sample" is one draw for every loss (a triplet, an angle pair and a K-means patch).
         out["samples_per_s"] = steps * local_batch * self.comm.world_size / dt
         patches = sum(len(v.pos) for v in s.values())
@@ -285,13 +301,15 @@ class ScaleTrainer:
             initial=self.epoch,
             total=self.t.epochs,
         )
+        budget = self.t.max_minutes
+        deadline = time.monotonic() + 60 * budget if budget > 0 else None
         for epoch in bar:
             t0 = time.perf_counter()
             if "kmeans" in self.t.losses and (
                 self.centers is None or epoch % self.t.center_update_every == 0
             ):
                 self.update_centers(train, epoch)
-            metrics = self.train_epoch(train, epoch, progress=progress)
+            metrics = self.train_epoch(train, epoch, progress=progress, deadline=deadline)
             metrics["val_loss"] = self.validation_loss(val) if use_val else metrics["loss"]
             metrics["epoch"] = epoch + 1
             metrics["seconds"] = time.perf_counter() - t0
@@ -304,9 +322,23 @@ class ScaleTrainer:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", val=f"{metrics['val_loss']:.4f}")
             if on_epoch_end is not None:
                 on_epoch_end(self, metrics)
+            if metrics["stopped_early"]:
+                if self.comm.rank == 0:
+                    log.warning(
+                        "scale %d: time budget of %g min reached in epoch %d; keeping the "
+                        "best model so far (train.max_minutes, 0 = no limit)",
+                        self.scale,
+                        budget,
+                        epoch + 1,
+                    )
+                break
         if self.best_state is not None:
             self.core.load_state_dict(self.best_state)
         return self.history
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any (ranks must agree on when to stop)."""
+        return bool(self.comm.all_reduce_sum(torch.tensor([float(flag)])).item() > 0)
 
     def _global_count(self, n: int) -> int:
         return int(self.comm.all_reduce_sum(torch.tensor([float(n)])).item())

@@ -74,3 +74,11 @@ def test_resume_from_state_matches_an_uninterrupted_run():
     assert resumed.epoch == 3
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     assert resumed.history[-1]["loss"] == pytest.approx(full.history[-1]["loss"], rel=1e-4)
+
+
+def test_time_budget_stops_training_and_keeps_the_best_model():
+    cfg = _cfg(**{"train.epochs": 50, "train.max_minutes": 1e-6})
+    tr = ScaleTrainer(cfg, 16, build_scale_model(cfg, 16, None))
+    hist = tr.fit(_images(), _images(2, seed=1), progress=False)
+    assert len(hist) == 1 and hist[0]["stopped_early"] == 1.0
+    assert tr.epoch == 1 and tr.best_state is not None
