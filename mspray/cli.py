@@ -237,64 +237,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_build_bank(sub: argparse._SubParsersAction) -> None:
-    from mspray.scoring.args import BUILD_BANK_DESCRIPTION, BUILD_BANK_EPILOG, add_build_bank_args
+def _delegate(name: str, help: str, module: str, prefix: str, run: str):
+    """A subcommand whose options, help text and runner live in a Ray-layer module
+    (``<prefix>DESCRIPTION``, ``<prefix>EPILOG``, ``add_<name>_args`` and ``run``); the
+    module is imported only when the parser is built."""
 
-    p = sub.add_parser(
-        "build-bank",
-        help="build or extend a bundle's patch banks on Ray Data",
-        description=BUILD_BANK_DESCRIPTION,
-        epilog=BUILD_BANK_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_build_bank_args(p)
-    p.set_defaults(func=cmd_build_bank)
+    def add(sub: argparse._SubParsersAction) -> None:
+        import importlib
 
+        mod = importlib.import_module(module)
+        p = sub.add_parser(
+            name,
+            help=help,
+            description=getattr(mod, f"{prefix}DESCRIPTION"),
+            epilog=getattr(mod, f"{prefix}EPILOG"),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        getattr(mod, f"add_{name.replace('-', '_')}_args")(p)
+        p.set_defaults(func=getattr(mod, run))
 
-def cmd_build_bank(args: argparse.Namespace) -> int:
-    from mspray.scoring.args import run_build_bank
-
-    return run_build_bank(args)
-
-
-def _add_score(sub: argparse._SubParsersAction) -> None:
-    from mspray.scoring.args import SCORE_DESCRIPTION, SCORE_EPILOG, add_score_args
-
-    p = sub.add_parser(
-        "score",
-        help="batch-score an image prefix to Parquet (+ heatmaps) on Ray Data; resumable",
-        description=SCORE_DESCRIPTION,
-        epilog=SCORE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_score_args(p)
-    p.set_defaults(func=cmd_score)
+    return add
 
 
-def cmd_score(args: argparse.Namespace) -> int:
-    from mspray.scoring.args import run_score
-
-    return run_score(args)
-
-
-def _add_serve(sub: argparse._SubParsersAction) -> None:
-    from mspray.serve.cli import DESCRIPTION, EPILOG, add_serve_args
-
-    p = sub.add_parser(
-        "serve",
-        help="HTTP endpoint for a bundle on Ray Serve (batched, autoscaled); blocks until Ctrl-C",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_serve_args(p)
-    p.set_defaults(func=cmd_serve)
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from mspray.serve.cli import run_serve
-
-    return run_serve(args)
+_add_build_bank = _delegate(
+    "build-bank",
+    "build or extend a bundle's patch banks on Ray Data",
+    "mspray.scoring.args",
+    "BUILD_BANK_",
+    "run_build_bank",
+)
+_add_score = _delegate(
+    "score",
+    "batch-score an image prefix to Parquet (+ heatmaps) on Ray Data; resumable",
+    "mspray.scoring.args",
+    "SCORE_",
+    "run_score",
+)
+_add_serve = _delegate(
+    "serve",
+    "HTTP endpoint for a bundle on Ray Serve (batched, autoscaled); blocks until Ctrl-C",
+    "mspray.serve.cli",
+    "",
+    "run_serve",
+)
 
 
 #: Subcommands; the Ray layers register theirs here as well.

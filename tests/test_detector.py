@@ -5,31 +5,15 @@ import pytest
 import torch
 
 from mspray.bundle import BundleError, load_bundle, save_bundle
-from mspray.config import MSPrayConfig
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
 from mspray.fit import fit_detector, split_holdout
 
-TINY = {
-    "model.image_size": 64,
-    "model.scales": (32, 16),
-    "model.strides": (4, 4),
-    "model.embed_dim": 16,
-    "model.pretrained": False,
-    "train.epochs": 1,
-    "train.samples_per_image": 4,
-    "train.batch_size": 16,
-    "train.n_centers": 4,
-    "train.val_fraction": 0.25,
-    "bank.coreset_ratio": 0.5,
-    "score.batch_size": 4,
-}
-
 
 @pytest.fixture(scope="module")
-def tiny(synthetic_root, tmp_path_factory):
+def tiny(synthetic_root, tmp_path_factory, tiny_cfg):
     """A detector trained for one epoch on the session's synthetic dataset, and its bundle."""
-    cfg = MSPrayConfig().replace(**TINY)
+    cfg = tiny_cfg
     spec = f"mvtec:{synthetic_root}"
     out = str(tmp_path_factory.mktemp("bundle") / "b")
     det = fit_detector(cfg, train_paths(spec, "synthetic"), out=out, progress=False)

@@ -17,32 +17,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-TINY = {
-    "model.image_size": 64,
-    "model.scales": (32, 16),
-    "model.strides": (4, 4),
-    "model.embed_dim": 16,
-    "model.pretrained": False,
-    "train.epochs": 1,
-    "train.samples_per_image": 4,
-    "train.batch_size": 16,
-    "train.n_centers": 4,
-    "train.val_fraction": 0.25,
-    "bank.coreset_ratio": 0.5,
-    "score.batch_size": 4,
-}
-
 
 @pytest.fixture(scope="session")
-def tiny_bundle(synthetic_root, tmp_path_factory) -> tuple[str, str]:
+def tiny_bundle(synthetic_root, tmp_path_factory, tiny_cfg) -> tuple[str, str]:
     """A tiny trained bundle (local path) and the ``mvtec:`` spec of its dataset."""
-    from mspray.config import MSPrayConfig
     from mspray.data.datasets import train_paths
     from mspray.fit import fit_detector
 
     spec = f"mvtec:{synthetic_root}"
     out = str(tmp_path_factory.mktemp("scoring_bundle") / "bundle")
-    cfg = MSPrayConfig().replace(**TINY)
+    cfg = tiny_cfg
     fit_detector(cfg, train_paths(spec, "synthetic"), out=out, progress=False)
     return out, spec
 

@@ -25,7 +25,6 @@ import yaml
 from PIL import Image
 
 from mspray.bundle import load_bundle
-from mspray.config import MSPrayConfig
 from mspray.data.datasets import train_paths
 from mspray.data.images import decode_image, to_tensor
 from mspray.fit import fit_detector
@@ -36,30 +35,16 @@ ROOT = Path(__file__).resolve().parents[2]
 APP = "mspray"
 #: A small body limit, so the 413 test need not send megabytes.
 MAX_BYTES = 200_000
-TINY = {
-    "model.image_size": 64,
-    "model.scales": (32, 16),
-    "model.strides": (4, 4),
-    "model.embed_dim": 16,
-    "model.pretrained": False,
-    "train.epochs": 1,
-    "train.samples_per_image": 4,
-    "train.batch_size": 16,
-    "train.n_centers": 4,
-    "train.val_fraction": 0.25,
-    "bank.coreset_ratio": 0.5,
-    "score.batch_size": 4,
-}
 
 
 @pytest.fixture(scope="module")
-def bundles(synthetic_root, tmp_path_factory) -> dict[str, str]:
+def bundles(synthetic_root, tmp_path_factory, tiny_cfg) -> dict[str, str]:
     """Two tiny bundles: "a" trained for one epoch, "b" another seed's untrained encoders
     (epochs=0 builds banks right away; the serving layer only needs a second model)."""
     uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
     out = {}
     for name, seed, epochs in (("a", 0, 1), ("b", 1, 0)):
-        cfg = MSPrayConfig().replace(**{**TINY, "train.seed": seed, "train.epochs": epochs})
+        cfg = tiny_cfg.replace(**{"train.seed": seed, "train.epochs": epochs})
         out[name] = str(tmp_path_factory.mktemp(f"bundle_{name}") / "bundle")
         fit_detector(cfg, uris, out=out[name], progress=False)
     return out
