@@ -55,7 +55,7 @@ class TrainConfig:
     #: Wall-clock budget per scale in minutes (0 = none). Training stops after the step that
     #: passes it and keeps the best model by validation loss, so a CPU-only machine still
     #: finishes in predictable time; on a GPU the epochs usually end first.
-    max_minutes: float = 10.0
+    max_minutes: float = 5.0
     batch_size: int = 64
     lr: float = 1e-5
     #: λ in L = λ(L_SVDD + L_Cos) + L_SSL + L_Kmeans.
