@@ -13,7 +13,7 @@ from mspray import storage, viz
 from mspray.data.datasets import Sample
 from mspray.data.images import load_image, load_mask
 from mspray.detector import Detector
-from mspray.metrics import compute_metrics
+from mspray.metrics import compute_metrics, image_auroc
 
 
 def evaluate(
@@ -60,38 +60,52 @@ def evaluate(
             )
         bar.update(len(chunk))
     bar.close()
-    labels = np.array([s.label for s in samples])
-    score_arr = torch.cat(scores).numpy()
-    out = compute_metrics(
-        labels,
-        score_arr,
+    return metrics_report(
+        np.array([s.label for s in samples]),
+        torch.cat(scores).numpy(),
+        {s: torch.cat(v).numpy() for s, v in scale_scores.items()},
         torch.cat(masks).numpy() if with_masks else None,
         torch.cat(maps).float().numpy() if with_masks else None,
-    )
-    from mspray.metrics import image_auroc
-
-    out.update(
         threshold=det.threshold,
-        n_images=len(samples),
-        seconds_per_image=model_seconds / len(samples),
-        scale_image_auroc={
-            str(s): _none_if_nan(image_auroc(labels, torch.cat(v).numpy()))
-            for s, v in scale_scores.items()
-        },
-        model_version=det.version,
+        version=det.version,
+        model_seconds=model_seconds,
     )
-    if det.threshold is not None:
-        pred_pos = score_arr > det.threshold
+
+
+def metrics_report(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    scale_scores: dict[int, np.ndarray],
+    masks: np.ndarray | None,
+    maps: np.ndarray | None,
+    threshold: float | None,
+    version: str | None,
+    model_seconds: float,
+) -> dict:
+    """The metrics JSON from gathered scores (shared by the in-process and Ray Data paths)."""
+    scores = np.asarray(scores, dtype=np.float32)
+    out = compute_metrics(labels, scores, masks, maps)
+    out.update(
+        threshold=threshold,
+        n_images=len(labels),
+        seconds_per_image=model_seconds / len(labels),
+        scale_image_auroc={
+            str(s): _none_if_nan(image_auroc(labels, v)) for s, v in scale_scores.items()
+        },
+        model_version=version,
+    )
+    if threshold is not None:
+        pos = scores > threshold
         out["at_threshold"] = {
-            "true_positives": int((pred_pos & (labels == 1)).sum()),
-            "false_positives": int((pred_pos & (labels == 0)).sum()),
-            "true_negatives": int((~pred_pos & (labels == 0)).sum()),
-            "false_negatives": int((~pred_pos & (labels == 1)).sum()),
+            "true_positives": int((pos & (labels == 1)).sum()),
+            "false_positives": int((pos & (labels == 0)).sum()),
+            "true_negatives": int((~pos & (labels == 0)).sum()),
+            "false_negatives": int((~pos & (labels == 1)).sum()),
         }
     return out
 
 
-def _none_if_nan(x: float) -> float | None:
+def _none_if_nan(x: float | None) -> float | None:
     return None if x is None or x != x else float(x)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mspray.data.datasets import Sample
-from mspray.metrics import compute_metrics, image_auroc
+from mspray.evaluate import metrics_report
 from mspray.scoring.runtime import PoolOptions, bundle_config, init_ray, load_worker_detector
 
 log = logging.getLogger(__name__)
@@ -147,37 +147,20 @@ def _metrics(
     maps: np.ndarray | None,
     model_seconds: float,
 ) -> dict:
-    """The tail of :func:`mspray.evaluate.evaluate`, on arrays gathered from the actors."""
+    """The metrics JSON of :func:`mspray.evaluate.evaluate`, from arrays gathered from the
+    actors (threshold and version from the bundle's meta.json)."""
     import json
 
     from mspray import storage
 
     meta = json.loads(storage.read_text(storage.join(bundle, "meta.json")))
-    threshold = meta.get("threshold")
-    labels = np.array([s.label for s in samples])
-    scores = scores.astype(np.float32)
-    out = compute_metrics(
-        labels, scores, masks, maps.astype(np.float32) if maps is not None else None
+    return metrics_report(
+        np.array([s.label for s in samples]),
+        scores,
+        scale_scores,
+        masks,
+        maps.astype(np.float32) if maps is not None else None,
+        threshold=meta.get("threshold"),
+        version=meta.get("version"),
+        model_seconds=model_seconds,
     )
-    out.update(
-        threshold=threshold,
-        n_images=len(samples),
-        seconds_per_image=model_seconds / len(samples),
-        scale_image_auroc={
-            str(s): _none_if_nan(image_auroc(labels, v)) for s, v in scale_scores.items()
-        },
-        model_version=meta.get("version"),
-    )
-    if threshold is not None:
-        pos = scores > threshold
-        out["at_threshold"] = {
-            "true_positives": int((pos & (labels == 1)).sum()),
-            "false_positives": int((pos & (labels == 0)).sum()),
-            "true_negatives": int((~pos & (labels == 0)).sum()),
-            "false_negatives": int((~pos & (labels == 1)).sum()),
-        }
-    return out
-
-
-def _none_if_nan(x: float | None) -> float | None:
-    return None if x is None or x != x else float(x)
