@@ -132,6 +132,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "storage resumes from its last checkpoint (default: a new name, logged)",
     )
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument(
+        "--no-banks",
+        action="store_true",
+        help="only train and save the encoders; build the banks and the threshold afterwards "
+        "on Ray Data with `mspray build-bank --bundle OUT --data ...`",
+    )
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -153,7 +159,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             storage=cfg.train.storage or default_storage_for(args.out),
             progress=not args.quiet,
         )
-    det = fit_detector(cfg, uris, out=args.out, trainer=trainer, progress=not args.quiet)
+    det = fit_detector(
+        cfg,
+        uris,
+        out=args.out,
+        trainer=trainer,
+        progress=not args.quiet,
+        build_banks=not args.no_banks,
+    )
     print(
         json.dumps(
             {

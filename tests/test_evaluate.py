@@ -143,3 +143,34 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     )
     assert rc == 2
     assert "x.png" in capsys.readouterr().err
+
+
+def test_cli_train_no_banks_saves_encoders_only(synthetic_root, tmp_path):
+    from mspray.bundle import BundleError, load_bundle
+
+    out = tmp_path / "enc"
+    rc = main(
+        [
+            "-q",
+            "train",
+            "--data",
+            f"mvtec:{synthetic_root}",
+            "--category",
+            "synthetic",
+            "--out",
+            str(out),
+            "--epochs",
+            "0",
+            "--no-pretrained",
+            "--image-size",
+            "64",
+            "--scales",
+            "16",
+            "--no-banks",
+        ]
+    )
+    assert rc == 0
+    assert not list(out.glob("bank_*.faiss")) and (out / "meta.json").exists()
+    assert load_bundle(str(out), with_banks=False).threshold is None
+    with pytest.raises(BundleError, match="bank_16"):
+        load_bundle(str(out))
