@@ -16,8 +16,7 @@ import time
 import torch
 
 from mspray.config import MSPrayConfig
-from mspray.model.detector import MultiScaleDetector
-from mspray.train.loop import normalize
+from mspray.model.multiscale import MultiScaleEncoder, normalize
 
 
 def crops(images: torch.Tensor, p: int, stride: int) -> torch.Tensor:
@@ -61,7 +60,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = MSPrayConfig().replace(**{"model.image_size": args.image_size, "model.pretrained": False})
     torch.manual_seed(0)
-    model = MultiScaleDetector(cfg).to(args.device).eval()
+    model = MultiScaleEncoder(cfg).to(args.device).eval()
     images = torch.rand(args.images, 3, args.image_size, args.image_size, device=args.device)
     rows = []
     with torch.no_grad():

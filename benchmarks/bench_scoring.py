@@ -34,8 +34,8 @@ from mspray.config import MSPrayConfig
 from mspray.data.datasets import train_paths
 from mspray.data.synthetic import make_synthetic_dataset
 from mspray.fit import fit_detector
-from mspray.scoring.batch import ScoreSummary, score_prefix
-from mspray.scoring.runtime import PoolOptions, init_ray
+from mspray.ray.data.scoring import ScoreSummary, score_prefix
+from mspray.ray.runtime import PoolOptions, init_ray
 
 
 def _children() -> dict[int, list[int]]:

@@ -134,7 +134,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from mspray.serve import AppArgs, build_app
+    from mspray.ray.serve import AppArgs, build_app
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_serve_")
     scales = tuple(int(s) for s in args.scales.split(","))

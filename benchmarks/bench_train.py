@@ -2,7 +2,7 @@
 
 Every configuration trains the same scale on the same synthetic images with the same
 *global* batch (each of W workers takes batch/W), through the real adapter
-(``mspray.train.ray_train``: TorchTrainer, gloo on CPU / nccl on GPU, checkpoint every
+(``mspray.ray.train``: TorchTrainer, gloo on CPU / nccl on GPU, checkpoint every
 epoch). samples/s is the core loop's figure (one sample = one draw for every loss: a
 triplet, an angle pair and a K-means patch; global samples per second of optimiser steps),
 averaged over the epochs after the first (warm-up); patches/s counts the encoder's input

@@ -27,7 +27,7 @@ from mspray.bank import PatchBank
 from mspray.config import MSPrayConfig
 from mspray.detector import Detector
 from mspray.model.backbone import IMAGENET_MEAN, IMAGENET_STD
-from mspray.model.detector import MultiScaleDetector
+from mspray.model.multiscale import MultiScaleEncoder
 
 FORMAT = 1
 
@@ -91,7 +91,7 @@ def load_bundle(
     meta = json.loads(storage.read_text(meta_uri))
     if meta.get("format") != FORMAT:
         raise BundleError(f"{uri}: unsupported bundle format {meta.get('format')!r}")
-    model = MultiScaleDetector(cfg)
+    model = MultiScaleEncoder(cfg)
     state = st_load(storage.read_bytes(storage.join(uri, "model.safetensors")))
     try:
         model.load_state_dict(state, strict=True)

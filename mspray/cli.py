@@ -151,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     log.info("training on %d normal images from %s", len(uris), args.data)
     trainer = None
     if cfg.train.workers > 0:
-        from mspray.train.ray_train import default_storage_for, ray_scale_trainer
+        from mspray.ray.train import default_storage_for, ray_scale_trainer
 
         trainer = ray_scale_trainer(
             address=args.address,
@@ -197,7 +197,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--maps", metavar="DIR", help="write heatmap overlay PNGs here")
     p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
     p.add_argument("--batch-size", type=int, help="images per forward pass")
-    from mspray.scoring.args import add_evaluate_ray_args
+    from mspray.ray.data.args import add_evaluate_ray_args
 
     add_evaluate_ray_args(p)
     p.set_defaults(func=cmd_evaluate)
@@ -207,11 +207,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mspray import storage
     from mspray.bundle import load_bundle
     from mspray.data.datasets import test_samples
+    from mspray.device import resolve_device
     from mspray.evaluate import evaluate
-    from mspray.train.loop import resolve_device
 
     if getattr(args, "ray", False) or getattr(args, "workers", None):
-        from mspray.scoring.args import run_evaluate_ray
+        from mspray.ray.data.args import run_evaluate_ray
 
         metrics = run_evaluate_ray(args)
     else:
@@ -275,21 +275,21 @@ def _delegate(name: str, help: str, module: str, prefix: str, run: str):
 _add_build_bank = _delegate(
     "build-bank",
     "build or extend a bundle's patch banks on Ray Data",
-    "mspray.scoring.args",
+    "mspray.ray.data.args",
     "BUILD_BANK_",
     "run_build_bank",
 )
 _add_score = _delegate(
     "score",
     "batch-score an image prefix to Parquet (+ heatmaps) on Ray Data; resumable",
-    "mspray.scoring.args",
+    "mspray.ray.data.args",
     "SCORE_",
     "run_score",
 )
 _add_serve = _delegate(
     "serve",
     "HTTP endpoint for a bundle on Ray Serve (batched, autoscaled); blocks until Ctrl-C",
-    "mspray.serve.cli",
+    "mspray.ray.serve.run",
     "",
     "run_serve",
 )

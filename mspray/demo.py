@@ -111,11 +111,11 @@ def _demo_ray(cfg: MSPrayConfig, uris, samples, root: Path, bundle: str, maps: s
     import ray
 
     from mspray.fit import fit_detector
-    from mspray.scoring.banks import build_banks
-    from mspray.scoring.batch import score_prefix
-    from mspray.scoring.evaluate import evaluate_ray
-    from mspray.scoring.runtime import PoolOptions
-    from mspray.train.ray_train import ensure_ray, ray_scale_trainer
+    from mspray.ray.data.banks import build_banks
+    from mspray.ray.data.evaluation import evaluate_ray
+    from mspray.ray.data.scoring import score_prefix
+    from mspray.ray.runtime import PoolOptions
+    from mspray.ray.train import ensure_ray, ray_scale_trainer
 
     ensure_ray(num_cpus=4)  # logical CPUs > cores: see README "Ray on a laptop"
     try:
@@ -150,7 +150,7 @@ def _serve_one(bundle: str, image: str) -> dict:
 
     from ray import serve
 
-    from mspray.serve.app import build_app
+    from mspray.ray.serve.app import build_app
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -16,7 +16,7 @@ import torch
 from mspray import maps as M
 from mspray.bank import PatchBank
 from mspray.config import MSPrayConfig
-from mspray.model.detector import MultiScaleDetector
+from mspray.model.multiscale import MultiScaleEncoder
 from mspray.threshold import calibrate_threshold, score_stats
 
 
@@ -37,7 +37,7 @@ class Detector:
     def __init__(
         self,
         cfg: MSPrayConfig,
-        model: MultiScaleDetector,
+        model: MultiScaleEncoder,
         banks: dict[int, PatchBank] | None = None,
         stats: dict[int, tuple[float, float]] | None = None,
         threshold: float | None = None,

@@ -1,7 +1,7 @@
 """Fit a detector on normal images: train every scale, build banks, calibrate, save.
 
 The scale training step is pluggable: plain torch on one process by default, or the Ray
-Train adapter (``mspray.train.ray_train``) when the config asks for workers.
+Train adapter (``mspray.ray.train``) when the config asks for workers.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import torch
 from mspray.config import MSPrayConfig
 from mspray.data.images import load_images
 from mspray.detector import Detector
+from mspray.device import resolve_device
 from mspray.model.backbone import PretrainedWeightsError, load_vgg16_state
-from mspray.model.detector import MultiScaleDetector
-from mspray.train.loop import ScaleModel, resolve_device, train_scale
+from mspray.model.multiscale import MultiScaleEncoder, ScaleModel
+from mspray.train.loop import train_scale
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def fit_detector(
         models = local_scale_trainer(cfg, train, val, state, progress)
     else:
         models = trainer(cfg, train_uris, val_uris)
-    det = Detector(cfg, MultiScaleDetector(cfg, models), device=resolve_device(cfg.train.device))
+    det = Detector(cfg, MultiScaleEncoder(cfg, models), device=resolve_device(cfg.train.device))
     if build_banks:
         det.build_banks(train, progress=progress)
         if val is None:

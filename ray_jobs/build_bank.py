@@ -17,7 +17,7 @@ from pathlib import Path
 # `ray job submit --working-dir .` uploads (and Ray puts on its workers' path): add it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mspray.scoring.args import (
+from mspray.ray.data.args import (
     BUILD_BANK_DESCRIPTION,
     BUILD_BANK_EPILOG,
     add_build_bank_args,

@@ -151,7 +151,7 @@ def check_config(config: dict[str, Any], check_bundle: bool = True) -> list[str]
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
 
-    from mspray.serve import AppArgs, ServeSettings
+    from mspray.ray.serve import AppArgs, ServeSettings
 
     try:
         ServeDeploySchema.model_validate(config)

@@ -18,7 +18,13 @@ from pathlib import Path
 # `ray job submit --working-dir .` uploads (and Ray puts on its workers' path): add it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mspray.scoring.args import SCORE_DESCRIPTION, SCORE_EPILOG, add_score_args, job_main, run_score
+from mspray.ray.data.args import (
+    SCORE_DESCRIPTION,
+    SCORE_EPILOG,
+    add_score_args,
+    job_main,
+    run_score,
+)
 
 if __name__ == "__main__":
     sys.exit(job_main("score.py", SCORE_DESCRIPTION, SCORE_EPILOG, add_score_args, run_score))

@@ -20,45 +20,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mspray.config import MSPrayConfig
-from mspray.model.backbone import IMAGENET_MEAN, IMAGENET_STD
+from mspray.device import resolve_device
 from mspray.model.encoder import AngleHead, PatchEncoder
+from mspray.model.multiscale import ScaleModel, normalize
 from mspray.train import losses, sampling
 from mspray.train.kmeans import Comm, LocalComm, fit_centers
 
 log = logging.getLogger(__name__)
-
-
-class ScaleModel(nn.Module):
-    """Encoder and angle classifier of one scale as one module (one DDP wrapper)."""
-
-    def __init__(self, encoder: PatchEncoder, head: AngleHead):
-        super().__init__()
-        self.encoder = encoder
-        self.head = head
-
-    def forward(
-        self,
-        patches: torch.Tensor,
-        ssl_a: torch.Tensor | None = None,
-        ssl_b: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Embeddings ``N×D`` of ``patches`` and angle logits for index pairs (a, b)."""
-        emb = self.encoder.embed_patches(patches)
-        logits = None if ssl_a is None else self.head(emb[ssl_a], emb[ssl_b])
-        return emb, logits
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """ImageNet normalisation of ``B×3×H×W`` images in [0, 1]."""
-    mean = images.new_tensor(IMAGENET_MEAN)[None, :, None, None]
-    std = images.new_tensor(IMAGENET_STD)[None, :, None, None]
-    return (images - mean) / std
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class ScaleTrainer:

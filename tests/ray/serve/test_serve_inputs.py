@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mspray.serve import inputs
-from mspray.serve.inputs import BadInput
+from mspray.ray.serve import request as inputs
+from mspray.ray.serve.request import BadInput
 
 
 def _png(size=(8, 6), mode="RGB") -> bytes:

@@ -37,7 +37,8 @@ import torch
 
 import mspray.storage as store
 from mspray.config import MSPrayConfig
-from mspray.train.loop import ScaleModel, ScaleTrainer, build_scale_model
+from mspray.model.multiscale import ScaleModel
+from mspray.train.loop import ScaleTrainer, build_scale_model
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""MultiScaleDetector: the trained encoders of all scales as one module.
+"""The encoders of all scales as one module, and one scale's encoder + angle head.
 
 Images in, per-scale embedding grids out, computed densely (one forward pass per scale for
 the whole batch; never patch by patch).
@@ -10,11 +10,38 @@ import torch
 from torch import nn
 
 from mspray.config import MSPrayConfig
+from mspray.model.backbone import IMAGENET_MEAN, IMAGENET_STD
 from mspray.model.encoder import AngleHead, PatchEncoder
-from mspray.train.loop import ScaleModel, normalize
 
 
-class MultiScaleDetector(nn.Module):
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """ImageNet normalisation of ``B×3×H×W`` images in [0, 1]."""
+    mean = images.new_tensor(IMAGENET_MEAN)[None, :, None, None]
+    std = images.new_tensor(IMAGENET_STD)[None, :, None, None]
+    return (images - mean) / std
+
+
+class ScaleModel(nn.Module):
+    """Encoder and angle classifier of one scale as one module (one DDP wrapper)."""
+
+    def __init__(self, encoder: PatchEncoder, head: AngleHead):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(
+        self,
+        patches: torch.Tensor,
+        ssl_a: torch.Tensor | None = None,
+        ssl_b: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embeddings ``N×D`` of ``patches`` and angle logits for index pairs (a, b)."""
+        emb = self.encoder.embed_patches(patches)
+        logits = None if ssl_a is None else self.head(emb[ssl_a], emb[ssl_b])
+        return emb, logits
+
+
+class MultiScaleEncoder(nn.Module):
     """Enc64 / Enc32 / Enc16 (whichever the config lists) and their angle heads."""
 
     def __init__(self, cfg: MSPrayConfig, scale_models: dict[int, ScaleModel] | None = None):

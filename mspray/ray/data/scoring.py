@@ -1,7 +1,7 @@
 """Batch scoring of an image prefix (local or ``s3://``) with Ray Data: streaming, resumable.
 
 The driver lists the input prefix once and reads the ``path`` column of the parts already
-in the output (see :mod:`mspray.scoring.results` for the layout); the images without a row
+in the output (see :mod:`mspray.ray.data.results` for the layout); the images without a row
 are cut into work units of ``part_size`` paths. Each unit is one row of a Ray dataset; an
 actor pool (detector loaded once per actor) reads, decodes and scores a unit batch by batch,
 writes its heatmaps and its Parquet part, and returns only a small summary row. Nothing
@@ -24,8 +24,8 @@ import pyarrow as pa
 import torch
 
 from mspray import storage, viz
-from mspray.scoring.inputs import Loaded, error_text, iter_loaded
-from mspray.scoring.results import (
+from mspray.ray.data.reading import DecodedBatch, error_text, iter_loaded
+from mspray.ray.data.results import (
     map_uri,
     read_results,
     result_schema,
@@ -33,7 +33,7 @@ from mspray.scoring.results import (
     write_part,
     write_run_summary,
 )
-from mspray.scoring.runtime import PoolOptions, bundle_config, init_ray, load_worker_detector
+from mspray.ray.runtime import PoolOptions, bundle_config, init_ray, load_worker_detector
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class UnitScorer:
             "seconds": time.perf_counter() - t0,
         }
 
-    def _score_batch(self, loaded: Loaded) -> list[dict]:
+    def _score_batch(self, loaded: DecodedBatch) -> list[dict]:
         det = self.det
         now = dt.datetime.now(dt.timezone.utc)
         base = {"threshold": det.threshold, "model_version": det.version, "scored_at": now}

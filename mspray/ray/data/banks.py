@@ -28,8 +28,8 @@ import torch
 
 from mspray.bank import PatchBank, greedy_coreset
 from mspray.config import BankConfig, MSPrayConfig
-from mspray.scoring.inputs import iter_loaded
-from mspray.scoring.runtime import PoolOptions, bundle_config, init_ray, load_worker_detector
+from mspray.ray.data.reading import iter_loaded
+from mspray.ray.runtime import PoolOptions, bundle_config, init_ray, load_worker_detector
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from mspray.serve.app import AppArgs
+from mspray.ray.serve.app import AppArgs
 
 log = logging.getLogger("mspray")
 
@@ -135,7 +135,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def app_args(args: argparse.Namespace) -> AppArgs:
-    """The :func:`~mspray.serve.build_app` arguments of the command line."""
+    """The :func:`~mspray.ray.serve.build_app` arguments of the command line."""
     autoscale = args.max_replicas is not None
     return AppArgs(
         bundle=args.bundle,
@@ -160,7 +160,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from mspray.serve.app import build_app
+    from mspray.ray.serve.app import build_app
 
     app = build_app(app_args(args))  # validate arguments before starting anything
     started_ray = not ray.is_initialized() and not args.address

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mspray.cli import build_parser
-from mspray.serve.cli import app_args
+from mspray.ray.serve.run import app_args
 
 
 def test_help_lists_routes_and_options(capsys):

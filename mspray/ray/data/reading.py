@@ -60,7 +60,7 @@ def error_text(uri: str, e: BaseException) -> str:
 
 
 @dataclass
-class Loaded:
+class DecodedBatch:
     """One batch of inputs: the good images stacked, and an error per input (None = ok)."""
 
     uris: list[str]
@@ -80,17 +80,17 @@ def _load_one(uri: str, size: int, cfg: ScoreConfig) -> torch.Tensor | str:
         return error_text(uri, e)
 
 
-def _collect(uris: list[str], futures: list[Future], size: int) -> Loaded:
+def _collect(uris: list[str], futures: list[Future], size: int) -> DecodedBatch:
     results = [f.result() for f in futures]
     good = [r for r in results if isinstance(r, torch.Tensor)]
     images = torch.stack(good) if good else torch.empty(0, 3, size, size)
     errors = [r if isinstance(r, str) else None for r in results]
-    return Loaded(uris, images, errors)
+    return DecodedBatch(uris, images, errors)
 
 
 def iter_loaded(
     uris: list[str], batch_size: int, size: int, cfg: ScoreConfig, pool: ThreadPoolExecutor
-) -> Iterator[Loaded]:
+) -> Iterator[DecodedBatch]:
     """Batches of ``uris`` loaded on ``pool``; the next batch loads while the caller works
     on the current one (at most two batches in memory)."""
     chunks = [uris[i : i + batch_size] for i in range(0, len(uris), batch_size)]

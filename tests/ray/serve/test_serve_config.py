@@ -9,7 +9,7 @@ import yaml
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from mspray.serve import DEPLOYMENT_NAME, AppArgs, ServeSettings, build_app
+from mspray.ray.serve import DEPLOYMENT_NAME, AppArgs, ServeSettings, build_app
 
 CONFIG = Path(__file__).resolve().parents[2] / "serve_config.yaml"
 
@@ -21,7 +21,7 @@ def config() -> ServeDeploySchema:
 
 def test_serve_config_validates_against_ray_schema(config):
     (app,) = config.applications
-    assert app.import_path == "mspray.serve:build_app"
+    assert app.import_path == "mspray.ray.serve:build_app"
     (dep,) = app.deployments
     assert dep.name == DEPLOYMENT_NAME
     auto = dep.autoscaling_config

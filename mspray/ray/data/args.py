@@ -204,7 +204,7 @@ def add_evaluate_ray_args(p: argparse.ArgumentParser) -> None:
 
 
 def _pool(args: argparse.Namespace, cfg):
-    from mspray.scoring.runtime import PoolOptions, default_gpus
+    from mspray.ray.runtime import PoolOptions, default_gpus
 
     return PoolOptions(
         workers=args.workers,
@@ -217,9 +217,9 @@ def run_score(args: argparse.Namespace) -> int:
     """``mspray score``: prints the summary line; exit 1 if an image ended with no row or
     with two (never for bad images, which get error rows)."""
     from mspray import storage
-    from mspray.scoring.batch import score_prefix
-    from mspray.scoring.results import expand_date
-    from mspray.scoring.runtime import bundle_config
+    from mspray.ray.data.results import expand_date
+    from mspray.ray.data.scoring import score_prefix
+    from mspray.ray.runtime import bundle_config
 
     overrides = {"score.batch_size": args.batch_size}
     if args.bank_gpu:
@@ -250,8 +250,8 @@ def run_build_bank(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from mspray.data.datasets import train_paths
-    from mspray.scoring.banks import build_banks
-    from mspray.scoring.runtime import bundle_config
+    from mspray.ray.data.banks import build_banks
+    from mspray.ray.runtime import bundle_config
 
     if args.append_all and not args.append:
         raise ValueError("--append-all needs --append")
@@ -286,8 +286,8 @@ def run_build_bank(args: argparse.Namespace) -> int:
 def run_evaluate_ray(args: argparse.Namespace) -> dict:
     """The metrics dict of ``mspray evaluate --ray``."""
     from mspray.data.datasets import test_samples
-    from mspray.scoring.evaluate import evaluate_ray
-    from mspray.scoring.runtime import bundle_config
+    from mspray.ray.data.evaluation import evaluate_ray
+    from mspray.ray.runtime import bundle_config
 
     overrides = {"score.batch_size": getattr(args, "batch_size", None)}
     cfg = bundle_config(args.bundle, overrides)

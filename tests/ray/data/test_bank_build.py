@@ -17,8 +17,8 @@ from mspray.data.datasets import train_paths
 from mspray.data.images import load_images
 from mspray.data.synthetic import make_synthetic_dataset
 from mspray.fit import split_holdout
-from mspray.scoring.banks import build_banks, global_bank_config, shard_keep_ratio
-from mspray.scoring.runtime import PoolOptions
+from mspray.ray.data.banks import build_banks, global_bank_config, shard_keep_ratio
+from mspray.ray.runtime import PoolOptions
 
 
 def test_two_level_coreset_ratios():

@@ -16,9 +16,9 @@ import pytest
 from mspray import storage
 from mspray.bundle import load_bundle, save_bundle
 from mspray.data.images import load_images
-from mspray.scoring.batch import score_prefix
-from mspray.scoring.results import read_results
-from mspray.scoring.runtime import PoolOptions
+from mspray.ray.data.results import read_results
+from mspray.ray.data.scoring import score_prefix
+from mspray.ray.runtime import PoolOptions
 
 pytestmark = pytest.mark.ray
 

@@ -9,7 +9,7 @@ import torch
 
 from mspray.config import ScoreConfig
 from mspray.data.images import ImageDecodeError, load_image
-from mspray.scoring.inputs import iter_loaded, read_limited
+from mspray.ray.data.reading import iter_loaded, read_limited
 
 LIMITS = ScoreConfig(max_image_bytes=100_000)
 

@@ -19,7 +19,7 @@ import torch
 
 from mspray.data.datasets import Sample
 from mspray.evaluate import metrics_report
-from mspray.scoring.runtime import PoolOptions, bundle_config, init_ray, load_worker_detector
+from mspray.ray.runtime import PoolOptions, bundle_config, init_ray, load_worker_detector
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,7 @@ import datetime as dt
 import pandas as pd
 import pyarrow as pa
 
-from mspray.scoring.batch import list_inputs
-from mspray.scoring.results import (
+from mspray.ray.data.results import (
     expand_date,
     list_parts,
     map_uri,
@@ -18,6 +17,7 @@ from mspray.scoring.results import (
     write_part,
     write_run_summary,
 )
+from mspray.ray.data.scoring import list_inputs
 
 
 def test_part_name_depends_only_on_the_set_of_paths():

@@ -15,7 +15,7 @@ search per batch. The bundle URI and the batching settings live in ``user_config
 changing them (``serve deploy`` with an edited config) calls :meth:`reconfigure`, which
 loads the new bundle *before* swapping one reference, so in-flight batches finish on the
 old model and no request fails. Bad input gets a 4xx JSON ``{"error": ...}`` (see
-:mod:`mspray.serve.inputs`). Use :func:`build_app` as the import path.
+:mod:`mspray.ray.serve.request`). Use :func:`build_app` as the import path.
 
 No ``from __future__ import annotations`` here: FastAPI must see real types on the
 routes of a Serve ingress class (string annotations turn ``Request`` into a query field).
@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
-from mspray.serve import inputs
+from mspray.ray.serve import request as inputs
 
 # Serve's replica logger: lines land in the replica log with the request id.
 log = logging.getLogger("ray.serve")
@@ -114,7 +114,7 @@ class AppArgs(BaseModel):
 
 
 @dataclass(frozen=True)
-class Loaded:
+class ServingModel:
     """A loaded detector with the settings it serves under; swapped as one reference."""
 
     detector: Any  # mspray.detector.Detector
@@ -141,7 +141,7 @@ def load_detector(settings: ServeSettings) -> Any:
     from mspray import storage
     from mspray.bundle import load_bundle
     from mspray.config import MSPrayConfig
-    from mspray.train.loop import resolve_device
+    from mspray.device import resolve_device
 
     override = None
     if settings.bank_gpu:
@@ -153,7 +153,7 @@ def load_detector(settings: ServeSettings) -> Any:
     return det
 
 
-def decode_resized(data: bytes, name: str, current: Loaded, size: int) -> torch.Tensor:
+def decode_resized(data: bytes, name: str, current: ServingModel, size: int) -> torch.Tensor:
     """Decode (checking the pixel limit) and resize to the model's input: 3×size×size."""
     from mspray.data.images import to_tensor
 
@@ -229,7 +229,7 @@ class MSPrayDetector:
         # Nothing is loaded here: Serve calls reconfigure(user_config) right after
         # __init__, and that is the one place a model is (re)loaded.
         self._defaults = dict(defaults or {})
-        self._current: Loaded | None = None
+        self._current: ServingModel | None = None
         self._reload_lock = asyncio.Lock()
         self._reload_error: str | None = None
         self._batch_sizes: collections.Counter[int] = collections.Counter()
@@ -256,7 +256,7 @@ class MSPrayDetector:
                 self._predict_batch.set_max_batch_size(settings.max_batch_size)
                 self._predict_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
                 score_cfg = det.cfg.score
-                self._current = Loaded(  # the swap: one reference assignment
+                self._current = ServingModel(  # the swap: one reference assignment
                     detector=det,
                     settings=settings,
                     max_image_bytes=settings.max_image_bytes or score_cfg.max_image_bytes,
@@ -385,7 +385,7 @@ class MSPrayDetector:
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
-    """Serve application builder: ``import_path: mspray.serve:build_app``.
+    """Serve application builder: ``import_path: mspray.ray.serve:build_app``.
 
     ``args`` are :class:`AppArgs`; the bundle may also come only from the config's
     ``user_config.bundle_uri``.
