@@ -1,4 +1,4 @@
-"""Fixtures of the Ray Data tests: one tiny trained bundle for the whole session.
+"""Fixtures of the Ray-layer tests: one tiny trained bundle for the whole session.
 
 - ``tiny_bundle`` (session): a detector trained for one epoch (64 px images, scales 32 and
   16, random init) on the session's synthetic dataset, saved as a local bundle; yields
