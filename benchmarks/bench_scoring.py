@@ -30,12 +30,12 @@ import time
 from pathlib import Path
 
 from mspray import storage
-from mspray.config import MSPrayConfig
+from mspray.config import MSPrayConfig, PoolConfig
 from mspray.data.datasets import train_paths
 from mspray.data.synthetic import make_synthetic_dataset
 from mspray.fit import fit_detector
 from mspray.ray.data.scoring import ScoreSummary, score_prefix
-from mspray.ray.runtime import PoolOptions, init_ray
+from mspray.ray.runtime import init_ray
 
 
 def _children() -> dict[int, list[int]]:
@@ -135,7 +135,7 @@ def run(bundle: str, inp: str, out: str, workers: int, part_size: int, sample: b
             bundle,
             inp,
             out,
-            pool=PoolOptions(workers=workers),
+            pool=PoolConfig(workers=workers),
             part_size=part_size,
             progress=False,
         )

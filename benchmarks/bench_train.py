@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mspray.config import MSPrayConfig  # noqa: E402
 from mspray.data.datasets import train_paths  # noqa: E402
 from mspray.data.synthetic import make_synthetic_dataset  # noqa: E402
-from mspray.train import ray_train  # noqa: E402
+from mspray.ray import train as ray_train  # noqa: E402
+from mspray.ray.runtime import init_ray  # noqa: E402
 
 
 def parse_configs(text: str) -> list[tuple[int, int]]:
@@ -82,7 +83,7 @@ def main() -> int:
 
     import ray
 
-    ray_train.ensure_ray(args.address, num_cpus=max(4, os.cpu_count() or 1))
+    init_ray(args.address)
     if args.configs:
         configs = parse_configs(args.configs)
     elif args.use_gpu:

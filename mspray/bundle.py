@@ -69,6 +69,23 @@ def save_bundle(det: Detector, uri: str) -> str:
     return version
 
 
+def read_config(uri: str) -> MSPrayConfig:
+    """The bundle's ``config.json`` (the model's shape and its saved runtime settings)."""
+    return MSPrayConfig.from_json(storage.read_text(storage.join(uri, "config.json")))
+
+
+def read_meta(uri: str) -> dict:
+    """The bundle's ``meta.json`` (threshold, version, stats); :class:`BundleError` if the
+    bundle is incomplete (meta.json is written last)."""
+    meta_uri = storage.join(uri, "meta.json")
+    if not storage.exists(meta_uri):
+        raise BundleError(f"{uri}: not a complete mspray bundle (no meta.json)")
+    meta = json.loads(storage.read_text(meta_uri))
+    if meta.get("format") != FORMAT:
+        raise BundleError(f"{uri}: unsupported bundle format {meta.get('format')!r}")
+    return meta
+
+
 def load_bundle(
     uri: str,
     device: str | torch.device = "cpu",
@@ -80,17 +97,10 @@ def load_bundle(
     ``config`` overrides runtime-only settings (e.g. ``bank.use_gpu``) while the model
     shape comes from the bundle's own config.
     """
-    meta_uri = storage.join(uri, "meta.json")
-    if not storage.exists(meta_uri):
-        raise BundleError(f"{uri}: not a complete mspray bundle (no meta.json)")
-    cfg = MSPrayConfig.from_json(storage.read_text(storage.join(uri, "config.json")))
+    meta = read_meta(uri)
+    cfg = read_config(uri)
     if config is not None:
-        cfg = MSPrayConfig.from_dict(
-            {**cfg.to_dict(), "bank": config.to_dict()["bank"], "score": config.to_dict()["score"]}
-        )
-    meta = json.loads(storage.read_text(meta_uri))
-    if meta.get("format") != FORMAT:
-        raise BundleError(f"{uri}: unsupported bundle format {meta.get('format')!r}")
+        cfg = cfg.model_copy(update={"bank": config.bank, "score": config.score})
     model = MultiScaleEncoder(cfg)
     state = st_load(storage.read_bytes(storage.join(uri, "model.safetensors")))
     try:

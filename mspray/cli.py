@@ -1,135 +1,193 @@
-"""The ``mspray`` console script.
+"""The ``mspray`` console script (``ray_jobs/`` call the same :func:`main`).
 
-Subcommands: ``train``, ``evaluate``, ``build-bank``, ``score``, ``serve``, ``demo``. Each
-one only parses arguments, builds an :class:`~mspray.config.MSPrayConfig` and calls the
-library. Run ``mspray <command> --help`` for the options.
+Every sub-command is registered explicitly in :data:`COMMANDS`; each one parses arguments and
+calls the library. Flags that set configuration are not declared here: they are derived from
+the fields of :mod:`mspray.config` (name, type, choices, help), and ``--set KEY=VALUE`` sets
+any other field. Run ``mspray <command> --help`` for the options.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import sys
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from typing import Any
 
-from mspray.config import ConfigError, MSPrayConfig
+from pydantic import BaseModel
+
+from mspray.config import (
+    ConfigError,
+    MSPrayConfig,
+    PoolConfig,
+    ServeConfig,
+    field_info,
+    validate,
+    with_overrides,
+)
 
 log = logging.getLogger("mspray")
 
+DATA_HELP = "mvtec:ROOT, btad:ROOT, folder:PATH or s3://bucket/prefix"
 
-# ---------------------------------------------------------------------------- config options
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model / training configuration")
+
+# ---------------------------------------------------------------------------- config flags
+def add_config_flags(
+    p: argparse.ArgumentParser | Any, prefix: str, root: type[BaseModel], keys: Iterable[str]
+) -> None:
+    """One flag per dotted config ``key`` of ``root``, derived from the field: its ``cli``
+    name (else ``--<field-name>``), type, choices and description. Parsed values land in
+    ``args`` as ``<prefix>:<key>`` (``None`` when the flag is absent)."""
+    for key in keys:
+        info = field_info(root, key)
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        cli = extra.get("cli")
+        name = cli if isinstance(cli, str) else "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+        default = info.get_default(call_default_factory=True)
+        shown = json.dumps(list(default) if isinstance(default, tuple) else default)
+        kw: dict[str, Any] = {"dest": f"{prefix}:{key}", "default": None}
+        kw["help"] = f"{info.description} [{key}; default: {shown}]"
+        ann = _strip_optional(info.annotation)
+        if ann is bool:
+            # --no-x turns a default-on setting off; --x turns a default-off one on
+            kw.update(action="store_const", const=not name.startswith("--no-"))
+        elif typing.get_origin(ann) is tuple:
+            kw.update(type=_csv(typing.get_args(ann)[0]), metavar="A,B,...")
+        elif typing.get_origin(ann) is typing.Literal:
+            kw.update(choices=list(typing.get_args(ann)))
+        else:
+            kw.update(type=ann, metavar=key.rsplit(".", 1)[-1].upper())
+        p.add_argument(name, **kw)
+
+
+def flag_values(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
+    """The config flags given on the command line under ``prefix``: ``{dotted key: value}``."""
+    head = prefix + ":"
+    return {
+        k[len(head) :]: v for k, v in vars(args).items() if k.startswith(head) and v is not None
+    }
+
+
+def _strip_optional(ann: Any) -> Any:
+    """``X | None`` -> ``X``."""
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(ann) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return ann
+
+
+def _csv(kind: Any) -> Callable[[str], tuple]:
+    base = str if typing.get_origin(kind) is typing.Literal else kind
+
+    def parse(text: str) -> tuple:
+        return tuple(base(x.strip()) for x in text.split(",") if x.strip())
+
+    return parse
+
+
+def _set_value(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(raw)
+    except json.JSONDecodeError:
+        return key.strip(), raw  # a bare string
+
+
+def add_model_config_args(p: argparse.ArgumentParser, keys: Iterable[str]) -> None:
+    """``--config FILE``, ``--set KEY=VALUE`` and the flags of ``keys`` (MSPrayConfig)."""
+    g = p.add_argument_group("configuration (mspray/config.py; flags override --config)")
+    g.add_argument("--config", metavar="JSON", help="start from this config file (local or s3://)")
     g.add_argument(
-        "--config",
-        metavar="JSON",
-        help="start from this config file (the options below override it)",
+        "--set",
+        action="append",
+        type=_set_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any config field, e.g. --set train.lam=0.01 --set model.scales=[64,32]",
     )
-    g.add_argument("--epochs", type=int, help="training epochs per scale (0 = no training)")
-    g.add_argument(
-        "--max-minutes", type=float, help="training time budget per scale (0 = no limit)"
-    )
-    g.add_argument("--scales", help="comma-separated patch sizes, e.g. 64,32,16")
-    g.add_argument("--strides", help="comma-separated inference strides, one per scale")
-    g.add_argument("--image-size", type=int, help="images are resized to this square size")
-    g.add_argument(
-        "--no-pretrained", action="store_true", help="random init instead of ImageNet VGG16 weights"
-    )
-    g.add_argument(
-        "--weights",
-        metavar="PATH",
-        help="local or s3:// VGG16 weights file "
-        "(default: the torch hub cache, downloading if needed)",
-    )
-    g.add_argument("--device", help="cpu, cuda[:N] or auto (default)")
-    g.add_argument("--batch-size", type=int, help="samples per loss per optimiser step")
-    g.add_argument("--samples-per-image", type=int, help="samples per image per loss per epoch")
-    g.add_argument("--lr", type=float, help="Adam learning rate")
-    g.add_argument("--losses", help="comma-separated subset of svdd,cos,ssl,kmeans")
-    g.add_argument("--coreset-ratio", type=float, help="fraction of bank patches kept")
-    g.add_argument("--fusion", choices=["sum", "zscore"], help="how scale maps are combined")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--bank-gpu", action="store_true", help="faiss search on GPU when present")
+    add_config_flags(g, "cfg", MSPrayConfig, keys)
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
-
-
-def config_from_args(args: argparse.Namespace) -> MSPrayConfig:
-    """Build the config: file (if any), then command-line overrides."""
-    cfg = MSPrayConfig()
+def config_from_args(args: argparse.Namespace, base: MSPrayConfig | None = None) -> MSPrayConfig:
+    """The config: ``base`` (or ``--config``, or the defaults), then ``--set``, then flags."""
+    cfg = base or MSPrayConfig()
     if getattr(args, "config", None):
         from mspray import storage
 
         cfg = MSPrayConfig.from_json(storage.read_text(args.config))
-    over: dict = {}
-    pairs = [
-        ("epochs", "train.epochs", None),
-        ("max_minutes", "train.max_minutes", None),
-        ("image_size", "model.image_size", None),
-        ("device", "train.device", None),
-        ("batch_size", "train.batch_size", None),
-        ("samples_per_image", "train.samples_per_image", None),
-        ("lr", "train.lr", None),
-        ("seed", "train.seed", None),
-        ("coreset_ratio", "bank.coreset_ratio", None),
-        ("fusion", "model.fusion", None),
-        ("weights", "model.weights_path", None),
-        ("scales", "model.scales", _ints),
-        ("strides", "model.strides", _ints),
-        ("losses", "train.losses", lambda s: tuple(x for x in s.split(",") if x)),
-        ("workers", "train.workers", None),
-        ("storage", "train.storage", None),
-    ]
-    for attr, key, conv in pairs:
-        value = getattr(args, attr, None)
-        if value is not None:
-            over[key] = conv(value) if conv else value
+    over = dict(getattr(args, "set", None) or [])
+    over.update(flag_values(args, "cfg"))
     if "model.scales" in over and "model.strides" not in over:
+        # the paper's stride of each chosen scale, so `--scales 64,32` alone is valid
         default = dict(zip(MSPrayConfig().model.scales, MSPrayConfig().model.strides, strict=True))
-        over["model.strides"] = (
-            tuple(default[s] for s in over["model.scales"] if s in default) or over["model.scales"]
-        )
-    if getattr(args, "no_pretrained", False):
-        over["model.pretrained"] = False
-    if getattr(args, "use_gpu", False):
-        over["train.use_gpu"] = True
-    if getattr(args, "bank_gpu", False):
-        over["bank.use_gpu"] = True
-    return cfg.replace(**over) if over else cfg
+        over["model.strides"] = tuple(default.get(s, s) for s in over["model.scales"])
+    return with_overrides(cfg, over) if over else cfg
 
 
-# ---------------------------------------------------------------------------- commands
+POOL_KEYS = ("workers", "min_workers", "gpus_per_worker", "cpus_per_worker", "io_threads")
+
+
+def add_pool_args(p: argparse.ArgumentParser, keys: Iterable[str] = POOL_KEYS) -> None:
+    g = p.add_argument_group("Ray (actor pool)")
+    add_config_flags(g, "pool", PoolConfig, keys)
+    g.add_argument(
+        "--address",
+        help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray with at least 4 "
+        "logical CPUs)",
+    )
+
+
+def pool_from_args(args: argparse.Namespace) -> PoolConfig:
+    return validate(PoolConfig, flag_values(args, "pool"))
+
+
+# ---------------------------------------------------------------------------- train
+TRAIN_KEYS = (
+    "model.image_size",
+    "model.scales",
+    "model.strides",
+    "model.pretrained",
+    "model.weights_path",
+    "model.fusion",
+    "train.epochs",
+    "train.max_minutes",
+    "train.batch_size",
+    "train.samples_per_image",
+    "train.lr",
+    "train.losses",
+    "train.seed",
+    "train.device",
+    "train.workers",
+    "train.use_gpu",
+    "train.storage",
+    "bank.coreset_ratio",
+    "bank.use_gpu",
+)
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train all scales on normal images and write a bundle",
-        description="Train the per-scale encoders on the normal training "
-        "images, build the patch banks, calibrate the threshold on held-out "
-        "normal images and write a model bundle.",
+        description="Train the per-scale encoders on the normal training images, build the "
+        "patch banks, calibrate the threshold on held-out normal images and write a model "
+        "bundle. With --workers N the encoders train on Ray Train (DDP).",
     )
-    p.add_argument(
-        "--data", required=True, help="mvtec:ROOT, btad:ROOT, folder:PATH or s3://bucket/prefix"
-    )
+    p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--category", help="category (sub-folder) of an mvtec/btad dataset")
     p.add_argument("--out", required=True, help="bundle directory (local path or s3://)")
     p.add_argument(
-        "--workers",
-        type=int,
-        help="train with Ray Train on N DDP workers (0 = plain single-process training)",
-    )
-    p.add_argument("--use-gpu", action="store_true", help="Ray Train workers use one GPU each")
-    p.add_argument(
-        "--storage",
-        help="Ray Train checkpoint storage, local path or s3:// "
-        "(default: OUT.ray_runs next to the bundle)",
-    )
-    p.add_argument(
         "--run-name",
-        help="Ray Train run name; rerunning with the same name and "
-        "storage resumes from its last checkpoint (default: a new name, logged)",
+        help="Ray Train run name; rerunning with the same name and storage resumes from its "
+        "last checkpoint (default: a new name, logged)",
     )
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument(
@@ -138,7 +196,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="only train and save the encoders; build the banks and the threshold afterwards "
         "on Ray Data with `mspray build-bank --bundle OUT --data ...`",
     )
-    _add_config_args(p)
+    add_model_config_args(p, TRAIN_KEYS)
     p.set_defaults(func=cmd_train)
 
 
@@ -167,58 +225,74 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         build_banks=not args.no_banks,
     )
-    print(
-        json.dumps(
-            {
-                "bundle": args.out,
-                "version": det.version,
-                "threshold": det.threshold,
-                "bank_sizes": {str(s): b.ntotal for s, b in det.banks.items()},
-                "pretrained_loaded": det.meta.get("pretrained_loaded"),
-            },
-            indent=2,
-        )
+    _print_json(
+        {
+            "bundle": args.out,
+            "version": det.version,
+            "threshold": det.threshold,
+            "bank_sizes": {str(s): b.ntotal for s, b in det.banks.items()},
+            "pretrained_loaded": det.meta.get("pretrained_loaded"),
+        }
     )
     return 0
 
 
+# ---------------------------------------------------------------------------- evaluate
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
         help="metrics of a bundle on a labelled test set",
-        description="Score the test split and write the metrics JSON "
-        "(image_auroc, pixel_auroc, pixel_aupro, f1_max, threshold, n_images, "
-        "seconds_per_image; pixel metrics null without ground truth masks).",
+        description="Score the test split and write the metrics JSON (image_auroc, "
+        "pixel_auroc, pixel_aupro, f1_max, threshold, n_images, seconds_per_image; pixel "
+        "metrics null without ground truth masks).",
     )
     p.add_argument("--bundle", required=True, help="bundle directory (local path or s3://)")
     p.add_argument("--data", required=True, help="mvtec:ROOT, btad:ROOT or s3://bucket/prefix")
     p.add_argument("--category", help="category of an mvtec/btad dataset")
     p.add_argument("--json", required=True, metavar="OUT.json", help="metrics file to write")
     p.add_argument("--maps", metavar="DIR", help="write heatmap overlay PNGs here")
-    p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
-    p.add_argument("--batch-size", type=int, help="images per forward pass")
-    from mspray.ray.data.args import add_evaluate_ray_args
-
-    add_evaluate_ray_args(p)
+    p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (default)")
+    add_config_flags(p, "cfg", MSPrayConfig, ["score.batch_size"])
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="load and score the images on a Ray Data actor pool (same JSON); implied by --workers",
+    )
+    add_pool_args(p, ("workers", "gpus_per_worker"))
     p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mspray import storage
-    from mspray.bundle import load_bundle
     from mspray.data.datasets import test_samples
-    from mspray.device import resolve_device
-    from mspray.evaluate import evaluate
 
-    if getattr(args, "ray", False) or getattr(args, "workers", None):
-        from mspray.ray.data.args import run_evaluate_ray
+    samples = test_samples(args.data, args.category)
+    pool = pool_from_args(args)
+    overrides = flag_values(args, "cfg")
+    if args.ray or pool.workers:
+        from mspray.ray.data.evaluation import evaluate_ray
 
-        metrics = run_evaluate_ray(args)
+        metrics = evaluate_ray(
+            args.bundle,
+            samples,
+            maps_dir=args.maps,
+            pool=pool,
+            overrides=overrides,
+            progress=not args.quiet,
+            address=args.address,
+        )
     else:
+        from mspray.bundle import load_bundle
+        from mspray.device import resolve_device
+        from mspray.evaluate import evaluate
+
         det = load_bundle(args.bundle, device=resolve_device(args.device))
-        samples = test_samples(args.data, args.category)
         metrics = evaluate(
-            det, samples, maps_dir=args.maps, batch_size=args.batch_size, progress=not args.quiet
+            det,
+            samples,
+            maps_dir=args.maps,
+            batch_size=overrides.get("score.batch_size"),
+            progress=not args.quiet,
         )
     text = json.dumps(metrics, indent=2)
     storage.write_text(args.json, text + "\n")
@@ -226,12 +300,254 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- build-bank
+BUILD_BANK_EPILOG = """\
+Without --append the images are split like training does (train.val_fraction held out,
+train.seed): the bank is built from the rest and the threshold is recalibrated on the
+held-out images. With --append the images are added to the existing banks without
+retraining (coreset-reduced against the existing bank, or all patches with --append-all);
+the threshold is kept.
+
+examples:
+  mspray build-bank --bundle s3://models/screws/v3 --data mvtec:s3://data/mvtec \\
+      --category screw --workers 4
+  mspray build-bank --bundle ./bundle --data folder:./new_good_images --append
+"""
+
+
+def _add_build_bank(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "build-bank",
+        help="build or extend a bundle's patch banks on Ray Data",
+        description="Build the per-scale patch banks of a model bundle from normal images on "
+        "a Ray Data actor pool: every actor loads the bundle's encoders once and embeds "
+        "batches of images; large banks are coreset-reduced per shard on the actors and "
+        "globally on the driver. The faiss indexes are written into the bundle (a new "
+        "version).",
+        epilog=BUILD_BANK_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--bundle", required=True, help="model bundle with trained encoders (local or s3://)"
+    )
+    p.add_argument("--data", required=True, help=DATA_HELP + " (the training split is used)")
+    p.add_argument("--category", help="category of an mvtec/btad dataset")
+    p.add_argument("--out", help="write the updated bundle here (default: in place)")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add the images to the existing banks instead of rebuilding them",
+    )
+    p.add_argument(
+        "--append-all", action="store_true", help="with --append: add every patch, no coreset"
+    )
+    p.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="keep the bundle's threshold instead of recalibrating it on the held-out images",
+    )
+    g = p.add_argument_group("bank")
+    add_config_flags(
+        g,
+        "cfg",
+        MSPrayConfig,
+        [
+            "bank.coreset_ratio",
+            "bank.coreset_max_candidates",
+            "bank.index",
+            "bank.use_gpu",
+            "score.batch_size",
+        ],
+    )
+    add_pool_args(p)
+    p.set_defaults(func=cmd_build_bank)
+
+
+def cmd_build_bank(args: argparse.Namespace) -> int:
+    from mspray.data.datasets import train_paths
+    from mspray.ray.data.banks import build_banks
+
+    if args.append_all and not args.append:
+        raise ValueError("--append-all needs --append")
+    uris = train_paths(args.data, args.category)
+    log.info("%d images from %s", len(uris), args.data)
+    result = build_banks(
+        args.bundle,
+        uris,
+        out=args.out,
+        append=args.append,
+        append_all=args.append_all,
+        calibrate=not args.no_calibrate,
+        pool=pool_from_args(args),
+        overrides=flag_values(args, "cfg"),
+        progress=not args.quiet,
+        address=args.address,
+    )
+    _print_json(asdict(result))
+    return 0
+
+
+# ---------------------------------------------------------------------------- score
+SCORE_EPILOG = """\
+Rows: path, image_score, is_anomalous, score_<scale> for each scale, threshold,
+model_version, error, scored_at, map_path. A bad input (missing, zero-byte, truncated,
+not an image, over score.max_image_bytes or score.max_image_pixels) never fails the run:
+its row has `error` set and null scores.
+
+Resumable and idempotent: a run first reads the paths already in the output and scores
+only the others, and every part file is written atomically, so rerunning after a crash or
+on the same day ends with exactly one row per image. Do not run two jobs on the same
+output at once.
+
+output layout:
+  OUTPUT/part-<hash>.parquet   rows of one work unit (--part-size images); <hash> is a
+                               hash of its input paths, so a retried unit overwrites it
+  OUTPUT/_maps/<path under the input prefix>.png   heatmap panels (with --maps)
+  OUTPUT/_runs/<time>-<id>.json                   summary of each run (counts, timing)
+  Read the rows with pandas.read_parquet(OUTPUT) or ray.data.read_parquet(OUTPUT).
+
+templates:
+  {date}, {year}, {month}, {day} in --input / --output are filled from --date (default:
+  today, UTC), for nightly cron runs over s3://bucket/archive/{date}/.
+
+examples:
+  mspray score --bundle s3://models/screws/v3 --input s3://line1/archive/{date}/ \\
+      --output s3://line1/scores/{date}/ --workers 8 --maps
+  mspray score --bundle ./bundle --input ./images --output ./scores --workers 2
+"""
+
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "score",
+        help="batch-score an image prefix to Parquet (+ heatmaps) on Ray Data; resumable",
+        description="Score every image under an input prefix (local folder or s3://) with a "
+        "model bundle on an autoscaling Ray Data actor pool, and write one Parquet row per "
+        "image to the output folder.",
+        epilog=SCORE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--bundle", required=True, help="model bundle (local path or s3://)")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="folder or s3:// prefix of images (searched recursively; may contain {date})",
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        help="output folder or s3:// prefix for Parquet parts and heatmaps (may contain {date})",
+    )
+    p.add_argument(
+        "--date",
+        type=dt.date.fromisoformat,
+        metavar="YYYY-MM-DD",
+        help="date for {date} templates (default: today, UTC)",
+    )
+    p.add_argument(
+        "--maps", action="store_true", help="also write a heatmap PNG per image under OUTPUT/_maps/"
+    )
+    p.add_argument(
+        "--part-size",
+        type=int,
+        default=256,
+        metavar="N",
+        help="images per work unit = rows per Parquet part (default: %(default)s)",
+    )
+    p.add_argument(
+        "--summary-json", metavar="FILE", help="also write the run summary (counts, timing) here"
+    )
+    add_config_flags(p, "cfg", MSPrayConfig, ["score.batch_size", "bank.use_gpu"])
+    add_pool_args(p)
+    p.set_defaults(func=cmd_score)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """Prints the summary line; exit 1 if an image ended with no row or with two (never for
+    bad images, which get error rows)."""
+    from mspray import storage
+    from mspray.ray.data.results import expand_date
+    from mspray.ray.data.scoring import score_prefix
+
+    summary = score_prefix(
+        args.bundle,
+        expand_date(args.input, args.date),
+        expand_date(args.output, args.date),
+        pool=pool_from_args(args),
+        maps=args.maps,
+        part_size=args.part_size,
+        overrides=flag_values(args, "cfg"),
+        progress=not args.quiet,
+        address=args.address,
+    )
+    if args.summary_json:
+        storage.write_text(args.summary_json, json.dumps(asdict(summary), indent=2) + "\n")
+    print(summary.line(), flush=True)
+    return 0 if summary.missing == 0 and summary.duplicates == 0 else 1
+
+
+# ---------------------------------------------------------------------------- serve
+SERVE_EPILOG = """\
+routes:
+  POST /v1/predict[?map=true]  one image as the raw body (image/*, application/octet-stream)
+                               or a multipart/form-data file field 'file'; returns
+                               {image_score, is_anomalous, threshold, model_version}, and
+                               with map=true also scale_scores and anomaly_map_png (base64)
+  GET  /v1/model               bundle config, version, scales, bank sizes, limits
+  GET  /v1/stats               executed batch sizes and rejections of the replica
+  GET  /healthz
+
+examples:
+  mspray serve --bundle runs/bottle
+  mspray serve --bundle s3://models/bottle --port 8080 --replicas 1 --max-replicas 4
+  curl --data-binary @img.png -H 'content-type: image/png' localhost:8000/v1/predict
+  curl -F file=@img.png 'localhost:8000/v1/predict?map=true'
+"""
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="HTTP endpoint for a bundle on Ray Serve (batched, autoscaled); blocks until Ctrl-C",
+        description="Serve a model bundle over HTTP with Ray Serve: concurrent requests are "
+        "batched into one forward pass and one bank search, and bad input gets a 4xx JSON "
+        "error. Blocks until Ctrl-C (or SIGTERM), then removes the endpoint. Without "
+        "--address a local Ray is started with at least 4 logical CPUs. For a cluster and "
+        "zero-downtime model swaps, use serve_config.yaml with `serve deploy` instead.",
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    g = p.add_argument_group("serving (mspray.config.ServeConfig)")
+    add_config_flags(g, "serve", ServeConfig, list(ServeConfig.model_fields))
+    p.set_defaults(func=cmd_serve)
+
+
+def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
+    cfg = validate(ServeConfig, flag_values(args, "serve"))
+    if not cfg.bundle_uri:
+        raise ConfigError("--bundle is required")
+    return cfg
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mspray.ray.serve.run import serve_forever
+
+    cfg = serve_config_from_args(args)  # validated before anything starts
+    return serve_forever(cfg, host=args.host, port=args.port, address=args.address)
+
+
+# ---------------------------------------------------------------------------- demo
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="synthetic data -> train -> evaluate, end to end",
-        description="Make a synthetic dataset, train all three scales, build "
-        "banks, evaluate, print a metrics table and write heatmap overlays.",
+        description="Make a synthetic dataset, train all three scales, build banks, "
+        "evaluate, print a metrics table and write heatmap overlays.",
     )
     p.add_argument("--out", default="mspray-demo", help="working folder (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per scale (demo default 3)")
@@ -250,59 +566,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _delegate(name: str, help: str, module: str, prefix: str, run: str):
-    """A subcommand whose options, help text and runner live in a Ray-layer module
-    (``<prefix>DESCRIPTION``, ``<prefix>EPILOG``, ``add_<name>_args`` and ``run``); the
-    module is imported only when the parser is built."""
-
-    def add(sub: argparse._SubParsersAction) -> None:
-        import importlib
-
-        mod = importlib.import_module(module)
-        p = sub.add_parser(
-            name,
-            help=help,
-            description=getattr(mod, f"{prefix}DESCRIPTION"),
-            epilog=getattr(mod, f"{prefix}EPILOG"),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        getattr(mod, f"add_{name.replace('-', '_')}_args")(p)
-        p.set_defaults(func=getattr(mod, run))
-
-    return add
+# ---------------------------------------------------------------------------- main
+def _print_json(data: dict) -> None:
+    print(json.dumps(data, indent=2, default=str), flush=True)
 
 
-_add_build_bank = _delegate(
-    "build-bank",
-    "build or extend a bundle's patch banks on Ray Data",
-    "mspray.ray.data.args",
-    "BUILD_BANK_",
-    "run_build_bank",
-)
-_add_score = _delegate(
-    "score",
-    "batch-score an image prefix to Parquet (+ heatmaps) on Ray Data; resumable",
-    "mspray.ray.data.args",
-    "SCORE_",
-    "run_score",
-)
-_add_serve = _delegate(
-    "serve",
-    "HTTP endpoint for a bundle on Ray Serve (batched, autoscaled); blocks until Ctrl-C",
-    "mspray.ray.serve.run",
-    "",
-    "run_serve",
-)
-
-
-#: Subcommands; the Ray layers register theirs here as well.
+#: Every sub-command, in ``--help`` order.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_evaluate,
-    _add_demo,
     _add_build_bank,
     _add_score,
     _add_serve,
+    _add_demo,
 ]
 
 
@@ -317,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
-    # Also accepted after the subcommand (`mspray train ... -q`); SUPPRESS keeps the
+    # Also accepted after the sub-command (`mspray train ... -q`); SUPPRESS keeps the
     # top-level value when the flag is not repeated there.
     for p in sub.choices.values():
         p.add_argument(

@@ -1,16 +1,19 @@
-"""One typed configuration for the model, training, bank and scoring.
+"""One typed configuration: the single source of every setting.
 
-The same :class:`MSPrayConfig` is used by the CLI, the Ray jobs and the Serve deployment, and
-it is stored as ``config.json`` inside every model bundle. Invalid values raise
-:class:`ConfigError` naming the offending field (e.g. ``train.lr``).
+:class:`MSPrayConfig` (model, training, bank, scoring) is stored as ``config.json`` in every
+bundle. :class:`PoolConfig` sizes the Ray Data actor pools and :class:`ServeConfig` is the
+Serve application's arguments and ``user_config``. They are pydantic models: values are
+validated and coerced once, here, and an invalid value raises :class:`ConfigError` naming the
+field (``train.lr=-1.0: ...``). Command-line flags (``mspray``, ``ray_jobs/``) are derived
+from the fields by :mod:`mspray.cli_options`; nothing else re-declares them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 #: Receptive-field-aligned network stride of each supported patch size (see model/encoder.py).
 SUPPORTED_SCALES = (64, 32, 16)
@@ -21,131 +24,235 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
-@dataclass
-class ModelConfig:
+def flag(default: Any, help: str, cli: str | None = None, **constraints: Any) -> Any:
+    """A config field exposed as a command-line flag (``cli``: its name when not derived
+    from the field name, e.g. ``--weights``; ``--no-x`` makes a bool flag that sets False)."""
+    extra = {"cli": cli or True}
+    return Field(default, description=help, json_schema_extra=extra, **constraints)
+
+
+def setting(default: Any, help: str, **constraints: Any) -> Any:
+    """A config field without a dedicated flag (set it with ``--config`` or ``--set``)."""
+    return Field(default, description=help, **constraints)
+
+
+class Section(BaseModel):
+    """Base of every config model: unknown fields are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    def replace(self, **changes: Any) -> Any:
+        """A validated copy with ``changes`` applied (field names of this section)."""
+        return type(self).model_validate({**self.model_dump(), **changes})
+
+
+class ModelConfig(Section):
     """Encoders and anomaly-map construction."""
 
-    image_size: int = 256
-    scales: tuple[int, ...] = (64, 32, 16)
-    embed_dim: int = 64
-    #: Inference stride per scale, same order as ``scales`` (paper: 16/4/4).
-    strides: tuple[int, ...] = (16, 4, 4)
-    #: Load ImageNet VGG16 weights (from ``weights_path`` or the torch hub cache / download).
-    pretrained: bool = True
-    #: If pretrained weights cannot be found, fall back to random init (with a warning)
-    #: instead of failing. The bundle records whether weights were actually loaded.
-    pretrained_fallback: bool = True
-    weights_path: str | None = None
-    #: "sum": paper's plain sum of per-scale maps. "zscore": each scale's map is first
-    #: standardised with statistics of held-out normal images, so no scale dominates by its
-    #: distance magnitude alone.
-    fusion: Literal["sum", "zscore"] = "zscore"
-    #: Gaussian smoothing of the fused map (sigma in pixels, 0 disables).
-    smoothing_sigma: float = 4.0
-    score_window: int = 8
-    score_window_stride: int = 4
+    image_size: int = flag(
+        256, "images are resized to this square size (BTAD: 512)", ge=16, cli="--image-size"
+    )
+    scales: tuple[int, ...] = flag(
+        (64, 32, 16), "patch sizes, each of 64, 32, 16 (comma-separated on the command line)"
+    )
+    embed_dim: int = setting(64, "embedding dimension D", ge=1)
+    strides: tuple[int, ...] = flag(
+        (16, 4, 4),
+        "inference stride per scale (same order as scales; paper: 16/4/4)",
+    )
+    pretrained: bool = flag(
+        True, "load ImageNet VGG16 weights (--no-pretrained: random init)", cli="--no-pretrained"
+    )
+    pretrained_fallback: bool = setting(
+        True, "weights not found: random init with a warning instead of an error"
+    )
+    weights_path: str | None = flag(
+        None,
+        "local or s3:// VGG16 weight file (default: the torch hub cache, downloading if needed)",
+        cli="--weights",
+    )
+    fusion: Literal["sum", "zscore"] = flag(
+        "zscore",
+        "sum: the paper's sum of scale maps; zscore: standardise each scale with held-out "
+        "normal stats first, so no scale dominates by its distance magnitude alone",
+    )
+    smoothing_sigma: float = setting(
+        4.0, "Gaussian smoothing of the fused map, pixels (0 = off)", ge=0
+    )
+    score_window: int = setting(8, "window size of the image score (eq. 9)", ge=1)
+    score_window_stride: int = setting(4, "window stride of the image score", ge=1)
+
+    @model_validator(mode="after")
+    def _scales_tile_the_image(self) -> ModelConfig:
+        from mspray.model.encoder import network_stride  # local: avoid an import cycle
+
+        _check(len(self.scales) >= 1, "model.scales", self.scales, "needs at least one scale")
+        for p in self.scales:
+            _check(
+                p in SUPPORTED_SCALES, "model.scales", self.scales, f"each in {SUPPORTED_SCALES}"
+            )
+            _check(p <= self.image_size, "model.scales", self.scales, "patch larger than image")
+        _check(len(set(self.scales)) == len(self.scales), "model.scales", self.scales, "repeats")
+        _check(len(self.strides) == len(self.scales), "model.strides", self.strides, "one a scale")
+        for p, st in zip(self.scales, self.strides, strict=True):
+            ns = network_stride(p)
+            _check(
+                st > 0 and st % ns == 0,
+                "model.strides",
+                self.strides,
+                f"stride for patch {p} must be a positive multiple of {ns}",
+            )
+            _check(
+                (self.image_size - p) % st == 0,
+                "model.image_size",
+                self.image_size,
+                f"(image_size - {p}) must be a multiple of the stride {st} so patches tile it",
+            )
+        return self
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """Per-scale encoder training (paper section 3.2-3.3)."""
 
-    #: 0 skips training: banks are built from the initial (ImageNet or random) encoders.
-    epochs: int = 20
-    #: Wall-clock budget per scale in minutes (0 = none). Training stops after the step that
-    #: passes it and keeps the best model by validation loss, so a CPU-only machine still
-    #: finishes in predictable time; on a GPU the epochs usually end first.
-    max_minutes: float = 5.0
-    batch_size: int = 64
-    lr: float = 1e-5
-    #: λ in L = λ(L_SVDD + L_Cos) + L_SSL + L_Kmeans.
-    lam: float = 1e-3
-    #: Samples (pairs / triplets / patches) per image per loss per epoch.
-    samples_per_image: int = 100
-    n_centers: int = 50
-    center_update_every: int = 5
-    kmeans_iters: int = 20
-    #: Losses to use; removing one is how the ablation is run.
-    losses: tuple[str, ...] = LOSS_NAMES
-    #: Fraction of the normal training images held out for validation loss, checkpoint
-    #: selection and threshold calibration (never test labels).
-    val_fraction: float = 0.1
-    seed: int = 0
-    device: str = "auto"
-    #: Ray Train: number of DDP workers (0 = plain single-process training).
-    workers: int = 0
-    use_gpu: bool = False
-    #: Ray Train storage (local path or s3://); None = a temp dir next to the bundle.
-    storage: str | None = None
-    max_failures: int = 2
-    #: Train the scales side by side on the cluster (True) or one after another.
-    parallel_scales: bool = False
+    epochs: int = flag(
+        20, "epochs per scale; 0 skips training (banks from the initial encoders)", ge=0
+    )
+    max_minutes: float = flag(
+        5.0,
+        "wall-clock budget per scale (0 = none): training stops after the step that passes "
+        "it and keeps the best model by validation loss",
+        ge=0,
+    )
+    batch_size: int = flag(
+        64, "samples per loss per optimiser step (global, over all workers)", ge=1
+    )
+    lr: float = flag(1e-5, "Adam learning rate", gt=0)
+    lam: float = setting(1e-3, "λ in L = λ(L_SVDD + L_Cos) + L_SSL + L_Kmeans", ge=0)
+    samples_per_image: int = flag(
+        100, "samples (pairs / triplets / patches) per image per loss per epoch", ge=1
+    )
+    n_centers: int = setting(50, "K of the K-means loss", ge=1)
+    center_update_every: int = setting(5, "recompute the K-means centers every N epochs", ge=1)
+    kmeans_iters: int = setting(20, "Lloyd iterations per center update", ge=1)
+    losses: tuple[Literal["svdd", "cos", "ssl", "kmeans"], ...] = flag(
+        LOSS_NAMES, "loss terms used, a subset of svdd,cos,ssl,kmeans (drop some for an ablation)"
+    )
+    val_fraction: float = setting(
+        0.1,
+        "fraction of normal training images held out for checkpoint selection and threshold "
+        "calibration (never test labels)",
+        ge=0,
+        lt=1,
+    )
+    seed: int = flag(0, "seed of the split, sampling and initialisation")
+    device: str = flag(
+        "auto", "auto, cpu, cuda[:N] or mps", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$"
+    )
+    workers: int = flag(0, "Ray Train DDP workers (0 = plain single-process training)", ge=0)
+    use_gpu: bool = flag(False, "one GPU per Ray Train worker", cli="--use-gpu")
+    storage: str | None = flag(
+        None,
+        "Ray Train checkpoint storage, local path or s3:// (default: OUT.ray_runs next to "
+        "the bundle)",
+    )
+    max_failures: int = setting(
+        2, "Ray Train restarts of the worker group after failures (-1 = unlimited)", ge=-1
+    )
+    parallel_scales: bool = setting(
+        False, "train the scales side by side on the cluster instead of one after another"
+    )
+
+    @model_validator(mode="after")
+    def _losses_not_empty(self) -> TrainConfig:
+        _check(len(self.losses) >= 1, "train.losses", self.losses, f"a subset of {LOSS_NAMES}")
+        return self
 
 
-@dataclass
-class BankConfig:
+class BankConfig(Section):
     """Per-scale nearest-neighbour bank of training patch embeddings."""
 
-    #: Fraction of training patches kept by greedy (PatchCore) coreset; 1.0 keeps all.
-    coreset_ratio: float = 0.1
-    #: Random subsample before the greedy coreset to bound its O(N*M) cost.
-    coreset_max_candidates: int = 200_000
-    #: Upper bound on the coreset size per scale (bounds build and search time on big sets).
-    coreset_max_size: int = 20_000
-    #: "flat" (exact IndexFlatL2) or "ivf" (IndexIVFFlat, approximate, for big banks).
-    index: Literal["flat", "ivf"] = "flat"
-    ivf_nlist: int = 1024
-    ivf_nprobe: int = 16
-    #: Queries per faiss search call; bounds the distance-matrix memory.
-    search_chunk: int = 16384
-    use_gpu: bool = False
-    #: Stride (pixels) at which training patches are put in the bank; 0 = network stride.
-    bank_stride: int = 0
+    coreset_ratio: float = flag(
+        0.1, "fraction of training patches kept by the greedy coreset (1.0 keeps all)", gt=0, le=1
+    )
+    coreset_max_candidates: int = flag(
+        200_000,
+        "random subsample before the greedy coreset, bounding its O(N·M) cost",
+        ge=1,
+        cli="--max-candidates",
+    )
+    coreset_max_size: int = setting(
+        20_000, "upper bound on the coreset size per scale (bounds build and search time)", ge=1
+    )
+    index: Literal["flat", "ivf"] = flag(
+        "flat", "flat (exact IndexFlatL2) or ivf (approximate IndexIVFFlat, for big banks)"
+    )
+    ivf_nlist: int = setting(1024, "IVF lists", ge=1)
+    ivf_nprobe: int = setting(16, "IVF lists probed per query", ge=1)
+    search_chunk: int = setting(16384, "queries per faiss search call (bounds memory)", ge=1)
+    use_gpu: bool = flag(
+        False, "faiss search on GPU when one is present (needs the gpu extra)", cli="--bank-gpu"
+    )
+    bank_stride: int = setting(
+        0, "stride of the training patches put in the bank (0 = network stride)", ge=0
+    )
 
 
-@dataclass
-class ScoreConfig:
+class ScoreConfig(Section):
     """Scoring, thresholding and input limits."""
 
-    batch_size: int = 8
-    #: Threshold = this quantile of held-out normal image scores, times ``threshold_margin``.
-    threshold_quantile: float = 0.99
-    threshold_margin: float = 1.0
-    #: Decompression-bomb guard: images with more pixels are rejected.
-    max_image_pixels: int = 40_000_000
-    max_image_bytes: int = 50_000_000
+    batch_size: int = flag(8, "images per forward pass when scoring", ge=1)
+    threshold_quantile: float = setting(
+        0.99, "threshold = this quantile of held-out normal image scores …", gt=0, le=1
+    )
+    threshold_margin: float = setting(1.0, "… widened by this factor", gt=0)
+    max_image_pixels: int = setting(
+        40_000_000, "decompression-bomb guard: larger images are rejected (error row)", gt=0
+    )
+    max_image_bytes: int = setting(
+        50_000_000, "larger files are rejected without being read whole (error row)", gt=0
+    )
 
 
-@dataclass
-class MSPrayConfig:
+class MSPrayConfig(Section):
     """Top-level configuration; JSON round-trip via :meth:`to_json` / :meth:`from_json`."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    bank: BankConfig = field(default_factory=BankConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    bank: BankConfig = Field(default_factory=BankConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
 
-    def __post_init__(self) -> None:
-        self.validate()
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise ConfigError(_describe(e)) from None
+
+    @model_validator(mode="after")
+    def _bank_stride_fits_the_scales(self) -> MSPrayConfig:
+        from mspray.model.encoder import network_stride
+
+        for p in self.model.scales:
+            ns = network_stride(p)
+            _check(
+                self.bank.bank_stride % ns == 0,
+                "bank.bank_stride",
+                self.bank.bank_stride,
+                f"must be 0 or a multiple of {ns} (patch {p})",
+            )
+        return self
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump(mode="json")
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MSPrayConfig:
+    def from_dict(cls, data: Any) -> MSPrayConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"config: expected a JSON object, got {type(data).__name__}")
-        sections = {}
-        for f in dataclasses.fields(cls):
-            sections[f.name] = _build(f.default_factory, data.get(f.name, {}), f.name)  # type: ignore[misc]
-        unknown = set(data) - set(sections)
-        if unknown:
-            raise ConfigError(f"config: unknown section(s) {sorted(unknown)}")
-        return cls(**sections)
+        return cls(**data)
 
     @classmethod
     def from_json(cls, text: str) -> MSPrayConfig:
@@ -157,158 +264,152 @@ class MSPrayConfig:
 
     def replace(self, **overrides: Any) -> MSPrayConfig:
         """Copy with dotted overrides, e.g. ``cfg.replace(**{"train.epochs": 3})``."""
-        data = self.to_dict()
-        for key, value in overrides.items():
-            section, _, name = key.partition(".")
-            if section not in data or name not in data[section]:
-                raise ConfigError(f"{key}: unknown config field")
-            data[section][name] = value
-        return MSPrayConfig.from_dict(data)
-
-    # ------------------------------------------------------------------ validation
-    def validate(self) -> None:
-        m, t, b, s = self.model, self.train, self.bank, self.score
-        _check(m.image_size >= 16, "model.image_size", m.image_size, "must be >= 16")
-        _check(len(m.scales) >= 1, "model.scales", m.scales, "needs at least one scale")
-        for p in m.scales:
-            _check(p in SUPPORTED_SCALES, "model.scales", m.scales, f"each in {SUPPORTED_SCALES}")
-            _check(p <= m.image_size, "model.scales", m.scales, "patch larger than image_size")
-        _check(len(set(m.scales)) == len(m.scales), "model.scales", m.scales, "duplicates")
-        _check(len(m.strides) == len(m.scales), "model.strides", m.strides, "one per scale")
-        from mspray.model.encoder import network_stride  # local: avoid import cycle
-
-        for p, st in zip(m.scales, m.strides, strict=True):
-            ns = network_stride(p)
-            _check(
-                st > 0 and st % ns == 0,
-                "model.strides",
-                m.strides,
-                f"stride for patch {p} must be a positive multiple of {ns}",
-            )
-            _check(
-                (m.image_size - p) % st == 0,
-                "model.image_size",
-                m.image_size,
-                f"(image_size - {p}) must be a multiple of the stride {st} so patches "
-                "tile the image",
-            )
-        _check(m.embed_dim >= 1, "model.embed_dim", m.embed_dim, "must be >= 1")
-        _check(m.fusion in ("sum", "zscore"), "model.fusion", m.fusion, "'sum' or 'zscore'")
-        _check(m.smoothing_sigma >= 0, "model.smoothing_sigma", m.smoothing_sigma, ">= 0")
-        _check(m.score_window >= 1, "model.score_window", m.score_window, ">= 1")
-        _check(
-            m.score_window_stride >= 1, "model.score_window_stride", m.score_window_stride, ">= 1"
-        )
-        _check(t.epochs >= 0, "train.epochs", t.epochs, "must be >= 0 (0 = no training)")
-        _check(t.max_minutes >= 0, "train.max_minutes", t.max_minutes, "must be >= 0")
-        _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
-        _check(t.lr > 0, "train.lr", t.lr, "must be > 0")
-        _check(t.lam >= 0, "train.lam", t.lam, "must be >= 0")
-        _check(t.samples_per_image >= 1, "train.samples_per_image", t.samples_per_image, ">= 1")
-        _check(t.n_centers >= 1, "train.n_centers", t.n_centers, "must be >= 1")
-        _check(
-            t.center_update_every >= 1, "train.center_update_every", t.center_update_every, ">= 1"
-        )
-        _check(t.kmeans_iters >= 1, "train.kmeans_iters", t.kmeans_iters, ">= 1")
-        _check(
-            len(t.losses) >= 1 and set(t.losses) <= set(LOSS_NAMES),
-            "train.losses",
-            t.losses,
-            f"a non-empty subset of {LOSS_NAMES}",
-        )
-        _check(0 <= t.val_fraction < 1, "train.val_fraction", t.val_fraction, "in [0, 1)")
-        _check(
-            t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda", "mps"),
-            "train.device",
-            t.device,
-            "'auto', 'cpu', 'cuda[:N]' or 'mps'",
-        )
-        _check(t.workers >= 0, "train.workers", t.workers, "must be >= 0")
-        _check(t.max_failures >= -1, "train.max_failures", t.max_failures, ">= -1")
-        _check(0 < b.coreset_ratio <= 1, "bank.coreset_ratio", b.coreset_ratio, "in (0, 1]")
-        _check(
-            b.coreset_max_candidates >= 1,
-            "bank.coreset_max_candidates",
-            b.coreset_max_candidates,
-            ">= 1",
-        )
-        _check(b.index in ("flat", "ivf"), "bank.index", b.index, "'flat' or 'ivf'")
-        _check(b.ivf_nlist >= 1, "bank.ivf_nlist", b.ivf_nlist, ">= 1")
-        _check(b.ivf_nprobe >= 1, "bank.ivf_nprobe", b.ivf_nprobe, ">= 1")
-        _check(b.search_chunk >= 1, "bank.search_chunk", b.search_chunk, ">= 1")
-        _check(b.bank_stride >= 0, "bank.bank_stride", b.bank_stride, ">= 0")
-        for p in m.scales:
-            ns = network_stride(p)
-            _check(
-                b.bank_stride % ns == 0,
-                "bank.bank_stride",
-                b.bank_stride,
-                f"must be 0 or a multiple of {ns} (patch {p})",
-            )
-        _check(s.batch_size >= 1, "score.batch_size", s.batch_size, ">= 1")
-        _check(
-            0 < s.threshold_quantile <= 1,
-            "score.threshold_quantile",
-            s.threshold_quantile,
-            "in (0, 1]",
-        )
-        _check(s.threshold_margin > 0, "score.threshold_margin", s.threshold_margin, "> 0")
-        _check(s.max_image_pixels > 0, "score.max_image_pixels", s.max_image_pixels, "> 0")
-        _check(s.max_image_bytes > 0, "score.max_image_bytes", s.max_image_bytes, "> 0")
+        return with_overrides(self, overrides)
 
     def stride_for(self, scale: int) -> int:
         """Inference stride of ``scale``."""
         return self.model.strides[self.model.scales.index(scale)]
 
 
+class PoolConfig(Section):
+    """A Ray Data actor pool: its size bounds and what each actor reserves."""
+
+    workers: int | None = flag(
+        None,
+        "upper bound of the autoscaling actor pool, each actor loads the model once "
+        "(default: as many as the cluster can hold)",
+        ge=1,
+    )
+    min_workers: int = flag(1, "actors kept while the pool is idle", ge=1)
+    gpus_per_worker: float | None = flag(
+        None, "GPUs per actor (default: 1 if the config's bank.use_gpu or train.use_gpu)", ge=0
+    )
+    cpus_per_worker: float = flag(1.0, "CPUs per actor, also its torch threads", gt=0)
+    io_threads: int = flag(4, "reader threads per actor, overlapping S3 latency with compute", ge=1)
+
+
+#: Default batch wait of Serve. Longer than Serve's 10 ms: under load a client's next request
+#: takes tens of ms to travel client -> proxy -> replica, and a shorter wait splits the
+#: clients into cohorts that never share a batch (measured in benchmarks/bench_serve.py).
+BATCH_WAIT_S = 0.02
+
+
+class ServeConfig(Section):
+    """The Serve application: ``args:`` of serve_config.yaml, ``mspray serve`` flags, and
+    (the :data:`RELOADABLE` part) the deployment's ``user_config``."""
+
+    bundle_uri: str | None = flag(
+        None,
+        "model bundle, local path or s3://",
+        cli="--bundle",
+        validation_alias=AliasChoices("bundle_uri", "bundle"),
+    )
+    device: str = flag(
+        "auto", "torch device: auto, cpu, cuda[:N]", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$"
+    )
+    bank_gpu: bool = flag(False, "faiss bank search on the GPU", cli="--bank-gpu")
+    max_batch_size: int = flag(16, "requests per forward pass", ge=1)
+    batch_wait_timeout_s: float = flag(BATCH_WAIT_S, "how long a batch waits to fill up", ge=0)
+    max_image_bytes: int | None = flag(
+        None, "reject larger bodies with 413 (default: the bundle's score.max_image_bytes)", gt=0
+    )
+    max_image_pixels: int | None = flag(
+        None, "reject larger images with 413 (default: the bundle's score.max_image_pixels)", gt=0
+    )
+    replicas: int = flag(
+        1, "replicas; with --max-replicas, the minimum of the autoscaling range", ge=1
+    )
+    max_replicas: int | None = flag(
+        None, "autoscale between --replicas and this on load (default: a fixed replica count)", ge=1
+    )
+    target_ongoing_requests: float = flag(16, "autoscaling target of in-flight requests", gt=0)
+    max_ongoing_requests: int = flag(
+        64, "in-flight requests per replica (must stay above max_batch_size)", ge=1
+    )
+    num_cpus: float = flag(1, "CPUs per replica (also its torch threads)", ge=0)
+    num_gpus: float = flag(0, "GPUs per replica", ge=0)
+
+    #: Fields a running deployment takes through ``user_config`` (no restart).
+    RELOADABLE: ClassVar[tuple[str, ...]] = (
+        "bundle_uri",
+        "device",
+        "bank_gpu",
+        "max_batch_size",
+        "batch_wait_timeout_s",
+        "max_image_bytes",
+        "max_image_pixels",
+    )
+
+    @model_validator(mode="after")
+    def _batches_can_fill(self) -> ServeConfig:
+        _check(
+            self.max_ongoing_requests >= self.max_batch_size,
+            "max_ongoing_requests",
+            self.max_ongoing_requests,
+            f"below max_batch_size={self.max_batch_size}: batches could never fill up",
+        )
+        return self
+
+    def user_config(self) -> dict[str, Any]:
+        """The reloadable settings (``None`` left out)."""
+        data = self.model_dump(include=set(self.RELOADABLE))
+        return {k: v for k, v in data.items() if v is not None}
+
+    def model_key(self) -> tuple:
+        """Settings whose change needs a new model load (the rest apply instantly)."""
+        return (self.bundle_uri, self.device, self.bank_gpu)
+
+
+# ---------------------------------------------------------------------------- helpers
+def validate(model: type[BaseModel], data: Any, where: str = "") -> Any:
+    """``model.model_validate(data)`` with errors as :class:`ConfigError` naming the field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, where)) from None
+
+
+def with_overrides(cfg: BaseModel, overrides: dict[str, Any]) -> Any:
+    """A validated copy of ``cfg`` with dotted overrides (``{"train.epochs": 3}``)."""
+    data = cfg.model_dump()
+    for key, value in overrides.items():
+        *path, name = key.split(".")
+        node: Any = data
+        for part in path:
+            if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
+                raise ConfigError(f"{key}: unknown config field")
+            node = node[part]
+        if name not in node:
+            raise ConfigError(f"{key}: unknown config field")
+        node[name] = value
+    return validate(type(cfg), data)
+
+
+def field_info(root: type[BaseModel], key: str) -> Any:
+    """The pydantic ``FieldInfo`` of a dotted ``key`` under ``root``."""
+    model: Any = root
+    *path, name = key.split(".")
+    for part in path:
+        model = model.model_fields[part].annotation
+    return model.model_fields[name]
+
+
 def _check(ok: bool, name: str, value: Any, why: str) -> None:
     if not ok:
-        raise ConfigError(f"{name}={value!r}: {why}")
+        raise ValueError(f"{name}={value!r}: {why}")
 
 
-def _build(factory: type, values: Any, section: str) -> Any:
-    """Build one section dataclass from a dict, coercing JSON lists to tuples and checking
-    every field's type so a typo or a wrong type names the field."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{section}: expected an object, got {type(values).__name__}")
-    hints = get_type_hints(factory)
-    known = {f.name for f in dataclasses.fields(factory)}
-    unknown = set(values) - known
-    if unknown:
-        raise ConfigError(f"{section}.{sorted(unknown)[0]}: unknown config field")
-    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
-    return factory(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, name: str) -> Any:
-    origin = get_origin(hint)
-    args = get_args(hint)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{name}={value!r}: expected a list")
-        return tuple(_coerce(v, args[0], name) for v in value)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{name}={value!r}: expected one of {list(args)}")
-        return value
-    if args and type(None) in args:  # Optional[X]
-        if value is None:
-            return None
-        return _coerce(value, next(a for a in args if a is not type(None)), name)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r}: expected true/false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}={value!r}: expected an integer")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{name}={value!r}: expected a number")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}={value!r}: expected a string")
-        return value
-    return value
+def _describe(e: ValidationError, where: str = "") -> str:
+    """One line per error, led by the dotted field name (``train.lr=-1.0: ...``)."""
+    lines = []
+    for err in e.errors(include_url=False):
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        loc = ".".join(str(p) for p in err.get("loc", ()) if not isinstance(p, int))
+        loc = ".".join(p for p in (where, loc) if p)
+        if err.get("type") == "extra_forbidden":
+            lines.append(f"{loc}: unknown config field")
+        elif err.get("type") == "value_error" and "=" in msg.split(":")[0]:
+            lines.append(msg)  # our own checks already name the field
+        else:
+            lines.append(f"{loc}={err.get('input')!r}: {msg}")
+    return "; ".join(lines)

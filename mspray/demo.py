@@ -110,19 +110,20 @@ def _demo_ray(cfg: MSPrayConfig, uris, samples, root: Path, bundle: str, maps: s
     one request to a Ray Serve endpoint."""
     import ray
 
+    from mspray.config import PoolConfig
     from mspray.fit import fit_detector
     from mspray.ray.data.banks import build_banks
     from mspray.ray.data.evaluation import evaluate_ray
     from mspray.ray.data.scoring import score_prefix
-    from mspray.ray.runtime import PoolOptions
-    from mspray.ray.train import ensure_ray, ray_scale_trainer
+    from mspray.ray.runtime import init_ray
+    from mspray.ray.train import ray_scale_trainer
 
-    ensure_ray(num_cpus=4)  # logical CPUs > cores: see README "Ray on a laptop"
+    init_ray(progress=progress)  # >= 4 logical CPUs: see README "Things worth knowing"
     try:
         cfg = cfg.replace(**{"train.workers": 1})
         trainer = ray_scale_trainer(storage=str(root / "ray_runs"), progress=progress)
         fit_detector(cfg, uris, out=bundle, trainer=trainer, progress=progress, build_banks=False)
-        pool = PoolOptions(workers=2)
+        pool = PoolConfig(workers=2)
         build_banks(bundle, uris, pool=pool, progress=progress)
         summary = score_prefix(
             bundle,
@@ -158,7 +159,7 @@ def _serve_one(bundle: str, image: str) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(
-            build_app({"bundle": bundle, "num_replicas": 1}), name="mspray-demo", route_prefix="/"
+            build_app({"bundle": bundle, "replicas": 1}), name="mspray-demo", route_prefix="/"
         )
         req = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/predict",

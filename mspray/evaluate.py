@@ -16,6 +16,82 @@ from mspray.detector import Detector
 from mspray.metrics import compute_metrics, image_auroc
 
 
+def score_chunk(
+    det: Detector, samples: list[Sample], with_masks: bool, maps_dir: str | None = None
+) -> dict[str, np.ndarray]:
+    """Load and score one chunk of test samples (the unit of both evaluation paths).
+
+    Returns ``score``, ``score_<scale>``, ``seconds`` (the chunk's model time spread over its
+    images) and, when ``with_masks``, ``map`` (float16: halves memory, metrics only rank
+    values) and ``mask``. Writes overlay panels to ``maps_dir`` when given.
+    """
+    size = det.cfg.model.image_size
+    images = torch.stack(
+        [load_image(s.path, size, det.cfg.score.max_image_pixels) for s in samples]
+    )
+    t0 = time.perf_counter()
+    pred = det.predict(images)
+    seconds = time.perf_counter() - t0
+    masks = [load_mask(s.mask_path if s.label else None, size) for s in samples]
+    if maps_dir:
+        _write_overlays(maps_dir, samples, images, pred.maps, masks if with_masks else None, det)
+    out = {
+        "score": pred.image_scores.numpy().astype(np.float32),
+        "seconds": np.full(len(samples), seconds / len(samples)),
+    }
+    for s in det.scales:
+        out[f"score_{s}"] = pred.scale_scores[s].numpy().astype(np.float32)
+    if with_masks:
+        out["map"] = pred.maps.half().numpy()
+        out["mask"] = torch.stack(masks).numpy()
+    return out
+
+
+class EvalGather:
+    """Collects :func:`score_chunk` results by sample index, in any order, into the
+    metrics JSON (:meth:`report`)."""
+
+    def __init__(self, samples: list[Sample], scales: tuple[int, ...], size: int) -> None:
+        n = len(samples)
+        self.samples = samples
+        self.with_masks = has_masks(samples)
+        self.scores = np.zeros(n, np.float32)
+        self.scale_scores = {s: np.zeros(n, np.float32) for s in scales}
+        self.maps = np.zeros((n, size, size), np.float16) if self.with_masks else None
+        self.masks = np.zeros((n, size, size), np.uint8) if self.with_masks else None
+        self.seen = np.zeros(n, bool)
+        self.seconds = 0.0
+
+    def add(self, idx: np.ndarray, chunk: dict[str, np.ndarray]) -> None:
+        self.seen[idx] = True
+        self.scores[idx] = chunk["score"]
+        for s, v in self.scale_scores.items():
+            v[idx] = chunk[f"score_{s}"]
+        if self.with_masks:
+            self.maps[idx] = chunk["map"]
+            self.masks[idx] = chunk["mask"]
+        self.seconds += float(np.sum(chunk["seconds"]))
+
+    def report(self, threshold: float | None, version: str | None) -> dict:
+        if not self.seen.all():
+            raise RuntimeError(f"{int((~self.seen).sum())} test images got no score")
+        return metrics_report(
+            np.array([s.label for s in self.samples]),
+            self.scores,
+            self.scale_scores,
+            self.masks,
+            self.maps.astype(np.float32) if self.maps is not None else None,
+            threshold=threshold,
+            version=version,
+            model_seconds=self.seconds,
+        )
+
+
+def has_masks(samples: list[Sample]) -> bool:
+    """Whether pixel metrics can be computed (some anomalous sample has a mask)."""
+    return any(s.mask_path for s in samples if s.label == 1)
+
+
 def evaluate(
     det: Detector,
     samples: list[Sample],
@@ -33,43 +109,16 @@ def evaluate(
     """
     if not samples:
         raise ValueError("no test images")
-    size = det.cfg.model.image_size
     bs = batch_size or det.cfg.score.batch_size
-    with_masks = any(s.mask_path for s in samples if s.label == 1)
-    scores, scale_scores, maps, masks = [], {s: [] for s in det.scales}, [], []
-    model_seconds = 0.0
-    bar = tqdm(total=len(samples), desc="evaluating", disable=not progress)
-    for i in range(0, len(samples), bs):
-        chunk = samples[i : i + bs]
-        images = torch.stack(
-            [load_image(s.path, size, det.cfg.score.max_image_pixels) for s in chunk]
-        )
-        t0 = time.perf_counter()
-        pred = det.predict(images)
-        model_seconds += time.perf_counter() - t0
-        scores.append(pred.image_scores)
-        for s in det.scales:
-            scale_scores[s].append(pred.scale_scores[s])
-        chunk_masks = [load_mask(s.mask_path if s.label else None, size) for s in chunk]
-        if with_masks:
-            maps.append(pred.maps.half())  # halves memory; metrics only rank values
-            masks.append(torch.stack(chunk_masks))
-        if maps_dir:
-            _write_overlays(
-                maps_dir, chunk, images, pred.maps, chunk_masks if with_masks else None, det
+    gather = EvalGather(samples, det.scales, det.cfg.model.image_size)
+    with tqdm(total=len(samples), desc="evaluating", disable=not progress) as bar:
+        for i in range(0, len(samples), bs):
+            chunk = samples[i : i + bs]
+            gather.add(
+                np.arange(i, i + len(chunk)), score_chunk(det, chunk, gather.with_masks, maps_dir)
             )
-        bar.update(len(chunk))
-    bar.close()
-    return metrics_report(
-        np.array([s.label for s in samples]),
-        torch.cat(scores).numpy(),
-        {s: torch.cat(v).numpy() for s, v in scale_scores.items()},
-        torch.cat(masks).numpy() if with_masks else None,
-        torch.cat(maps).float().numpy() if with_masks else None,
-        threshold=det.threshold,
-        version=det.version,
-        model_seconds=model_seconds,
-    )
+            bar.update(len(chunk))
+    return gather.report(det.threshold, det.version)
 
 
 def metrics_report(

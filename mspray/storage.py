@@ -19,6 +19,8 @@ import pyarrow.fs as pafs
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 _S3_CACHE: dict[tuple, pafs.S3FileSystem] = {}
+#: Attempts per S3 request (the SDK's standard retry mode: exponential backoff with jitter).
+S3_ATTEMPTS = 5
 _S3_LOCK = threading.Lock()
 _LOCAL = pafs.LocalFileSystem()
 # Read once: os.umask can only be read by setting it, which would race with other threads.
@@ -67,6 +69,8 @@ def _s3_filesystem() -> pafs.S3FileSystem:
             if access and secret:
                 kwargs.update(access_key=access, secret_key=secret, session_token=token)
             # else: pyarrow's own chain (config files, instance metadata) finds credentials
+            # Throttling, timeouts and 5xx are retried with backoff by the AWS SDK itself.
+            kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)
             fs = _S3_CACHE[key] = pafs.S3FileSystem(**kwargs)
     return fs
 

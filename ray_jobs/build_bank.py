@@ -1,37 +1,22 @@
 """Bank building job: ``mspray build-bank`` as a Ray job entrypoint.
 
     ray job submit --working-dir . -- python ray_jobs/build_bank.py \\
-        --bundle s3://models/screws/v3 --data mvtec:s3://data/mvtec --category screw \\
-        --workers 4
+        --bundle s3://models/screw/v4 --data mvtec:s3://datasets/mvtec --category screw \\
+        --workers 8
 
-Add ``--append --data folder:PATH`` to add new normal images to the existing banks without
-retraining. Also runs with plain ``python`` (local Ray).
+Same options as ``mspray build-bank`` (``--help``): embeds the normal images on a Ray Data
+actor pool and writes the banks (and the recalibrated threshold) into the bundle. Pair it
+with ``ray_jobs/train.py --no-banks`` so the banks are not built on the job's driver.
 """
-
-from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 # `python ray_jobs/x.py` puts ray_jobs/ on sys.path, not the repository root that
-# `ray job submit --working-dir .` uploads (and Ray puts on its workers' path): add it.
+# `ray job submit --working-dir .` uploads: add it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mspray.ray.data.args import (
-    BUILD_BANK_DESCRIPTION,
-    BUILD_BANK_EPILOG,
-    add_build_bank_args,
-    job_main,
-    run_build_bank,
-)
+from mspray.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(
-        job_main(
-            "build_bank.py",
-            BUILD_BANK_DESCRIPTION,
-            BUILD_BANK_EPILOG,
-            add_build_bank_args,
-            run_build_bank,
-        )
-    )
+    sys.exit(main(["build-bank", *sys.argv[1:]]))

@@ -38,6 +38,7 @@ import torch
 import mspray.storage as store
 from mspray.config import MSPrayConfig
 from mspray.model.multiscale import ScaleModel
+from mspray.ray.runtime import init_ray
 from mspray.train.loop import ScaleTrainer, build_scale_model
 
 log = logging.getLogger(__name__)
@@ -63,24 +64,6 @@ _RESUMABLE_CHANGES = {
 
 class InjectedFailure(RuntimeError):
     """Raised by the fault-injection hook (``MSPRAY_FAIL_AT_EPOCH``)."""
-
-
-# ---------------------------------------------------------------------------- Ray start-up
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local Ray on demand.
-
-    A local Ray gets more logical CPUs than the machine has cores (``num_cpus``): each
-    Ray Train worker reserves a CPU, and two real cores could never host two workers plus
-    anything else. Does nothing when Ray is already initialised (tests, notebooks).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)  # None: ray reads RAY_ADDRESS (set by `ray job submit`)
-    else:
-        ray.init(address="local", num_cpus=num_cpus or 4, include_dashboard=False)
 
 
 def default_storage_for(bundle_uri: str) -> str:
@@ -238,7 +221,7 @@ class RayScaleTrainer:
             workers = max(1, len(train_uris))
         parallel = t.parallel_scales if self.parallel_scales is None else self.parallel_scales
         n_parallel = len(cfg.model.scales) if parallel else 1
-        ensure_ray(self.address, num_cpus=max(4, n_parallel * (workers + 1) + 1))
+        init_ray(self.address, min_cpus=n_parallel * (workers + 1) + 1)
         if self.run_name is None:
             self.run_name = new_run_name()
             log.info("Ray Train run name %s (pass it again to resume this run)", self.run_name)

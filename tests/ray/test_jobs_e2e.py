@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLUSTER_CPUS = 4  # logical CPUs: Train worker + Data actors on a 2-core machine
 START_TIMEOUT_S = 90
 JOB_TIMEOUT_S = 240

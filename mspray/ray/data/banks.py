@@ -15,11 +15,9 @@ see :meth:`PatchBank.add`), or all of them with ``append_all``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +25,9 @@ import numpy as np
 import torch
 
 from mspray.bank import PatchBank, greedy_coreset
-from mspray.config import BankConfig, MSPrayConfig
+from mspray.config import BankConfig, MSPrayConfig, PoolConfig
 from mspray.ray.data.reading import iter_loaded
-from mspray.ray.runtime import PoolOptions, bundle_config, init_ray, load_worker_detector
+from mspray.ray.runtime import DetectorActor, bundle_config, init_ray, map_with_detector
 
 log = logging.getLogger(__name__)
 
@@ -49,31 +47,24 @@ def global_bank_config(cfg: BankConfig, total_rows: int, union_rows: int) -> Ban
     if cfg.coreset_ratio >= 1.0 or union_rows == total_rows or union_rows == 0:
         return cfg
     target = math.ceil(cfg.coreset_ratio * total_rows)
-    return dataclasses.replace(cfg, coreset_ratio=min(1.0, target / union_rows))
+    return cfg.replace(coreset_ratio=min(1.0, target / union_rows))
 
 
-class Embedder:
+class Embedder(DetectorActor):
     """Ray Data actor: batch of (idx, path) rows -> one row per kept patch embedding
     (``scale``, ``idx``, ``emb``), plus one row with ``error`` set per unreadable image."""
 
-    def __init__(
-        self,
-        bundle: str,
-        config_json: str,
-        keep: dict[int, float],
-        cpus: float,
-        gpus: float,
-        io_threads: int,
-    ) -> None:
-        self.det = load_worker_detector(bundle, config_json, cpus, gpus, with_banks=False)
+    with_banks = False
+
+    def __init__(self, keep: dict[str, float], **actor: Any) -> None:
+        super().__init__(**actor)
         self.keep = {int(s): r for s, r in keep.items()}
-        self.pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="mspray-io")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cfg = self.det.cfg
         idx = [int(i) for i in batch["idx"]]
         uris = [str(p) for p in batch["path"]]
-        (loaded,) = iter_loaded(uris, len(uris), cfg.model.image_size, cfg.score, self.pool)
+        (loaded,) = iter_loaded(uris, len(uris), cfg.model.image_size, cfg.score, self.io)
         dim = cfg.model.embed_dim
         scales, ids, embs, errors = [], [], [], []
         for i, err in zip(idx, loaded.errors, strict=True):
@@ -133,27 +124,24 @@ def embed_images(
     cfg: MSPrayConfig,
     uris: list[str],
     keep: dict[int, float],
-    pool: PoolOptions,
-    io_threads: int = 4,
+    pool: PoolConfig,
 ) -> tuple[dict[int, np.ndarray], list[str]]:
     """Per-scale embeddings of ``uris`` (after the per-shard coreset given by ``keep``), in
     image order, and the error messages of the images that could not be read."""
     import ray
 
     ds = ray.data.from_items([{"idx": i, "path": p} for i, p in enumerate(uris)])
-    ds = ds.map_batches(
+    ds = map_with_detector(
+        ds,
         Embedder,
+        bundle,
+        cfg,
+        pool,
+        n_items=math.ceil(len(uris) / cfg.score.batch_size),
         batch_size=cfg.score.batch_size,
         batch_format="numpy",
-        fn_constructor_kwargs={
-            "bundle": bundle,
-            "config_json": cfg.to_json(),
-            "keep": {str(s): r for s, r in keep.items()},
-            "cpus": pool.cpus_per_worker,
-            "gpus": pool.gpus_per_worker,
-            "io_threads": io_threads,
-        },
-        **pool.map_batches_args(math.ceil(len(uris) / cfg.score.batch_size)),
+        io_threads=pool.io_threads,
+        keep={str(s): r for s, r in keep.items()},
     )
     parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {s: [] for s in cfg.model.scales}
     errors: list[str] = []
@@ -184,9 +172,8 @@ def build_banks(
     append: bool = False,
     append_all: bool = False,
     calibrate: bool = True,
-    pool: PoolOptions | None = None,
+    pool: PoolConfig | None = None,
     overrides: dict[str, Any] | None = None,
-    io_threads: int = 4,
     progress: bool = True,
     address: str | None = None,
 ) -> BankBuildResult:
@@ -206,7 +193,7 @@ def build_banks(
     if not uris:
         raise ValueError("no images to put in the banks")
     t0 = time.perf_counter()
-    pool = pool or PoolOptions()
+    pool = pool or PoolConfig()
     cfg = bundle_config(bundle, overrides)
     det = load_bundle(bundle, with_banks=append, config=cfg)
     if append:
@@ -223,7 +210,7 @@ def build_banks(
         keep,
     )
     init_ray(address, progress)
-    embs, errors = embed_images(bundle, cfg, bank_uris, keep, pool, io_threads)
+    embs, errors = embed_images(bundle, cfg, bank_uris, keep, pool)
     if errors:
         log.warning("%d unreadable images skipped, e.g. %s", len(errors), errors[0])
     n_good = len(bank_uris) - len(errors)

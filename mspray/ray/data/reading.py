@@ -8,7 +8,6 @@ S3 latency hides behind the model of the previous batch.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,25 +18,16 @@ from mspray import storage
 from mspray.config import ScoreConfig
 from mspray.data.images import ImageDecodeError, decode_image, to_tensor
 
-#: Attempts per read on transient I/O errors (pyarrow's S3 client retries below this too).
-READ_ATTEMPTS = 3
-
 
 def read_limited(uri: str, max_bytes: int) -> bytes:
     """The file's bytes; :class:`ImageDecodeError` when it is larger than ``max_bytes``
     (only ``max_bytes + 1`` bytes are ever transferred)."""
-    fs, path = storage.filesystem(uri)
-    for attempt in range(READ_ATTEMPTS):
-        try:
-            with fs.open_input_stream(path) as f:
-                data = f.read(max_bytes + 1)
-            break
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{uri}: no such file") from None
-        except OSError:
-            if attempt == READ_ATTEMPTS - 1:
-                raise
-            time.sleep(0.5 * 2**attempt)
+    fs, path = storage.filesystem(uri)  # S3 requests are retried by pyarrow's retry strategy
+    try:
+        with fs.open_input_stream(path) as f:
+            data = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: no such file") from None
     if len(data) > max_bytes:
         raise ImageDecodeError(f"{uri}: file is over the limit of {max_bytes} bytes")
     return data

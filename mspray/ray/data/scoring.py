@@ -12,11 +12,9 @@ stays flat however many images there are.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,6 +22,8 @@ import pyarrow as pa
 import torch
 
 from mspray import storage, viz
+from mspray.bundle import read_meta
+from mspray.config import PoolConfig
 from mspray.ray.data.reading import DecodedBatch, error_text, iter_loaded
 from mspray.ray.data.results import (
     map_uri,
@@ -33,7 +33,7 @@ from mspray.ray.data.results import (
     write_part,
     write_run_summary,
 )
-from mspray.ray.runtime import PoolOptions, bundle_config, init_ray, load_worker_detector
+from mspray.ray.runtime import DetectorActor, bundle_config, init_ray, map_with_detector
 
 log = logging.getLogger(__name__)
 
@@ -80,24 +80,13 @@ class ScoreSummary:
         )
 
 
-class UnitScorer:
+class UnitScorer(DetectorActor):
     """Ray Data actor: scores whole work units and writes one Parquet part per unit."""
 
-    def __init__(
-        self,
-        bundle: str,
-        config_json: str,
-        input_root: str,
-        output: str,
-        maps: bool,
-        cpus: float,
-        gpus: float,
-        io_threads: int,
-    ) -> None:
-        self.det = load_worker_detector(bundle, config_json, cpus, gpus)
+    def __init__(self, input_root: str, output: str, maps: bool, **actor: Any) -> None:
+        super().__init__(**actor)
         self.schema = result_schema(self.det.scales)
         self.input_root, self.output, self.maps = input_root, output, maps
-        self.pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="mspray-io")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         units = batch.column("paths").to_pylist()
@@ -109,7 +98,7 @@ class UnitScorer:
         cfg = self.det.cfg
         rows: list[dict] = []
         for loaded in iter_loaded(
-            paths, cfg.score.batch_size, cfg.model.image_size, cfg.score, self.pool
+            paths, cfg.score.batch_size, cfg.model.image_size, cfg.score, self.io
         ):
             rows.extend(self._score_batch(loaded))
         part = write_part(self.output, pa.Table.from_pylist(rows, schema=self.schema))
@@ -187,11 +176,6 @@ class UnitScorer:
         return out
 
 
-def bundle_version(bundle: str) -> str | None:
-    """The version recorded in a bundle's meta.json."""
-    return json.loads(storage.read_text(storage.join(bundle, "meta.json"))).get("version")
-
-
 def list_inputs(input_root: str, output: str) -> list[str]:
     """Images under the input prefix, minus anything under ``output`` (an output folder
     inside the input prefix must not have its heatmaps scored on the next run)."""
@@ -204,11 +188,10 @@ def score_prefix(
     input: str,
     output: str,
     *,
-    pool: PoolOptions | None = None,
+    pool: PoolConfig | None = None,
     maps: bool = False,
     part_size: int = 256,
     overrides: dict[str, Any] | None = None,
-    io_threads: int = 4,
     progress: bool = True,
     address: str | None = None,
 ) -> ScoreSummary:
@@ -218,12 +201,11 @@ def score_prefix(
         bundle: model bundle (local or s3://).
         input, output: folders / prefixes (local or s3://); see :mod:`.results` for the
             output layout.
-        pool: actor pool (workers, GPUs and CPUs per worker).
+        pool: actor pool (size bounds, GPUs and CPUs per actor, reader threads).
         maps: also write a heatmap PNG per good image under ``output/_maps/``.
         part_size: images per work unit = rows per Parquet part.
         overrides: dotted config overrides of runtime settings (``score.batch_size``,
             ``bank.use_gpu``, ...); the model itself always comes from the bundle.
-        io_threads: reader threads per actor (overlap S3 latency with compute).
         progress: Ray Data progress bars and an images progress bar.
         address: Ray cluster address; default ``$RAY_ADDRESS`` or a local Ray.
     """
@@ -232,10 +214,10 @@ def score_prefix(
     if part_size < 1:
         raise ValueError(f"part_size must be >= 1, got {part_size}")
     t0 = time.perf_counter()
-    pool = pool or PoolOptions()
+    pool = pool or PoolConfig()
     input_root, output = storage.normalize(input), storage.normalize(output)
     cfg = bundle_config(bundle, overrides)
-    version = bundle_version(bundle)
+    version = read_meta(bundle).get("version")
     paths = list_inputs(input_root, output)
     wanted = set(paths)
     before = read_results(output, ["path", "model_version"])
@@ -271,21 +253,19 @@ def score_prefix(
         init_ray(address, progress)
         t_pipe = time.perf_counter()
         ds = ray.data.from_items([{"paths": u} for u in units], override_num_blocks=len(units))
-        ds = ds.map_batches(
+        ds = map_with_detector(
+            ds,
             UnitScorer,
+            bundle,
+            cfg,
+            pool,
+            n_items=len(units),
             batch_size=1,  # one unit (= one part file) per call
             batch_format="pyarrow",
-            fn_constructor_kwargs={
-                "bundle": bundle,
-                "config_json": cfg.to_json(),
-                "input_root": input_root,
-                "output": output,
-                "maps": maps,
-                "cpus": pool.cpus_per_worker,
-                "gpus": pool.gpus_per_worker,
-                "io_threads": io_threads,
-            },
-            **pool.map_batches_args(len(units)),
+            io_threads=pool.io_threads,
+            input_root=input_root,
+            output=output,
+            maps=maps,
         )
         with tqdm(total=len(pending), desc="scored", unit="img", disable=not progress) as bar:
             for row in ds.iter_rows():

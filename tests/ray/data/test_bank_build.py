@@ -12,13 +12,12 @@ import pytest
 
 from mspray import storage
 from mspray.bundle import load_bundle, save_bundle
-from mspray.config import BankConfig
+from mspray.config import BankConfig, PoolConfig
 from mspray.data.datasets import train_paths
 from mspray.data.images import load_images
 from mspray.data.synthetic import make_synthetic_dataset
 from mspray.fit import split_holdout
 from mspray.ray.data.banks import build_banks, global_bank_config, shard_keep_ratio
-from mspray.ray.runtime import PoolOptions
 
 
 def test_two_level_coreset_ratios():
@@ -46,7 +45,7 @@ def test_bank_build_from_s3_equals_core_banks(ray_local, tiny_bundle, s3_bucket)
         bundle,
         uris,
         out=out,
-        pool=PoolOptions(workers=2),
+        pool=PoolConfig(workers=2),
         overrides={"bank.coreset_ratio": 1.0},
         progress=False,
     )
@@ -76,7 +75,7 @@ def test_large_bank_is_reduced_per_shard_then_globally(ray_local, tiny_bundle, t
         uris + [str(bad)],
         out=str(tmp_path / "b"),
         append=True,  # all images in the bank: easy to count patches
-        pool=PoolOptions(workers=2),
+        pool=PoolConfig(workers=2),
         # a tiny candidate budget forces the per-shard step
         overrides={"bank.coreset_ratio": 0.25, "bank.coreset_max_candidates": 300},
         calibrate=False,

@@ -15,14 +15,14 @@ import pytest
 
 from mspray import storage
 from mspray.bundle import load_bundle, save_bundle
+from mspray.config import PoolConfig
 from mspray.data.images import load_images
 from mspray.ray.data.results import read_results
 from mspray.ray.data.scoring import score_prefix
-from mspray.ray.runtime import PoolOptions
 
 pytestmark = pytest.mark.ray
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_s3_to_s3_one_row_per_input_errors_marked_scores_equal_core(
@@ -46,7 +46,7 @@ def test_s3_to_s3_one_row_per_input_errors_marked_scores_equal_core(
         bundle,
         inp,
         out,
-        pool=PoolOptions(workers=2),
+        pool=PoolConfig(workers=2),
         maps=True,
         part_size=4,
         overrides={"score.max_image_bytes": 100_000},
@@ -81,7 +81,7 @@ def test_s3_to_s3_one_row_per_input_errors_marked_scores_equal_core(
     assert storage.list_files(f"{out}/_runs", suffixes=(".json",))
 
     # same day again: nothing to do
-    again = score_prefix(bundle, inp, out, pool=PoolOptions(workers=2), progress=False)
+    again = score_prefix(bundle, inp, out, pool=PoolConfig(workers=2), progress=False)
     assert (again.scored, again.skipped, again.missing, again.duplicates) == (0, n_in, 0, 0)
 
 

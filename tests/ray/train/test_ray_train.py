@@ -18,7 +18,7 @@ from mspray.config import MSPrayConfig
 from mspray.data.datasets import train_paths
 from mspray.fit import split_holdout
 from mspray.model.multiscale import normalize
-from mspray.train import ray_train
+from mspray.ray import train as ray_train
 from mspray.train.kmeans import LocalComm, TorchDistComm, fit_centers
 from mspray.train.loop import ScaleTrainer, build_scale_model
 
