@@ -91,6 +91,41 @@ def test_gpu_workers_install_the_gpu_extra(raw: dict[str, Any]) -> None:
     assert raw["file_mounts"], "the repository is synced to the nodes"
 
 
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            name, version = line.split("==")
+            pins[name.strip()] = version.strip()
+    return pins
+
+
+def test_nodes_install_the_pinned_versions(raw: dict[str, Any]) -> None:
+    """Every node installs mspray under constraints that pin the ray and torch the client and
+    CI use (constraints-cpu.txt), and runs the Ray image of that same ray release."""
+    ci = _pins(REPO / "constraints-cpu.txt")
+    assert {"ray", "torch"} <= set(ci)
+    ray_tag = f"rayproject/ray:{ci['ray']}-"
+    assert raw["docker"]["image"].startswith(ray_tag)
+    types = raw["available_node_types"]
+    for name, t in types.items():
+        cmds = t.get("worker_setup_commands") if "worker_setup_commands" in t else None
+        cmds = cmds if cmds is not None else raw["setup_commands"]
+        installs = [c for c in cmds if "pip install" in c and "mspray" in c and "-e" in c]
+        assert installs, f"{name}: no install of mspray"
+        for cmd in installs:
+            m = re.search(r"-c \"?\$HOME/mspray/(constraints-[a-z]+\.txt)", cmd)
+            assert m, f"{name}: unconstrained install {cmd!r}"
+            pins = _pins(REPO / m.group(1))
+            assert pins.get("ray") == ci["ray"] and pins.get("torch") == ci["torch"], name
+        if t["resources"].get("GPU", 0) > 0:
+            assert t["docker"]["worker_image"].startswith(ray_tag)
+            assert all("whl/cpu" not in c for c in installs), f"{name}: CPU torch on a GPU node"
+        else:
+            assert all("whl/cpu" in c for c in installs), f"{name}: CUDA torch on a CPU node"
+
+
 def test_s3_access_by_instance_profile_not_keys(raw: dict[str, Any]) -> None:
     for name, t in raw["available_node_types"].items():
         assert "IamInstanceProfile" in t["node_config"], f"{name} has no instance profile"
