@@ -316,19 +316,7 @@ def test_score_job_writes_one_row_per_image(ray_cluster: LocalCluster, trained: 
     assert len(list((out / "_maps").rglob("*.png"))) == n_images - 1
 
 
-@pytest.mark.slow
-@pytest.mark.ray
-def test_deploy_job_serves_the_bundle(ray_cluster: LocalCluster, trained: Trained) -> None:
-    """ray_jobs/deploy.py deploys serve_config.yaml with the new bundle; it answers."""
-    port = _free_port()
-    _, logs = ray_cluster.run_job(
-        f"python ray_jobs/deploy.py --bundle {trained.bundle} --device cpu --num-cpus 1 "
-        f"--min-replicas 1 --max-replicas 1 --http-host 127.0.0.1 --http-port {port} "
-        "--timeout 150",
-        timeout_s=200,
-    )
-    assert '"RUNNING"' in logs
-    image = next(trained.test_dir.rglob("good/*.png")).read_bytes()
+def _predict(port: int, image: bytes) -> dict:
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/predict",
         data=image,
@@ -336,46 +324,104 @@ def test_deploy_job_serves_the_bundle(ray_cluster: LocalCluster, trained: Traine
         method="POST",
     )
     with urllib.request.urlopen(req, timeout=60) as r:
-        body = json.loads(r.read())
+        return json.loads(r.read())
+
+
+def _get(port: int, path: str) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=60) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_deploy_job_serves_the_bundle_and_updates_in_place(
+    ray_cluster: LocalCluster, trained: Trained
+) -> None:
+    """ray_jobs/deploy.py deploys serve_config.yaml with the new bundle through the Serve
+    REST API and waits for RUNNING; it answers. A second deploy changing only a reloadable
+    setting is applied by the same replica (no restart) and also waits for RUNNING."""
+    from mspray.ray.serve.deploy import apply_overrides, deploy, load_config
+
+    port = _free_port()
+    _, logs = ray_cluster.run_job(
+        f"python ray_jobs/deploy.py --bundle {trained.bundle} --device cpu --num-cpus 1 "
+        f"--replicas 1 --max-replicas 1 --http-host 127.0.0.1 --http-port {port} "
+        "--timeout 150",
+        timeout_s=200,
+    )
+    assert '"RUNNING"' in logs
+    image = next(trained.test_dir.rglob("good/*.png")).read_bytes()
+    body = _predict(port, image)
     assert body["model_version"] == trained.meta["version"]
     assert isinstance(body["image_score"], float) and isinstance(body["is_anomalous"], bool)
+    replica = _get(port, "/v1/stats")["replica"]
+
+    # From outside the cluster, by dashboard URL: only user_config changes.
+    overrides = {"bundle_uri": str(trained.bundle), "device": "cpu", "max_batch_size": 4,
+                 "num_cpus": 1.0, "replicas": 1, "max_replicas": 1}  # fmt: skip
+    config = apply_overrides(
+        load_config(str(REPO / "serve_config.yaml")), overrides,
+        http_host="127.0.0.1", http_port=port,
+    )  # fmt: skip
+    result = deploy(config, ray_cluster.dashboard_url, timeout=150)
+    assert result["status"] == {"mspray": "RUNNING"}
+    info = _get(port, "/v1/model")
+    assert info["serving"]["max_batch_size"] == 4
+    assert _get(port, "/v1/stats")["replica"] == replica  # reconfigured in place
+    assert _predict(port, image)["model_version"] == trained.meta["version"]
 
 
-def _deploy_module():
-    """ray_jobs/deploy.py imported as a module (it is a script, not a package member)."""
-    import importlib.util
+@pytest.mark.slow
+@pytest.mark.ray
+def test_deploy_failure_reports_the_deployment_message(
+    ray_cluster: LocalCluster, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A bundle the replicas cannot load (past the skipped pre-check): the job library waits
+    for DEPLOY_FAILED and exits 2 with the replica's own error. Runs last on the cluster:
+    the PUT replaces every application there."""
+    from mspray.ray.serve.deploy import build_parser, run_deploy
 
-    path = REPO / "ray_jobs" / "deploy.py"
-    spec = importlib.util.spec_from_file_location("mspray_deploy_job", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    missing = tmp_path / "no-such-bundle"
+    argv = ["--address", ray_cluster.dashboard_url, "--bundle", str(missing), "--no-bundle-check",
+            "--device", "cpu", "--replicas", "1", "--timeout", "240"]  # fmt: skip
+    code = run_deploy(build_parser(str(REPO / "serve_config.yaml")).parse_args(argv))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "DEPLOY_FAILED" in err and "no-such-bundle" in err and "meta.json" in err
 
 
 def test_deploy_dry_run_applies_overrides(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """No Ray: the overrides land on the detector deployment and the result validates."""
-    deploy = _deploy_module()
+    """No Ray: reloadable overrides land in the detector's user_config, the others in the
+    application's args, and the result validates; bad settings fail before any network."""
+    from mspray.ray.serve.deploy import DeployError, apply_overrides, build_parser, run_deploy
+
+    def deploy_main(argv: list[str]) -> int:
+        return run_deploy(build_parser(str(REPO / "serve_config.yaml")).parse_args(argv))
+
     argv = ["--dry-run", "--bundle", "s3://bucket/bundles/v9", "--num-gpus", "1",
-            "--max-replicas", "7", "--http-port", "8123"]  # fmt: skip
-    assert deploy.main(argv) == 0
+            "--max-replicas", "7", "--max-batch-size", "32", "--http-port", "8123"]  # fmt: skip
+    assert deploy_main(argv) == 0
     cfg = json.loads(capsys.readouterr().out)
-    dep = cfg["applications"][0]["deployments"][0]
+    app = cfg["applications"][0]
+    (dep,) = app["deployments"]
     assert dep["name"] == "MSPrayDetector"
     assert dep["user_config"]["bundle_uri"] == "s3://bucket/bundles/v9"
-    assert dep["ray_actor_options"]["num_gpus"] == 1
-    assert dep["autoscaling_config"]["max_replicas"] == 7
+    assert dep["user_config"]["max_batch_size"] == 32
+    assert app["args"]["num_gpus"] == 1 and app["args"]["max_replicas"] == 7
     assert cfg["http_options"]["port"] == 8123
-    # A typo in the serving settings is caught before anything reaches the cluster.
+    # A typo in the serving settings is caught before anything reaches the cluster ...
     bad = tmp_path / "bad.yaml"
     bad.write_text((REPO / "serve_config.yaml").read_text().replace("bank_gpu:", "bank_gpuu:"))
-    assert deploy.main(["--dry-run", "--config", str(bad)]) == 2
+    assert deploy_main(["--dry-run", "--config", str(bad)]) == 2
     assert "bank_gpuu" in capsys.readouterr().err
-    # So is a bundle that is not there (checked when not a dry run, before connecting).
-    with pytest.raises(deploy.DeployError, match="no complete model bundle"):
-        deploy.check_config(
-            deploy.apply_overrides(
-                deploy.load_config(str(REPO / "serve_config.yaml")),
-                deploy.parse_args(["--bundle", str(tmp_path / "nothing")]),
-            )
-        )
+    # ... so is a batch size the replicas' max_ongoing_requests could never fill ...
+    assert deploy_main(["--dry-run", "--max-batch-size", "128"]) == 2
+    assert "max_batch_size" in capsys.readouterr().err
+    # ... a bundle that is not there (checked when not a dry run, before connecting) ...
+    assert deploy_main(["--bundle", str(tmp_path / "nothing"), "--address", "http://x:1"]) == 2
+    assert "no meta.json" in capsys.readouterr().err
+    # ... and an override the config's deployments section would silently shadow.
+    raw = {"applications": [{"name": "m", "import_path": "mspray.ray.serve:build_app",
+           "deployments": [{"name": "MSPrayDetector", "num_replicas": 2}]}]}  # fmt: skip
+    with pytest.raises(DeployError, match="num_replicas"):
+        apply_overrides(raw, {"replicas": 3})

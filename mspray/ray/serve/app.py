@@ -11,10 +11,12 @@ Routes (FastAPI ingress):
 - ``GET /healthz``.
 
 Concurrent requests are batched with ``@serve.batch``: one forward pass and one bank
-search per batch. The bundle URI and the batching settings live in ``user_config``;
-changing them (``serve deploy`` with an edited config) calls :meth:`reconfigure`, which
-loads the new bundle *before* swapping one reference, so in-flight batches finish on the
-old model and no request fails. Bad input gets a 4xx JSON ``{"error": ...}`` (see
+search per batch. Settings are :class:`mspray.config.ServeConfig`: the builder's ``args``
+give all of them; its :attr:`~mspray.config.ServeConfig.RELOADABLE` part (bundle URI,
+device, batching, limits) is the deployment's ``user_config``. Changing that (``serve
+deploy`` with an edited config) calls :meth:`reconfigure`, which loads the new bundle
+*before* swapping one reference, so in-flight batches finish on the old model and no
+request fails. Bad input gets a 4xx JSON ``{"error": ...}`` (see
 :mod:`mspray.ray.serve.request`). Use :func:`build_app` as the import path.
 
 No ``from __future__ import annotations`` here: FastAPI must see real types on the
@@ -35,82 +37,16 @@ import torch.nn.functional as F
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
+from mspray.config import BATCH_WAIT_S, ConfigError, ServeConfig, validate
 from mspray.ray.serve import request as inputs
 
 # Serve's replica logger: lines land in the replica log with the request id.
 log = logging.getLogger("ray.serve")
 
 DEPLOYMENT_NAME = "MSPrayDetector"
-#: Default batch wait. Longer than Serve's 10 ms: under load a client's next request takes
-#: tens of ms to travel client -> proxy -> replica, and a shorter wait splits the clients
-#: into small cohorts that never share a batch (measured in benchmarks/bench_serve.py).
-BATCH_WAIT_S = 0.02
-
-
-class ServeSettings(BaseModel):
-    """The deployment's ``user_config``: everything that can change without a restart."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    bundle_uri: str = Field(description="model bundle, local path or s3://")
-    device: str = Field("auto", description="torch device: auto, cpu, cuda[:N]")
-    bank_gpu: bool = Field(False, description="faiss bank search on the GPU")
-    max_batch_size: int = Field(16, ge=1, description="requests per forward pass")
-    batch_wait_timeout_s: float = Field(
-        BATCH_WAIT_S, ge=0, description="how long a batch waits to fill up"
-    )
-    max_image_bytes: int | None = Field(
-        None, gt=0, description="body size limit (default: the bundle's score.max_image_bytes)"
-    )
-    max_image_pixels: int | None = Field(
-        None, gt=0, description="pixel limit (default: the bundle's score.max_image_pixels)"
-    )
-
-    def model_key(self) -> tuple:
-        """Settings whose change needs a new model load (the rest apply instantly)."""
-        return (self.bundle_uri, self.device, self.bank_gpu)
-
-
-class AppArgs(BaseModel):
-    """Arguments of :func:`build_app` (``args:`` in serve_config.yaml, ``key=value`` on
-    ``serve run``). Serving settings become the default ``user_config``; the others set
-    the deployment's replicas and resources. A config file's ``deployments:`` section
-    overrides all of them."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    bundle: str | None = None
-    device: str = "auto"
-    bank_gpu: bool = False
-    max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(BATCH_WAIT_S, ge=0)
-    max_image_bytes: int | None = Field(None, gt=0)
-    max_image_pixels: int | None = Field(None, gt=0)
-    #: A fixed replica count; None autoscales between min_replicas and max_replicas.
-    num_replicas: int | None = Field(None, ge=1)
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(4, ge=1)
-    target_ongoing_requests: float = Field(16, gt=0)
-    #: Must stay above max_batch_size, or batches can never fill up.
-    max_ongoing_requests: int = Field(64, ge=1)
-    num_cpus: float = Field(1, ge=0)
-    num_gpus: float = Field(0, ge=0)
-
-    def user_config(self) -> dict[str, Any]:
-        cfg = {
-            "bundle_uri": self.bundle,
-            "device": self.device,
-            "bank_gpu": self.bank_gpu,
-            "max_batch_size": self.max_batch_size,
-            "batch_wait_timeout_s": self.batch_wait_timeout_s,
-            "max_image_bytes": self.max_image_bytes,
-            "max_image_pixels": self.max_image_pixels,
-        }
-        return {k: v for k, v in cfg.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -118,7 +54,7 @@ class ServingModel:
     """A loaded detector with the settings it serves under; swapped as one reference."""
 
     detector: Any  # mspray.detector.Detector
-    settings: ServeSettings
+    settings: ServeConfig
     max_image_bytes: int
     max_image_pixels: int
     loaded_at: float
@@ -135,19 +71,22 @@ class ItemResult:
     amap: np.ndarray  # H×W fused anomaly map
 
 
-def load_detector(settings: ServeSettings) -> Any:
-    """Load the bundle of ``settings`` and run one warm-up batch (lazy init off the
-    request path)."""
-    from mspray import storage
-    from mspray.bundle import load_bundle
-    from mspray.config import MSPrayConfig
+def load_detector(settings: ServeConfig) -> Any:
+    """Load the bundle of ``settings`` on its device and run one warm-up batch (lazy init
+    off the request path)."""
+    from mspray.bundle import load_bundle, read_config
     from mspray.device import resolve_device
 
-    override = None
-    if settings.bank_gpu:
-        text = storage.read_text(storage.join(settings.bundle_uri, "config.json"))
-        override = MSPrayConfig.from_json(text).replace(**{"bank.use_gpu": True})
-    det = load_bundle(settings.bundle_uri, device=resolve_device(settings.device), config=override)
+    if not settings.bundle_uri:
+        raise ConfigError("bundle_uri: not set (args.bundle or user_config.bundle_uri)")
+    # The bundle's own runtime settings, with the faiss search moved to the GPU if asked.
+    config = (
+        read_config(settings.bundle_uri).replace(**{"bank.use_gpu": True})
+        if settings.bank_gpu
+        else None
+    )
+    device = resolve_device(settings.device)
+    det = load_bundle(settings.bundle_uri, device=device, config=config)
     size = det.cfg.model.image_size
     det.predict(torch.zeros(1, 3, size, size))
     return det
@@ -199,6 +138,22 @@ def map_png_base64(amap: np.ndarray, threshold: float | None) -> tuple[str, list
     return base64.b64encode(to_png(colorize(amap, lo, hi))).decode("ascii"), [lo, hi]
 
 
+def apply_user_config(args: ServeConfig, user_config: dict[str, Any] | None) -> ServeConfig:
+    """The builder's ``args`` with a deployment's ``user_config`` applied on top.
+
+    ``user_config`` may only hold :attr:`ServeConfig.RELOADABLE` fields: the others set
+    replicas and resources, which a replica cannot change from inside.
+    """
+    user = dict(user_config or {})
+    unknown = sorted(set(user) - set(ServeConfig.RELOADABLE))
+    if unknown:
+        raise ConfigError(
+            f"user_config.{unknown[0]}: not a reloadable setting "
+            f"(user_config takes {', '.join(ServeConfig.RELOADABLE)})"
+        )
+    return validate(ServeConfig, {**args.model_dump(), **user})
+
+
 def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -225,10 +180,10 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
 class MSPrayDetector:
     """One replica: a loaded detector, a batch queue and counters."""
 
-    def __init__(self, defaults: dict[str, Any] | None = None):
+    def __init__(self, args: dict[str, Any] | None = None):
         # Nothing is loaded here: Serve calls reconfigure(user_config) right after
         # __init__, and that is the one place a model is (re)loaded.
-        self._defaults = dict(defaults or {})
+        self._args = validate(ServeConfig, args or {}, where="args")
         self._current: ServingModel | None = None
         self._reload_lock = asyncio.Lock()
         self._reload_error: str | None = None
@@ -246,7 +201,7 @@ class MSPrayDetector:
         """
         async with self._reload_lock:
             try:
-                settings = ServeSettings.model_validate({**self._defaults, **(user_config or {})})
+                settings = apply_user_config(self._args, user_config)
                 current = self._current
                 if current is not None and current.settings.model_key() == settings.model_key():
                     det = current.detector
@@ -269,7 +224,9 @@ class MSPrayDetector:
                 if self._current is None:
                     raise
                 self._reload_error = f"{type(e).__name__}: {e}"
-                log.exception("reconfigure failed; still serving %s", self._current.settings)
+                log.exception(
+                    "reconfigure failed; still serving %s", self._current.settings.bundle_uri
+                )
 
     def check_health(self) -> None:
         """Serve's health check: a replica without a model is not healthy."""
@@ -303,15 +260,7 @@ class MSPrayDetector:
         if current is None:
             return error(503, "no model loaded yet")
         try:
-            ctype = request.headers.get("content-type")
-            kind = inputs.body_kind(ctype)
-            inputs.check_declared_length(
-                request.headers.get("content-length"), current.max_image_bytes
-            )
-            body = await inputs.read_limited(request.stream(), current.max_image_bytes)
-            name = "request body"
-            if kind == "multipart":
-                body, name = inputs.multipart_file(body, ctype or "")
+            body, name = await inputs.read_image(request, current.max_image_bytes)
             size = current.detector.cfg.model.image_size
             image = await asyncio.to_thread(decode_resized, body, name, current, size)
         except inputs.BadInput as bad:
@@ -384,33 +333,38 @@ class MSPrayDetector:
         )
 
 
-def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
-    """Serve application builder: ``import_path: mspray.ray.serve:build_app``.
-
-    ``args`` are :class:`AppArgs`; the bundle may also come only from the config's
-    ``user_config.bundle_uri``.
-    """
-    a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
-    if a.max_ongoing_requests < a.max_batch_size:
-        raise ValueError(
-            f"max_ongoing_requests={a.max_ongoing_requests} is below max_batch_size="
-            f"{a.max_batch_size}: batches could never fill up"
-        )
+def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    """The Serve options of the detector deployment for ``cfg``: a fixed replica count, or
+    autoscaling between ``replicas`` and ``max_replicas``; resources and the reloadable
+    settings as the default ``user_config``."""
+    if cfg.max_replicas is not None and cfg.max_replicas < cfg.replicas:
+        raise ConfigError(f"max_replicas={cfg.max_replicas}: below replicas={cfg.replicas}")
     replicas: dict[str, Any]
-    if a.num_replicas is not None:
-        replicas = {"num_replicas": a.num_replicas}
+    if cfg.max_replicas is None:
+        replicas = {"num_replicas": cfg.replicas}
     else:
         replicas = {
             "autoscaling_config": {
-                "min_replicas": a.min_replicas,
-                "max_replicas": max(a.max_replicas, a.min_replicas),
-                "target_ongoing_requests": a.target_ongoing_requests,
+                "min_replicas": cfg.replicas,
+                "max_replicas": cfg.max_replicas,
+                "target_ongoing_requests": cfg.target_ongoing_requests,
             }
         }
-    defaults = a.user_config()
-    return MSPrayDetector.options(
-        max_ongoing_requests=a.max_ongoing_requests,
-        ray_actor_options={"num_cpus": a.num_cpus, "num_gpus": a.num_gpus},
-        user_config=defaults,
+    return {
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        "user_config": cfg.user_config(),
         **replicas,
-    ).bind(defaults)
+    }
+
+
+def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
+    """Serve application builder: ``import_path: mspray.ray.serve:build_app``.
+
+    ``args`` are :class:`~mspray.config.ServeConfig` fields (``args:`` of serve_config.yaml);
+    the bundle may also come only from the config's ``user_config.bundle_uri``. A config
+    file's ``deployments:`` section overrides the options derived here.
+    """
+    cfg = args if isinstance(args, ServeConfig) else validate(ServeConfig, args or {}, "args")
+    options = deployment_options(cfg)  # validates before anything is bound
+    return MSPrayDetector.options(**options).bind(cfg.model_dump())

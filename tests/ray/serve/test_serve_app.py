@@ -31,23 +31,22 @@ from mspray.fit import fit_detector
 
 pytestmark = pytest.mark.ray
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 APP = "mspray"
 #: A small body limit, so the 413 test need not send megabytes.
 MAX_BYTES = 200_000
 
 
 @pytest.fixture(scope="module")
-def bundles(synthetic_root, tmp_path_factory, tiny_cfg) -> dict[str, str]:
-    """Two tiny bundles: "a" trained for one epoch, "b" another seed's untrained encoders
-    (epochs=0 builds banks right away; the serving layer only needs a second model)."""
+def bundles(tiny_bundle, synthetic_root, tmp_path_factory, tiny_cfg) -> dict[str, str]:
+    """Two tiny bundles: "a" the session's trained one, "b" another seed's untrained
+    encoders (epochs=0 builds banks right away; the serving layer only needs a second
+    model)."""
     uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
-    out = {}
-    for name, seed, epochs in (("a", 0, 1), ("b", 1, 0)):
-        cfg = tiny_cfg.replace(**{"train.seed": seed, "train.epochs": epochs})
-        out[name] = str(tmp_path_factory.mktemp(f"bundle_{name}") / "bundle")
-        fit_detector(cfg, uris, out=out[name], progress=False)
-    return out
+    b = str(tmp_path_factory.mktemp("bundle_b") / "bundle")
+    cfg = tiny_cfg.replace(**{"train.seed": 1, "train.epochs": 0})
+    fit_detector(cfg, uris, out=b, progress=False)
+    return {"a": tiny_bundle[0], "b": b}
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +65,13 @@ def _free_port() -> int:
 
 
 def _config(port: int, bundle: str) -> dict:
-    """serve_config.yaml as shipped, with the test bundle, loopback and one replica."""
+    """serve_config.yaml as shipped, with the test bundle, loopback and one fixed replica."""
     raw = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     raw["http_options"] = {"host": "127.0.0.1", "port": port}
-    dep = raw["applications"][0]["deployments"][0]
-    dep["autoscaling_config"].update(min_replicas=1, max_replicas=1)
-    dep["user_config"].update(bundle_uri=bundle, max_image_bytes=MAX_BYTES)
+    app = raw["applications"][0]
+    app["args"].update(replicas=1)
+    del app["args"]["max_replicas"]
+    app["deployments"][0]["user_config"].update(bundle_uri=bundle, max_image_bytes=MAX_BYTES)
     return raw
 
 
@@ -166,6 +166,9 @@ def test_model_info(endpoint, bundles):
     assert info["bank_sizes"] == {str(s): b.ntotal for s, b in det.banks.items()}
     assert info["config"] == json.loads(det.cfg.to_json())
     assert info["limits"]["max_image_bytes"] == MAX_BYTES
+    # the replica's ServeConfig: args of the config file with its user_config on top
+    assert info["serving"]["replicas"] == 1 and info["serving"]["max_replicas"] is None
+    assert info["serving"]["max_image_bytes"] == MAX_BYTES
     assert endpoint.client.get("/healthz").json()["model_version"] == det.version
 
 

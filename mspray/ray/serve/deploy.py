@@ -1,0 +1,366 @@
+"""Deploy (or update) the Serve application of a config file on a running Ray cluster.
+
+What ``serve deploy serve_config.yaml`` does, with mspray's settings as flags and a wait:
+read the config, put the :class:`~mspray.config.ServeConfig` overrides in place (the
+reloadable ones in the detector deployment's ``user_config``, the others in the
+application's ``args``), validate it (Ray's public ``ServeDeploySchema``, mspray's
+``ServeConfig``, the bundle's ``meta.json``), send it with ``PUT /api/serve/applications/``
+of the dashboard's documented Serve REST API and poll ``GET /api/serve/applications/`` until
+the applications are RUNNING. Redeploying with only a new ``--bundle`` changes only
+``user_config``: the replicas swap the model in place, without a restart.
+
+Where it deploys: ``--address`` (a dashboard URL ``http://HOST:8265``, or a Ray address),
+else ``$RAY_DASHBOARD_ADDRESS``, else the cluster of ``$RAY_ADDRESS`` (set inside ``ray
+job submit``), else a ``ray start --head`` on this machine (``http://127.0.0.1:8265``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from mspray.config import ConfigError, ServeConfig, validate
+from mspray.ray.serve.app import DEPLOYMENT_NAME as DEPLOYMENT
+from mspray.ray.serve.app import apply_user_config, deployment_options
+
+log = logging.getLogger(__name__)
+
+IMPORT_PATH = "mspray.ray.serve:build_app"
+#: The Serve REST API's one resource (https://docs.ray.io/en/latest/serve/api/index.html).
+API_PATH = "/api/serve/applications/"
+#: What ``serve deploy`` assumes without an address: a head node on this machine.
+LOCAL_DASHBOARD = "http://127.0.0.1:8265"
+FAILED = ("DEPLOY_FAILED", "UNHEALTHY")
+#: Options of a ``deployments:`` entry that override what ``args`` fields set: an override
+#: flag for such a field would be silently ignored, so it is an error instead.
+SHADOWED_BY = {
+    "replicas": ("num_replicas", "autoscaling_config"),
+    "max_replicas": ("num_replicas", "autoscaling_config"),
+    "target_ongoing_requests": ("autoscaling_config",),
+    "max_ongoing_requests": ("max_ongoing_requests",),
+    "num_cpus": ("ray_actor_options",),  # replaced as a whole, not merged, by Serve
+    "num_gpus": ("ray_actor_options",),
+}
+
+DESCRIPTION = """\
+Deploy or update the mspray Ray Serve application of a Serve config (serve_config.yaml)
+on a running Ray cluster through the Serve REST API, and wait until it is RUNNING. Setting
+flags override the file: reloadable ones (--bundle, --device, batching, limits) go to the
+detector's user_config, so a new --bundle swaps the model in place without a restart;
+replica and resource ones go to the application's args.
+
+Where: --address (dashboard URL http://HOST:8265, or a Ray address), else
+$RAY_DASHBOARD_ADDRESS, else the cluster of $RAY_ADDRESS (set by `ray job submit`), else
+http://127.0.0.1:8265 (`ray start --head` on this machine).
+"""
+EPILOG = """\
+examples:
+  python ray_jobs/deploy.py --address http://head:8265 --bundle s3://models/screws/v4
+  ray job submit --working-dir . -- python ray_jobs/deploy.py \\
+      --bundle s3://models/screws/v4 --num-gpus 1 --max-replicas 8
+  python ray_jobs/deploy.py --dry-run --bundle runs/bottle   # print the final config
+"""
+
+
+class DeployError(RuntimeError):
+    """The config is invalid, the cluster unreachable, or the application did not come up."""
+
+
+# ---------------------------------------------------------------------------- config
+def load_config(path: str) -> dict[str, Any]:
+    """The Serve config file (YAML) as a dict."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise DeployError(f"{path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise DeployError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict) or not data.get("applications"):
+        raise DeployError(f"{path}: not a Serve config with an 'applications' list")
+    return data
+
+
+def apply_overrides(
+    config: dict[str, Any],
+    overrides: dict[str, Any],
+    *,
+    app: str | None = None,
+    http_host: str | None = None,
+    http_port: int | None = None,
+) -> dict[str, Any]:
+    """A copy of ``config`` with :class:`ServeConfig` ``overrides`` (field -> value) on the
+    mspray application: reloadable fields into the detector's ``user_config``, the others
+    into the application's ``args``."""
+    config = copy.deepcopy(config)
+    target = _mspray_app(config, app)
+    dep = _detector(target, create=True)
+    for key, value in overrides.items():
+        if key not in ServeConfig.model_fields:
+            raise DeployError(f"{key}: not a ServeConfig field")
+        if key in ServeConfig.RELOADABLE:
+            dep.setdefault("user_config", {})[key] = value
+            continue
+        shadowing = [o for o in SHADOWED_BY.get(key, ()) if o in dep]
+        if shadowing:
+            raise DeployError(
+                f"{key}: the config's deployments[{DEPLOYMENT}] sets {shadowing[0]}, which "
+                f"overrides args.{key}: change it there, or move it to args"
+            )
+        target.setdefault("args", {})[key] = value
+    http = config.setdefault("http_options", {})
+    if http_host:
+        http["host"] = http_host
+    if http_port:
+        http["port"] = http_port
+    return config
+
+
+def check_config(config: dict[str, Any], check_bundle: bool = True) -> dict[str, ServeConfig]:
+    """Validate ``config`` with Ray's Serve schema and each mspray application's settings
+    (``args`` + the detector's ``user_config``); with ``check_bundle`` also that each bundle
+    is complete. Returns the effective settings per mspray application name."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        ServeDeploySchema.model_validate(config)
+    except ValidationError as e:
+        raise DeployError(f"invalid Serve config: {e}") from None
+    settings = {}
+    for app in config["applications"]:
+        if app.get("import_path") != IMPORT_PATH:
+            continue  # not ours: Serve checks it
+        name = app.get("name", "default")
+        dep = _detector(app, create=False) or {}
+        user = dep.get("user_config") or {}
+        try:
+            # The effective settings: args, the user_config on top, and a deployments-level
+            # max_ongoing_requests, which Serve applies over what args set.
+            args = dict(app.get("args") or {})
+            if "max_ongoing_requests" in dep:
+                args["max_ongoing_requests"] = dep["max_ongoing_requests"]
+            cfg = apply_user_config(validate(ServeConfig, args, "args"), user)
+            deployment_options(cfg)
+        except ConfigError as e:
+            raise DeployError(f"application {name!r}: {e}") from None
+        if not cfg.bundle_uri:
+            raise DeployError(f"application {name!r}: no bundle (--bundle or user_config)")
+        if check_bundle:
+            from mspray.bundle import BundleError, read_meta
+
+            try:
+                read_meta(cfg.bundle_uri)
+            except (BundleError, OSError) as e:
+                raise DeployError(f"application {name!r}: {e}") from None
+        settings[name] = cfg
+    if not settings:
+        raise DeployError(f"no application with import_path {IMPORT_PATH} in the config")
+    return settings
+
+
+def _mspray_app(config: dict[str, Any], name: str | None) -> dict[str, Any]:
+    apps = config["applications"]
+    if name:
+        found = [a for a in apps if a.get("name") == name]
+        if not found:
+            raise DeployError(f"no application named {name!r} in the config")
+        return found[0]
+    ours = [a for a in apps if a.get("import_path") == IMPORT_PATH]
+    if len(ours) != 1:
+        raise DeployError(f"{len(ours)} applications use {IMPORT_PATH}: choose one with --app")
+    return ours[0]
+
+
+def _detector(app: dict[str, Any], create: bool) -> dict[str, Any] | None:
+    deps = app.setdefault("deployments", []) if create else app.get("deployments") or []
+    dep = next((d for d in deps if d.get("name") == DEPLOYMENT), None)
+    if dep is None and create:
+        dep = {"name": DEPLOYMENT}
+        deps.append(dep)
+    return dep
+
+
+# ---------------------------------------------------------------------------- REST API
+def dashboard_url(address: str | None = None) -> str:
+    """The dashboard URL to deploy through (see the module docstring for the order)."""
+    address = address or os.environ.get("RAY_DASHBOARD_ADDRESS")
+    if address and "://" in address and not address.startswith("ray://"):
+        return address.rstrip("/")
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        return LOCAL_DASHBOARD
+    # A Ray address (e.g. inside `ray job submit`): join the cluster, ask for its dashboard.
+    import ray
+
+    from mspray.ray.runtime import init_ray
+
+    init_ray(address, progress=False)
+    url = ray.init(ignore_reinit_error=True).dashboard_url  # the context of the connection
+    if not url:
+        raise DeployError("this Ray cluster runs without a dashboard (the Serve REST API)")
+    return url if "://" in url else f"http://{url}"
+
+
+def rest(method: str, url: str, body: Any = None, timeout: float = 60.0) -> Any:
+    """One Serve REST API call; the JSON answer (None if empty), or :class:`DeployError`
+    with the server's message."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url + API_PATH, data=data, method=method)
+    req.add_header("Accept", "application/json")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            text = r.read().decode()
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace").strip()
+        raise DeployError(f"{method} {url}{API_PATH}: HTTP {e.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise DeployError(
+            f"cannot reach the Ray dashboard at {url} ({reason}): pass --address or set "
+            "RAY_DASHBOARD_ADDRESS (for a local endpoint without a cluster: mspray serve)"
+        ) from None
+    return json.loads(text) if text.strip() else None
+
+
+def applications(url: str) -> dict[str, dict[str, Any]]:
+    """``GET /api/serve/applications/``: name -> application details."""
+    return (rest("GET", url) or {}).get("applications") or {}
+
+
+def wait_running(
+    url: str,
+    names: list[str],
+    timeout: float,
+    since: dict[str, float | None],
+    poll_s: float = 2.0,
+) -> dict[str, dict[str, Any]]:
+    """Poll until every application in ``names`` is RUNNING under the config deployed
+    after ``since`` (name -> its previous ``last_deployed_time_s``). A failed application
+    raises :class:`DeployError` with its and its deployments' messages."""
+    deadline = time.monotonic() + timeout
+    while True:
+        # First wait one interval: right after the PUT an updated application still shows
+        # the RUNNING of its old config until the controller's next loop marks it UPDATING.
+        time.sleep(poll_s)
+        apps = applications(url)
+        states = {n: apps.get(n, {}).get("status", "NOT_STARTED") for n in names}
+        failed = [n for n, s in states.items() if s in FAILED]
+        if failed:
+            raise DeployError("; ".join(_failure(n, apps[n]) for n in failed))
+        fresh = all(apps.get(n, {}).get("last_deployed_time_s") != since.get(n) for n in names)
+        if fresh and all(s == "RUNNING" for s in states.values()):
+            return {n: apps[n] for n in names}
+        if time.monotonic() > deadline:
+            detail = "; ".join(_failure(n, apps.get(n, {})) for n in names)
+            raise DeployError(f"not RUNNING after {timeout:.0f}s: {detail}")
+
+
+def _failure(name: str, app: dict[str, Any]) -> str:
+    parts = [f"{name}: {app.get('status', 'NOT_STARTED')}"]
+    if app.get("message"):
+        parts.append(str(app["message"]).strip())
+    for dep_name, dep in (app.get("deployments") or {}).items():
+        if dep.get("message"):
+            parts.append(f"{dep_name} {dep.get('status')}: {str(dep['message']).strip()}")
+    return " | ".join(parts)
+
+
+def deploy(
+    config: dict[str, Any], url: str, *, wait: bool = True, timeout: float = 600.0
+) -> dict[str, Any]:
+    """Send ``config`` to the Serve REST API at ``url``; with ``wait``, return once every
+    application in it is RUNNING. Returns a summary (dashboard, application states)."""
+    names = [a.get("name", "default") for a in config["applications"]]
+    before = applications(url)
+    since = {n: before.get(n, {}).get("last_deployed_time_s") for n in names}
+    rest("PUT", url, config)
+    result: dict[str, Any] = {"dashboard": url, "applications": names}
+    if wait:
+        apps = wait_running(url, names, timeout, since)
+        http = config.get("http_options") or {}
+        result.update(
+            status={n: a.get("status") for n, a in apps.items()},
+            route_prefix={n: a.get("route_prefix") for n, a in apps.items()},
+            http=f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}",
+        )
+    return result
+
+
+# ---------------------------------------------------------------------------- command line
+def build_parser(
+    default_config: str | None = None, prog: str = "deploy.py"
+) -> argparse.ArgumentParser:
+    """The deploy job's arguments; the setting overrides derive from :class:`ServeConfig`."""
+    from mspray.cli import add_config_flags
+
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        default=default_config,
+        required=default_config is None,
+        help=f"Serve config YAML (default: {default_config})",
+    )
+    p.add_argument("--app", help=f"application to change (default: the one using {IMPORT_PATH})")
+    p.add_argument(
+        "--address",
+        help="Ray dashboard URL (http://HOST:8265) or Ray address (default: "
+        f"$RAY_DASHBOARD_ADDRESS, the cluster of $RAY_ADDRESS, else {LOCAL_DASHBOARD})",
+    )
+    p.add_argument("--http-host", help="HTTP proxy host (only takes effect when Serve starts)")
+    p.add_argument("--http-port", type=int, help="HTTP proxy port (only when Serve starts)")
+    p.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait for RUNNING (%(default)s)"
+    )
+    p.add_argument("--no-wait", action="store_true", help="return once the config is accepted")
+    p.add_argument(
+        "--no-bundle-check", action="store_true", help="do not check the bundle's meta.json"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the final config and exit")
+    g = p.add_argument_group("settings (mspray.config.ServeConfig; override the config file)")
+    add_config_flags(g, "serve", ServeConfig, list(ServeConfig.model_fields))
+    return p
+
+
+def run_deploy(args: argparse.Namespace) -> int:
+    """Deploy as the parsed ``args`` say; prints a JSON summary. Returns the exit code."""
+    from mspray.cli import flag_values
+
+    try:
+        overrides = flag_values(args, "serve")  # typed by argparse, checked in check_config
+        config = apply_overrides(
+            load_config(args.config),
+            overrides,
+            app=args.app,
+            http_host=args.http_host,
+            http_port=args.http_port,
+        )
+        settings = check_config(config, check_bundle=not (args.no_bundle_check or args.dry_run))
+        if args.dry_run:
+            print(json.dumps(config, indent=2), flush=True)
+            return 0
+        url = dashboard_url(args.address)
+        bundles = ", ".join(s.bundle_uri or "?" for s in settings.values())
+        log.info("deploying %s (bundle %s) through %s", args.config, bundles, url)
+        result = deploy(config, url, wait=not args.no_wait, timeout=args.timeout)
+    except DeployError as e:
+        print(f"deploy: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2), flush=True)
+    return 0
