@@ -134,7 +134,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from mspray.ray.serve import AppArgs, build_app
+    from mspray.config import ServeConfig
+    from mspray.ray.serve import build_app
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_serve_")
     scales = tuple(int(s) for s in args.scales.split(","))
@@ -149,11 +150,11 @@ def main() -> None:
     urls = {}
     for name, bs in variants.items():
         app = build_app(
-            AppArgs(
+            ServeConfig(
                 bundle=bundle,
                 max_batch_size=bs,
                 batch_wait_timeout_s=args.batch_wait_ms / 1000,
-                num_replicas=1,
+                replicas=1,
                 num_cpus=args.replica_cpus,
             )
         )

@@ -326,6 +326,17 @@ class ServeConfig(Section):
     max_ongoing_requests: int = flag(
         64, "in-flight requests per replica (must stay above max_batch_size)", ge=1
     )
+    max_queued_requests: int = flag(
+        128,
+        "requests queued at each proxy beyond max_ongoing_requests per replica; more get a "
+        "503 at once instead of piling up in memory (-1 = unbounded)",
+        ge=-1,
+    )
+    request_timeout_s: float | None = flag(
+        60.0,
+        "end-to-end HTTP timeout of a request (408 after it); set when Serve's proxies start",
+        gt=0,
+    )
     num_cpus: float = flag(1, "CPUs per replica (also its torch threads)", ge=0)
     num_gpus: float = flag(0, "GPUs per replica", ge=0)
 
@@ -342,6 +353,13 @@ class ServeConfig(Section):
 
     @model_validator(mode="after")
     def _batches_can_fill(self) -> ServeConfig:
+        if self.max_replicas is not None:
+            _check(
+                self.max_replicas >= self.replicas,
+                "max_replicas",
+                self.max_replicas,
+                f"below replicas={self.replicas}",
+            )
         _check(
             self.max_ongoing_requests >= self.max_batch_size,
             "max_ongoing_requests",

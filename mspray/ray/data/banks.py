@@ -34,11 +34,12 @@ log = logging.getLogger(__name__)
 
 def shard_keep_ratio(cfg: BankConfig, total_rows: int) -> float:
     """Fraction of each shard's patches kept by the per-shard coreset: 1 while all patches
-    fit the global candidate budget, else just enough for the union to fit it (never less
-    than the final ratio)."""
+    fit the global candidate budget, else ``coreset_max_candidates / total_rows``, so that
+    at most the budget (plus one row per shard, from rounding) ever reaches the driver,
+    however many images there are."""
     if cfg.coreset_ratio >= 1.0 or total_rows <= cfg.coreset_max_candidates:
         return 1.0
-    return max(cfg.coreset_ratio, cfg.coreset_max_candidates / total_rows)
+    return cfg.coreset_max_candidates / total_rows
 
 
 def global_bank_config(cfg: BankConfig, total_rows: int, union_rows: int) -> BankConfig:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 import torch.nn.functional as F
 from fastapi import FastAPI, Query, Request
@@ -85,11 +86,20 @@ def load_detector(settings: ServeConfig) -> Any:
         if settings.bank_gpu
         else None
     )
-    device = resolve_device(settings.device)
+    device = resolve_device(serve_device(settings.device, ray.get_gpu_ids()))
     det = load_bundle(settings.bundle_uri, device=device, config=config)
     size = det.cfg.model.image_size
     det.predict(torch.zeros(1, 3, size, size))
     return det
+
+
+def serve_device(setting: str, gpu_ids: list) -> str:
+    """The torch device of a replica: ``auto`` means CUDA only when this replica reserved
+    a GPU (``num_gpus``); one without a reservation stays on the CPU even on a GPU node,
+    where another actor owns the GPU."""
+    if setting == "auto":
+        return "cuda" if gpu_ids else "cpu"
+    return setting
 
 
 def decode_resized(data: bytes, name: str, current: ServingModel, size: int) -> torch.Tensor:
@@ -187,6 +197,7 @@ class MSPrayDetector:
         self._current: ServingModel | None = None
         self._reload_lock = asyncio.Lock()
         self._reload_error: str | None = None
+        self._requested_bundle: str | None = None
         self._batch_sizes: collections.Counter[int] = collections.Counter()
         self._rejections: collections.Counter[int] = collections.Counter()
         self._n_predictions = 0
@@ -200,6 +211,7 @@ class MSPrayDetector:
         shown in GET /v1/model, since failing here would take every replica down.
         """
         async with self._reload_lock:
+            self._requested_bundle = (user_config or {}).get("bundle_uri", self._args.bundle_uri)
             try:
                 settings = apply_user_config(self._args, user_config)
                 current = self._current
@@ -285,10 +297,23 @@ class MSPrayDetector:
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
+        """``ok``, or ``degraded`` when the last requested swap failed: then the old model
+        still serves, and the answer names it, the requested bundle and the error (what
+        ``ray_jobs/deploy.py`` checks on every replica after a rollout)."""
         current = self._current
+        replica = serve.get_replica_context().replica_id.unique_id
         if current is None:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ok", "model_version": current.detector.version})
+            return JSONResponse({"status": "loading", "replica": replica}, status_code=503)
+        return JSONResponse(
+            {
+                "status": "degraded" if self._reload_error else "ok",
+                "replica": replica,
+                "model_version": current.detector.version,
+                "bundle_uri": current.settings.bundle_uri,
+                "requested_bundle_uri": self._requested_bundle,
+                "last_reload_error": self._reload_error,
+            }
+        )
 
     @api.get("/v1/model")
     async def model_info(self) -> JSONResponse:
@@ -352,6 +377,7 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
         }
     return {
         "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         "user_config": cfg.user_config(),
         **replicas,

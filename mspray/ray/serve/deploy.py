@@ -108,6 +108,9 @@ def apply_overrides(
     for key, value in overrides.items():
         if key not in ServeConfig.model_fields:
             raise DeployError(f"{key}: not a ServeConfig field")
+        if key == "request_timeout_s":  # a setting of the proxies, not of the application
+            config.setdefault("http_options", {})[key] = value
+            continue
         if key in ServeConfig.RELOADABLE:
             dep.setdefault("user_config", {})[key] = value
             continue
@@ -277,11 +280,70 @@ def _failure(name: str, app: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def running_replicas(app: dict[str, Any]) -> int:
+    """RUNNING replicas of the detector deployment in an application's REST details."""
+    dep = (app.get("deployments") or {}).get(DEPLOYMENT) or {}
+    return sum(r.get("state") == "RUNNING" for r in dep.get("replicas") or [])
+
+
+def verify_replicas(
+    endpoint: str, n_replicas: int, bundle_uri: str, timeout: float, poll_s: float = 0.1
+) -> dict[str, dict[str, Any]]:
+    """Poll ``GET endpoint/healthz`` (each call reaches one replica, as routed by the proxy)
+    until ``n_replicas`` distinct replicas report serving ``bundle_uri``. A replica whose
+    swap to it failed (it still serves its old model) raises :class:`DeployError` naming the
+    version that still serves and the error. Returns replica id -> its answer."""
+    import requests
+
+    seen: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            health = requests.get(endpoint.rstrip("/") + "/healthz", timeout=10).json()
+        except (requests.RequestException, ValueError) as e:
+            health = {"status": f"unreachable: {e}"}
+        if health.get("last_reload_error") and health.get("requested_bundle_uri") == bundle_uri:
+            raise DeployError(
+                f"replica {health.get('replica')} failed to swap to {bundle_uri}: "
+                f"{health['last_reload_error']}; it still serves {health.get('bundle_uri')} "
+                f"(version {health.get('model_version')})"
+            )
+        if health.get("status") == "ok" and health.get("bundle_uri") == bundle_uri:
+            seen[str(health["replica"])] = health
+            if len(seen) >= n_replicas:
+                return seen
+        if time.monotonic() > deadline:
+            raise DeployError(
+                f"after {timeout:.0f}s {len(seen)} of {n_replicas} replicas serve {bundle_uri} "
+                f"(last answer: {health})"
+            )
+        time.sleep(poll_s)
+
+
+def endpoint_url(config: dict[str, Any], dashboard: str, route_prefix: str | None) -> str:
+    """Where the application answers HTTP: the proxy of the dashboard's host (or of this
+    machine) at the config's port, under the application's route prefix."""
+    from urllib.parse import urlsplit
+
+    http = config.get("http_options") or {}
+    host = http.get("host", "127.0.0.1")
+    if host in ("0.0.0.0", "::"):
+        host = urlsplit(dashboard).hostname or "127.0.0.1"
+    return f"http://{host}:{http.get('port', 8000)}{(route_prefix or '/').rstrip('/')}"
+
+
 def deploy(
-    config: dict[str, Any], url: str, *, wait: bool = True, timeout: float = 600.0
+    config: dict[str, Any],
+    url: str,
+    *,
+    wait: bool = True,
+    timeout: float = 600.0,
+    settings: dict[str, ServeConfig] | None = None,
 ) -> dict[str, Any]:
     """Send ``config`` to the Serve REST API at ``url``; with ``wait``, return once every
-    application in it is RUNNING. Returns a summary (dashboard, application states)."""
+    application in it is RUNNING and, for the mspray applications of ``settings``, every
+    replica serves the requested bundle (a failed hot swap raises :class:`DeployError`).
+    Returns a summary (dashboard, application states, replicas checked)."""
     names = [a.get("name", "default") for a in config["applications"]]
     before = applications(url)
     since = {n: before.get(n, {}).get("last_deployed_time_s") for n in names}
@@ -289,6 +351,13 @@ def deploy(
     result: dict[str, Any] = {"dashboard": url, "applications": names}
     if wait:
         apps = wait_running(url, names, timeout, since)
+        checked = {}
+        for name, cfg in (settings or {}).items():
+            endpoint = endpoint_url(config, url, apps[name].get("route_prefix"))
+            n = running_replicas(apps[name])
+            replicas = verify_replicas(endpoint, n, cfg.bundle_uri or "", timeout)
+            checked[name] = {r: h.get("model_version") for r, h in replicas.items()}
+        result["replicas"] = checked
         http = config.get("http_options") or {}
         result.update(
             status={n: a.get("status") for n, a in apps.items()},
@@ -358,7 +427,7 @@ def run_deploy(args: argparse.Namespace) -> int:
         url = dashboard_url(args.address)
         bundles = ", ".join(s.bundle_uri or "?" for s in settings.values())
         log.info("deploying %s (bundle %s) through %s", args.config, bundles, url)
-        result = deploy(config, url, wait=not args.no_wait, timeout=args.timeout)
+        result = deploy(config, url, wait=not args.no_wait, timeout=args.timeout, settings=settings)
     except DeployError as e:
         print(f"deploy: error: {e}", file=sys.stderr)
         return 2

@@ -73,7 +73,9 @@ def serve_forever(
         else:
             serve.delete(APP_NAME)
 
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(
+        http_options={"host": host, "port": port, "request_timeout_s": cfg.request_timeout_s}
+    )
     try:
         serve.run(app, name=APP_NAME, route_prefix="/")
     except Exception as e:  # e.g. a bundle that cannot be loaded fails the replicas

@@ -1,0 +1,161 @@
+"""Rollouts and overload on a real Serve over HTTP: a hot swap across 2 replicas loses no
+request and is confirmed replica by replica; a failed swap keeps the old version serving and
+is reported; a burst beyond the queue limit gets quick 503s instead of piling up."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from mspray.bundle import read_meta
+from mspray.data.datasets import train_paths
+from mspray.fit import fit_detector
+from mspray.ray.serve.deploy import DeployError, verify_replicas
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deploy(raw: dict, blocking: bool) -> None:
+    """What `serve deploy serve_config.yaml` does: validate, then apply the config."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(raw), _blocking=blocking)
+
+
+def _config(port: int, bundle: str, **args) -> dict:
+    raw = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    raw["http_options"] = {"host": "127.0.0.1", "port": port}
+    app = raw["applications"][0]
+    app["args"].update(args)
+    app["args"].pop("max_replicas", None)
+    app["deployments"][0]["user_config"].update(bundle_uri=bundle)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_bundle, synthetic_root, tmp_path_factory, tiny_cfg) -> dict[str, str]:
+    """ "a": the session's bundle; "b": another seed's; "bad": "b" with truncated weights."""
+    uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
+    root = tmp_path_factory.mktemp("rollout")
+    b = str(root / "b")
+    fit_detector(tiny_cfg.replace(**{"train.seed": 1, "train.epochs": 0}), uris, out=b)
+    bad = root / "bad"
+    shutil.copytree(b, bad)
+    for weights in bad.rglob("model.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:100])  # a half-copied upload
+    return {"a": tiny_bundle[0], "b": b, "bad": str(bad)}
+
+
+@pytest.fixture(scope="module")
+def serve_port(ray_local):
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+
+
+def _image(synthetic_root) -> bytes:
+    return sorted((Path(synthetic_root) / "synthetic" / "test" / "good").glob("*.png"))[
+        0
+    ].read_bytes()
+
+
+def test_rollout_is_confirmed_per_replica_and_a_failed_swap_is_reported(
+    serve_port, bundles, synthetic_root
+):
+    url = f"http://127.0.0.1:{serve_port}"
+    _deploy(_config(serve_port, bundles["a"], replicas=2), blocking=True)
+    # both replicas up on "a" (also the check deploy.py runs after RUNNING)
+    verify_replicas(url, 2, bundles["a"], timeout=120)
+
+    image, results, stop = _image(synthetic_root), [], threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while not stop.is_set():
+                r = c.post("/v1/predict", content=image, headers={"content-type": "image/png"})
+                results.append((r.status_code, r.json().get("model_version")))
+
+    clients = [threading.Thread(target=client) for _ in range(3)]
+    for t in clients:
+        t.start()
+    try:
+        _deploy(_config(serve_port, bundles["b"], replicas=2), blocking=False)
+        swapped = verify_replicas(url, 2, bundles["b"], timeout=120)
+        version_b = read_meta(bundles["b"])["version"]
+        assert len(swapped) == 2 and {h["model_version"] for h in swapped.values()} == {version_b}
+
+        _deploy(_config(serve_port, bundles["bad"], replicas=2), blocking=False)
+        with pytest.raises(DeployError, match="failed to swap") as failed:
+            verify_replicas(url, 2, bundles["bad"], timeout=120)
+        assert version_b in str(failed.value)  # names the version that still serves
+        n_before = len(results)
+        deadline = time.time() + 30
+        while len(results) < n_before + 5 and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for t in clients:
+            t.join()
+    assert results and all(code == 200 for code, _ in results), "a request failed"
+    # after the failed swap the replicas answer with "b", never with the broken bundle
+    assert {v for _, v in results[n_before:]} == {version_b}
+    health = httpx.get(f"{url}/healthz", timeout=30).json()
+    assert health["status"] == "degraded" and health["model_version"] == version_b
+
+
+def test_a_burst_beyond_the_queue_gets_quick_503s(serve_port, bundles, synthetic_root):
+    """One replica taking one request at a time and a queue of one: of a burst of 16, the
+    ones that cannot even queue are refused with a 503 instead of waiting in memory."""
+    from ray import serve
+
+    url = f"http://127.0.0.1:{serve_port}/overload"
+    raw = _config(
+        serve_port,
+        bundles["a"],
+        replicas=1,
+        max_batch_size=1,
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+    )
+    app = raw["applications"][0]
+    app.update(name="overload", route_prefix="/overload")
+    app["deployments"][0]["user_config"]["max_batch_size"] = 1
+    serve.delete("mspray")  # the rollout test's replicas: free their CPUs
+    _deploy(raw, blocking=False)
+    verify_replicas(url, 1, bundles["a"], timeout=300)
+    image = _image(synthetic_root)
+
+    def one(_: int) -> tuple[int, float]:
+        t0 = time.perf_counter()
+        r = httpx.post(
+            f"{url}/v1/predict", content=image, headers={"content-type": "image/png"}, timeout=120
+        )
+        return r.status_code, time.perf_counter() - t0
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, range(16)))
+    codes = [c for c, _ in answers]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) > 0 and codes.count(200) >= 2, codes
+    rejected = sorted(s for c, s in answers if c == 503)
+    print(f"503 x{len(rejected)}: median {rejected[len(rejected) // 2] * 1000:.0f} ms")
