@@ -1,8 +1,8 @@
 """The ``mspray`` console script.
 
-Subcommands: ``train``, ``evaluate``, ``build-bank``, ``score``, ``serve``, ``demo``. Each
-one only parses arguments, builds an :class:`~mspray.config.MSPrayConfig` and calls the
-library. Run ``mspray <command> --help`` for the options.
+Subcommands: ``train``, ``evaluate``, ``build-bank``, ``score``, ``serve``, ``demo``,
+``report``. Each one only parses arguments, builds an :class:`~mspray.config.MSPrayConfig`
+and calls the library. Run ``mspray <command> --help`` for the options.
 """
 
 from __future__ import annotations
@@ -295,6 +295,49 @@ _add_serve = _delegate(
 )
 
 
+# ---------------------------------------------------------------------------- report (issue 12)
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="(re)build the report page of a scoring output from its Parquet rows",
+        description="Write OUTPUT/_report.html from the Parquet rows and run summaries of a "
+        "scoring output folder (local or s3://): counts, errors by reason, per-model score "
+        "histogram against the threshold, anomaly rate vs. calibration, a drift check "
+        "(Kolmogorov-Smirnov test against the calibration images' scores) and the most "
+        "anomalous images with their heatmaps. `mspray score` writes it at the end of every "
+        "run; this rebuilds it, e.g. with another --top-k or a bundle's calibration.",
+    )
+    p.add_argument("output", metavar="OUTPUT", help="scoring output folder or s3:// prefix")
+    p.add_argument(
+        "--bundle",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="bundle whose calibration to compare with, matched to the rows by model "
+        "version (repeatable; default: the calibration recorded by the scoring runs)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=20,
+        metavar="K",
+        help="most anomalous images shown per model (default: %(default)s)",
+    )
+    p.add_argument(
+        "--inline-images",
+        action="store_true",
+        help="embed the heatmaps in the page (one file to send) instead of linking _maps/",
+    )
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mspray.report import build_report
+
+    print(build_report(args.output, args.bundle, args.top_k, args.inline_images))
+    return 0
+
+
 #: Subcommands; the Ray layers register theirs here as well.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
@@ -303,6 +346,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_build_bank,
     _add_score,
     _add_serve,
+    _add_report,
 ]
 
 

@@ -293,6 +293,19 @@ def test_report_on_s3(s3_bucket):
         storage.read_text(build_report(out, top_k=3, inline_images=True))).imgs)  # fmt: skip
 
 
+def test_cli_rebuilds_the_report_from_the_parquet_alone(tmp_path, capsys):
+    from mspray.cli import main
+
+    out = str(tmp_path / "scores")
+    make_output(out)
+    assert main(["report", out, "--top-k", "3"]) == 0
+    assert capsys.readouterr().out.strip() == os.path.join(out, REPORT_NAME)
+    page = parse(Path(out, REPORT_NAME).read_text())
+    assert len(page.imgs) == 3 and page.num("rows") == 209
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "no such scoring output folder" in capsys.readouterr().err
+
+
 def test_error_reason():
     assert error_reason("/a/b.png: empty file", "/a/b.png") == "empty file"
     assert error_reason("/a/b.png: OSError: [Errno 5] I/O error", "/a/b.png") == "OSError"
