@@ -555,11 +555,11 @@ def _render_counts(table: pa.Table, groups: list[Group], summaries: list[dict]) 
     if errors:
         reasons: Counter = Counter()
         example: dict[str, str] = {}
-        for p, e in zip(_column(table, "path"), _column(table, "error"), strict=True):
-            if e is not None:
-                r = error_reason(e, p)
-                reasons[r] += 1
-                example.setdefault(r, p)
+        failed = table.filter(pc.is_valid(table.column("error")))  # few rows: loop is fine
+        for p, e in zip(_column(failed, "path"), _column(failed, "error"), strict=True):
+            r = error_reason(e, p)
+            reasons[r] += 1
+            example.setdefault(r, p)
         out.append(
             '<h3 id="errors">Errors by reason</h3><table><tr><th>reason</th><th>rows</th>'
             "<th>example</th></tr>"
@@ -740,13 +740,13 @@ def render_report(
     for c in calibrations:  # later ones (explicit bundles last) win
         cal_by_version[c.version] = c
     groups = _groups(table, cal_by_version)
-    times = [t for t in _column(table, "scored_at") if t is not None]
-    span = (
-        f"scored {min(times).isoformat(timespec='seconds')} to "
-        f"{max(times).isoformat(timespec='seconds')}"
-        if times
-        else "no scored rows"
-    )
+    span = "no scored rows"
+    if "scored_at" in table.column_names and table.column("scored_at").null_count < len(table):
+        first, last = pc.min_max(table.column("scored_at")).values()
+        span = (
+            f"scored {first.as_py().isoformat(timespec='seconds')} to "
+            f"{last.as_py().isoformat(timespec='seconds')}"
+        )
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     drifted = [g.name or ALL for g in groups if g.drift is not None and g.drift.drifted]
     banner = ""

@@ -306,6 +306,16 @@ def test_cli_rebuilds_the_report_from_the_parquet_alone(tmp_path, capsys):
     assert "no such scoring output folder" in capsys.readouterr().err
 
 
+def test_a_night_without_images_still_gets_a_page(tmp_path):
+    out = tmp_path / "scores"
+    (out / "_runs").mkdir(parents=True)
+    summary = {"images": 0, "scored": 0, "skipped": 0, "errors": 0, "seconds": 1.0}
+    (out / "_runs" / "20240308T023000Z-aaaaaa.json").write_text(json.dumps(summary))
+    page = parse(Path(build_report(str(out))).read_text())
+    assert (page.num("rows"), page.num("scored"), page.num("skipped")) == (0, 0, 0)
+    assert page.one("anomaly_rate", ALL) == "unknown" and page.imgs == []
+
+
 def test_error_reason():
     assert error_reason("/a/b.png: empty file", "/a/b.png") == "empty file"
     assert error_reason("/a/b.png: OSError: [Errno 5] I/O error", "/a/b.png") == "OSError"
