@@ -489,7 +489,9 @@ svg.hist .thr-label{fill:#d9534f;font-weight:600}
 overflow-wrap:anywhere}.card img{width:100%;height:auto;display:block;
 image-rendering:pixelated;background:#f3f5f9}.card.broken{border-color:#d9534f}
 .card .nomap{padding:30px 6px;text-align:center;color:#5b6577;background:#f3f5f9}
-.rows td{font-size:12px;overflow-wrap:anywhere}tr:target{background:#fff4c2}
+.scroll{overflow-x:auto}.rows td{font-size:12px;white-space:nowrap}
+.rows td:nth-child(2){white-space:normal;word-break:break-word;min-width:220px}
+tr:target{background:#fff4c2}
 .yes{color:#b52b27;font-weight:600}
 """
 
@@ -687,9 +689,9 @@ def _render_top(g: Group, gi: int, key: str, output: str, top_k: int, inline: bo
     rows = g.rows.take(pa.array(idx, pa.int64())).to_pylist()
     score_cols = [c for c in g.rows.column_names if c.startswith("score_")]
     out = [f'<h3>Top {len(rows)} most anomalous images</h3><div class="grid">']
-    for r, row in enumerate(rows):
+    srcs = [_image_src(row.get("map_path"), output, inline) for row in rows]
+    for r, (row, src) in enumerate(zip(rows, srcs, strict=True)):
         anchor = f"row-{gi}-{r}"
-        src = _image_src(row.get("map_path"), output, inline)
         flag = '<span class="yes">anomalous</span>' if row.get("is_anomalous") else "normal"
         if src is None:
             img = '<div class="nomap">no heatmap (score with --maps)</div>'
@@ -707,12 +709,21 @@ def _render_top(g: Group, gi: int, key: str, output: str, top_k: int, inline: bo
     out.append("</div>")
     cols = ["path", "image_score", "is_anomalous", *score_cols, "threshold", "model_version",
             "scored_at", "map_path"]  # fmt: skip
-    out.append('<table class="rows"><tr><th>#</th>')
+    out.append('<div class="scroll"><table class="rows"><tr><th>#</th>')
     out.append("".join(f"<th>{_e(c)}</th>" for c in cols) + "<th>part</th></tr>")
     for r, row in enumerate(rows):
         cells = []
         for c in cols:
             v = row.get(c)
+            if c == "map_path" and v:  # the full URI is in the link's title
+                src = srcs[r] if srcs[r] and not srcs[r].startswith("data:") else None
+                text = _e(_basename(v))
+                cells.append(
+                    f'<td><a href="{_e(src)}" title="{_e(v)}">{text}</a></td>'
+                    if src
+                    else f'<td title="{_e(v)}">{text}</td>'
+                )
+                continue
             if isinstance(v, float):
                 v = _score(v)
             elif isinstance(v, dt.datetime):
@@ -723,7 +734,7 @@ def _render_top(g: Group, gi: int, key: str, output: str, top_k: int, inline: bo
             f'<tr id="row-{gi}-{r}"><td>{r + 1}</td>{"".join(cells)}'
             f'<td><a href="{_e(quote(part))}">{_e(part)}</a></td></tr>'
         )
-    out.append("</table>")
+    out.append("</table></div>")
     return "".join(out)
 
 
