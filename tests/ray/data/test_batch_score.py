@@ -24,7 +24,7 @@ from mspray.report import REPORT_NAME
 
 pytestmark = pytest.mark.ray
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_s3_to_s3_one_row_per_input_errors_marked_scores_equal_core(
