@@ -571,6 +571,49 @@ def _print_json(data: dict) -> None:
     print(json.dumps(data, indent=2, default=str), flush=True)
 
 
+# ---------------------------------------------------------------------------- report
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="(re)build the report page of a scoring output from its Parquet rows",
+        description="Write OUTPUT/_report.html from the Parquet rows and run summaries of a "
+        "scoring output folder (local or s3://): counts, errors by reason, per-model score "
+        "histogram against the threshold, anomaly rate vs. calibration, a drift check "
+        "(Kolmogorov-Smirnov test against the calibration images' scores) and the most "
+        "anomalous images with their heatmaps. `mspray score` writes it at the end of every "
+        "run; this rebuilds it, e.g. with another --top-k or a bundle's calibration.",
+    )
+    p.add_argument("output", metavar="OUTPUT", help="scoring output folder or s3:// prefix")
+    p.add_argument(
+        "--bundle",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="bundle whose calibration to compare with, matched to the rows by model "
+        "version (repeatable; default: the calibration recorded by the scoring runs)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=20,
+        metavar="K",
+        help="most anomalous images shown per model (default: %(default)s)",
+    )
+    p.add_argument(
+        "--inline-images",
+        action="store_true",
+        help="embed the heatmaps in the page (one file to send) instead of linking _maps/",
+    )
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mspray.report import build_report
+
+    print(build_report(args.output, args.bundle, args.top_k, args.inline_images))
+    return 0
+
+
 #: Every sub-command, in ``--help`` order.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
@@ -578,6 +621,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_build_bank,
     _add_score,
     _add_serve,
+    _add_report,
     _add_demo,
 ]
 

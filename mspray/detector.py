@@ -19,6 +19,9 @@ from mspray.config import MSPrayConfig
 from mspray.model.multiscale import MultiScaleEncoder
 from mspray.threshold import calibrate_threshold, score_stats
 
+#: Held-out normal image scores stored in ``meta["calibration_scores"]`` (bundle meta.json).
+MAX_CALIBRATION_SCORES = 1000
+
 
 @dataclass
 class Prediction:
@@ -121,7 +124,8 @@ class Detector:
 
     def calibrate(self, images: torch.Tensor, batch_size: int | None = None) -> None:
         """Per-scale normalisation stats and the image threshold from held-out *normal*
-        images (never test labels)."""
+        images (never test labels). Their image scores (thinned to
+        :data:`MAX_CALIBRATION_SCORES`) and the quantile go into :attr:`meta`."""
         bs = batch_size or self.cfg.score.batch_size
         raw = [self.raw_scale_maps(images[i : i + bs]) for i in range(0, len(images), bs)]
         self.stats = {
@@ -132,6 +136,21 @@ class Detector:
         scores = M.image_scores(
             fused, self.cfg.model.score_window, self.cfg.model.score_window_stride
         )
-        self.threshold = calibrate_threshold(
-            scores.numpy(), self.cfg.score.threshold_quantile, self.cfg.score.threshold_margin
+        q, margin = self.cfg.score.threshold_quantile, self.cfg.score.threshold_margin
+        self.threshold = calibrate_threshold(scores.numpy(), q, margin)
+        # kept in the bundle so a nightly report can compare the night's normal-looking
+        # scores with these (drift) and state the expected anomaly rate
+        self.meta.update(
+            threshold_quantile=q,
+            threshold_margin=margin,
+            calibration_scores=quantile_sketch(scores.numpy(), MAX_CALIBRATION_SCORES),
         )
+
+
+def quantile_sketch(values: np.ndarray, cap: int) -> list[float]:
+    """``values`` sorted, thinned to at most ``cap`` evenly spaced order statistics (the
+    same distribution, bounded size), as floats for JSON."""
+    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    if v.size > cap:
+        v = v[np.linspace(0, v.size - 1, cap).round().astype(int)]
+    return [float(x) for x in v]

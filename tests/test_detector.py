@@ -1,5 +1,8 @@
 """The assembled detector: maps/scores from a tiny trained model, and the bundle contract."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +10,9 @@ import torch
 from mspray.bundle import BundleError, load_bundle, save_bundle
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
+from mspray.detector import quantile_sketch
 from mspray.fit import fit_detector, split_holdout
+from mspray.threshold import calibrate_threshold
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +61,32 @@ def test_bundle_round_trip_gives_identical_scores(tiny, tmp_path):
     assert torch.equal(a.maps, b.maps)
     # Saving again is deterministic: the version is a content hash.
     assert save_bundle(loaded, str(tmp_path / "again")) == det.version
+
+
+def test_bundle_stores_the_calibration_scores_its_threshold_came_from(tiny):
+    det, out, spec = tiny
+    meta = json.loads(Path(out, "meta.json").read_text())
+    cal = np.array(meta["calibration_scores"])
+    assert len(cal) == meta["n_holdout_images"] >= 1
+    q, margin = meta["threshold_quantile"], meta["threshold_margin"]
+    assert (q, margin) == (det.cfg.score.threshold_quantile, det.cfg.score.threshold_margin)
+    assert meta["threshold"] == pytest.approx(calibrate_threshold(cal, q, margin))
+    # they are the scores of the held-out normal images, sorted
+    _, val = split_holdout(
+        train_paths(spec, "synthetic"), det.cfg.train.val_fraction, det.cfg.train.seed
+    )
+    scores = det.predict(load_images(val, 64, progress=False)).image_scores.numpy()
+    np.testing.assert_allclose(cal, np.sort(scores), rtol=1e-5, atol=1e-6)
+
+
+def test_quantile_sketch_caps_the_size_and_keeps_the_distribution():
+    x = np.random.default_rng(0).normal(size=10_000)
+    sketch = np.array(quantile_sketch(x, 1000))
+    assert len(sketch) == 1000 and np.all(np.diff(sketch) >= 0)
+    assert (sketch[0], sketch[-1]) == (x.min(), x.max())
+    for q in (0.1, 0.5, 0.9, 0.99):
+        assert np.quantile(sketch, q) == pytest.approx(np.quantile(x, q), abs=0.01)
+    assert quantile_sketch(x[:5], 1000) == sorted(x[:5].tolist())
 
 
 def test_bundle_files_load_without_pickle(tiny):

@@ -34,6 +34,7 @@ from mspray.ray.data.results import (
     write_run_summary,
 )
 from mspray.ray.runtime import DetectorActor, bundle_config, init_ray, map_with_detector
+from mspray.report import build_report, calibration_from_bundle
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +283,32 @@ def score_prefix(
     summary.missing = len(wanted) - len(after)
     summary.duplicates = sum(c - 1 for c in after.values())
     summary.seconds = time.perf_counter() - t0
-    write_run_summary(output, asdict(summary))
+    write_run_summary(output, {**asdict(summary), "calibration": _calibration_block(bundle)})
     log.info("%s", summary.line())
+    _write_report(output)
     return summary
+
+
+def _calibration_block(bundle: str) -> dict | None:
+    """The bundle's calibration for the run summary, so the report can be rebuilt from
+    the output folder alone; None (and a warning) if the bundle's meta cannot say."""
+    try:
+        return calibration_from_bundle(bundle).to_dict()
+    except Exception:
+        log.warning("no calibration of %s for the run summary", bundle, exc_info=True)
+        return None
+
+
+def _write_report(output: str) -> None:
+    """Write the output's report page; a failure only logs a warning (the rows are the
+    product, the page is a view of them that ``mspray report`` can rebuild)."""
+    try:
+        log.info("report: %s", build_report(output))
+    except Exception:
+        log.warning(
+            "could not write the report of %s; the scores are complete, rebuild it with "
+            "`mspray report %s`",
+            output,
+            output,
+            exc_info=True,
+        )

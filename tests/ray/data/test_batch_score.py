@@ -3,6 +3,7 @@ exactly one row per image after an interrupted run is rerun."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from mspray.config import PoolConfig
 from mspray.data.images import load_images
 from mspray.ray.data.results import read_results
 from mspray.ray.data.scoring import score_prefix
+from mspray.report import REPORT_NAME
 
 pytestmark = pytest.mark.ray
 
@@ -78,7 +80,19 @@ def test_s3_to_s3_one_row_per_input_errors_marked_scores_equal_core(
         rel = path[len(inp) + 1 :]
         assert map_path == f"{out}/_maps/{rel}.png"
         assert storage.read_bytes(map_path)[:4] == b"\x89PNG"
-    assert storage.list_files(f"{out}/_runs", suffixes=(".json",))
+    (run,) = storage.list_files(f"{out}/_runs", suffixes=(".json",))
+    # the run records the bundle's calibration, and writes the report page beside the rows
+    calibration = json.loads(storage.read_text(run))["calibration"]
+    assert calibration["version"] == det.version and calibration["threshold"] == det.threshold
+    assert calibration["scores"] == det.meta["calibration_scores"]
+    report = storage.read_text(f"{out}/{REPORT_NAME}")
+    assert f'data-stat="rows">{n_in}<' in report and f'data-stat="errors">{len(bad)}<' in report
+    # the calibration of the bundle, recorded by the run, gives the expected anomaly rate
+    expected = f"{100 * (1 - det.cfg.score.threshold_quantile):.1f} %"
+    assert f'data-stat="expected_rate" data-group="all">{expected}<' in report
+    assert f"Calibration from bundle {bundle}." in report
+    top = ok["image_score"].idxmax()
+    assert f'src="_maps/{top[len(inp) + 1 :]}.png"' in report
 
     # same day again: nothing to do
     again = score_prefix(bundle, inp, out, pool=PoolConfig(workers=2), progress=False)
@@ -133,8 +147,6 @@ def test_interrupted_run_then_rerun_gives_exactly_one_row_per_image(
     expected = sorted(storage.list_files(str(inp)))
     assert sorted(rows) == expected  # every image once: none lost, none duplicated
     runs = sorted(os.listdir(out / "_runs"))
-    import json
-
     last = json.loads((out / "_runs" / runs[-1]).read_text())
     assert last["skipped"] == done_before and last["scored"] == n - done_before
     assert (last["missing"], last["duplicates"], last["errors"]) == (0, 0, 0)

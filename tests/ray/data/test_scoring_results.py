@@ -17,7 +17,8 @@ from mspray.ray.data.results import (
     write_part,
     write_run_summary,
 )
-from mspray.ray.data.scoring import list_inputs
+from mspray.ray.data.scoring import _write_report, list_inputs
+from mspray.report import build_report
 
 
 def test_part_name_depends_only_on_the_set_of_paths():
@@ -65,13 +66,20 @@ def test_parts_are_the_only_files_dataset_readers_see(tmp_path):
     (tmp_path / "out" / "_maps" / "a.png.png").write_bytes(b"\x89PNG not parquet")
     (tmp_path / "out" / ".part-x.parquet.tmp").write_bytes(b"half a part")  # killed write
     assert list_parts(out) == [uri]
-    df = pd.read_parquet(out)  # pyarrow dataset discovery skips _maps, _runs and temp files
+    assert build_report(out).endswith("_report.html")
+    df = pd.read_parquet(out)  # dataset discovery skips _maps, _runs, _report.html, temp files
     assert sorted(df["path"]) == ["/in/a.png", "/in/b.png"]
     err = df.set_index("path").loc["/in/b.png"]
     assert pd.isna(err["image_score"]) and err["error"].endswith("empty file")
     assert read_results(out, ["path"]).num_rows == 2
     assert read_results(str(tmp_path / "nothing"), ["path"]).num_rows == 0
     assert map_uri(out, "/in", "/in/sub/c.jpg").endswith("/out/_maps/sub/c.jpg.png")
+
+
+def test_a_report_that_cannot_be_written_is_a_warning_not_a_failed_run(tmp_path, caplog):
+    _write_report(str(tmp_path / "gone"))  # e.g. the output folder was removed meanwhile
+    (rec,) = [r for r in caplog.records if "could not write the report" in r.getMessage()]
+    assert rec.levelname == "WARNING" and "mspray report" in rec.getMessage()
 
 
 def test_output_inside_the_input_prefix_is_not_scored(tmp_path):

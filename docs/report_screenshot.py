@@ -1,0 +1,82 @@
+"""Make docs/report.png: a real scoring run's report page, rendered by headless Chromium.
+
+A small detector is trained in-process on a synthetic texture set, one "night" of test
+images (good and defective) is batch-scored with Ray Data (``score_prefix`` writes the
+report at its end), and Chromium takes a screenshot of ``_report.html``::
+
+    python docs/report_screenshot.py [--work /tmp/mspray-report] [--out docs/report.png]
+
+Needs ``chromium`` on the PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from mspray.config import MSPrayConfig
+from mspray.data.datasets import train_paths
+from mspray.data.synthetic import make_synthetic_dataset
+from mspray.fit import fit_detector
+from mspray.ray.data.scoring import score_prefix
+from mspray.ray.runtime import PoolOptions
+from mspray.report import REPORT_NAME
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/mspray-report", help="working folder")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("report.png")))
+    ap.add_argument("--top-k", type=int, default=8)
+    args = ap.parse_args()
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    # the test suite's tiny detector (64 px, random init): minutes on 2 CPU cores
+    cfg = MSPrayConfig().replace(
+        **{
+            "model.image_size": 64,
+            "model.scales": (32, 16),
+            "model.strides": (4, 4),
+            "model.embed_dim": 16,
+            "model.pretrained": False,
+            "train.epochs": 1,
+            "train.samples_per_image": 4,
+            "train.batch_size": 16,
+            "train.n_centers": 4,
+            "train.val_fraction": 0.25,  # 10 held-out images: the drift check's reference
+            "bank.coreset_ratio": 0.5,
+            "score.batch_size": 8,
+        }
+    )
+    data = work / "data"
+    make_synthetic_dataset(str(data), "synthetic", 40, 24, 12, size=64, seed=0)
+    bundle = str(work / "bundle")
+    fit_detector(cfg, train_paths(f"mvtec:{data}", "synthetic"), out=bundle, progress=True)
+    night = work / "archive" / "2024-03-07"
+    shutil.copytree(data / "synthetic" / "test", night)
+    (night / "good" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (night / "good" / "empty.png").write_bytes(b"")
+    out = str(work / "scores" / "2024-03-07")
+    score_prefix(bundle, str(night), out, pool=PoolOptions(workers=1), maps=True, progress=False)
+    from mspray.report import build_report
+
+    report = build_report(out, top_k=args.top_k)  # the run wrote one; fewer images here
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(
+            [shutil.which("chromium") or "chromium", "--headless", "--no-sandbox",
+             "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--virtual-time-budget=10000",
+             "--hide-scrollbars", "--window-size=1100,1900",
+             f"--screenshot={os.path.abspath(args.out)}", Path(report).as_uri()],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    print(f"{REPORT_NAME}: {report}\nscreenshot: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
