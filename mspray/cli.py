@@ -143,6 +143,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from mspray.bundle import version_uri
     from mspray.data.datasets import train_paths
     from mspray.fit import fit_detector
 
@@ -172,6 +173,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             {
                 "bundle": args.out,
                 "version": det.version,
+                "version_uri": version_uri(args.out, det.version),
                 "threshold": det.threshold,
                 "bank_sizes": {str(s): b.ntotal for s, b in det.banks.items()},
                 "pretrained_loaded": det.meta.get("pretrained_loaded"),

@@ -5,8 +5,9 @@ job entrypoint, with the common overrides as flags.
         --bundle s3://models/screws/v4 --num-gpus 1 --max-replicas 8
 
 Reads ``serve_config.yaml`` (or ``--config``), applies the flags to the ``MSPrayDetector``
-deployment, checks the result (Serve's config schema, mspray's serving settings, the
-bundle's ``meta.json``), sends it to the cluster's Serve REST API exactly like ``serve
+deployment, checks the result (Serve's config schema, mspray's serving settings, that the
+bundle resolves to a complete version; a bundle root is pinned to the version its
+``latest`` names), sends it to the cluster's Serve REST API exactly like ``serve
 deploy``, and waits until the application is RUNNING. Redeploying with only a new
 ``--bundle`` swaps the model in place (``user_config``), without restarting replicas.
 
@@ -84,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-bundle-check",
         action="store_true",
-        help="do not check that the bundle's meta.json exists before deploying",
+        help="do not check the bundle before deploying (nor pin a bundle root to its "
+        "current version)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the final config and exit")
     return p.parse_args(argv)
@@ -147,7 +149,13 @@ def apply_overrides(config: dict[str, Any], args: argparse.Namespace) -> dict[st
 
 
 def check_config(config: dict[str, Any], check_bundle: bool = True) -> list[str]:
-    """Validate with Serve's schema and mspray's serving settings; returns the bundle URIs."""
+    """Validate with Serve's schema and mspray's serving settings; returns the bundle URIs.
+
+    With ``check_bundle`` each bundle must resolve to a complete version, and a bundle root
+    is pinned to the version its ``latest`` names now (written into the deployment's
+    ``user_config``): every replica, including ones autoscaling starts later, then loads
+    that version, and redeploying a root after ``build-bank`` moved its pointer changes
+    ``user_config``, which swaps the model in place."""
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
 
@@ -157,7 +165,8 @@ def check_config(config: dict[str, Any], check_bundle: bool = True) -> list[str]
         ServeDeploySchema.model_validate(config)
     except ValidationError as e:
         raise DeployError(f"invalid Serve config: {e}") from None
-    bundles = []
+    bundles: list[str] = []
+    pinned: list[dict[str, Any]] = []  # the deployment of each bundle
     for app in config["applications"]:
         args = AppArgs.model_validate(app.get("args") or {})
         for dep in app.get("deployments", []):
@@ -169,12 +178,18 @@ def check_config(config: dict[str, Any], check_bundle: bool = True) -> list[str]
             except ValidationError as e:
                 raise DeployError(f"{app.get('name')}: invalid user_config: {e}") from None
             bundles.append(settings.bundle_uri)
+            pinned.append(dep)
     if check_bundle:
-        from mspray import storage
+        from mspray.bundle import BundleError, resolve_bundle
 
-        for uri in bundles:
-            if not storage.exists(storage.join(uri, "meta.json")):
-                raise DeployError(f"{uri}: no complete model bundle there (no meta.json)")
+        for i, (uri, dep) in enumerate(zip(bundles, pinned, strict=True)):
+            try:
+                version = resolve_bundle(uri)
+            except BundleError as e:
+                raise DeployError(str(e)) from None
+            if version != uri:
+                log.info("bundle %s: pinned to its current version %s", uri, version)
+            dep.setdefault("user_config", {})["bundle_uri"] = bundles[i] = version
     return bundles
 
 

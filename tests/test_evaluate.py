@@ -170,7 +170,7 @@ def test_cli_train_no_banks_saves_encoders_only(synthetic_root, tmp_path):
         ]
     )
     assert rc == 0
-    assert not list(out.glob("bank_*.faiss")) and (out / "meta.json").exists()
+    assert not list(out.rglob("bank_*.faiss")) and list(out.glob("versions/*/meta.json"))
     assert load_bundle(str(out), with_banks=False).threshold is None
     with pytest.raises(BundleError, match="bank_16"):
         load_bundle(str(out))

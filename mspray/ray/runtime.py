@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from mspray import storage
 from mspray.config import MSPrayConfig
 
 log = logging.getLogger(__name__)
@@ -83,8 +82,12 @@ def default_gpus(cfg: MSPrayConfig, flag: float | None) -> float:
 
 
 def bundle_config(bundle: str, overrides: dict[str, Any] | None = None) -> MSPrayConfig:
-    """The bundle's own config.json, with dotted ``overrides`` (e.g. ``bank.coreset_ratio``)."""
-    cfg = MSPrayConfig.from_json(storage.read_text(storage.join(bundle, "config.json")))
+    """The bundle's own (verified) config.json, with dotted ``overrides`` (e.g.
+    ``bank.coreset_ratio``); ``bundle`` is a version or a root (see
+    :func:`mspray.bundle.resolve_bundle`)."""
+    from mspray.bundle import read_config
+
+    cfg = read_config(bundle)
     over = {k: v for k, v in (overrides or {}).items() if v is not None}
     return cfg.replace(**over) if over else cfg
 

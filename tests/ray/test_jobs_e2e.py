@@ -271,9 +271,10 @@ def trained(ray_cluster: LocalCluster) -> Trained:
         "--epochs 1 --image-size 64 --scales 32,16 --samples-per-image 4 --batch-size 8 "
         "--no-pretrained --device cpu"
     )
+    version = bundle / "versions" / (bundle / "latest").read_text().strip()
     for name in ("config.json", "model.safetensors", "bank_32.faiss", "bank_16.faiss"):
-        assert (bundle / name).is_file(), f"{name} missing; job logs:\n{logs}"
-    meta = json.loads((bundle / "meta.json").read_text())
+        assert (version / name).is_file(), f"{name} missing; job logs:\n{logs}"
+    meta = json.loads((version / "meta.json").read_text())
     return Trained(bundle, test_dir, meta)
 
 
@@ -283,7 +284,8 @@ def test_train_job_writes_bundle(trained: Trained) -> None:
     meta = trained.meta
     assert meta["threshold"] is not None and meta["pretrained_loaded"] is False
     assert set(meta["bank_sizes"]) == {"32", "16"} and all(meta["bank_sizes"].values())
-    cfg = json.loads((trained.bundle / "config.json").read_text())
+    version = trained.bundle / "versions" / trained.meta["version"]
+    cfg = json.loads((version / "config.json").read_text())
     assert cfg["model"]["scales"] == [32, 16] and cfg["model"]["image_size"] == 64
     assert cfg["train"]["epochs"] == 1 and cfg["train"]["n_centers"] == 4
     assert cfg["train"]["workers"] == 1
@@ -372,7 +374,7 @@ def test_deploy_dry_run_applies_overrides(tmp_path: Path, capsys: pytest.Capture
     assert deploy.main(["--dry-run", "--config", str(bad)]) == 2
     assert "bank_gpuu" in capsys.readouterr().err
     # So is a bundle that is not there (checked when not a dry run, before connecting).
-    with pytest.raises(deploy.DeployError, match="no complete model bundle"):
+    with pytest.raises(deploy.DeployError, match="no such bundle"):
         deploy.check_config(
             deploy.apply_overrides(
                 deploy.load_config(str(REPO / "serve_config.yaml")),

@@ -51,8 +51,11 @@ BUILD_BANK_DESCRIPTION = """\
 Build the per-scale patch banks of a model bundle from normal images on a Ray Data actor
 pool: every actor loads the bundle's encoders once and embeds batches of images; large
 banks are coreset-reduced per shard on the actors and globally on the driver
-(bank.coreset_ratio of all patches are kept). The faiss indexes are written into the
-bundle (a new version).
+(bank.coreset_ratio of all patches are kept). The result is saved as a NEW version of the
+bundle (ROOT/versions/<id>/, every file checksummed in its meta.json) and ROOT/latest is
+moved to it only once it is complete; the version it started from (e.g. the one being
+served) is never modified. --bundle may be a root (its latest version is used) or a
+version URI. Prints the result as JSON, with the new version's URI under version_uri.
 
 Without --append the images are split like training does (train.val_fraction held out,
 train.seed): the bank is built from the rest and the threshold is recalibrated on the
@@ -162,7 +165,11 @@ def add_build_bank_args(p: argparse.ArgumentParser) -> None:
         "folder:PATH or s3://bucket/prefix (the training split is used)",
     )
     p.add_argument("--category", help="category of an mvtec/btad dataset")
-    p.add_argument("--out", help="write the updated bundle here (default: in place)")
+    p.add_argument(
+        "--out",
+        help="bundle root to save the new version under (default: the root of --bundle); "
+        "its `latest` pointer is moved to the new version",
+    )
     p.add_argument(
         "--append",
         action="store_true",

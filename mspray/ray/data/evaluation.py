@@ -82,12 +82,16 @@ def evaluate_ray(
     progress: bool = True,
     address: str | None = None,
 ) -> dict:
-    """Metrics of ``bundle`` on ``samples``: the dict of :func:`mspray.evaluate.evaluate`."""
+    """Metrics of ``bundle`` (a version or a root) on ``samples``: the dict of
+    :func:`mspray.evaluate.evaluate`."""
     import ray
+
+    from mspray.bundle import resolve_bundle
 
     if not samples:
         raise ValueError("no test images")
     pool = pool or PoolOptions()
+    bundle = resolve_bundle(bundle)  # every actor loads the same version
     cfg = bundle_config(bundle, overrides)
     with_masks = any(s.mask_path for s in samples if s.label == 1)
     init_ray(address, progress)
@@ -149,11 +153,9 @@ def _metrics(
 ) -> dict:
     """The metrics JSON of :func:`mspray.evaluate.evaluate`, from arrays gathered from the
     actors (threshold and version from the bundle's meta.json)."""
-    import json
+    from mspray.bundle import read_meta
 
-    from mspray import storage
-
-    meta = json.loads(storage.read_text(storage.join(bundle, "meta.json")))
+    meta = read_meta(bundle)
     return metrics_report(
         np.array([s.label for s in samples]),
         scores,

@@ -12,7 +12,6 @@ stays flat however many images there are.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import time
 from collections import Counter
@@ -24,6 +23,7 @@ import pyarrow as pa
 import torch
 
 from mspray import storage, viz
+from mspray.bundle import resolve_bundle
 from mspray.ray.data.reading import DecodedBatch, error_text, iter_loaded
 from mspray.ray.data.results import (
     map_uri,
@@ -188,8 +188,10 @@ class UnitScorer:
 
 
 def bundle_version(bundle: str) -> str | None:
-    """The version recorded in a bundle's meta.json."""
-    return json.loads(storage.read_text(storage.join(bundle, "meta.json"))).get("version")
+    """The version recorded in a bundle's meta.json (a version or a root)."""
+    from mspray.bundle import read_meta
+
+    return read_meta(bundle).get("version")
 
 
 def list_inputs(input_root: str, output: str) -> list[str]:
@@ -234,6 +236,8 @@ def score_prefix(
     t0 = time.perf_counter()
     pool = pool or PoolOptions()
     input_root, output = storage.normalize(input), storage.normalize(output)
+    # one version for the whole run, even if the bundle's pointer moves meanwhile
+    bundle = resolve_bundle(bundle)
     cfg = bundle_config(bundle, overrides)
     version = bundle_version(bundle)
     paths = list_inputs(input_root, output)

@@ -56,7 +56,10 @@ class ServeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bundle_uri: str = Field(description="model bundle, local path or s3://")
+    bundle_uri: str = Field(
+        description="model bundle, local path or s3://: a version (ROOT/versions/<id>) or a "
+        "root, resolved through its `latest` pointer when a replica loads it"
+    )
     device: str = Field("auto", description="torch device: auto, cpu, cuda[:N]")
     bank_gpu: bool = Field(False, description="faiss bank search on the GPU")
     max_batch_size: int = Field(16, ge=1, description="requests per forward pass")
@@ -138,16 +141,15 @@ class ItemResult:
 def load_detector(settings: ServeSettings) -> Any:
     """Load the bundle of ``settings`` and run one warm-up batch (lazy init off the
     request path)."""
-    from mspray import storage
-    from mspray.bundle import load_bundle
-    from mspray.config import MSPrayConfig
+    from mspray.bundle import load_bundle, read_config, resolve_bundle
     from mspray.device import resolve_device
 
+    # a root resolves to its latest version now; both reads below use that same version
+    uri = resolve_bundle(settings.bundle_uri)
     override = None
     if settings.bank_gpu:
-        text = storage.read_text(storage.join(settings.bundle_uri, "config.json"))
-        override = MSPrayConfig.from_json(text).replace(**{"bank.use_gpu": True})
-    det = load_bundle(settings.bundle_uri, device=resolve_device(settings.device), config=override)
+        override = read_config(uri).replace(**{"bank.use_gpu": True})
+    det = load_bundle(uri, device=resolve_device(settings.device), config=override)
     size = det.cfg.model.image_size
     det.predict(torch.zeros(1, 3, size, size))
     return det

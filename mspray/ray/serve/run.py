@@ -160,8 +160,12 @@ def run_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from mspray.bundle import resolve_bundle
     from mspray.ray.serve.app import build_app
 
+    # pin a root to its current version, so replicas started later (autoscaling) load the
+    # same model and not whatever `latest` names by then
+    args.bundle = resolve_bundle(args.bundle)
     app = build_app(app_args(args))  # validate arguments before starting anything
     started_ray = not ray.is_initialized() and not args.address
     if args.address:
