@@ -14,6 +14,9 @@ from collections.abc import Callable
 
 log = logging.getLogger("mspray")
 
+#: mspray.lease.DEFAULT_TTL_S (not imported: keep ``--help`` free of heavy imports)
+DEFAULT_LEASE_TTL_S = 300.0
+
 SCORE_DESCRIPTION = """\
 Score every image under an input prefix (local folder or s3://) with a model bundle on a
 Ray Data actor pool, and write one Parquet row per image to the output folder.
@@ -25,8 +28,13 @@ its row has `error` set and null scores.
 
 Resumable and idempotent: a run first reads the paths already in the output and scores
 only the others, and every part file is written atomically, so rerunning after a crash or
-on the same day ends with exactly one row per image. Do not run two jobs on the same
-output at once.
+on the same day ends with exactly one row per image. One run at a time per output: a run
+takes the output's lease (OUTPUT/_lease/, an S3 conditional put or an exclusive local
+create) before reading it; a second run started meanwhile waits up to --lease-wait
+seconds, then exits with status 3 naming the holder. The lease is renewed while the run
+lives and released at its end (also on failure); a crashed run's lease is taken over
+--lease-ttl seconds after its last renewal. Input keys with a `.`, `..` or empty path
+segment (possible on S3) are never read: they get an error row.
 """
 
 SCORE_EPILOG = """\
@@ -35,6 +43,7 @@ output layout:
                                hash of its input paths, so a retried unit overwrites it
   OUTPUT/_maps/<path under the input prefix>.png   heatmap panels (with --maps)
   OUTPUT/_runs/<time>-<id>.json                   summary of each run (counts, timing)
+  OUTPUT/_lease/<generation>.json                 the lease: holder, expiry
   Read the rows with pandas.read_parquet(OUTPUT) or ray.data.read_parquet(OUTPUT).
 
 templates:
@@ -150,6 +159,23 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="also write the run summary (counts, timing) to this file",
     )
+    # one run per output (issue 11)
+    p.add_argument(
+        "--lease-wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="when another run holds the output, wait this long for it to finish, then "
+        "exit with status 3 (default: %(default)s, exit at once)",
+    )
+    p.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=DEFAULT_LEASE_TTL_S,
+        metavar="SECONDS",
+        help="a run renews its lease every TTL/3 s; a crashed run's lease is taken over "
+        "this long after its last renewal (default: %(default)s)",
+    )
     _pool_args(p)
 
 
@@ -222,8 +248,10 @@ def _pool(args: argparse.Namespace, cfg):
 
 def run_score(args: argparse.Namespace) -> int:
     """``mspray score``: prints the summary line; exit 1 if an image ended with no row or
-    with two (never for bad images, which get error rows)."""
+    with two (never for bad images, which get error rows), 3 if another run holds the
+    output's lease."""
     from mspray import storage
+    from mspray.lease import LeaseHeld
     from mspray.ray.data.results import expand_date
     from mspray.ray.data.scoring import score_prefix
     from mspray.ray.runtime import bundle_config
@@ -232,18 +260,24 @@ def run_score(args: argparse.Namespace) -> int:
     if args.bank_gpu:
         overrides["bank.use_gpu"] = True
     cfg = bundle_config(args.bundle, overrides)
-    summary = score_prefix(
-        args.bundle,
-        expand_date(args.input, args.date),
-        expand_date(args.output, args.date),
-        pool=_pool(args, cfg),
-        maps=args.maps,
-        part_size=args.part_size,
-        overrides=overrides,
-        io_threads=args.io_threads,
-        progress=not getattr(args, "quiet", False),
-        address=args.address,
-    )
+    try:
+        summary = score_prefix(
+            args.bundle,
+            expand_date(args.input, args.date),
+            expand_date(args.output, args.date),
+            pool=_pool(args, cfg),
+            maps=args.maps,
+            part_size=args.part_size,
+            overrides=overrides,
+            io_threads=args.io_threads,
+            progress=not getattr(args, "quiet", False),
+            address=args.address,
+            lease_wait=args.lease_wait,
+            lease_ttl=args.lease_ttl,
+        )
+    except LeaseHeld as e:
+        print(f"mspray score: {e}", file=sys.stderr, flush=True)
+        return 3
     if args.summary_json:
         from dataclasses import asdict
 
