@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLUSTER_CPUS = 4  # logical CPUs: Train worker + Data actors on a 2-core machine
 START_TIMEOUT_S = 90
 JOB_TIMEOUT_S = 240
@@ -381,3 +381,16 @@ def test_deploy_dry_run_applies_overrides(tmp_path: Path, capsys: pytest.Capture
                 deploy.parse_args(["--bundle", str(tmp_path / "nothing")]),
             )
         )
+    # A bundle root is pinned to the version its `latest` names now, so every replica
+    # (also ones autoscaling starts later) loads that version.
+    root = tmp_path / "bundle"
+    (root / "versions" / "abc123").mkdir(parents=True)
+    (root / "versions" / "abc123" / "meta.json").write_text("{}")
+    (root / "latest").write_text("abc123\n")
+    config = deploy.apply_overrides(
+        deploy.load_config(str(REPO / "serve_config.yaml")),
+        deploy.parse_args(["--bundle", str(root)]),
+    )
+    pinned = str(root / "versions" / "abc123")
+    assert deploy.check_config(config) == [pinned]
+    assert config["applications"][0]["deployments"][0]["user_config"]["bundle_uri"] == pinned
