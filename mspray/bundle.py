@@ -258,10 +258,10 @@ def _move_pointer(root: str, version: str, parent: str | None) -> None:
         current = None
     if current is not None and parent is not None and current not in (parent, version):
         log.warning(
-            "%s moved from %s to %s while this version was built; it now names %s",
+            "%s named %s, not %s that this version was built from; it now names %s",
             pointer,
-            parent,
             current,
+            parent,
             version,
         )
     storage.write_text(pointer, version + "\n")

@@ -32,7 +32,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from mspray import storage
 
@@ -143,10 +143,14 @@ class Lease:
     def _read(self, gen: int) -> LeaseRecord | None:
         """The record of ``gen``; None when it is unreadable (never a valid holder)."""
         try:
-            return LeaseRecord(**json.loads(storage.read_text(self._uri(gen))))
+            raw = json.loads(storage.read_text(self._uri(gen)))
+            # fields added by a newer mspray are ignored, not a reason to take over
+            return LeaseRecord(
+                **{f.name: raw[f.name] for f in fields(LeaseRecord) if f.name in raw}
+            )
         except FileNotFoundError:
             return None
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, AttributeError) as e:
             log.warning("lease record %s is unreadable (%s); treating it as expired", gen, e)
             return None
 

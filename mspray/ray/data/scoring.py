@@ -214,10 +214,11 @@ def unsafe_key_error(uri: str, input_root: str) -> str | None:
     them) normalise it while reading: the run would score another object than the one
     listed, and its heatmap path would leave the output folder. Such keys are never read.
     """
-    prefix = input_root.rstrip("/") + "/"
-    if not uri.startswith(prefix):
+    path = uri.replace("\\", "/")  # local Windows paths: compare with / separators
+    prefix = input_root.replace("\\", "/").rstrip("/") + "/"
+    if not path.startswith(prefix):
         return f"{uri}: rejected: not under the input prefix {input_root}"
-    segments = uri[len(prefix) :].replace("\\", "/").split("/")
+    segments = path[len(prefix) :].split("/")
     bad = [s for s in segments if s in ("", ".", "..")]
     if bad:
         shown = "empty" if bad[0] == "" else repr(bad[0])
