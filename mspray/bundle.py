@@ -1,13 +1,26 @@
-"""Model bundle: one directory (local or ``s3://``) that holds everything needed to score.
+"""Model bundle: immutable, verified versions under one root (local or ``s3://``).
 
 Layout::
 
-    config.json          MSPrayConfig
-    model.safetensors    encoder + angle-head weights of every scale
-    bank_<scale>.faiss   serialised faiss index of the scale's normal patch embeddings
-    meta.json            threshold, per-scale normalisation stats, ImageNet normalisation,
-                         version, provenance; written last, so its presence marks a
-                         complete bundle
+    ROOT/
+      latest                     pointer: the id of the current version (one line)
+      versions/<version>/
+        config.json              MSPrayConfig
+        model.safetensors        encoder + angle-head weights of every scale
+        bank_<scale>.faiss       serialised faiss index of the scale's normal patches
+        meta.json                threshold, per-scale normalisation stats, ImageNet
+                                 normalisation, provenance and the sha256 and size of every
+                                 other file; written last and only once, so its presence
+                                 marks a complete version
+
+A version is never rewritten: its id is a hash of its content (files, threshold, fusion
+stats), so saving the same model again names the same version, and every other save
+(``build-bank``, ``--append``) makes a new one and then moves ``latest``, which is written
+in one atomic step after the version is complete. Loading resolves a root (or the
+``latest`` object itself) to a version with :func:`resolve_bundle` and checks every file it
+reads against meta.json, so a corrupted, truncated or half-written bundle fails with a
+:class:`BundleError` naming the file. A folder with ``meta.json`` directly in it (a bundle of
+the earlier flat layout, or a version folder) is itself a version.
 
 Loading reads JSON, safetensors and faiss buffers only: no pickled code is ever executed.
 """
@@ -16,6 +29,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 import time
 
 import torch
@@ -29,90 +44,259 @@ from mspray.detector import Detector
 from mspray.model.backbone import IMAGENET_MEAN, IMAGENET_STD
 from mspray.model.multiscale import MultiScaleEncoder
 
-FORMAT = 1
+log = logging.getLogger(__name__)
+
+#: 2: versioned layout with per-file sha256 in meta.json. 1: flat, unverified (still loads).
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
+VERSIONS_DIR = "versions"
+POINTER = "latest"
+META = "meta.json"
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+_VERSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class BundleError(RuntimeError):
-    """A bundle is missing, incomplete or inconsistent."""
+class BundleError(ValueError):
+    """A bundle is missing, incomplete, corrupted or inconsistent."""
 
 
 def bank_name(scale: int) -> str:
     return f"bank_{scale}.faiss"
 
 
-def save_bundle(det: Detector, uri: str) -> str:
-    """Write ``det`` to ``uri``; returns the bundle version (a content hash)."""
-    weights = st_save({k: v.detach().cpu().contiguous() for k, v in det.model.state_dict().items()})
-    banks = {s: det.banks[s].to_bytes() for s in det.scales if s in det.banks}
-    digest = hashlib.sha256(weights)
-    for s in sorted(banks):
-        digest.update(banks[s])
-    version = digest.hexdigest()[:12]
-    storage.makedirs(uri)
-    storage.write_text(storage.join(uri, "config.json"), det.cfg.to_json())
-    storage.write_bytes(storage.join(uri, "model.safetensors"), weights)
-    for s, data in banks.items():
-        storage.write_bytes(storage.join(uri, bank_name(s)), data)
-    meta = dict(det.meta)
-    meta.update(
-        format=FORMAT,
-        version=version,
-        saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        threshold=det.threshold,
-        scale_stats={str(s): list(v) for s, v in det.stats.items()},
-        bank_sizes={str(s): det.banks[s].ntotal for s in banks},
-        image_mean=list(IMAGENET_MEAN),
-        image_std=list(IMAGENET_STD),
-    )
-    storage.write_text(storage.join(uri, "meta.json"), json.dumps(meta, indent=2))
-    det.meta = meta
-    return version
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-def read_config(uri: str) -> MSPrayConfig:
-    """The bundle's ``config.json`` (the model's shape and its saved runtime settings)."""
-    return MSPrayConfig.from_json(storage.read_text(storage.join(uri, "config.json")))
+# ---------------------------------------------------------------------- resolving
+def _follow_pointer(root: str) -> str:
+    pointer = storage.join(root, POINTER)
+    try:
+        version = storage.read_text(pointer).strip()
+    except FileNotFoundError:
+        raise BundleError(f"{root}: no bundle pointer ({POINTER})") from None
+    if not _VERSION_ID.match(version):
+        raise BundleError(f"{pointer}: not a version id: {version[:80]!r}")
+    uri = storage.join(root, VERSIONS_DIR, version)
+    if not storage.is_file(storage.join(uri, META)):
+        raise BundleError(f"{pointer} names version {version}, which is not complete ({uri})")
+    return uri
+
+
+def resolve_bundle(uri: str) -> str:
+    """The version URI that bundle URI ``uri`` stands for.
+
+    ``uri`` may be a bundle root (follows its ``latest`` pointer), the pointer object
+    itself (``ROOT/latest``), or a version: ``ROOT/versions/<id>`` or a flat bundle folder
+    of the earlier layout (``meta.json`` directly in it). A root's pointer wins over a flat
+    bundle in the same folder (a flat bundle that got new versions saved into it).
+    Raises :class:`BundleError` when there is no complete version there.
+    """
+    uri = storage.normalize(uri)
+    if storage.basename(uri) == POINTER and storage.is_file(uri):
+        return _follow_pointer(storage.parent(uri))
+    if storage.is_file(storage.join(uri, POINTER)):
+        return _follow_pointer(uri)
+    if storage.is_file(storage.join(uri, META)):
+        return uri
+    if storage.basename(storage.parent(uri)) == VERSIONS_DIR and storage.exists(uri):
+        raise BundleError(
+            f"{uri}: incomplete bundle version (no {META}): its save never finished; "
+            f"load the bundle root or another version"
+        )
+    if storage.exists(uri):
+        raise BundleError(f"{uri}: not an mspray bundle (no {POINTER} pointer, no {META})")
+    raise BundleError(f"{uri}: no such bundle")
+
+
+def bundle_root(uri: str) -> str:
+    """The root a new version of the bundle at ``uri`` is saved under: the folder of a
+    ``latest`` pointer, ``ROOT`` for ``ROOT/versions/<id>``, else ``uri`` itself."""
+    uri = storage.normalize(uri)
+    if storage.basename(uri) == POINTER and storage.is_file(uri):
+        return storage.parent(uri)
+    parent = storage.parent(uri)
+    if storage.basename(parent) == VERSIONS_DIR:
+        return storage.parent(parent)
+    return uri
+
+
+def version_uri(root: str, version: str) -> str:
+    """Where version ``version`` of the bundle at ``root`` lives."""
+    return storage.join(storage.normalize(root), VERSIONS_DIR, version)
 
 
 def read_meta(uri: str) -> dict:
-    """The bundle's ``meta.json`` (threshold, version, stats); :class:`BundleError` if the
-    bundle is incomplete (meta.json is written last)."""
-    meta_uri = storage.join(uri, "meta.json")
-    if not storage.exists(meta_uri):
-        raise BundleError(f"{uri}: not a complete mspray bundle (no meta.json)")
-    meta = json.loads(storage.read_text(meta_uri))
-    if meta.get("format") != FORMAT:
-        raise BundleError(f"{uri}: unsupported bundle format {meta.get('format')!r}")
+    """The meta.json of the version ``uri`` resolves to (see :func:`resolve_bundle`)."""
+    return _read_meta(resolve_bundle(uri))
+
+
+def _read_meta(version_uri: str) -> dict:
+    path = storage.join(version_uri, META)
+    try:
+        meta = json.loads(storage.read_text(path))
+    except FileNotFoundError:
+        raise BundleError(f"{version_uri}: not a complete mspray bundle (no {META})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: corrupted ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise BundleError(f"{version_uri}: unsupported bundle format {fmt!r}")
+    if meta["format"] >= 2 and not isinstance(meta.get("files"), dict):
+        raise BundleError(f"{path}: corrupted (no file checksums)")
     return meta
 
 
+def _read_verified(version_uri: str, meta: dict, name: str) -> bytes:
+    """A file of the version, checked against the size and sha256 recorded in meta.json
+    (format 1 bundles recorded none)."""
+    path = storage.join(version_uri, name)
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise BundleError(f"{version_uri}: missing {name} ({path})") from None
+    files = meta.get("files")
+    if files is None:
+        return data
+    rec = files.get(name)
+    if rec is None:
+        raise BundleError(f"{path}: not listed in {META}")
+    if len(data) != rec.get("bytes") or _sha256(data) != rec.get("sha256"):
+        raise BundleError(
+            f"{path}: corrupted: {len(data)} bytes with sha256 {_sha256(data)[:16]}..., "
+            f"{META} recorded {rec.get('bytes')} bytes with sha256 "
+            f"{str(rec.get('sha256'))[:16]}..."
+        )
+    return data
+
+
+def read_config(uri: str) -> MSPrayConfig:
+    """The (verified) config.json of the version ``uri`` resolves to."""
+    version_uri = resolve_bundle(uri)
+    meta = _read_meta(version_uri)
+    return MSPrayConfig.from_json(_read_verified(version_uri, meta, CONFIG).decode("utf-8"))
+
+
+# ---------------------------------------------------------------------- saving
+def _version_id(hashes: dict[str, str], meta: dict) -> str:
+    """Content id: the files' hashes and the scoring state stored only in meta.json."""
+    content = {
+        "format": FORMAT,
+        "files": hashes,
+        "threshold": meta.get("threshold"),
+        "scale_stats": meta.get("scale_stats"),
+    }
+    return _sha256(json.dumps(content, sort_keys=True).encode())[:12]
+
+
+def save_bundle(det: Detector, uri: str) -> str:
+    """Save ``det`` as a new version under bundle root ``uri`` and point ``latest`` at it;
+    returns the version URI (``uri/versions/<id>``; ``det.version`` is the id).
+
+    Files go first, meta.json (with their checksums) last and only if absent, then the
+    pointer: a crash at any point leaves the previous version current and intact. If the
+    same content was saved before, its version is reused, not rewritten.
+    """
+    root = storage.normalize(uri)
+    if storage.basename(storage.parent(root)) == VERSIONS_DIR:
+        raise BundleError(
+            f"{root} is a version folder, which is never rewritten: save to the bundle root "
+            f"{storage.parent(storage.parent(root))}"
+        )
+    files = {
+        CONFIG: det.cfg.to_json().encode("utf-8"),
+        WEIGHTS: st_save(
+            {k: v.detach().cpu().contiguous() for k, v in det.model.state_dict().items()}
+        ),
+    }
+    for s in det.scales:
+        if s in det.banks:
+            files[bank_name(s)] = det.banks[s].to_bytes()
+    hashes = {name: _sha256(data) for name, data in files.items()}
+    meta = dict(det.meta)
+    parent = meta.get("version")
+    meta.update(
+        format=FORMAT,
+        threshold=det.threshold,
+        scale_stats={str(s): list(v) for s, v in det.stats.items()},
+        bank_sizes={str(s): det.banks[s].ntotal for s in det.scales if s in det.banks},
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+    )
+    version = _version_id(hashes, meta)
+    meta.update(
+        version=version,
+        parent_version=parent if parent != version else meta.get("parent_version"),
+        saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        files={n: {"bytes": len(d), "sha256": hashes[n]} for n, d in files.items()},
+    )
+    out = version_uri(root, version)
+    meta_uri = storage.join(out, META)
+    wrote = False
+    if storage.is_file(meta_uri):
+        log.info("version %s is already saved in %s; not rewritten", version, root)
+    else:
+        storage.makedirs(out)
+        for name, data in files.items():
+            storage.write_bytes(storage.join(out, name), data)
+        wrote = storage.create_exclusive(meta_uri, json.dumps(meta, indent=2).encode("utf-8"))
+        if not wrote:
+            log.info("version %s was completed by another writer at the same time", version)
+    det.meta = meta if wrote else _read_meta(out)
+    _move_pointer(root, version, parent)
+    return out
+
+
+def _move_pointer(root: str, version: str, parent: str | None) -> None:
+    """Point ``root/latest`` at ``version`` (one atomic write, after the version is
+    complete); warn when another save moved it since ``parent`` was loaded."""
+    pointer = storage.join(root, POINTER)
+    try:
+        current = storage.read_text(pointer).strip()
+    except FileNotFoundError:
+        current = None
+    if current is not None and parent is not None and current not in (parent, version):
+        log.warning(
+            "%s named %s, not %s that this version was built from; it now names %s",
+            pointer,
+            current,
+            parent,
+            version,
+        )
+    storage.write_text(pointer, version + "\n")
+
+
+# ---------------------------------------------------------------------- loading
 def load_bundle(
     uri: str,
     device: str | torch.device = "cpu",
     with_banks: bool = True,
     config: MSPrayConfig | None = None,
 ) -> Detector:
-    """Load a bundle saved by :func:`save_bundle`.
+    """Load the bundle version ``uri`` resolves to (see :func:`resolve_bundle`), checking
+    every file read against meta.json.
 
     ``config`` overrides runtime-only settings (e.g. ``bank.use_gpu``) while the model
     shape comes from the bundle's own config.
     """
-    meta = read_meta(uri)
-    cfg = read_config(uri)
+    version_uri = resolve_bundle(uri)
+    meta = _read_meta(version_uri)
+    cfg = MSPrayConfig.from_json(_read_verified(version_uri, meta, CONFIG).decode("utf-8"))
     if config is not None:
-        cfg = cfg.model_copy(update={"bank": config.bank, "score": config.score})
+        cfg = MSPrayConfig.from_dict(
+            {**cfg.to_dict(), "bank": config.to_dict()["bank"], "score": config.to_dict()["score"]}
+        )
     model = MultiScaleEncoder(cfg)
-    state = st_load(storage.read_bytes(storage.join(uri, "model.safetensors")))
+    state = st_load(_read_verified(version_uri, meta, WEIGHTS))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise BundleError(f"{uri}: weights do not match config.json: {e}") from e
+        raise BundleError(f"{version_uri}: weights do not match config.json: {e}") from e
     banks = {}
     if with_banks:
         for s in cfg.model.scales:
-            path = storage.join(uri, bank_name(s))
-            if not storage.exists(path):
-                raise BundleError(f"{uri}: missing {bank_name(s)}")
-            banks[s] = PatchBank.from_bytes(storage.read_bytes(path), cfg.bank)
+            data = _read_verified(version_uri, meta, bank_name(s))
+            banks[s] = PatchBank.from_bytes(data, cfg.bank)
     stats = {int(s): (float(v[0]), float(v[1])) for s, v in meta.get("scale_stats", {}).items()}
     return Detector(cfg, model, banks, stats, meta.get("threshold"), meta, device=device)

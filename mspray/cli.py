@@ -201,6 +201,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from mspray.bundle import version_uri
     from mspray.data.datasets import train_paths
     from mspray.fit import fit_detector
 
@@ -229,6 +230,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         {
             "bundle": args.out,
             "version": det.version,
+            "version_uri": version_uri(args.out, det.version),
             "threshold": det.threshold,
             "bank_sizes": {str(s): b.ntotal for s, b in det.banks.items()},
             "pretrained_loaded": det.meta.get("pretrained_loaded"),
@@ -322,8 +324,9 @@ def _add_build_bank(sub: argparse._SubParsersAction) -> None:
         description="Build the per-scale patch banks of a model bundle from normal images on "
         "a Ray Data actor pool: every actor loads the bundle's encoders once and embeds "
         "batches of images; large banks are coreset-reduced per shard on the actors and "
-        "globally on the driver. The faiss indexes are written into the bundle (a new "
-        "version).",
+        "globally on the driver. The result is saved as a NEW version of the bundle "
+        "(ROOT/versions/<id>/, every file checksummed) and ROOT/latest moves to it once it is "
+        "complete; the version it started from (e.g. the one being served) is never modified.",
         epilog=BUILD_BANK_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -332,7 +335,11 @@ def _add_build_bank(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, help=DATA_HELP + " (the training split is used)")
     p.add_argument("--category", help="category of an mvtec/btad dataset")
-    p.add_argument("--out", help="write the updated bundle here (default: in place)")
+    p.add_argument(
+        "--out",
+        help="bundle root to save the new version under (default: the root of --bundle); its "
+        "`latest` pointer is moved to the new version",
+    )
     p.add_argument(
         "--append",
         action="store_true",
@@ -396,14 +403,21 @@ its row has `error` set and null scores.
 
 Resumable and idempotent: a run first reads the paths already in the output and scores
 only the others, and every part file is written atomically, so rerunning after a crash or
-on the same day ends with exactly one row per image. Do not run two jobs on the same
-output at once.
+on the same day ends with exactly one row per image. One run at a time per output: a run
+takes the output's lease (OUTPUT/_lease/, an S3 conditional put or an exclusive local
+create) before reading it; a second run started meanwhile waits up to --lease-wait
+seconds, then exits with status 3 naming the holder. The lease is renewed while the run
+lives and released at its end (also on failure); a crashed run's lease is taken over
+--lease-ttl seconds after its last renewal. Input keys with a `.`, `..` or empty path
+segment (possible on S3) are never read: they get an error row.
 
 output layout:
   OUTPUT/part-<hash>.parquet   rows of one work unit (--part-size images); <hash> is a
                                hash of its input paths, so a retried unit overwrites it
   OUTPUT/_maps/<path under the input prefix>.png   heatmap panels (with --maps)
   OUTPUT/_runs/<time>-<id>.json                   summary of each run (counts, timing)
+  OUTPUT/_lease/<generation>.json                 the lease: holder, expiry
+  OUTPUT/_report.html                             the run's report page (mspray report)
   Read the rows with pandas.read_parquet(OUTPUT) or ray.data.read_parquet(OUTPUT).
 
 templates:
@@ -457,6 +471,22 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--summary-json", metavar="FILE", help="also write the run summary (counts, timing) here"
     )
+    p.add_argument(
+        "--lease-wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="when another run holds the output, wait this long for it to finish, then exit "
+        "with status 3 (default: %(default)s, exit at once)",
+    )
+    p.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="a run renews its lease every TTL/3 s; a crashed run's lease is taken over this "
+        "long after its last renewal (default: %(default)s)",
+    )
     add_config_flags(p, "cfg", MSPrayConfig, ["score.batch_size", "bank.use_gpu"])
     add_pool_args(p)
     p.set_defaults(func=cmd_score)
@@ -464,22 +494,29 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Prints the summary line; exit 1 if an image ended with no row or with two (never for
-    bad images, which get error rows)."""
+    bad images, which get error rows), 3 if another run holds the output's lease."""
     from mspray import storage
+    from mspray.lease import LeaseHeld
     from mspray.ray.data.results import expand_date
     from mspray.ray.data.scoring import score_prefix
 
-    summary = score_prefix(
-        args.bundle,
-        expand_date(args.input, args.date),
-        expand_date(args.output, args.date),
-        pool=pool_from_args(args),
-        maps=args.maps,
-        part_size=args.part_size,
-        overrides=flag_values(args, "cfg"),
-        progress=not args.quiet,
-        address=args.address,
-    )
+    try:
+        summary = score_prefix(
+            args.bundle,
+            expand_date(args.input, args.date),
+            expand_date(args.output, args.date),
+            pool=pool_from_args(args),
+            maps=args.maps,
+            part_size=args.part_size,
+            overrides=flag_values(args, "cfg"),
+            progress=not args.quiet,
+            address=args.address,
+            lease_wait=args.lease_wait,
+            lease_ttl=args.lease_ttl,
+        )
+    except LeaseHeld as e:
+        print(f"mspray score: {e}", file=sys.stderr, flush=True)
+        return 3
     if args.summary_json:
         storage.write_text(args.summary_json, json.dumps(asdict(summary), indent=2) + "\n")
     print(summary.line(), flush=True)

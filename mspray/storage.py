@@ -21,6 +21,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _S3_CACHE: dict[tuple, pafs.S3FileSystem] = {}
 #: Attempts per S3 request (the SDK's standard retry mode: exponential backoff with jitter).
 S3_ATTEMPTS = 5
+_BOTO_CACHE: dict[tuple, object] = {}
 _S3_LOCK = threading.Lock()
 _LOCAL = pafs.LocalFileSystem()
 # Read once: os.umask can only be read by setting it, which would race with other threads.
@@ -73,6 +74,29 @@ def _s3_filesystem() -> pafs.S3FileSystem:
             kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)
             fs = _S3_CACHE[key] = pafs.S3FileSystem(**kwargs)
     return fs
+
+
+def _boto_client():
+    """A boto3 S3 client from the same environment as :func:`_s3_filesystem`; used only for
+    what pyarrow.fs cannot do (conditional writes)."""
+    key = _s3_config()
+    with _S3_LOCK:
+        client = _BOTO_CACHE.get(key)
+        if client is None:
+            import boto3
+
+            endpoint, region, access, secret, token = key
+            if endpoint and "://" not in endpoint:
+                endpoint = f"https://{endpoint}"
+            client = _BOTO_CACHE[key] = boto3.client(
+                "s3",
+                endpoint_url=endpoint or None,
+                region_name=region,
+                aws_access_key_id=access,
+                aws_secret_access_key=secret,
+                aws_session_token=token,
+            )
+    return client
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -157,10 +181,55 @@ def write_text(uri: str, text: str, encoding: str = "utf-8") -> None:
     write_bytes(uri, text.encode(encoding))
 
 
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Create file ``uri`` with ``data`` only if it does not exist yet; True if this call
+    created it, False if it was already there. Atomic among concurrent callers on any
+    machine: on S3 a conditional PUT (``If-None-Match: *``, which S3 answers with 412 when
+    the key exists); locally a hard link of a complete temp file (the link fails if the
+    name exists), so readers never see a partly written file either.
+
+    The S3 store must honour ``If-None-Match`` on PUT (AWS S3 does since 2024); one that
+    ignores it gives no exclusion.
+    """
+    fs, path = filesystem(uri)
+    if is_remote(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = path.partition("/")
+        try:
+            _boto_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as e:
+            err = e.response.get("Error", {})
+            # 412: the key exists; 409: another conditional write to it is in flight
+            if err.get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise OSError(f"conditional write of {uri} failed: {e}") from e
+        return True
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.unlink(tmp)
+
+
 def exists(uri: str) -> bool:
     """True if ``uri`` is a file or a folder (an S3 prefix with objects under it)."""
     fs, path = filesystem(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_file(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
 
 
 def is_dir(uri: str) -> bool:
@@ -238,6 +307,18 @@ def list_dirs(uri: str) -> list[str]:
         for info in _listing(uri, recursive=False)
         if info.type == pafs.FileType.Directory
     )
+
+
+def parent(uri: str) -> str:
+    """The folder holding ``uri`` (same kind of URI)."""
+    if is_remote(uri):
+        return uri.rstrip("/").rsplit("/", 1)[0]
+    return os.path.dirname(_local_path(uri))
+
+
+def basename(uri: str) -> str:
+    """The last path segment of ``uri``."""
+    return uri.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
 
 
 def relative(uri: str, base: str) -> str:

@@ -60,7 +60,9 @@ def test_bundle_round_trip_gives_identical_scores(tiny, tmp_path):
     assert torch.equal(a.image_scores, b.image_scores)
     assert torch.equal(a.maps, b.maps)
     # Saving again is deterministic: the version is a content hash.
-    assert save_bundle(loaded, str(tmp_path / "again")) == det.version
+    assert save_bundle(loaded, str(tmp_path / "again")) == str(
+        tmp_path / "again" / "versions" / det.version
+    )
 
 
 def test_bundle_stores_the_calibration_scores_its_threshold_came_from(tiny):
@@ -90,10 +92,12 @@ def test_quantile_sketch_caps_the_size_and_keeps_the_distribution():
 
 
 def test_bundle_files_load_without_pickle(tiny):
-    _, out, _ = tiny
+    det, out, _ = tiny
     from pathlib import Path
 
-    names = sorted(p.name for p in Path(out).iterdir())
+    assert sorted(p.name for p in Path(out).iterdir()) == ["latest", "versions"]
+    version = Path(out) / "versions" / det.version
+    names = sorted(p.name for p in version.iterdir())
     assert names == [
         "bank_16.faiss",
         "bank_32.faiss",
@@ -102,14 +106,16 @@ def test_bundle_files_load_without_pickle(tiny):
         "model.safetensors",
     ]
     # safetensors is a JSON header + raw tensor bytes; nothing to unpickle.
-    raw = (Path(out) / "model.safetensors").read_bytes()
+    raw = (version / "model.safetensors").read_bytes()
     assert b"\x80\x04" not in raw[:64]
 
 
 def test_incomplete_bundle_is_a_clear_error(tiny, tmp_path):
-    _, out, _ = tiny
+    det, root, _ = tiny
     import shutil
+    from pathlib import Path
 
+    out = Path(root) / "versions" / det.version  # a version folder: flat, meta.json in it
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
     (broken / "meta.json").unlink()

@@ -145,8 +145,8 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "x.png" in capsys.readouterr().err
 
 
-def test_cli_train_no_banks_saves_encoders_only(synthetic_root, tmp_path):
-    from mspray.bundle import BundleError, load_bundle
+def test_cli_train_no_banks_saves_encoders_only(synthetic_root, tmp_path, capsys):
+    from mspray.bundle import BundleError, load_bundle, resolve_bundle
 
     out = tmp_path / "enc"
     rc = main(
@@ -170,7 +170,13 @@ def test_cli_train_no_banks_saves_encoders_only(synthetic_root, tmp_path):
         ]
     )
     assert rc == 0
-    assert not list(out.glob("bank_*.faiss")) and (out / "meta.json").exists()
+    assert not list(out.rglob("bank_*.faiss")) and list(out.glob("versions/*/meta.json"))
+    printed = json.loads(capsys.readouterr().out)
+    assert (
+        printed["version_uri"]
+        == resolve_bundle(str(out))
+        == str(out / "versions" / printed["version"])
+    )
     assert load_bundle(str(out), with_banks=False).threshold is None
     with pytest.raises(BundleError, match="bank_16"):
         load_bundle(str(out))

@@ -146,3 +146,22 @@ def test_s3_filesystem_is_cached_per_environment(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     fs3, _ = storage.filesystem("s3://bucket/key")
     assert fs3 is not fs1 and fs3.region == "eu-west-1"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_create_exclusive_has_exactly_one_winner(where, tmp_path, request):
+    """Many threads race to create one file: exactly one succeeds, its content is whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
+    uri = storage.join(base, "locks", "one.json")
+    with ThreadPoolExecutor(8) as pool:
+        won = list(
+            pool.map(lambda i: storage.create_exclusive(uri, f"{i}".encode() * 100), range(8))
+        )
+    assert won.count(True) == 1
+    winner = won.index(True)
+    assert storage.read_bytes(uri) == f"{winner}".encode() * 100
+    assert storage.create_exclusive(uri, b"again") is False
+    if where == "local":
+        assert os.listdir(tmp_path / "locks") == ["one.json"]  # no temp files left

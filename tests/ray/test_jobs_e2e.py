@@ -271,9 +271,10 @@ def trained(ray_cluster: LocalCluster) -> Trained:
         "--epochs 1 --image-size 64 --scales 32,16 --samples-per-image 4 --batch-size 8 "
         "--no-pretrained --device cpu"
     )
+    version = bundle / "versions" / (bundle / "latest").read_text().strip()
     for name in ("config.json", "model.safetensors", "bank_32.faiss", "bank_16.faiss"):
-        assert (bundle / name).is_file(), f"{name} missing; job logs:\n{logs}"
-    meta = json.loads((bundle / "meta.json").read_text())
+        assert (version / name).is_file(), f"{name} missing; job logs:\n{logs}"
+    meta = json.loads((version / "meta.json").read_text())
     return Trained(bundle, test_dir, meta)
 
 
@@ -283,7 +284,8 @@ def test_train_job_writes_bundle(trained: Trained) -> None:
     meta = trained.meta
     assert meta["threshold"] is not None and meta["pretrained_loaded"] is False
     assert set(meta["bank_sizes"]) == {"32", "16"} and all(meta["bank_sizes"].values())
-    cfg = json.loads((trained.bundle / "config.json").read_text())
+    version = trained.bundle / "versions" / trained.meta["version"]
+    cfg = json.loads((version / "config.json").read_text())
     assert cfg["model"]["scales"] == [32, 16] and cfg["model"]["image_size"] == 64
     assert cfg["train"]["epochs"] == 1 and cfg["train"]["n_centers"] == 4
     assert cfg["train"]["workers"] == 1
@@ -393,7 +395,14 @@ def test_deploy_failure_reports_the_deployment_message(
 def test_deploy_dry_run_applies_overrides(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """No Ray: reloadable overrides land in the detector's user_config, the others in the
     application's args, and the result validates; bad settings fail before any network."""
-    from mspray.ray.serve.deploy import DeployError, apply_overrides, build_parser, run_deploy
+    from mspray.ray.serve.deploy import (
+        DeployError,
+        apply_overrides,
+        build_parser,
+        check_config,
+        load_config,
+        run_deploy,
+    )
 
     def deploy_main(argv: list[str]) -> int:
         return run_deploy(build_parser(str(REPO / "serve_config.yaml")).parse_args(argv))
@@ -419,9 +428,21 @@ def test_deploy_dry_run_applies_overrides(tmp_path: Path, capsys: pytest.Capture
     assert "max_batch_size" in capsys.readouterr().err
     # ... a bundle that is not there (checked when not a dry run, before connecting) ...
     assert deploy_main(["--bundle", str(tmp_path / "nothing"), "--address", "http://x:1"]) == 2
-    assert "no meta.json" in capsys.readouterr().err
+    assert "no such bundle" in capsys.readouterr().err
     # ... and an override the config's deployments section would silently shadow.
     raw = {"applications": [{"name": "m", "import_path": "mspray.ray.serve:build_app",
            "deployments": [{"name": "MSPrayDetector", "num_replicas": 2}]}]}  # fmt: skip
     with pytest.raises(DeployError, match="num_replicas"):
         apply_overrides(raw, {"replicas": 3})
+    # A bundle root is pinned to the version its `latest` names now, so every replica
+    # (also ones autoscaling starts later) loads that version.
+    root = tmp_path / "bundle"
+    (root / "versions" / "abc123").mkdir(parents=True)
+    (root / "versions" / "abc123" / "meta.json").write_text("{}")
+    (root / "latest").write_text("abc123\n")
+    config = apply_overrides(
+        load_config(str(REPO / "serve_config.yaml")), {"bundle_uri": str(root)}
+    )
+    pinned = str(root / "versions" / "abc123")
+    assert check_config(config)["mspray"].bundle_uri == pinned
+    assert config["applications"][0]["deployments"][0]["user_config"]["bundle_uri"] == pinned

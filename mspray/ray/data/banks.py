@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mspray import storage
 from mspray.bank import PatchBank, greedy_coreset
 from mspray.config import BankConfig, MSPrayConfig, PoolConfig
 from mspray.ray.data.reading import iter_loaded
@@ -103,8 +104,10 @@ class Embedder(DetectorActor):
 class BankBuildResult:
     """What a bank build/append did."""
 
-    out: str
+    out: str  # the bundle root the new version was saved under
     version: str
+    version_uri: str  # the new version (out/versions/<version>), what `latest` now names
+    source: str  # the version the build started from
     bank_sizes: dict[int, int]
     n_images: int  # images embedded (bank images; held-out ones are not counted)
     n_errors: int  # unreadable images, skipped
@@ -184,10 +187,13 @@ def build_banks(
     seed, see :func:`mspray.fit.split_holdout`): the bank is built from the training part
     and, with ``calibrate``, the threshold and fusion statistics are recomputed on the
     held-out part. With ``append`` every image goes into the banks and the threshold is kept
-    (new normal patches can only lower distances). The bundle is saved to ``out`` (default:
-    ``bundle`` itself), which gives it a new version.
+    (new normal patches can only lower distances).
+
+    The result is saved as a new version under the bundle root ``out`` (default: the
+    root of ``bundle``) and ``latest`` is moved to it; the version it started from is
+    never modified, so a Serve deployment or a scoring run using it is unaffected.
     """
-    from mspray.bundle import load_bundle, save_bundle
+    from mspray.bundle import bundle_root, load_bundle, resolve_bundle, save_bundle
     from mspray.data.images import load_images
     from mspray.fit import split_holdout
 
@@ -195,6 +201,8 @@ def build_banks(
         raise ValueError("no images to put in the banks")
     t0 = time.perf_counter()
     pool = pool or PoolConfig()
+    target = out or bundle_root(bundle)
+    bundle = resolve_bundle(bundle)  # the driver and every actor use this one version
     cfg = bundle_config(bundle, overrides)
     det = load_bundle(bundle, with_banks=append, config=cfg)
     if append:
@@ -259,11 +267,12 @@ def build_banks(
     )
     if not append:
         det.meta.update(n_train_images=n_good, n_holdout_images=len(val_uris))
-    target = out or bundle
-    version = save_bundle(det, target)
+    saved = save_bundle(det, target)
     return BankBuildResult(
-        out=target,
-        version=version,
+        out=storage.normalize(target),
+        version=det.version,
+        version_uri=saved,
+        source=bundle,
         bank_sizes={s: b.ntotal for s, b in det.banks.items()},
         n_images=n_good,
         n_errors=len(errors),

@@ -46,13 +46,15 @@ def evaluate_ray(
     progress: bool = True,
     address: str | None = None,
 ) -> dict:
-    """Metrics of ``bundle`` on ``samples``: the dict of :func:`mspray.evaluate.evaluate`."""
+    """Metrics of ``bundle`` (a version or a root) on ``samples``: the dict of
+    :func:`mspray.evaluate.evaluate`."""
     import ray
 
-    from mspray.bundle import read_meta
+    from mspray.bundle import read_meta, resolve_bundle
 
     if not samples:
         raise ValueError("no test images")
+    bundle = resolve_bundle(bundle)  # every actor loads the same version
     cfg = bundle_config(bundle, overrides)
     meta = read_meta(bundle)
     init_ray(address, progress)

@@ -6,6 +6,7 @@
       part-<hash>.parquet   the rows of one work unit; <hash> = sha256 of its sorted paths
       _maps/<image path relative to the input prefix>.png    heatmap panel (with --maps)
       _runs/<UTC time>-<id>.json                             summary of each run
+      _lease/<generation>.json   who is scoring into OUTPUT now (see :mod:`mspray.lease`)
 
 Each input image has exactly one row in exactly one part:
 
@@ -110,8 +111,12 @@ def read_results(output: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def map_uri(output: str, input_root: str, path: str) -> str:
-    """Where the heatmap of input ``path`` goes: its path under the input prefix, + .png."""
-    return storage.join(output, MAPS_DIR, storage.relative(path, input_root) + ".png")
+    """Where the heatmap of input ``path`` goes: its path under the input prefix, + .png.
+    ValueError for a path that would land outside ``output/_maps/``."""
+    rel = storage.relative(path, input_root)
+    if rel == ".." or rel.startswith("../") or rel.startswith("/"):
+        raise ValueError(f"{path}: not under the input prefix {input_root}")
+    return storage.join(output, MAPS_DIR, rel + ".png")
 
 
 def write_run_summary(output: str, summary: dict) -> str:

@@ -22,8 +22,9 @@ import pyarrow as pa
 import torch
 
 from mspray import storage, viz
-from mspray.bundle import read_meta
-from mspray.config import PoolConfig
+from mspray.bundle import read_meta, resolve_bundle
+from mspray.config import MSPrayConfig, PoolConfig
+from mspray.lease import DEFAULT_TTL_S, Lease
 from mspray.ray.data.reading import DecodedBatch, error_text, iter_loaded
 from mspray.ray.data.results import (
     map_uri,
@@ -68,6 +69,7 @@ class ScoreSummary:
     missing: int = 0  # listed images without a row after the run
     duplicates: int = 0  # extra rows of images with more than one
     stale_version_rows: int = 0  # skipped rows scored by another model version
+    bundle: str | None = None  # the bundle version the run used (a root resolves to one)
 
     def line(self) -> str:
         """The one-line summary printed at the end of a run."""
@@ -97,9 +99,11 @@ class UnitScorer(DetectorActor):
         """Score ``paths`` and write their part; returns the unit's summary row."""
         t0 = time.perf_counter()
         cfg = self.det.cfg
-        rows: list[dict] = []
+        unsafe = {p: e for p in paths if (e := unsafe_key_error(p, self.input_root))}
+        rows: list[dict] = [{"path": p, **self._base(), "error": e} for p, e in unsafe.items()]
+        safe = [p for p in paths if p not in unsafe]
         for loaded in iter_loaded(
-            paths, cfg.score.batch_size, cfg.model.image_size, cfg.score, self.io
+            safe, cfg.score.batch_size, cfg.model.image_size, cfg.score, self.io
         ):
             rows.extend(self._score_batch(loaded))
         part = write_part(self.output, pa.Table.from_pylist(rows, schema=self.schema))
@@ -111,10 +115,17 @@ class UnitScorer(DetectorActor):
             "seconds": time.perf_counter() - t0,
         }
 
-    def _score_batch(self, loaded: DecodedBatch) -> list[dict]:
-        det = self.det
+    def _base(self) -> dict:
+        """The columns every row of this actor shares."""
         now = dt.datetime.now(dt.timezone.utc)
-        base = {"threshold": det.threshold, "model_version": det.version, "scored_at": now}
+        return {
+            "threshold": self.det.threshold,
+            "model_version": self.det.version,
+            "scored_at": now,
+        }
+
+    def _score_batch(self, loaded: DecodedBatch) -> list[dict]:
+        base = self._base()
         errors = list(loaded.errors)
         ok = loaded.ok
         results: dict[int, dict] = {}
@@ -177,6 +188,26 @@ class UnitScorer(DetectorActor):
         return out
 
 
+def unsafe_key_error(uri: str, input_root: str) -> str | None:
+    """The error row text for an input whose key, below the input prefix, has a ``.``,
+    ``..`` or empty path segment; None for a normal key.
+
+    S3 keys are plain strings, so ``in/../x.png`` can exist, and clients (pyarrow among
+    them) normalise it while reading: the run would score another object than the one
+    listed, and its heatmap path would leave the output folder. Such keys are never read.
+    """
+    path = uri.replace("\\", "/")  # local Windows paths: compare with / separators
+    prefix = input_root.replace("\\", "/").rstrip("/") + "/"
+    if not path.startswith(prefix):
+        return f"{uri}: rejected: not under the input prefix {input_root}"
+    segments = path[len(prefix) :].split("/")
+    bad = [s for s in segments if s in ("", ".", "..")]
+    if bad:
+        shown = "empty" if bad[0] == "" else repr(bad[0])
+        return f"{uri}: rejected: the key has a {shown} path segment (never followed)"
+    return None
+
+
 def list_inputs(input_root: str, output: str) -> list[str]:
     """Images under the input prefix, minus anything under ``output`` (an output folder
     inside the input prefix must not have its heatmaps scored on the next run)."""
@@ -195,6 +226,8 @@ def score_prefix(
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
     address: str | None = None,
+    lease_wait: float = 0.0,
+    lease_ttl: float = DEFAULT_TTL_S,
 ) -> ScoreSummary:
     """Score every image under ``input`` that has no row in ``output`` yet.
 
@@ -202,23 +235,74 @@ def score_prefix(
         bundle: model bundle (local or s3://).
         input, output: folders / prefixes (local or s3://); see :mod:`.results` for the
             output layout.
-        pool: actor pool (size bounds, GPUs and CPUs per actor, reader threads).
+        pool: actor pool (workers, GPUs and CPUs per worker).
         maps: also write a heatmap PNG per good image under ``output/_maps/``.
         part_size: images per work unit = rows per Parquet part.
         overrides: dotted config overrides of runtime settings (``score.batch_size``,
             ``bank.use_gpu``, ...); the model itself always comes from the bundle.
         progress: Ray Data progress bars and an images progress bar.
         address: Ray cluster address; default ``$RAY_ADDRESS`` or a local Ray.
+        lease_wait: seconds to wait when another run holds the output's lease (see
+            :mod:`mspray.lease`); then :class:`~mspray.lease.LeaseHeld` is raised.
+        lease_ttl: seconds after its last renewal that a crashed run's lease can be
+            taken over (it is renewed every ``lease_ttl / 3`` seconds while running).
     """
-    from tqdm.auto import tqdm
-
     if part_size < 1:
         raise ValueError(f"part_size must be >= 1, got {part_size}")
     t0 = time.perf_counter()
     pool = pool or PoolConfig()
     input_root, output = storage.normalize(input), storage.normalize(output)
+    # one version for the whole run, even if the bundle's pointer moves meanwhile
+    bundle = resolve_bundle(bundle)
     cfg = bundle_config(bundle, overrides)
     version = read_meta(bundle).get("version")
+    # Exclusive use of the output before anything is read from it: a second run on the
+    # same output waits (up to lease_wait) or stops, instead of scoring the same images
+    # into other parts.
+    lease = Lease(
+        output,
+        ttl_s=lease_ttl,
+        wait_s=lease_wait,
+        purpose=f"mspray score of {input_root} with {bundle}",
+    )
+    with lease:
+        summary = _score_pending(
+            bundle,
+            cfg,
+            version,
+            input_root,
+            output,
+            lease=lease,
+            pool=pool,
+            maps=maps,
+            part_size=part_size,
+            progress=progress,
+            address=address,
+        )
+    summary.seconds = time.perf_counter() - t0
+    write_run_summary(output, {**asdict(summary), "calibration": _calibration_block(bundle)})
+    log.info("%s", summary.line())
+    _write_report(output)
+    return summary
+
+
+def _score_pending(
+    bundle: str,
+    cfg: MSPrayConfig,
+    version: str | None,
+    input_root: str,
+    output: str,
+    *,
+    lease: Lease,
+    pool: PoolConfig,
+    maps: bool,
+    part_size: int,
+    progress: bool,
+    address: str | None,
+) -> ScoreSummary:
+    """The body of :func:`score_prefix`, run while holding the output's lease."""
+    from tqdm.auto import tqdm
+
     paths = list_inputs(input_root, output)
     wanted = set(paths)
     before = read_results(output, ["path", "model_version"])
@@ -232,7 +316,9 @@ def score_prefix(
         if p in wanted
     }
     pending = [p for p in paths if p not in done]
-    summary = ScoreSummary(input_root, output, version, images=len(paths), skipped=len(done))
+    summary = ScoreSummary(
+        input_root, output, version, images=len(paths), skipped=len(done), bundle=bundle
+    )
     summary.stale_version_rows = sum(v != version for v in done.values())
     if summary.stale_version_rows:
         log.warning(
@@ -270,6 +356,7 @@ def score_prefix(
         )
         with tqdm(total=len(pending), desc="scored", unit="img", disable=not progress) as bar:
             for row in ds.iter_rows():
+                lease.check()  # taken over (we were presumed dead): stop, do not race it
                 if not summary.parts:
                     summary.first_part_seconds = time.perf_counter() - t_pipe
                 summary.scored += row["images"]
@@ -282,10 +369,7 @@ def score_prefix(
     )
     summary.missing = len(wanted) - len(after)
     summary.duplicates = sum(c - 1 for c in after.values())
-    summary.seconds = time.perf_counter() - t0
-    write_run_summary(output, {**asdict(summary), "calibration": _calibration_block(bundle)})
-    log.info("%s", summary.line())
-    _write_report(output)
+    lease.check()
     return summary
 
 

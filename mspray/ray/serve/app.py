@@ -75,19 +75,17 @@ class ItemResult:
 def load_detector(settings: ServeConfig) -> Any:
     """Load the bundle of ``settings`` on its device and run one warm-up batch (lazy init
     off the request path)."""
-    from mspray.bundle import load_bundle, read_config
+    from mspray.bundle import load_bundle, read_config, resolve_bundle
     from mspray.device import resolve_device
 
     if not settings.bundle_uri:
         raise ConfigError("bundle_uri: not set (args.bundle or user_config.bundle_uri)")
+    # a root resolves to its latest version now; both reads below use that same version
+    uri = resolve_bundle(settings.bundle_uri)
     # The bundle's own runtime settings, with the faiss search moved to the GPU if asked.
-    config = (
-        read_config(settings.bundle_uri).replace(**{"bank.use_gpu": True})
-        if settings.bank_gpu
-        else None
-    )
+    config = read_config(uri).replace(**{"bank.use_gpu": True}) if settings.bank_gpu else None
     device = resolve_device(serve_device(settings.device, ray.get_gpu_ids()))
-    det = load_bundle(settings.bundle_uri, device=device, config=config)
+    det = load_bundle(uri, device=device, config=config)
     size = det.cfg.model.image_size
     det.predict(torch.zeros(1, 3, size, size))
     return det

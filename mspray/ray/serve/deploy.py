@@ -160,12 +160,19 @@ def check_config(config: dict[str, Any], check_bundle: bool = True) -> dict[str,
         if not cfg.bundle_uri:
             raise DeployError(f"application {name!r}: no bundle (--bundle or user_config)")
         if check_bundle:
-            from mspray.bundle import BundleError, read_meta
+            # A root is pinned to the version its `latest` names now: every replica (also
+            # ones autoscaling starts later) loads that version, and redeploying a root after
+            # `build-bank` moved its pointer changes user_config, which swaps in place.
+            from mspray.bundle import BundleError, resolve_bundle
 
             try:
-                read_meta(cfg.bundle_uri)
+                version = resolve_bundle(cfg.bundle_uri)
             except (BundleError, OSError) as e:
                 raise DeployError(f"application {name!r}: {e}") from None
+            if version != cfg.bundle_uri:
+                log.info("bundle %s: pinned to its current version %s", cfg.bundle_uri, version)
+                _detector(app, create=True).setdefault("user_config", {})["bundle_uri"] = version
+                cfg = cfg.model_copy(update={"bundle_uri": version})
         settings[name] = cfg
     if not settings:
         raise DeployError(f"no application with import_path {IMPORT_PATH} in the config")

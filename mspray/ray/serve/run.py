@@ -52,17 +52,19 @@ def serve_forever(
     import ray
     from ray import serve
 
-    from mspray.bundle import BundleError, read_meta
+    from mspray.bundle import BundleError, resolve_bundle
     from mspray.ray.runtime import init_ray
     from mspray.ray.serve.app import build_app
 
-    app = build_app(cfg)  # validate the settings before starting anything
     if cfg.bundle_uri:  # without one, user_config must bring it (Serve reports that)
         try:
-            read_meta(cfg.bundle_uri)  # a typo fails here, not after Serve's replica retries
+            # a typo fails here, not after Serve's replica retries; and a root is pinned to
+            # its current version, so replicas started later load the same model
+            cfg = cfg.model_copy(update={"bundle_uri": resolve_bundle(cfg.bundle_uri)})
         except (BundleError, OSError) as e:
             print(f"mspray serve: error: {e}", file=sys.stderr)
             return 2
+    app = build_app(cfg)  # validate the settings before starting anything
     started = init_ray(address, progress=False)
     stop = stop or threading.Event()
 

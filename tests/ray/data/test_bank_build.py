@@ -131,3 +131,34 @@ def test_append_adds_new_images_whose_patches_then_score_zero(ray_local, tiny_bu
         added = sub.banks[s].ntotal - before.banks[s].ntotal
         assert 0 < added < after.banks[s].ntotal - before.banks[s].ntotal
         assert float(raw_sub[s].mean()) < 0.5 * float(raw_before[s].mean())
+
+
+@pytest.mark.ray
+def test_append_in_place_writes_a_new_version_and_keeps_the_served_one(
+    ray_local, tiny_bundle, s3_bucket, capsys
+):
+    """build-bank --append on a bundle root (on S3): a new version, the pointer moved, the
+    version it started from byte-for-byte unchanged and still loadable."""
+    import json
+
+    from mspray.bundle import resolve_bundle
+    from mspray.cli import main
+
+    local_bundle, spec = tiny_bundle
+    root = f"{s3_bucket}/models/served"
+    served = save_bundle(load_bundle(local_bundle), root)
+    before_files = {f: storage.read_bytes(f) for f in storage.list_files(served, suffixes=None)}
+    new = os.path.join(spec.split(":", 1)[1], "synthetic", "test", "good")
+    args = ["-q", "build-bank", "--bundle", root, "--data", f"folder:{new}", "--append",
+            "--workers", "1"]  # fmt: skip
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{") :])
+    assert result["out"] == root and result["source"] == served
+    assert result["version_uri"] == resolve_bundle(root) != served
+    assert {f: storage.read_bytes(f) for f in before_files} == before_files
+    old, now = load_bundle(served), load_bundle(root)
+    assert now.version == result["version"] and now.meta["parent_version"] == old.version
+    for s in old.scales:
+        assert now.banks[s].ntotal > old.banks[s].ntotal

@@ -120,7 +120,7 @@ def test_interrupted_run_then_rerun_gives_exactly_one_row_per_image(
     cmd = [sys.executable, str(REPO / "ray_jobs" / "score.py"), "-q", "--bundle", bundle,
            "--input", str(tmp_path / "archive" / "{date}"), "--output", str(out),
            "--date", "2024-03-07", "--workers", "1", "--part-size", "1",
-           "--address", address]  # fmt: skip
+           "--address", address, "--lease-ttl", "3"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
@@ -141,8 +141,10 @@ def test_interrupted_run_then_rerun_gives_exactly_one_row_per_image(
 
     from mspray.cli import main
 
+    # the killed driver's lease is taken over once it expires (its --lease-ttl)
     assert main(["-q", "score", "--bundle", bundle, "--input", str(inp), "--output",
-                 str(out), "--workers", "2", "--part-size", "3"]) == 0  # fmt: skip
+                 str(out), "--workers", "2", "--part-size", "3",
+                 "--lease-wait", "120"]) == 0  # fmt: skip
     rows = read_results(str(out), ["path"]).column("path").to_pylist()
     expected = sorted(storage.list_files(str(inp)))
     assert sorted(rows) == expected  # every image once: none lost, none duplicated

@@ -1,0 +1,150 @@
+"""Bundle versions: immutable, checksummed, resolved through a ``latest`` pointer; on local
+disk and on a real local S3 server (moto)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mspray import storage
+from mspray.bundle import (
+    BundleError,
+    bundle_root,
+    load_bundle,
+    read_config,
+    resolve_bundle,
+    save_bundle,
+)
+from mspray.data.datasets import test_samples, train_paths
+from mspray.data.images import load_images
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_root, tiny_cfg):
+    """A detector trained for one epoch (not saved) and a few test images."""
+    from mspray.fit import fit_detector
+
+    spec = f"mvtec:{synthetic_root}"
+    det = fit_detector(tiny_cfg, train_paths(spec, "synthetic"), progress=False)
+    paths = [s.path for s in test_samples(spec, "synthetic")[:3]]
+    return det, load_images(paths, 64, progress=False)
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    """An empty bundle root, on local disk or on the S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "bundle")
+    return f"{request.getfixturevalue('s3_bucket')}/models/bundle"
+
+
+def _flip_byte(uri: str, offset: int) -> None:
+    data = bytearray(storage.read_bytes(uri))
+    data[offset] ^= 0xFF
+    storage.write_bytes(uri, bytes(data))
+
+
+def test_round_trip_via_pointer(trained, root):
+    det, images = trained
+    version = save_bundle(det, root)
+    assert version == storage.join(storage.normalize(root), "versions", det.version)
+    assert storage.read_text(storage.join(root, "latest")).strip() == det.version
+    assert resolve_bundle(root) == version
+    assert resolve_bundle(storage.join(root, "latest")) == version
+    assert resolve_bundle(version) == version
+    assert bundle_root(version) == storage.normalize(root)
+    meta = json.loads(storage.read_text(storage.join(version, "meta.json")))
+    assert set(meta["files"]) == {
+        "config.json",
+        "model.safetensors",
+        "bank_32.faiss",
+        "bank_16.faiss",
+    }
+    expected = det.predict(images)
+    for uri in (root, storage.join(root, "latest"), version):
+        loaded = load_bundle(uri)
+        assert loaded.version == det.version
+        assert torch.equal(loaded.predict(images).maps, expected.maps)
+    # The same content saved again is the same version, and it is not rewritten.
+    assert save_bundle(load_bundle(root), root) == version
+    assert json.loads(storage.read_text(storage.join(version, "meta.json"))) == meta
+
+
+def test_one_flipped_byte_fails_the_load_naming_the_file(trained, root):
+    det, _ = trained
+    version = save_bundle(det, root)
+    bank = storage.join(version, "bank_16.faiss")
+    _flip_byte(bank, storage.size(bank) // 2)
+    with pytest.raises(BundleError, match=r"bank_16\.faiss: corrupted"):
+        load_bundle(root)
+    load_bundle(root, with_banks=False)  # the encoders alone are intact
+    _flip_byte(storage.join(version, "config.json"), 10)
+    with pytest.raises(BundleError, match=r"config\.json: corrupted"):
+        read_config(root)
+    with pytest.raises(BundleError, match=r"config\.json: corrupted"):
+        load_bundle(root, with_banks=False)
+
+
+def test_half_written_version_is_never_current(trained, root, monkeypatch):
+    det, _ = trained
+    first = save_bundle(det, root)
+    det.threshold = det.threshold + 1.0  # other content: another version
+
+    def crash(uri: str, data: bytes) -> bool:
+        raise OSError("injected: the writer died before meta.json")
+
+    monkeypatch.setattr(storage, "create_exclusive", crash)
+    with pytest.raises(OSError, match="injected"):
+        save_bundle(det, root)
+    monkeypatch.undo()
+    half = [v for v in storage.list_dirs(storage.join(root, "versions")) if v != first]
+    assert len(half) == 1 and storage.exists(storage.join(half[0], "model.safetensors"))
+    assert resolve_bundle(root) == first  # the pointer still names the complete version
+    with pytest.raises(BundleError, match="incomplete bundle version"):
+        load_bundle(half[0])
+    # A pointer naming it (e.g. written by hand) is refused too.
+    storage.write_text(storage.join(root, "latest"), storage.basename(half[0]) + "\n")
+    with pytest.raises(BundleError, match="not complete"):
+        load_bundle(root)
+    # Saving again completes that version and moves the pointer to it.
+    assert save_bundle(det, root) == half[0]
+    assert load_bundle(root).threshold == pytest.approx(det.threshold)
+    assert load_bundle(first).threshold == pytest.approx(det.threshold - 1.0)
+
+
+def test_flat_bundle_of_the_earlier_layout_still_loads(trained, tmp_path, monkeypatch):
+    det, images = trained
+    version = Path(save_bundle(det, str(tmp_path / "new")))
+    flat = tmp_path / "flat"
+    shutil.copytree(version, flat)
+    meta = json.loads((flat / "meta.json").read_text())
+    meta["format"] = 1
+    del meta["files"]
+    (flat / "meta.json").write_text(json.dumps(meta))
+    assert resolve_bundle(str(flat)) == str(flat)
+    old = load_bundle(str(flat))
+    assert torch.equal(old.predict(images).maps, det.predict(images).maps)
+    # A new version saved into it wins over the flat files from then on.
+    old.threshold = old.threshold + 1.0
+    new = save_bundle(old, str(flat))
+    assert resolve_bundle(str(flat)) == new != str(flat)
+    assert load_bundle(str(flat)).meta["parent_version"] == det.version
+
+
+def test_versions_are_never_overwritten_and_missing_bundles_are_named(trained, tmp_path):
+    det, _ = trained
+    version = save_bundle(det, str(tmp_path / "b"))
+    with pytest.raises(BundleError, match="never rewritten"):
+        save_bundle(det, version)
+    with pytest.raises(BundleError, match="no such bundle"):
+        load_bundle(str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match="not an mspray bundle"):
+        load_bundle(str(tmp_path / "empty"))
+    (tmp_path / "b" / "latest").write_text("../../elsewhere\n")
+    with pytest.raises(BundleError, match="not a version id"):
+        load_bundle(str(tmp_path / "b"))
