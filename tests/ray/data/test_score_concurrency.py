@@ -14,10 +14,10 @@ import pytest
 
 from mspray import storage
 from mspray.bundle import load_bundle, save_bundle
+from mspray.config import PoolConfig
 from mspray.lease import Lease, LeaseHeld
 from mspray.ray.data.results import read_results
 from mspray.ray.data.scoring import score_prefix, unsafe_key_error
-from mspray.ray.runtime import PoolOptions
 
 
 def _inputs(spec: str, base: str, n: int | None = None) -> list[str]:
@@ -53,7 +53,7 @@ def test_two_runs_started_at_once_give_one_row_per_image(
                 bundle,
                 storage.join(base, "in"),
                 out,
-                pool=PoolOptions(workers=1),
+                pool=PoolConfig(workers=1),
                 part_size=part_size,
                 progress=False,
                 lease_wait=600,  # the second waits for the first (bounded)
@@ -116,7 +116,7 @@ def test_stale_lease_of_a_crashed_run_is_taken_over(ray_local, tiny_bundle, tmp_
                "purpose": "killed run", "released": False}  # fmt: skip
     (out / "_lease").mkdir(parents=True)
     (out / "_lease" / f"{0:012d}.json").write_text(json.dumps(crashed))
-    s = score_prefix(bundle, str(tmp_path / "in"), str(out), pool=PoolOptions(workers=1),
+    s = score_prefix(bundle, str(tmp_path / "in"), str(out), pool=PoolConfig(workers=1),
                      progress=False)  # fmt: skip
     assert s.scored == len(images) and s.duplicates == 0
     gen, rec = Lease(str(out)).current()
@@ -150,7 +150,7 @@ def test_keys_with_dot_segments_get_error_rows_and_are_never_followed(
     for key in ("in/../outside.png", "in/./cam0/dot.png", "in/cam1//double.png"):
         s3.put_object(Bucket=name, Key=key, Body=png)
     out = f"{s3_bucket}/scores"
-    s = score_prefix(bundle, f"{s3_bucket}/in", out, pool=PoolOptions(workers=1), maps=True,
+    s = score_prefix(bundle, f"{s3_bucket}/in", out, pool=PoolConfig(workers=1), maps=True,
                      progress=False)  # fmt: skip
     assert (s.images, s.errors, s.missing, s.duplicates) == (5, 3, 0, 0)
     df = read_results(out).to_pandas().set_index("path")
