@@ -22,16 +22,22 @@ log = logging.getLogger("mspray")
 APP_NAME = "mspray"
 
 
-def endpoint_urls(host: str, port: int, bundle: str | None) -> dict[str, Any]:
+def endpoint_urls(
+    host: str, port: int, bundle: str | None, models: dict[str, str] | None = None
+) -> dict[str, Any]:
     """The URLs a client uses (a wildcard listen address is reached through loopback)."""
     host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     url = f"http://{host}:{port}"
-    return {
+    out = {
         "url": url,
         "predict": f"{url}/v1/predict",
         "model": f"{url}/v1/model",
+        "models": f"{url}/v1/models",
         "bundle": bundle,
     }
+    if models:
+        out["named_models"] = dict(models)
+    return out
 
 
 def serve_forever(
@@ -57,11 +63,12 @@ def serve_forever(
     from mspray.ray.serve.app import build_app
 
     app = build_app(cfg)  # validate the settings before starting anything
-    if cfg.bundle_uri:  # without one, user_config must bring it (Serve reports that)
+    # without a bundle, user_config must bring it (Serve reports that)
+    for name, uri in cfg.named_models().items():
         try:
-            read_meta(cfg.bundle_uri)  # a typo fails here, not after Serve's replica retries
+            read_meta(uri)  # a typo fails here, not after Serve's replica retries
         except (BundleError, OSError) as e:
-            print(f"mspray serve: error: {e}", file=sys.stderr)
+            print(f"mspray serve: error: model {name!r}: {e}", file=sys.stderr)
             return 2
     started = init_ray(address, progress=False)
     stop = stop or threading.Event()
@@ -80,9 +87,9 @@ def serve_forever(
         print(f"mspray serve: error: the deployment did not start: {e}", file=sys.stderr)
         cleanup()
         return 2
-    urls = endpoint_urls(host, port, cfg.bundle_uri)
+    urls = endpoint_urls(host, port, cfg.bundle_uri, cfg.models)
     print(json.dumps(urls, indent=2), flush=True)
-    log.info("serving %s at %s; Ctrl-C to stop", cfg.bundle_uri, urls["url"])
+    log.info("serving %s at %s; Ctrl-C to stop", cfg.named_models(), urls["url"])
     previous = _on_sigterm(stop.set)
     try:
         stop.wait()
