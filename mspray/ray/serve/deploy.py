@@ -154,15 +154,16 @@ def check_config(config: dict[str, Any], check_bundle: bool = True) -> dict[str,
             deployment_options(cfg)
         except ConfigError as e:
             raise DeployError(f"application {name!r}: {e}") from None
-        if not cfg.bundle_uri:
+        if not cfg.named_models():
             raise DeployError(f"application {name!r}: no bundle (--bundle or user_config)")
         if check_bundle:
             from mspray.bundle import BundleError, read_meta
 
-            try:
-                read_meta(cfg.bundle_uri)
-            except (BundleError, OSError) as e:
-                raise DeployError(f"application {name!r}: {e}") from None
+            for model, uri in cfg.named_models().items():
+                try:
+                    read_meta(uri)
+                except (BundleError, OSError) as e:
+                    raise DeployError(f"application {name!r}, model {model!r}: {e}") from None
         settings[name] = cfg
     if not settings:
         raise DeployError(f"no application with import_path {IMPORT_PATH} in the config")
@@ -303,7 +304,7 @@ def build_parser(
     default_config: str | None = None, prog: str = "deploy.py"
 ) -> argparse.ArgumentParser:
     """The deploy job's arguments; the setting overrides derive from :class:`ServeConfig`."""
-    from mspray.cli import add_config_flags
+    from mspray.cli import SERVE_BUNDLE_HELP, add_bundle_flag, add_config_flags
 
     p = argparse.ArgumentParser(
         prog=prog,
@@ -334,7 +335,10 @@ def build_parser(
     )
     p.add_argument("--dry-run", action="store_true", help="print the final config and exit")
     g = p.add_argument_group("settings (mspray.config.ServeConfig; override the config file)")
-    add_config_flags(g, "serve", ServeConfig, list(ServeConfig.model_fields))
+    # bundle_uri and models share the repeatable --bundle [NAME=]URI flag
+    derived = [f for f in ServeConfig.model_fields if f not in ("bundle_uri", "models")]
+    add_config_flags(g, "serve", ServeConfig, derived)
+    add_bundle_flag(g, "serve", SERVE_BUNDLE_HELP)
     return p
 
 
@@ -344,6 +348,7 @@ def run_deploy(args: argparse.Namespace) -> int:
 
     try:
         overrides = flag_values(args, "serve")  # typed by argparse, checked in check_config
+        overrides.pop("bundle", None)  # the --bundle action's own dest
         config = apply_overrides(
             load_config(args.config),
             overrides,
@@ -356,7 +361,7 @@ def run_deploy(args: argparse.Namespace) -> int:
             print(json.dumps(config, indent=2), flush=True)
             return 0
         url = dashboard_url(args.address)
-        bundles = ", ".join(s.bundle_uri or "?" for s in settings.values())
+        bundles = ", ".join(str(s.named_models() or "?") for s in settings.values())
         log.info("deploying %s (bundle %s) through %s", args.config, bundles, url)
         result = deploy(config, url, wait=not args.no_wait, timeout=args.timeout)
     except DeployError as e:
