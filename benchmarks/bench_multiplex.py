@@ -16,6 +16,24 @@ both alike.
 
     python benchmarks/bench_multiplex.py
     python benchmarks/bench_multiplex.py --bundle-a runs/screw --bundle-b runs/nut
+
+Measured on the 2-core CPU dev machine (no GPU), heavily shared (load average 16-21 from
+other jobs), ``nice python benchmarks/bench_multiplex.py``: 16 clients, 2x320 requests per
+app, 64 px, scales 32/16, one replica with 2 CPUs:
+
+    | app | models | requests | failed | req/s  | p50 ms | p99 ms | mean batch |
+    |-----|--------|----------|--------|--------|--------|--------|------------|
+    | one |      1 |      640 |      0 |   17.0 |  904.5 | 1537.9 |       1.95 |
+    | two |      2 |      640 |      0 |   17.6 |  888.2 | 1429.1 |       1.66 |
+    throughput 2 models / 1 model: 1.03x
+    cold model (load + score, LRU of 1, 10 requests): median 915 ms, max 2150 ms;
+    warm (same requests, model loaded): median 110 ms; cold load cost ~805 ms
+
+Two models cost no throughput here: batches are split by model (mean batch 1.66 vs
+1.95), but on a CPU this loaded the forward pass gains little from batching. A cold model
+costs about 0.8 s on this machine for a tiny bundle (read config, weights and faiss banks,
+one warm-up pass); it grows with bank size and on S3. Absolute figures are ~4x below an
+idle machine (bench_serve.py measured 72 req/s batched at load average 2-3).
 """
 
 from __future__ import annotations

@@ -87,6 +87,7 @@ ERROR_REASONS = (
     ("no_model", "matches no model"),
     ("missing", "no such file"),
     ("too_large", "over the limit"),
+    ("too_large", "decompression bomb"),
     ("empty", "empty"),
     ("decode", "image"),
 )

@@ -2,13 +2,24 @@
 
 Routes (FastAPI ingress):
 
-- ``POST /v1/predict[?map=true]`` one image (raw body or multipart file field) ->
-  ``{image_score, is_anomalous, threshold, model_version, batch_size}``; with
-  ``map=true`` also ``scale_scores``, ``anomaly_map_png`` (base64 PNG heatmap) and
+- ``POST /v1/predict[?map=true][&model=NAME]`` one image (raw body or multipart file
+  field) -> ``{model, image_score, is_anomalous, threshold, model_version, batch_size}``;
+  with ``map=true`` also ``scale_scores``, ``anomaly_map_png`` (base64 PNG heatmap) and
   ``map_range`` (the scores at the two ends of its colour ramp).
-- ``GET /v1/model`` bundle config, version, scales, bank sizes, serving settings.
+- ``GET /v1/models`` served names, bundle URIs and versions, which are loaded here.
+- ``GET /v1/model[?model=NAME]`` bundle config, version, scales, bank sizes, settings.
 - ``GET /v1/stats`` this replica's executed batch sizes and rejections by status.
 - ``GET /healthz``.
+
+Several bundles (issue 12): ``ServeConfig.models`` names them (``bundle_uri`` is the one
+named ``default``). A request picks one with ``?model=NAME`` or the
+``serve_multiplexed_model_id`` header; each replica loads models lazily into an LRU of
+``max_num_models_per_replica`` through ``@serve.multiplexed``. Serve's proxy routes on the
+header only (``proxy.py`` reads no query parameter), so the header gets the replica that
+already holds the model; a ``?model=`` request is served by the replica it reaches, which
+loads the model if needed (no extra hop). Batches are grouped by model, so requests for
+one model share a forward pass. Unknown name -> 404 with the known names; a bundle that
+cannot be loaded -> 503 with the reason, and the other models keep serving.
 
 Concurrent requests are batched with ``@serve.batch``: one forward pass and one bank
 search per batch. Settings are :class:`mspray.config.ServeConfig`: the builder's ``args``
