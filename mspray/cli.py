@@ -397,9 +397,10 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- score
 SCORE_EPILOG = """\
 Rows: path, image_score, is_anomalous, score_<scale> for each scale, threshold,
-model_version, error, scored_at, map_path. A bad input (missing, zero-byte, truncated,
-not an image, over score.max_image_bytes or score.max_image_pixels) never fails the run:
-its row has `error` set and null scores.
+model_version, error, scored_at, map_path, model (the bundle's name with --bundle NAME=URI
+and --route/--manifest; a path that matches no model gets an error row). A bad input
+(missing, zero-byte, truncated, not an image, over score.max_image_bytes or
+score.max_image_pixels) never fails the run: its row has `error` set and null scores.
 
 Resumable and idempotent: a run first reads the paths already in the output and scores
 only the others, and every part file is written atomically, so rerunning after a crash or
@@ -428,6 +429,9 @@ examples:
   mspray score --bundle s3://models/screws/v3 --input s3://line1/archive/{date}/ \\
       --output s3://line1/scores/{date}/ --workers 8 --maps
   mspray score --bundle ./bundle --input ./images --output ./scores --workers 2
+  mspray score --bundle screw=s3://models/screw --bundle nut=s3://models/nut \\
+      --input s3://line1/archive/{date}/ --route 's3://line1/archive/{date}/{model}/**' \\
+      --output s3://line1/scores/{date}/      # one run, each image by its own bundle
 """
 
 
@@ -441,11 +445,24 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
         epilog=SCORE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--bundle", required=True, help="model bundle (local path or s3://)")
+    add_bundle_flag(p, "score", SCORE_BUNDLE_HELP)
     p.add_argument(
         "--input",
         required=True,
         help="folder or s3:// prefix of images (searched recursively; may contain {date})",
+    )
+    p.add_argument(
+        "--route",
+        metavar="TEMPLATE",
+        help="with --bundle NAME=URI ...: which bundle scores an image, from its path: "
+        "'PREFIX/{model}/**' ({model} = one path segment naming the bundle, * and ** "
+        "wildcards; may contain {date}); a path matching no model gets an error row",
+    )
+    p.add_argument(
+        "--manifest",
+        metavar="FILE",
+        help="with --bundle NAME=URI ...: a Parquet or CSV file of path,model (paths "
+        "relative to --input or absolute); exactly these images are scored",
     )
     p.add_argument(
         "--output",
@@ -500,11 +517,19 @@ def cmd_score(args: argparse.Namespace) -> int:
     from mspray.ray.data.results import expand_date
     from mspray.ray.data.scoring import score_prefix
 
+    named = getattr(args, "score:models", None)
+    bundle = named or getattr(args, "score:bundle_uri", None)
+    if not bundle:
+        raise ConfigError("--bundle is required")
+    if named and getattr(args, "score:bundle_uri", None):
+        raise ConfigError("--bundle: name every bundle (NAME=URI) when giving several")
     try:
         summary = score_prefix(
-            args.bundle,
+            bundle,
             expand_date(args.input, args.date),
             expand_date(args.output, args.date),
+            route=expand_date(args.route, args.date) if args.route else None,
+            manifest=args.manifest,
             pool=pool_from_args(args),
             maps=args.maps,
             part_size=args.part_size,
@@ -529,14 +554,19 @@ routes:
   POST /v1/predict[?map=true]  one image as the raw body (image/*, application/octet-stream)
                                or a multipart/form-data file field 'file'; returns
                                {image_score, is_anomalous, threshold, model_version}, and
-                               with map=true also scale_scores and anomaly_map_png (base64)
-  GET  /v1/model               bundle config, version, scales, bank sizes, limits
+                               with map=true also scale_scores and anomaly_map_png (base64);
+                               ?model=NAME (or header serve_multiplexed_model_id: NAME)
+                               picks one of several bundles (--bundle NAME=URI)
+  GET  /v1/models              served names, bundle versions, which are loaded
+  GET  /v1/model[?model=NAME]  bundle config, version, scales, bank sizes, limits
   GET  /v1/stats               executed batch sizes and rejections of the replica
   GET  /healthz
 
 examples:
   mspray serve --bundle runs/bottle
   mspray serve --bundle s3://models/bottle --port 8080 --replicas 1 --max-replicas 4
+  mspray serve --bundle screw=s3://models/screw --bundle bottle=s3://models/bottle
+  curl --data-binary @img.png -H 'content-type: image/png' 'localhost:8000/v1/predict?model=screw'
   curl --data-binary @img.png -H 'content-type: image/png' localhost:8000/v1/predict
   curl -F file=@img.png 'localhost:8000/v1/predict?map=true'
 """
@@ -560,13 +590,66 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     g = p.add_argument_group("serving (mspray.config.ServeConfig)")
-    add_config_flags(g, "serve", ServeConfig, list(ServeConfig.model_fields))
+    # bundle_uri and models share the one repeatable --bundle [NAME=]URI flag
+    derived = [f for f in ServeConfig.model_fields if f not in ("bundle_uri", "models")]
+    add_config_flags(g, "serve", ServeConfig, derived)
+    add_bundle_flag(g, "serve", SERVE_BUNDLE_HELP)
     p.set_defaults(func=cmd_serve)
 
 
+# issue 12: one repeatable flag for a bare bundle and for named ones
+class _BundleAction(argparse.Action):
+    """``--bundle URI`` sets ``<prefix>:bundle_uri``; ``--bundle NAME=URI`` (repeatable)
+    adds to ``<prefix>:models``."""
+
+    def __call__(self, parser: Any, namespace: Any, value: Any, option: Any = None) -> None:
+        prefix = self.dest.split(":", 1)[0]
+        name, uri = split_named_bundle(value)
+        if name is None:
+            if getattr(namespace, f"{prefix}:bundle_uri", None):
+                parser.error("--bundle: give one bare URI, or name each one (NAME=URI)")
+            setattr(namespace, f"{prefix}:bundle_uri", uri)
+            return
+        models = dict(getattr(namespace, f"{prefix}:models", None) or {})
+        if name in models:
+            parser.error(f"--bundle: model {name!r} given twice")
+        models[name] = uri
+        setattr(namespace, f"{prefix}:models", models)
+
+
+def split_named_bundle(text: str) -> tuple[str | None, str]:
+    """``"NAME=URI"`` -> ``(NAME, URI)``; a bare URI (also one with ``=`` in its path, as
+    long as what precedes it is not a model name) -> ``(None, URI)``."""
+    from mspray.config import MODEL_NAME
+
+    name, sep, uri = text.partition("=")
+    if sep and uri and MODEL_NAME.fullmatch(name):
+        return name, uri
+    return None, text
+
+
+SERVE_BUNDLE_HELP = (
+    "model bundle (local path or s3://); repeat as --bundle NAME=URI to serve several "
+    "bundles, picked per request with ?model=NAME [bundle_uri, models]"
+)
+SCORE_BUNDLE_HELP = (
+    "model bundle (local path or s3://); repeat as --bundle NAME=URI to score each image "
+    "with its own bundle (with --route or --manifest)"
+)
+
+
+def add_bundle_flag(p: argparse.ArgumentParser | Any, prefix: str, help: str) -> None:
+    """``--bundle [NAME=]URI``, repeatable (see :class:`_BundleAction`)."""
+    p.add_argument(
+        "--bundle", dest=f"{prefix}:bundle", action=_BundleAction, metavar="[NAME=]URI", help=help
+    )
+
+
 def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
-    cfg = validate(ServeConfig, flag_values(args, "serve"))
-    if not cfg.bundle_uri:
+    values = flag_values(args, "serve")
+    values.pop("bundle", None)
+    cfg = validate(ServeConfig, values)
+    if not cfg.named_models():
         raise ConfigError("--bundle is required")
     return cfg
 

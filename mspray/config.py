@@ -11,6 +11,7 @@ from the fields by :mod:`mspray.cli_options`; nothing else re-declares them.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, ClassVar, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,6 +19,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 #: Receptive-field-aligned network stride of each supported patch size (see model/encoder.py).
 SUPPORTED_SCALES = (64, 32, 16)
 LOSS_NAMES = ("svdd", "cos", "ssl", "kmeans")
+#: A served model's name (issue 12): it travels in the serve_multiplexed_model_id header.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class ConfigError(ValueError):
@@ -339,10 +342,23 @@ class ServeConfig(Section):
     )
     num_cpus: float = flag(1, "CPUs per replica (also its torch threads)", ge=0)
     num_gpus: float = flag(0, "GPUs per replica", ge=0)
+    # issue 12: several named bundles behind one deployment (Serve model multiplexing).
+    models: dict[str, str] = flag(
+        {},
+        "named bundles NAME -> URI, picked per request with ?model=NAME or the "
+        "serve_multiplexed_model_id header (command line: --bundle NAME=URI, repeated)",
+    )
+    max_num_models_per_replica: int = flag(
+        4, "bundles one replica keeps loaded (least recently used is unloaded first)", ge=1
+    )
+
+    #: Name of the bare ``bundle_uri`` among :meth:`named_models`.
+    DEFAULT_MODEL: ClassVar[str] = "default"
 
     #: Fields a running deployment takes through ``user_config`` (no restart).
     RELOADABLE: ClassVar[tuple[str, ...]] = (
         "bundle_uri",
+        "models",
         "device",
         "bank_gpu",
         "max_batch_size",
@@ -366,16 +382,36 @@ class ServeConfig(Section):
             self.max_ongoing_requests,
             f"below max_batch_size={self.max_batch_size}: batches could never fill up",
         )
+        for name in self.models:
+            _check(
+                MODEL_NAME.fullmatch(name) is not None,
+                "models",
+                name,
+                "model names are letters, digits, '.', '_' and '-' (they travel in a header)",
+            )
+        _check(
+            not (self.bundle_uri and self.DEFAULT_MODEL in self.models),
+            "models",
+            self.DEFAULT_MODEL,
+            "is the name of bundle_uri; set one of them",
+        )
         return self
 
     def user_config(self) -> dict[str, Any]:
-        """The reloadable settings (``None`` left out)."""
+        """The reloadable settings (``None`` and an empty ``models`` left out)."""
         data = self.model_dump(include=set(self.RELOADABLE))
-        return {k: v for k, v in data.items() if v is not None}
+        return {k: v for k, v in data.items() if v is not None and v != {}}
 
-    def model_key(self) -> tuple:
+    def named_models(self) -> dict[str, str]:
+        """Every served bundle by name: ``models`` plus ``bundle_uri`` as ``"default"``."""
+        named = dict(self.models)
+        if self.bundle_uri:
+            named[self.DEFAULT_MODEL] = self.bundle_uri
+        return named
+
+    def model_key(self, uri: str | None = None) -> tuple:
         """Settings whose change needs a new model load (the rest apply instantly)."""
-        return (self.bundle_uri, self.device, self.bank_gpu)
+        return (uri or self.bundle_uri, self.device, self.bank_gpu)
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -60,3 +61,78 @@ def bad_inputs() -> dict[str, bytes]:
         "bomb.png": _png((20000, 20000), mode="1"),
         "huge.png": _png((300, 300), seed=2),  # ~270 kB
     }
+
+
+@pytest.fixture(scope="session")
+def category_bundles(tmp_path_factory, tiny_cfg) -> dict[str, tuple[str, str]]:
+    """Two tiny bundles trained on two different synthetic categories (issue 12):
+    name -> (bundle path, category folder with train/ and test/). "fabric" is a texture,
+    "nut" an object on a dark background, each with its own seed."""
+    from mspray.data.datasets import train_paths
+    from mspray.data.synthetic import make_synthetic_dataset
+    from mspray.fit import fit_detector
+
+    root = tmp_path_factory.mktemp("categories")
+    out = {}
+    for name, kind, seed in (("fabric", "texture", 3), ("nut", "object", 4)):
+        cat = make_synthetic_dataset(
+            str(root / "data"),
+            name,
+            n_train=8,
+            n_test_good=2,
+            n_test_defect=3,
+            size=64,
+            seed=seed,
+            kind=kind,
+        )
+        bundle = str(root / "bundles" / name)
+        cfg = tiny_cfg.replace(**{"train.seed": seed})
+        fit_detector(cfg, train_paths(f"mvtec:{root / 'data'}", name), out=bundle, progress=False)
+        out[name] = (bundle, cat)
+    return out
+
+
+class Prometheus:
+    """Reads what the session's Ray exports to Prometheus (every node's metrics port)."""
+
+    def __init__(self, ray):
+        self.ray = ray
+
+    def text(self) -> str:
+        import httpx
+
+        return "\n".join(
+            httpx.get(f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics").text
+            for n in self.ray.nodes()
+            if n.get("Alive") and n.get("MetricsExportPort")
+        )
+
+    def value(self, metric: str, text: str | None = None, **tags: str) -> float:
+        """Sum of ``ray_<metric>`` samples whose labels include ``tags`` (0 when none)."""
+        total = 0.0
+        pattern = rf"^ray_{metric}\{{([^}}]*)\}} ([0-9.eE+-]+)$"
+        for m in re.finditer(pattern, self.text() if text is None else text, re.M):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+            if all(labels.get(k) == v for k, v in tags.items()):
+                total += float(m.group(2))
+        return total
+
+    def wait_until(self, ok, what: str, timeout_s: float = 90) -> None:
+        """Poll until ``ok(text)`` holds (Ray flushes metrics every few seconds)."""
+        import time
+
+        deadline = time.time() + timeout_s
+        while True:
+            text = self.text()
+            if ok(text):
+                return
+            if time.time() > deadline:
+                lines = [line for line in text.splitlines() if "mspray" in line]
+                raise AssertionError(f"{what} did not move:\n" + "\n".join(lines))
+            time.sleep(2)
+
+
+@pytest.fixture(scope="session")
+def prometheus(ray_local) -> Prometheus:
+    """The Prometheus export of the session's Ray (tests may read ray.nodes() ports)."""
+    return Prometheus(ray_local)

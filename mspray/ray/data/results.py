@@ -54,6 +54,8 @@ def result_schema(scales: tuple[int, ...] | list[int]) -> pa.Schema:
             ("error", pa.string()),
             ("scored_at", pa.timestamp("us", tz="UTC")),
             ("map_path", pa.string()),
+            # issue 12: the bundle's name in a multi-model run (null with a single bundle)
+            ("model", pa.string()),
         ]
     )
 

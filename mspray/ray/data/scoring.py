@@ -14,7 +14,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,10 +35,15 @@ from mspray.ray.data.results import (
     write_part,
     write_run_summary,
 )
+from mspray.ray.data.routing import no_model_error, read_manifest, route_paths
+from mspray.ray.metrics import ScoreMetrics
 from mspray.ray.runtime import DetectorActor, bundle_config, init_ray, map_with_detector
 from mspray.report import build_report, calibration_from_bundle
 
 log = logging.getLogger(__name__)
+
+#: Bundles one scoring actor keeps loaded in a multi-model run (least recently used goes).
+MODELS_PER_ACTOR = 2
 
 #: What an actor returns per unit (the rows themselves go straight to the part file).
 _UNIT_SUMMARY = pa.schema(
@@ -69,6 +75,7 @@ class ScoreSummary:
     missing: int = 0  # listed images without a row after the run
     duplicates: int = 0  # extra rows of images with more than one
     stale_version_rows: int = 0  # skipped rows scored by another model version
+    model_versions: dict[str, str] | None = None  # name -> version (multi-model run)
     bundle: str | None = None  # the bundle version the run used (a root resolves to one)
 
     def line(self) -> str:
@@ -84,29 +91,83 @@ class ScoreSummary:
 
 
 class UnitScorer(DetectorActor):
-    """Ray Data actor: scores whole work units and writes one Parquet part per unit."""
+    """Ray Data actor: scores whole work units and writes one Parquet part per unit.
 
-    def __init__(self, input_root: str, output: str, maps: bool, **actor: Any) -> None:
+    In a multi-model run (``models``) each unit names its model; the actor starts with the
+    first bundle and loads the others when a unit needs them, keeping the
+    :data:`MODELS_PER_ACTOR` most recently used (units come grouped by model, so an actor
+    mostly scores a run of units of one model)."""
+
+    def __init__(
+        self,
+        input_root: str,
+        output: str,
+        maps: bool,
+        models: dict[str, str] | None = None,
+        overrides: dict[str, Any] | None = None,
+        scales: list[int] | None = None,
+        **actor: Any,
+    ) -> None:
         super().__init__(**actor)
-        self.schema = result_schema(self.det.scales)
+        self.schema = result_schema(scales or self.det.scales)
         self.input_root, self.output, self.maps = input_root, output, maps
+        self.models, self.overrides = models or {}, overrides
+        # model name -> detector; the constructor's bundle is the first model
+        self.dets: OrderedDict[str, Any] = OrderedDict()
+        if self.models:
+            self.dets[next(iter(self.models))] = self.det
+        self.metrics = ScoreMetrics()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         units = batch.column("paths").to_pylist()
-        return pa.Table.from_pylist([self.score_unit(u) for u in units], schema=_UNIT_SUMMARY)
+        names = (
+            batch.column("model").to_pylist()
+            if "model" in batch.column_names
+            else [None] * len(units)
+        )
+        rows = [self.score_unit(u, m or None) for u, m in zip(units, names, strict=True)]
+        return pa.Table.from_pylist(rows, schema=_UNIT_SUMMARY)
 
-    def score_unit(self, paths: list[str]) -> dict:
-        """Score ``paths`` and write their part; returns the unit's summary row."""
+    def detector(self, model: str) -> Any:
+        """The detector of ``model``, loaded on first use (LRU of :data:`MODELS_PER_ACTOR`)."""
+        from mspray.bundle import load_bundle
+
+        if model not in self.dets:
+            uri = self.models[model]
+            cfg = bundle_config(uri, self.overrides)
+            self.dets[model] = load_bundle(uri, device=self.det.device, config=cfg)
+            while len(self.dets) > MODELS_PER_ACTOR:
+                self.dets.popitem(last=False)
+        self.dets.move_to_end(model)
+        return self.dets[model]
+
+    def score_unit(self, paths: list[str], model: str | None = None) -> dict:
+        """Score ``paths`` (with ``model``'s bundle in a multi-model run) and write their
+        part; returns the unit's summary row."""
         t0 = time.perf_counter()
-        cfg = self.det.cfg
-        unsafe = {p: e for p in paths if (e := unsafe_key_error(p, self.input_root))}
-        rows: list[dict] = [{"path": p, **self._base(), "error": e} for p, e in unsafe.items()]
-        safe = [p for p in paths if p not in unsafe]
-        for loaded in iter_loaded(
-            safe, cfg.score.batch_size, cfg.model.image_size, cfg.score, self.io
-        ):
-            rows.extend(self._score_batch(loaded))
+        rows: list[dict] = []
+        if self.models and model not in self.models:
+            # the driver routed these paths to no model: an error row each
+            known = sorted(self.models)
+            now = dt.datetime.now(dt.timezone.utc)
+            rows = [
+                {"path": p, "error": no_model_error(p, model, known), "scored_at": now}
+                for p in paths
+            ]
+        else:
+            det = self.detector(model) if model else self.det
+            cfg = det.cfg
+            now = dt.datetime.now(dt.timezone.utc)
+            base = {"threshold": det.threshold, "model_version": det.version, "model": model}
+            unsafe = {p: e for p in paths if (e := unsafe_key_error(p, self.input_root))}
+            rows = [{"path": p, **base, "scored_at": now, "error": e} for p, e in unsafe.items()]
+            safe = [p for p in paths if p not in unsafe]
+            for loaded in iter_loaded(
+                safe, cfg.score.batch_size, cfg.model.image_size, cfg.score, self.io
+            ):
+                rows.extend(self._score_batch(det, loaded, model))
         part = write_part(self.output, pa.Table.from_pylist(rows, schema=self.schema))
+        self.metrics.rows(model or "default", rows)
         errors = sum(r.get("error") is not None for r in rows)
         return {
             "part": part,
@@ -115,31 +176,28 @@ class UnitScorer(DetectorActor):
             "seconds": time.perf_counter() - t0,
         }
 
-    def _base(self) -> dict:
-        """The columns every row of this actor shares."""
+    def _score_batch(self, det: Any, loaded: DecodedBatch, model: str | None) -> list[dict]:
         now = dt.datetime.now(dt.timezone.utc)
-        return {
-            "threshold": self.det.threshold,
-            "model_version": self.det.version,
+        base = {
+            "threshold": det.threshold,
+            "model_version": det.version,
             "scored_at": now,
+            "model": model,
         }
-
-    def _score_batch(self, loaded: DecodedBatch) -> list[dict]:
-        base = self._base()
         errors = list(loaded.errors)
         ok = loaded.ok
         results: dict[int, dict] = {}
         maps: dict[int, torch.Tensor] = {}
         if ok:
             try:
-                results, maps = self._predict(loaded.images, ok)
+                results, maps = self._predict(det, loaded.images, ok)
             except Exception:  # e.g. out of memory on a big batch: one image at a time
                 log.warning(
                     "batch failed; scoring its %d images one by one", len(ok), exc_info=True
                 )
                 for j, i in enumerate(ok):
                     try:
-                        r, m = self._predict(loaded.images[j : j + 1], [i])
+                        r, m = self._predict(det, loaded.images[j : j + 1], [i])
                         results.update(r)
                         maps.update(m)
                     except Exception as e:
@@ -150,7 +208,7 @@ class UnitScorer(DetectorActor):
             for j, i in enumerate(ok):
                 if i in results:
                     results[i]["map_path"] = self._write_map(
-                        loaded.uris[i], loaded.images[j], maps[i]
+                        det, loaded.uris[i], loaded.images[j], maps[i]
                     )
         rows = []
         for i, uri in enumerate(loaded.uris):
@@ -163,10 +221,9 @@ class UnitScorer(DetectorActor):
         return rows
 
     def _predict(
-        self, images: torch.Tensor, positions: list[int]
+        self, det: Any, images: torch.Tensor, positions: list[int]
     ) -> tuple[dict[int, dict], dict[int, torch.Tensor]]:
         """Result columns and fused maps of the good images, keyed by batch position."""
-        det = self.det
         pred = det.predict(images)
         rows, maps = {}, {}
         for j, i in enumerate(positions):
@@ -179,9 +236,9 @@ class UnitScorer(DetectorActor):
             maps[i] = pred.maps[j]
         return rows, maps
 
-    def _write_map(self, uri: str, image: torch.Tensor, amap: torch.Tensor) -> str:
+    def _write_map(self, det: Any, uri: str, image: torch.Tensor, amap: torch.Tensor) -> str:
         """The heatmap panel (image | overlay) of one image; returns where it went."""
-        lo, hi = viz.color_range(amap, self.det.threshold)
+        lo, hi = viz.color_range(amap, det.threshold)
         panel = viz.overlay(viz.tensor_to_rgb(image), amap.numpy(), lo, hi)
         out = map_uri(self.output, self.input_root, uri)
         write_output(out, viz.to_png(panel))
@@ -215,11 +272,40 @@ def list_inputs(input_root: str, output: str) -> list[str]:
     return [p for p in storage.list_files(input_root) if not p.startswith(out_prefix)]
 
 
+def _assign_models(
+    models: dict[str, str] | None,
+    input_root: str,
+    output: str,
+    route: str | None,
+    manifest: str | None,
+) -> dict[str, str | None]:
+    """``path -> model name`` of a multi-model run (empty for a single bundle)."""
+    if not models:
+        if route or manifest:
+            raise ValueError("route/manifest need named bundles (--bundle NAME=URI)")
+        return {}
+    if route and manifest:
+        raise ValueError("give either a route or a manifest, not both")
+    if manifest:
+        return read_manifest(manifest, input_root)
+    paths = list_inputs(input_root, output)
+    if route:
+        return route_paths(paths, route, input_root)
+    if len(models) == 1:
+        return dict.fromkeys(paths, next(iter(models)))
+    raise ValueError(
+        f"{len(models)} named bundles: say which images each scores with a route "
+        "(--route 'PREFIX/{model}/**') or a manifest (--manifest FILE)"
+    )
+
+
 def score_prefix(
-    bundle: str,
+    bundle: str | Mapping[str, str],
     input: str,
     output: str,
     *,
+    route: str | None = None,
+    manifest: str | None = None,
     pool: PoolConfig | None = None,
     maps: bool = False,
     part_size: int = 256,
@@ -232,10 +318,17 @@ def score_prefix(
     """Score every image under ``input`` that has no row in ``output`` yet.
 
     Args:
-        bundle: model bundle (local or s3://).
+        bundle: model bundle (local or s3://), or several by name (``{name: uri}``): each
+            image is then scored by the bundle ``route`` or ``manifest`` gives it, in the
+            same run, and its row has the name in ``model`` (a path with no model gets an
+            error row).
+        route: with named bundles, a template such as ``PREFIX/{model}/**`` (see
+            :mod:`mspray.ray.data.routing`).
+        manifest: with named bundles, a Parquet/CSV file of ``path, model``: exactly
+            these images are scored (instead of listing ``input``).
         input, output: folders / prefixes (local or s3://); see :mod:`.results` for the
             output layout.
-        pool: actor pool (workers, GPUs and CPUs per worker).
+        pool: actor pool (size bounds, GPUs and CPUs per actor, reader threads).
         maps: also write a heatmap PNG per good image under ``output/_maps/``.
         part_size: images per work unit = rows per Parquet part.
         overrides: dotted config overrides of runtime settings (``score.batch_size``,
@@ -247,15 +340,30 @@ def score_prefix(
         lease_ttl: seconds after its last renewal that a crashed run's lease can be
             taken over (it is renewed every ``lease_ttl / 3`` seconds while running).
     """
+
     if part_size < 1:
         raise ValueError(f"part_size must be >= 1, got {part_size}")
     t0 = time.perf_counter()
     pool = pool or PoolConfig()
     input_root, output = storage.normalize(input), storage.normalize(output)
-    # one version for the whole run, even if the bundle's pointer moves meanwhile
-    bundle = resolve_bundle(bundle)
-    cfg = bundle_config(bundle, overrides)
-    version = read_meta(bundle).get("version")
+    # one version per bundle for the whole run, even if a pointer moves meanwhile
+    if isinstance(bundle, Mapping):
+        models: dict[str, str] | None = {n: resolve_bundle(u) for n, u in bundle.items()}
+    else:
+        models, bundle = None, resolve_bundle(str(bundle))
+    assignment = _assign_models(models, input_root, output, route, manifest)
+    if models:
+        first = next(iter(models))
+        cfgs = {n: bundle_config(u, overrides) for n, u in models.items()}
+        versions = {n: read_meta(u).get("version") for n, u in models.items()}
+        uri, cfg, version = models[first], cfgs[first], None
+        scales = sorted({s for c in cfgs.values() for s in c.model.scales}, reverse=True)
+        paths = list(assignment)
+    else:
+        uri, cfg = str(bundle), bundle_config(str(bundle), overrides)
+        version = read_meta(uri).get("version")
+        versions, scales = {}, list(cfg.model.scales)
+        paths = list_inputs(input_root, output)
     # Exclusive use of the output before anything is read from it: a second run on the
     # same output waits (up to lease_wait) or stops, instead of scoring the same images
     # into other parts.
@@ -263,33 +371,46 @@ def score_prefix(
         output,
         ttl_s=lease_ttl,
         wait_s=lease_wait,
-        purpose=f"mspray score of {input_root} with {bundle}",
+        purpose=f"mspray score of {input_root} with {models or bundle}",
     )
     with lease:
         summary = _score_pending(
-            bundle,
+            paths,
+            assignment,
+            uri,
             cfg,
             version,
+            versions,
+            scales,
+            models,
             input_root,
             output,
             lease=lease,
             pool=pool,
             maps=maps,
             part_size=part_size,
+            overrides=overrides,
             progress=progress,
             address=address,
         )
+    summary.bundle = None if models else uri
     summary.seconds = time.perf_counter() - t0
-    write_run_summary(output, {**asdict(summary), "calibration": _calibration_block(bundle)})
+    calibration = None if models else _calibration_block(uri)
+    write_run_summary(output, {**asdict(summary), "calibration": calibration})
     log.info("%s", summary.line())
     _write_report(output)
     return summary
 
 
 def _score_pending(
-    bundle: str,
+    paths: list[str],
+    assignment: dict[str, str | None],
+    uri: str,
     cfg: MSPrayConfig,
     version: str | None,
+    versions: dict[str, str],
+    scales: list[int],
+    models: dict[str, str] | None,
     input_root: str,
     output: str,
     *,
@@ -297,13 +418,13 @@ def _score_pending(
     pool: PoolConfig,
     maps: bool,
     part_size: int,
+    overrides: dict[str, Any] | None,
     progress: bool,
     address: str | None,
 ) -> ScoreSummary:
     """The body of :func:`score_prefix`, run while holding the output's lease."""
     from tqdm.auto import tqdm
 
-    paths = list_inputs(input_root, output)
     wanted = set(paths)
     before = read_results(output, ["path", "model_version"])
     done = {
@@ -316,10 +437,11 @@ def _score_pending(
         if p in wanted
     }
     pending = [p for p in paths if p not in done]
-    summary = ScoreSummary(
-        input_root, output, version, images=len(paths), skipped=len(done), bundle=bundle
-    )
-    summary.stale_version_rows = sum(v != version for v in done.values())
+    summary = ScoreSummary(input_root, output, version, images=len(paths), skipped=len(done))
+    current = set(versions.values()) if models else {version}
+    summary.stale_version_rows = sum(v not in current for v in done.values() if v is not None)
+    if models:
+        summary.model_versions = versions
     if summary.stale_version_rows:
         log.warning(
             "%d of the already scored images were scored by another model version; "
@@ -333,17 +455,26 @@ def _score_pending(
         len(done),
         len(pending),
     )
-    units = [pending[i : i + part_size] for i in range(0, len(pending), part_size)]
+    # units of one model each, grouped by model (so an actor rarely switches bundles)
+    groups: dict[str, list[str]] = {}
+    for p in pending:
+        # a name not in ``models`` (or none): the actor writes error rows for the unit
+        groups.setdefault((assignment.get(p) or "") if models else "", []).append(p)
+    units = [
+        {"paths": group[i : i + part_size], "model": name}
+        for name, group in groups.items()
+        for i in range(0, len(group), part_size)
+    ]
     if units:
         import ray
 
         init_ray(address, progress)
         t_pipe = time.perf_counter()
-        ds = ray.data.from_items([{"paths": u} for u in units], override_num_blocks=len(units))
+        ds = ray.data.from_items(units, override_num_blocks=len(units))
         ds = map_with_detector(
             ds,
             UnitScorer,
-            bundle,
+            uri,
             cfg,
             pool,
             n_items=len(units),
@@ -353,6 +484,9 @@ def _score_pending(
             input_root=input_root,
             output=output,
             maps=maps,
+            models=models,
+            overrides=overrides,
+            scales=scales,
         )
         with tqdm(total=len(pending), desc="scored", unit="img", disable=not progress) as bar:
             for row in ds.iter_rows():

@@ -2,13 +2,24 @@
 
 Routes (FastAPI ingress):
 
-- ``POST /v1/predict[?map=true]`` one image (raw body or multipart file field) ->
-  ``{image_score, is_anomalous, threshold, model_version, batch_size}``; with
-  ``map=true`` also ``scale_scores``, ``anomaly_map_png`` (base64 PNG heatmap) and
+- ``POST /v1/predict[?map=true][&model=NAME]`` one image (raw body or multipart file
+  field) -> ``{model, image_score, is_anomalous, threshold, model_version, batch_size}``;
+  with ``map=true`` also ``scale_scores``, ``anomaly_map_png`` (base64 PNG heatmap) and
   ``map_range`` (the scores at the two ends of its colour ramp).
-- ``GET /v1/model`` bundle config, version, scales, bank sizes, serving settings.
+- ``GET /v1/models`` served names, bundle URIs and versions, which are loaded here.
+- ``GET /v1/model[?model=NAME]`` bundle config, version, scales, bank sizes, settings.
 - ``GET /v1/stats`` this replica's executed batch sizes and rejections by status.
 - ``GET /healthz``.
+
+Several bundles (issue 12): ``ServeConfig.models`` names them (``bundle_uri`` is the one
+named ``default``). A request picks one with ``?model=NAME`` or the
+``serve_multiplexed_model_id`` header; each replica loads models lazily into an LRU of
+``max_num_models_per_replica`` through ``@serve.multiplexed``. Serve's proxy routes on the
+header only (``proxy.py`` reads no query parameter), so the header gets the replica that
+already holds the model; a ``?model=`` request is served by the replica it reaches, which
+loads the model if needed (no extra hop). Batches are grouped by model, so requests for
+one model share a forward pass. Unknown name -> 404 with the known names; a bundle that
+cannot be loaded -> 503 with the reason, and the other models keep serving.
 
 Concurrent requests are batched with ``@serve.batch``: one forward pass and one bank
 search per batch. Settings are :class:`mspray.config.ServeConfig`: the builder's ``args``
@@ -42,6 +53,7 @@ from ray import serve
 from ray.serve import Application
 
 from mspray.config import BATCH_WAIT_S, ConfigError, ServeConfig, validate
+from mspray.ray.metrics import ServeMetrics
 from mspray.ray.serve import request as inputs
 
 # Serve's replica logger: lines land in the replica log with the request id.
@@ -54,11 +66,36 @@ DEPLOYMENT_NAME = "MSPrayDetector"
 class ServingModel:
     """A loaded detector with the settings it serves under; swapped as one reference."""
 
+    name: str
+    uri: str
     detector: Any  # mspray.detector.Detector
     settings: ServeConfig
     max_image_bytes: int
     max_image_pixels: int
     loaded_at: float
+
+    @property
+    def key(self) -> tuple:
+        return self.settings.model_key(self.uri)
+
+
+class ModelSlot:
+    """One named model in a replica's LRU (what the ``@serve.multiplexed`` loader returns).
+
+    ``current`` is replaced in place when ``user_config`` points the name at another bundle
+    (load first, then swap), so the LRU entry survives a hot swap. Serve calls ``__del__``
+    when it unloads the slot; it runs once (garbage collection calls it again).
+    """
+
+    def __init__(self, current: ServingModel, on_unload: Any):
+        self.current = current
+        self._on_unload = on_unload
+        self._unloaded = False
+
+    def __del__(self) -> None:
+        if not self._unloaded:
+            self._unloaded = True
+            self._on_unload(self)
 
 
 @dataclass
@@ -72,16 +109,29 @@ class ItemResult:
     amap: np.ndarray  # H×W fused anomaly map
 
 
-def load_detector(settings: ServeConfig) -> Any:
-    """Load the bundle of ``settings`` on its device and run one warm-up batch (lazy init
-    off the request path)."""
+class ModelLoadError(RuntimeError):
+    """A named model's bundle could not be loaded (HTTP 503 with this reason)."""
+
+
+#: Seconds a failed model load is answered from memory before the next attempt.
+LOAD_RETRY_S = 30.0
+
+
+class NoModel(Exception):
+    """A request names no served model: ``status`` 400 (ambiguous) or 404 (unknown)."""
+
+    def __init__(self, status: int, message: str, models: list[str]):
+        super().__init__(message)
+        self.status, self.message, self.models = status, message, models
+
+
+def load_detector(uri: str, settings: ServeConfig) -> Any:
+    """Load the bundle at ``uri`` on the device of ``settings`` and run one warm-up batch
+    (lazy init off the request path)."""
     from mspray.bundle import load_bundle, read_config, resolve_bundle
     from mspray.device import resolve_device
 
-    if not settings.bundle_uri:
-        raise ConfigError("bundle_uri: not set (args.bundle or user_config.bundle_uri)")
-    # a root resolves to its latest version now; both reads below use that same version
-    uri = resolve_bundle(settings.bundle_uri)
+    uri = resolve_bundle(uri)  # a root: its latest version now; both reads use that one
     # The bundle's own runtime settings, with the faiss search moved to the GPU if asked.
     config = read_config(uri).replace(**{"bank.use_gpu": True}) if settings.bank_gpu else None
     device = resolve_device(serve_device(settings.device, ray.get_gpu_ids()))
@@ -98,6 +148,48 @@ def serve_device(setting: str, gpu_ids: list) -> str:
     if setting == "auto":
         return "cuda" if gpu_ids else "cpu"
     return setting
+
+
+def serving_model(
+    name: str, uri: str, settings: ServeConfig, det: Any | None = None
+) -> ServingModel:
+    """``det`` (loaded from ``uri`` when not given) with the limits ``settings`` give it."""
+    det = det if det is not None else load_detector(uri, settings)
+    score_cfg = det.cfg.score
+    return ServingModel(
+        name=name,
+        uri=uri,
+        detector=det,
+        settings=settings,
+        max_image_bytes=settings.max_image_bytes or score_cfg.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels or score_cfg.max_image_pixels,
+        loaded_at=time.time(),
+    )
+
+
+def pick_model(models: dict[str, str], query: str | None, header: str | None) -> str:
+    """The model a request names (``?model=`` or the multiplexed-model-id header); without
+    one, the only model, else ``"default"`` (the bare bundle). Raises :class:`NoModel`."""
+    names = sorted(models)
+    if query and header and query != header:
+        raise NoModel(400, f"?model={query!r} and the model id header {header!r} disagree", names)
+    name = query or header
+    if not name:
+        if len(models) == 1:
+            return names[0]
+        if ServeConfig.DEFAULT_MODEL in models:
+            return ServeConfig.DEFAULT_MODEL
+        raise NoModel(
+            400,
+            f"{len(names)} models are served: name one with ?model=NAME or the "
+            f"serve_multiplexed_model_id header ({', '.join(names)})",
+            names,
+        )
+    if name not in models:
+        raise NoModel(
+            404, f"unknown model {name!r}; known models: {', '.join(names) or 'none'}", names
+        )
+    return name
 
 
 def decode_resized(data: bytes, name: str, current: ServingModel, size: int) -> torch.Tensor:
@@ -186,72 +278,154 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
 @serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=64)
 @serve.ingress(api)
 class MSPrayDetector:
-    """One replica: a loaded detector, a batch queue and counters."""
+    """One replica: named models in an LRU (Serve model multiplexing), a batch queue and
+    counters."""
 
     def __init__(self, args: dict[str, Any] | None = None):
         # Nothing is loaded here: Serve calls reconfigure(user_config) right after
-        # __init__, and that is the one place a model is (re)loaded.
+        # __init__, and that is the one place settings (and a single model) are loaded.
         self._args = validate(ServeConfig, args or {}, where="args")
-        self._current: ServingModel | None = None
+        self._settings: ServeConfig | None = None
+        self._slots: dict[str, ModelSlot] = {}  # what the LRU holds on this replica
+        self._load_errors: dict[tuple, tuple[str, float]] = {}  # model key -> (reason, when)
         self._reload_lock = asyncio.Lock()
         self._reload_error: str | None = None
-        self._requested_bundle: str | None = None
+        self._requested: dict[str, str] | None = None  # the models of the last user_config
         self._batch_sizes: collections.Counter[int] = collections.Counter()
         self._rejections: collections.Counter[int] = collections.Counter()
         self._n_predictions = 0
+        self._metrics = ServeMetrics()
+
+        # The LRU size is a builder argument (the decorator takes it once); a closure, so
+        # each replica object gets its own loader.
+        async def load_named_model(name: str) -> ModelSlot:
+            return await self._load_slot(name)
+
+        self._get_model = serve.multiplexed(
+            max_num_models_per_replica=self._args.max_num_models_per_replica
+        )(load_named_model)
 
     # ------------------------------------------------------------------ lifecycle
     async def reconfigure(self, user_config: dict[str, Any] | None) -> None:
-        """Apply a new ``user_config``: load a changed bundle first, then swap.
+        """Apply a new ``user_config``: load every changed bundle of a loaded name first,
+        then swap them.
 
-        At start-up a bad config fails the replica (Serve reports it). Later, a bundle
-        that cannot be loaded keeps the current model serving; the error is logged and
-        shown in GET /v1/model, since failing here would take every replica down.
+        At start-up a bad config (or, with a single model, a bundle that cannot be loaded)
+        fails the replica (Serve reports it). Later, a bundle that cannot be loaded keeps
+        the current model serving; the error is logged and shown in GET /v1/model, since
+        failing here would take every replica down.
         """
         async with self._reload_lock:
-            self._requested_bundle = (user_config or {}).get("bundle_uri", self._args.bundle_uri)
+            first = self._settings is None
+            self._requested = None
             try:
                 settings = apply_user_config(self._args, user_config)
-                current = self._current
-                if current is not None and current.settings.model_key() == settings.model_key():
-                    det = current.detector
-                else:
-                    log.info("loading bundle %s", settings.bundle_uri)
-                    det = await asyncio.to_thread(load_detector, settings)
+                self._requested = settings.named_models()
+                models = settings.named_models()
+                if not models:
+                    raise ConfigError("no model: set user_config.bundle_uri or user_config.models")
+                swaps: dict[str, ServingModel] = {}
+                for name, slot in list(self._slots.items()):
+                    uri, old = models.get(name), slot.current
+                    if uri is None:
+                        continue  # no longer served: 404 from now on; the LRU drops it
+                    det = old.detector if old.key == settings.model_key(uri) else None
+                    if det is None:
+                        log.info("loading bundle %s for model %s", uri, name)
+                    swaps[name] = await asyncio.to_thread(serving_model, name, uri, settings, det)
                 self._predict_batch.set_max_batch_size(settings.max_batch_size)
                 self._predict_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
-                score_cfg = det.cfg.score
-                self._current = ServingModel(  # the swap: one reference assignment
-                    detector=det,
-                    settings=settings,
-                    max_image_bytes=settings.max_image_bytes or score_cfg.max_image_bytes,
-                    max_image_pixels=settings.max_image_pixels or score_cfg.max_image_pixels,
-                    loaded_at=time.time(),
-                )
+                for name, new in swaps.items():  # the swaps: one reference assignment each
+                    if new.detector is not self._slots[name].current.detector:
+                        self._metrics.loaded(name, self._slots[name].current.detector.version, 0)
+                        self._metrics.loaded(name, new.detector.version)
+                    self._slots[name].current = new
+                self._settings = settings
+                self._load_errors.clear()
                 self._reload_error = None
-                log.info("serving model %s from %s", det.version, settings.bundle_uri)
+                if first and len(models) == 1:
+                    # one model: load it now, so a bad bundle fails the deployment at start
+                    await self._get_model(next(iter(models)))
+                log.info("serving models %s", models)
             except Exception as e:
-                if self._current is None:
+                if first:
+                    self._settings = None
                     raise
                 self._reload_error = f"{type(e).__name__}: {e}"
-                log.exception(
-                    "reconfigure failed; still serving %s", self._current.settings.bundle_uri
-                )
+                log.exception("reconfigure failed; still serving the previous settings")
 
     def check_health(self) -> None:
-        """Serve's health check: a replica without a model is not healthy."""
-        if self._current is None:
-            raise RuntimeError("no model loaded: set user_config.bundle_uri")
+        """Serve's health check: a replica without valid settings is not healthy."""
+        if self._settings is None:
+            raise RuntimeError("not configured: set user_config.bundle_uri or models")
+
+    # ------------------------------------------------------------------ models
+    async def _load_slot(self, name: str) -> ModelSlot:
+        """The ``@serve.multiplexed`` loader: load ``name``'s bundle (off the event loop).
+
+        A failed load is remembered for :data:`LOAD_RETRY_S`, so a broken bundle answers
+        503 quickly instead of being reloaded by every request (Serve loads one model at a
+        time per replica)."""
+        settings = self._settings
+        assert settings is not None
+        uri = settings.named_models()[name]
+        key = settings.model_key(uri)
+        failed = self._load_errors.get(key)
+        if failed is not None and time.monotonic() - failed[1] < LOAD_RETRY_S:
+            raise ModelLoadError(failed[0])
+        log.info("loading model %s from %s", name, uri)
+        try:
+            current = await asyncio.to_thread(serving_model, name, uri, settings)
+        except Exception as e:
+            reason = f"model {name!r} ({uri}) could not be loaded: {type(e).__name__}: {e}"
+            self._load_errors[key] = (reason, time.monotonic())
+            raise ModelLoadError(reason) from e
+        slot = ModelSlot(current, self._unloaded)
+        self._slots[name] = slot
+        self._metrics.loaded(name, current.detector.version)
+        return slot
+
+    def _unloaded(self, slot: ModelSlot) -> None:
+        """Serve's LRU dropped ``slot`` (called from ``ModelSlot.__del__``)."""
+        name = slot.current.name
+        if self._slots.get(name) is slot:
+            del self._slots[name]
+        self._metrics.loaded(name, slot.current.detector.version, 0)
+        log.info("unloaded model %s", name)
+
+    async def _serving(self, query: str | None) -> ServingModel:
+        """The loaded model a request names (raises :class:`NoModel`, :class:`ModelLoadError`)."""
+        settings = self._settings
+        if settings is None:
+            raise ModelLoadError("not configured yet")
+        name = pick_model(settings.named_models(), query, serve.get_multiplexed_model_id())
+        slot = await self._get_model(name)
+        return slot.current
 
     # ------------------------------------------------------------------ batching
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def _predict_batch(self, images: list[torch.Tensor]) -> list[ItemResult]:
-        current = self._current  # pinned: a swap during this batch does not affect it
-        assert current is not None
-        # Off the event loop, so requests keep arriving (and queueing) while it runs.
-        results = await asyncio.to_thread(score_batch, current.detector, images)
-        self._batch_sizes[len(images)] += 1
-        return results
+    async def _predict_batch(
+        self, items: list[tuple[ServingModel, torch.Tensor]]
+    ) -> list[ItemResult]:
+        """One forward pass per model among the batched requests (Serve already splits
+        batches by the model-id header; requests naming the model with ``?model=`` are
+        grouped here). Each item is pinned to the model it resolved to, so a swap during
+        the batch does not affect it."""
+        groups: dict[int, list[int]] = collections.defaultdict(list)
+        for i, (serving, _) in enumerate(items):
+            groups[id(serving)].append(i)
+        out: list[ItemResult | None] = [None] * len(items)
+        for idx in groups.values():
+            serving = items[idx[0]][0]
+            # Off the event loop, so requests keep arriving (and queueing) while it runs.
+            results = await asyncio.to_thread(
+                score_batch, serving.detector, [items[i][1] for i in idx]
+            )
+            self._batch_sizes[len(idx)] += 1
+            self._metrics.batch(serving.name, [r.is_anomalous for r in results])
+            for i, r in zip(idx, results, strict=True):
+                out[i] = r
+        return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ routes
     def _reject(self, request: Request, bad: inputs.BadInput) -> JSONResponse:
@@ -262,26 +436,45 @@ class MSPrayDetector:
 
     @api.post("/v1/predict")
     async def predict(
-        self, request: Request, with_map: bool = Query(False, alias="map")
+        self,
+        request: Request,
+        with_map: bool = Query(False, alias="map"),
+        model: str | None = Query(None, description="model name (see GET /v1/models)"),
     ) -> JSONResponse:
         """Score one image: raw body (image/*, application/octet-stream) or a multipart
-        file field. ``map=true`` adds the anomaly map and per-scale scores."""
-        current = self._current
-        if current is None:
-            return error(503, "no model loaded yet")
+        file field, with the model named by ``?model=`` or the model-id header.
+        ``map=true`` adds the anomaly map and per-scale scores."""
+        t0 = time.perf_counter()
+        tag = "unknown"  # a name that is not configured never becomes a metric tag
+
+        def done(outcome: str, response: JSONResponse) -> JSONResponse:
+            self._metrics.request(tag, outcome, time.perf_counter() - t0)
+            return response
+
+        try:
+            current = await self._serving(model)
+        except NoModel as e:
+            self._rejections[e.status] += 1
+            body = {"error": e.message, "models": e.models}
+            return done("unknown_model", JSONResponse(body, status_code=e.status))
+        except ModelLoadError as e:
+            self._rejections[503] += 1
+            return done("load_failed", error(503, str(e)))
+        tag = current.name
         try:
             body, name = await inputs.read_image(request, current.max_image_bytes)
             size = current.detector.cfg.model.image_size
             image = await asyncio.to_thread(decode_resized, body, name, current, size)
         except inputs.BadInput as bad:
-            return self._reject(request, bad)
+            return done("bad_input", self._reject(request, bad))
         try:
-            r: ItemResult = await self._predict_batch(image)
+            r: ItemResult = await self._predict_batch((current, image))
         except Exception:
             log.exception("prediction failed")
-            return error(500, "internal error while scoring the image")
+            return done("error", error(500, "internal error while scoring the image"))
         self._n_predictions += 1
         out: dict[str, Any] = {
+            "model": current.name,
             "image_score": r.image_score,
             "is_anomalous": r.is_anomalous,
             "threshold": r.threshold,
@@ -291,38 +484,78 @@ class MSPrayDetector:
         if with_map:
             png, rng = await asyncio.to_thread(map_png_base64, r.amap, r.threshold)
             out.update(scale_scores=r.scale_scores, anomaly_map_png=png, map_range=rng)
-        return JSONResponse(out)
+        return done("ok", JSONResponse(out))
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        """``ok``, or ``degraded`` when the last requested swap failed: then the old model
-        still serves, and the answer names it, the requested bundle and the error (what
-        ``ray_jobs/deploy.py`` checks on every replica after a rollout)."""
-        current = self._current
+        """``ok``, or ``degraded`` when the last requested change failed: then the previous
+        models still serve, and the answer says which bundles are served, which were
+        requested, and the error (what ``ray_jobs/deploy.py`` checks on every replica
+        after a rollout)."""
         replica = serve.get_replica_context().replica_id.unique_id
-        if current is None:
+        if self._settings is None:
             return JSONResponse({"status": "loading", "replica": replica}, status_code=503)
+        loaded = {n: s.current.detector.version for n, s in sorted(self._slots.items())}
+        out: dict[str, Any] = {
+            "status": "degraded" if self._reload_error else "ok",
+            "replica": replica,
+            "loaded": loaded,
+            "models": self._settings.named_models(),
+            "requested": self._requested,
+            "last_reload_error": self._reload_error,
+        }
+        if len(self._settings.named_models()) == 1 and len(loaded) == 1:
+            out["model_version"] = next(iter(loaded.values()))  # the single-bundle form
+        return JSONResponse(out)
+
+    @api.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        """Every served name with its bundle URI and version, and whether it is loaded on
+        the replica answering (each replica holds its own LRU)."""
+        from mspray.bundle import read_meta
+
+        settings = self._settings
+        if settings is None:
+            return error(503, "not configured yet")
+
+        def describe(name: str, uri: str) -> dict[str, Any]:
+            entry: dict[str, Any] = {"name": name, "uri": uri, "version": None}
+            try:
+                entry["version"] = read_meta(uri).get("version")
+            except Exception as e:  # listed anyway: a broken bundle is what one looks for
+                entry["error"] = f"{type(e).__name__}: {e}"
+            slot = self._slots.get(name)
+            entry["loaded"] = slot is not None
+            entry["loaded_version"] = slot.current.detector.version if slot else None
+            return entry
+
+        named = settings.named_models()
+        listed = await asyncio.gather(
+            *(asyncio.to_thread(describe, n, u) for n, u in sorted(named.items()))
+        )
         return JSONResponse(
             {
-                "status": "degraded" if self._reload_error else "ok",
-                "replica": replica,
-                "model_version": current.detector.version,
-                "bundle_uri": current.settings.bundle_uri,
-                "requested_bundle_uri": self._requested_bundle,
-                "last_reload_error": self._reload_error,
+                "models": listed,
+                "replica": serve.get_replica_context().replica_tag,
+                "max_num_models_per_replica": self._args.max_num_models_per_replica,
             }
         )
 
     @api.get("/v1/model")
-    async def model_info(self) -> JSONResponse:
-        current = self._current
-        if current is None:
-            return error(503, "no model loaded yet")
+    async def model_info(self, model: str | None = Query(None)) -> JSONResponse:
+        """Details of one model (``?model=NAME``, or the only / default one)."""
+        try:
+            current = await self._serving(model)
+        except NoModel as e:
+            return JSONResponse({"error": e.message, "models": e.models}, status_code=e.status)
+        except ModelLoadError as e:
+            return error(503, str(e))
         det = current.detector
         return JSONResponse(
             {
+                "model": current.name,
                 "model_version": det.version,
-                "bundle_uri": current.settings.bundle_uri,
+                "bundle_uri": current.uri,
                 "scales": list(det.scales),
                 "strides": list(det.cfg.model.strides),
                 "image_size": det.cfg.model.image_size,
@@ -352,6 +585,7 @@ class MSPrayDetector:
                 "batches": sum(self._batch_sizes.values()),
                 "batch_sizes": {str(k): v for k, v in sorted(self._batch_sizes.items())},
                 "rejections": {str(k): v for k, v in sorted(self._rejections.items())},
+                "loaded_models": sorted(self._slots),
             }
         )
 

@@ -157,7 +157,7 @@ def check_config(config: dict[str, Any], check_bundle: bool = True) -> dict[str,
             deployment_options(cfg)
         except ConfigError as e:
             raise DeployError(f"application {name!r}: {e}") from None
-        if not cfg.bundle_uri:
+        if not cfg.named_models():
             raise DeployError(f"application {name!r}: no bundle (--bundle or user_config)")
         if check_bundle:
             # A root is pinned to the version its `latest` names now: every replica (also
@@ -165,14 +165,21 @@ def check_config(config: dict[str, Any], check_bundle: bool = True) -> dict[str,
             # `build-bank` moved its pointer changes user_config, which swaps in place.
             from mspray.bundle import BundleError, resolve_bundle
 
-            try:
-                version = resolve_bundle(cfg.bundle_uri)
-            except (BundleError, OSError) as e:
-                raise DeployError(f"application {name!r}: {e}") from None
-            if version != cfg.bundle_uri:
-                log.info("bundle %s: pinned to its current version %s", cfg.bundle_uri, version)
-                _detector(app, create=True).setdefault("user_config", {})["bundle_uri"] = version
-                cfg = cfg.model_copy(update={"bundle_uri": version})
+            pinned: dict[str, str] = {}
+            for model, uri in cfg.named_models().items():
+                try:
+                    pinned[model] = resolve_bundle(uri)
+                except (BundleError, OSError) as e:
+                    raise DeployError(f"application {name!r}, model {model!r}: {e}") from None
+            update: dict[str, Any] = {}
+            if cfg.bundle_uri:
+                update["bundle_uri"] = pinned[ServeConfig.DEFAULT_MODEL]
+            if cfg.models:
+                update["models"] = {m: pinned[m] for m in cfg.models}
+            if update != {k: getattr(cfg, k) for k in update}:
+                log.info("bundles pinned to their current versions: %s", update)
+                _detector(app, create=True).setdefault("user_config", {}).update(update)
+                cfg = cfg.model_copy(update=update)
         settings[name] = cfg
     if not settings:
         raise DeployError(f"no application with import_path {IMPORT_PATH} in the config")
@@ -294,12 +301,17 @@ def running_replicas(app: dict[str, Any]) -> int:
 
 
 def verify_replicas(
-    endpoint: str, n_replicas: int, bundle_uri: str, timeout: float, poll_s: float = 0.1
+    endpoint: str,
+    n_replicas: int,
+    models: dict[str, str],
+    timeout: float,
+    poll_s: float = 0.1,
 ) -> dict[str, dict[str, Any]]:
     """Poll ``GET endpoint/healthz`` (each call reaches one replica, as routed by the proxy)
-    until ``n_replicas`` distinct replicas report serving ``bundle_uri``. A replica whose
-    swap to it failed (it still serves its old model) raises :class:`DeployError` naming the
-    version that still serves and the error. Returns replica id -> its answer."""
+    until ``n_replicas`` distinct replicas report serving ``models`` (name -> bundle URI). A
+    replica whose change to them failed (it still serves its previous models) raises
+    :class:`DeployError` naming what still serves and the error. Returns replica id -> its
+    answer."""
     import requests
 
     seen: dict[str, dict[str, Any]] = {}
@@ -309,19 +321,19 @@ def verify_replicas(
             health = requests.get(endpoint.rstrip("/") + "/healthz", timeout=10).json()
         except (requests.RequestException, ValueError) as e:
             health = {"status": f"unreachable: {e}"}
-        if health.get("last_reload_error") and health.get("requested_bundle_uri") == bundle_uri:
+        if health.get("last_reload_error") and health.get("requested") == models:
             raise DeployError(
-                f"replica {health.get('replica')} failed to swap to {bundle_uri}: "
-                f"{health['last_reload_error']}; it still serves {health.get('bundle_uri')} "
-                f"(version {health.get('model_version')})"
+                f"replica {health.get('replica')} failed to swap to {models}: "
+                f"{health['last_reload_error']}; it still serves {health.get('models')} "
+                f"(versions {health.get('loaded')})"
             )
-        if health.get("status") == "ok" and health.get("bundle_uri") == bundle_uri:
+        if health.get("status") == "ok" and health.get("models") == models:
             seen[str(health["replica"])] = health
             if len(seen) >= n_replicas:
                 return seen
         if time.monotonic() > deadline:
             raise DeployError(
-                f"after {timeout:.0f}s {len(seen)} of {n_replicas} replicas serve {bundle_uri} "
+                f"after {timeout:.0f}s {len(seen)} of {n_replicas} replicas serve {models} "
                 f"(last answer: {health})"
             )
         time.sleep(poll_s)
@@ -362,8 +374,8 @@ def deploy(
         for name, cfg in (settings or {}).items():
             endpoint = endpoint_url(config, url, apps[name].get("route_prefix"))
             n = running_replicas(apps[name])
-            replicas = verify_replicas(endpoint, n, cfg.bundle_uri or "", timeout)
-            checked[name] = {r: h.get("model_version") for r, h in replicas.items()}
+            replicas = verify_replicas(endpoint, n, cfg.named_models(), timeout)
+            checked[name] = {r: h.get("loaded") for r, h in replicas.items()}
         result["replicas"] = checked
         http = config.get("http_options") or {}
         result.update(
@@ -379,7 +391,7 @@ def build_parser(
     default_config: str | None = None, prog: str = "deploy.py"
 ) -> argparse.ArgumentParser:
     """The deploy job's arguments; the setting overrides derive from :class:`ServeConfig`."""
-    from mspray.cli import add_config_flags
+    from mspray.cli import SERVE_BUNDLE_HELP, add_bundle_flag, add_config_flags
 
     p = argparse.ArgumentParser(
         prog=prog,
@@ -410,7 +422,10 @@ def build_parser(
     )
     p.add_argument("--dry-run", action="store_true", help="print the final config and exit")
     g = p.add_argument_group("settings (mspray.config.ServeConfig; override the config file)")
-    add_config_flags(g, "serve", ServeConfig, list(ServeConfig.model_fields))
+    # bundle_uri and models share the repeatable --bundle [NAME=]URI flag
+    derived = [f for f in ServeConfig.model_fields if f not in ("bundle_uri", "models")]
+    add_config_flags(g, "serve", ServeConfig, derived)
+    add_bundle_flag(g, "serve", SERVE_BUNDLE_HELP)
     return p
 
 
@@ -420,6 +435,7 @@ def run_deploy(args: argparse.Namespace) -> int:
 
     try:
         overrides = flag_values(args, "serve")  # typed by argparse, checked in check_config
+        overrides.pop("bundle", None)  # the --bundle action's own dest
         config = apply_overrides(
             load_config(args.config),
             overrides,
@@ -432,7 +448,7 @@ def run_deploy(args: argparse.Namespace) -> int:
             print(json.dumps(config, indent=2), flush=True)
             return 0
         url = dashboard_url(args.address)
-        bundles = ", ".join(s.bundle_uri or "?" for s in settings.values())
+        bundles = ", ".join(str(s.named_models() or "?") for s in settings.values())
         log.info("deploying %s (bundle %s) through %s", args.config, bundles, url)
         result = deploy(config, url, wait=not args.no_wait, timeout=args.timeout, settings=settings)
     except DeployError as e:

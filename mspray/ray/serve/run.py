@@ -22,16 +22,22 @@ log = logging.getLogger("mspray")
 APP_NAME = "mspray"
 
 
-def endpoint_urls(host: str, port: int, bundle: str | None) -> dict[str, Any]:
+def endpoint_urls(
+    host: str, port: int, bundle: str | None, models: dict[str, str] | None = None
+) -> dict[str, Any]:
     """The URLs a client uses (a wildcard listen address is reached through loopback)."""
     host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     url = f"http://{host}:{port}"
-    return {
+    out = {
         "url": url,
         "predict": f"{url}/v1/predict",
         "model": f"{url}/v1/model",
+        "models": f"{url}/v1/models",
         "bundle": bundle,
     }
+    if models:
+        out["named_models"] = dict(models)
+    return out
 
 
 def serve_forever(
@@ -56,14 +62,20 @@ def serve_forever(
     from mspray.ray.runtime import init_ray
     from mspray.ray.serve.app import build_app
 
-    if cfg.bundle_uri:  # without one, user_config must bring it (Serve reports that)
+    # A typo fails here, not after Serve's replica retries; and a root is pinned to its
+    # current version, so replicas started later load the same model. Without a bundle,
+    # user_config must bring it (Serve reports that).
+    pinned: dict[str, str] = {}
+    for name, uri in cfg.named_models().items():
         try:
-            # a typo fails here, not after Serve's replica retries; and a root is pinned to
-            # its current version, so replicas started later load the same model
-            cfg = cfg.model_copy(update={"bundle_uri": resolve_bundle(cfg.bundle_uri)})
+            pinned[name] = resolve_bundle(uri)
         except (BundleError, OSError) as e:
-            print(f"mspray serve: error: {e}", file=sys.stderr)
+            print(f"mspray serve: error: model {name!r}: {e}", file=sys.stderr)
             return 2
+    update: dict = {"models": {m: pinned[m] for m in cfg.models}}
+    if cfg.bundle_uri:
+        update["bundle_uri"] = pinned[cfg.DEFAULT_MODEL]
+    cfg = cfg.model_copy(update=update)
     app = build_app(cfg)  # validate the settings before starting anything
     started = init_ray(address, progress=False)
     stop = stop or threading.Event()
@@ -84,9 +96,9 @@ def serve_forever(
         print(f"mspray serve: error: the deployment did not start: {e}", file=sys.stderr)
         cleanup()
         return 2
-    urls = endpoint_urls(host, port, cfg.bundle_uri)
+    urls = endpoint_urls(host, port, cfg.bundle_uri, cfg.models)
     print(json.dumps(urls, indent=2), flush=True)
-    log.info("serving %s at %s; Ctrl-C to stop", cfg.bundle_uri, urls["url"])
+    log.info("serving %s at %s; Ctrl-C to stop", cfg.named_models(), urls["url"])
     previous = _on_sigterm(stop.set)
     try:
         stop.wait()

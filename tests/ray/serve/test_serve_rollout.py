@@ -85,7 +85,7 @@ def test_rollout_is_confirmed_per_replica_and_a_failed_swap_is_reported(
     url = f"http://127.0.0.1:{serve_port}"
     _deploy(_config(serve_port, bundles["a"], replicas=2), blocking=True)
     # both replicas up on "a" (also the check deploy.py runs after RUNNING)
-    verify_replicas(url, 2, bundles["a"], timeout=120)
+    verify_replicas(url, 2, {"default": bundles["a"]}, timeout=120)
 
     image, results, stop = _image(synthetic_root), [], threading.Event()
 
@@ -100,13 +100,14 @@ def test_rollout_is_confirmed_per_replica_and_a_failed_swap_is_reported(
         t.start()
     try:
         _deploy(_config(serve_port, bundles["b"], replicas=2), blocking=False)
-        swapped = verify_replicas(url, 2, bundles["b"], timeout=120)
+        swapped = verify_replicas(url, 2, {"default": bundles["b"]}, timeout=120)
         version_b = read_meta(bundles["b"])["version"]
-        assert len(swapped) == 2 and {h["model_version"] for h in swapped.values()} == {version_b}
+        assert len(swapped) == 2
+        assert [h["loaded"] for h in swapped.values()] == [{"default": version_b}] * 2
 
         _deploy(_config(serve_port, bundles["bad"], replicas=2), blocking=False)
         with pytest.raises(DeployError, match="failed to swap") as failed:
-            verify_replicas(url, 2, bundles["bad"], timeout=120)
+            verify_replicas(url, 2, {"default": bundles["bad"]}, timeout=120)
         assert version_b in str(failed.value)  # names the version that still serves
         n_before = len(results)
         deadline = time.time() + 30
@@ -142,7 +143,7 @@ def test_a_burst_beyond_the_queue_gets_quick_503s(serve_port, bundles, synthetic
     app["deployments"][0]["user_config"]["max_batch_size"] = 1
     serve.delete("mspray")  # the rollout test's replicas: free their CPUs
     _deploy(raw, blocking=False)
-    verify_replicas(url, 1, bundles["a"], timeout=300)
+    verify_replicas(url, 1, {"default": bundles["a"]}, timeout=300)
     image = _image(synthetic_root)
 
     def one(_: int) -> tuple[int, float]:
