@@ -111,16 +111,13 @@ def _float_or_none(x) -> float | None:
 def calibration_from_bundle(bundle: str) -> Calibration:
     """The calibration recorded in a bundle's ``meta.json`` (quantile and margin fall back
     to its ``config.json`` for bundles calibrated before they were stored in meta)."""
-    meta = json.loads(storage.read_text(storage.join(bundle, "meta.json")))
+    from mspray.bundle import read_config, read_meta
+
+    meta = read_meta(bundle)
     quantile, margin = meta.get("threshold_quantile"), meta.get("threshold_margin")
     if quantile is None:
-        try:
-            score_cfg = json.loads(storage.read_text(storage.join(bundle, "config.json")))
-            score_cfg = score_cfg.get("score", {})
-            quantile = score_cfg.get("threshold_quantile")
-            margin = score_cfg.get("threshold_margin", margin)
-        except FileNotFoundError:
-            pass
+        score_cfg = read_config(bundle).score
+        quantile, margin = score_cfg.threshold_quantile, score_cfg.threshold_margin
     scores = meta.get("calibration_scores")
     return Calibration(
         version=meta.get("version"),

@@ -18,7 +18,7 @@ from mspray.config import BankConfig
 
 def _cfg(**kw: object) -> BankConfig:
     """Defaults for tests: keep every vector unless a test asks for a coreset."""
-    return dataclasses.replace(BankConfig(coreset_ratio=1.0), **kw)
+    return BankConfig(coreset_ratio=1.0).replace(**kw)
 
 
 def _clustered(n: int, d: int, k: int, seed: int, spread: float = 0.3) -> np.ndarray:

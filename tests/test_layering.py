@@ -75,3 +75,16 @@ def test_ray_jobs_stay_thin() -> None:
     for job in sorted((REPO / "ray_jobs").glob("*.py")):
         n = len(job.read_text().splitlines())
         assert n <= 40, f"{_rel(job)} has {n} lines: move the logic into the library"
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in sorted(PKG.rglob("*.py")) if p.name != "bundle.py"], ids=_rel
+)
+def test_bundle_files_are_read_only_through_bundle_py(path: Path) -> None:
+    """meta.json / config.json of a bundle are parsed in one place (versions, checksums)."""
+    strings = {
+        n.value
+        for n in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(n, ast.Constant) and isinstance(n.value, str)
+    }
+    assert not strings & {"meta.json", "config.json"}, f"{_rel(path)} opens bundle files"

@@ -351,19 +351,16 @@ def score_prefix(
         models: dict[str, str] | None = {n: resolve_bundle(u) for n, u in bundle.items()}
     else:
         models, bundle = None, resolve_bundle(str(bundle))
-    assignment = _assign_models(models, input_root, output, route, manifest)
     if models:
         first = next(iter(models))
         cfgs = {n: bundle_config(u, overrides) for n, u in models.items()}
         versions = {n: read_meta(u).get("version") for n, u in models.items()}
         uri, cfg, version = models[first], cfgs[first], None
         scales = sorted({s for c in cfgs.values() for s in c.model.scales}, reverse=True)
-        paths = list(assignment)
     else:
         uri, cfg = str(bundle), bundle_config(str(bundle), overrides)
         version = read_meta(uri).get("version")
         versions, scales = {}, list(cfg.model.scales)
-        paths = list_inputs(input_root, output)
     # Exclusive use of the output before anything is read from it: a second run on the
     # same output waits (up to lease_wait) or stops, instead of scoring the same images
     # into other parts.
@@ -374,6 +371,8 @@ def score_prefix(
         purpose=f"mspray score of {input_root} with {models or bundle}",
     )
     with lease:
+        assignment = _assign_models(models, input_root, output, route, manifest)
+        paths = list(assignment) if models else list_inputs(input_root, output)
         summary = _score_pending(
             paths,
             assignment,

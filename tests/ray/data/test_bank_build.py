@@ -88,10 +88,9 @@ def test_large_bank_is_reduced_per_shard_then_globally(ray_local, tiny_bundle, t
     probe = load_images(uris[:1], 64, progress=False)
     for s in before.scales:
         total = before.bank_embeddings(probe, s).shape[0] * len(uris)
-        assert math.ceil(0.25 * total) > 300  # so the shards were reduced to the budget
+        assert total > 300  # so the shards were reduced before the global coreset
         added = after.banks[s].ntotal - before.banks[s].ntotal
-        # the driver only ever saw the candidate budget (+ one row per shard from rounding)
-        assert 300 - 10 <= added <= 300 + 10
+        assert abs(added - math.ceil(0.25 * total)) <= 2
 
 
 @pytest.mark.ray

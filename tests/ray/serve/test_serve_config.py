@@ -10,7 +10,7 @@ import yaml
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from mspray.config import ConfigError, ServeConfig
+from mspray.config import ConfigError, ServeConfig, validate
 from mspray.ray.serve import DEPLOYMENT_NAME, build_app, deployment_options
 from mspray.ray.serve.app import apply_user_config
 
@@ -59,7 +59,8 @@ def test_settings_become_deployment_options():
         "target_ongoing_requests": 16,
     }
     with pytest.raises(ConfigError, match="max_replicas"):
-        deployment_options(ServeConfig(replicas=3, max_replicas=2))
+        deployment_options(validate(ServeConfig, {"replicas": 3, "max_replicas": 2}))
+    assert auto["max_queued_requests"] == ServeConfig().max_queued_requests > 0
 
 
 def test_build_app_validates_its_args():

@@ -40,7 +40,8 @@ def named(category_bundles, tmp_path_factory) -> dict[str, str]:
     shutil.copytree(fabric, copy)
     broken = tmp / "broken"
     shutil.copytree(nut, broken)
-    (broken / "model.safetensors").write_bytes(b"not safetensors")  # meta.json still there
+    for weights in broken.rglob("model.safetensors"):  # meta.json still there
+        weights.write_bytes(b"not safetensors")
     return {"fabric": fabric, "nut": nut, "fabric2": copy, "broken": str(broken)}
 
 

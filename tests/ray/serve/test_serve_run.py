@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 
+from mspray.bundle import resolve_bundle
 from mspray.cli import build_parser, serve_config_from_args
 from mspray.config import ServeConfig
 from mspray.ray.serve import deployment_options
@@ -55,7 +56,7 @@ def test_endpoint_urls_reach_a_wildcard_host_through_loopback():
 def test_missing_bundle_fails_before_starting_anything(tmp_path, capsys):
     cfg = ServeConfig(bundle=str(tmp_path / "nothing"))
     assert serve_forever(cfg, port=1, stop=threading.Event()) == 2
-    assert "no meta.json" in capsys.readouterr().err
+    assert "no such bundle" in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -99,7 +100,9 @@ def test_serve_forever_serves_until_stopped(serve_down, tiny_bundle, capsys):
                     pass
                 time.sleep(0.5)
             info = client.get("/v1/model").json()
-            assert info["bundle_uri"] == bundle and info["serving"]["max_batch_size"] == 4
+            # a bundle root is served pinned to its current version
+            assert info["bundle_uri"] == resolve_bundle(bundle)
+            assert info["serving"]["max_batch_size"] == 4
             r = client.post(
                 "/v1/predict", content=b"not an image", headers={"content-type": "image/png"}
             )
