@@ -248,7 +248,7 @@ def test_calibration_from_a_bundle_overrides_the_run_summary(tmp_path):
     bundle.mkdir()
     calib = np.random.default_rng(1).normal(1.0, 0.1, 400)
     (bundle / "meta.json").write_text(
-        json.dumps({"version": VERSION, "threshold": facts["threshold"],
+        json.dumps({"format": 1, "version": VERSION, "threshold": facts["threshold"],
                     "threshold_quantile": 0.95, "calibration_scores": calib.tolist()})
     )  # fmt: skip
     page = parse(Path(build_report(out, bundles=[str(bundle)])).read_text())
