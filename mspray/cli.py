@@ -133,6 +133,7 @@ def config_from_args(args: argparse.Namespace, base: MSPrayConfig | None = None)
 
 
 POOL_KEYS = ("workers", "min_workers", "gpus_per_worker", "cpus_per_worker", "io_threads")
+SCORE_POOL_KEYS = (*POOL_KEYS, "decode_cpus")
 
 
 def add_pool_args(p: argparse.ArgumentParser, keys: Iterable[str] = POOL_KEYS) -> None:
@@ -392,7 +393,13 @@ SCORE_EPILOG = """\
 Rows: path, image_score, is_anomalous, score_<scale> for each scale, threshold,
 model_version, error, scored_at, map_path. A bad input (missing, zero-byte, truncated,
 not an image, over score.max_image_bytes or score.max_image_pixels) never fails the run:
-its row has `error` set and null scores.
+its row has `error` set and null scores. A transient fault (S3 throttling, timeouts, 5xx,
+a model failure such as CUDA out of memory) is retried with backoff; if it persists, its
+unit writes no part, the run exits 1 (failed_units, missing) and a rerun retries it.
+--retry-errors also rescores the parts holding error rows (e.g. after fixing the files).
+
+Decoding runs on CPU Ray Data tasks (--decode-cpus each); the model actors only score and
+write. The actor pool autoscales between --min-workers and --workers.
 
 Resumable and idempotent: a run first reads the paths already in the output and scores
 only the others, and every part file is written atomically, so rerunning after a crash or
@@ -457,14 +464,19 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--summary-json", metavar="FILE", help="also write the run summary (counts, timing) here"
     )
+    p.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="also rescore the images that have an error row (their parts are rewritten)",
+    )
     add_config_flags(p, "cfg", MSPrayConfig, ["score.batch_size", "bank.use_gpu"])
-    add_pool_args(p)
+    add_pool_args(p, SCORE_POOL_KEYS)
     p.set_defaults(func=cmd_score)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    """Prints the summary line; exit 1 if an image ended with no row or with two (never for
-    bad images, which get error rows)."""
+    """Prints the summary line; exit 1 if an image ended with no row or with two (a unit
+    failed on a transient fault; never for bad images, which get error rows)."""
     from mspray import storage
     from mspray.ray.data.results import expand_date
     from mspray.ray.data.scoring import score_prefix
@@ -479,6 +491,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         overrides=flag_values(args, "cfg"),
         progress=not args.quiet,
         address=args.address,
+        retry_errors=args.retry_errors,
     )
     if args.summary_json:
         storage.write_text(args.summary_json, json.dumps(asdict(summary), indent=2) + "\n")

@@ -109,6 +109,18 @@ def read_results(output: str, columns: list[str] | None = None) -> pa.Table:
     return pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)
 
 
+def error_units(output: str) -> list[list[str]]:
+    """The paths of every part that holds an error row, one list per part (a unit that,
+    scored again, rewrites that part under the same name)."""
+    units = []
+    for part in list_parts(output):
+        fs, path = storage.filesystem(part)
+        t = pq.read_table(path, columns=["path", "error"], filesystem=fs)
+        if t.column("error").null_count < t.num_rows:
+            units.append(t.column("path").to_pylist())
+    return units
+
+
 def map_uri(output: str, input_root: str, path: str) -> str:
     """Where the heatmap of input ``path`` goes: its path under the input prefix, + .png."""
     return storage.join(output, MAPS_DIR, storage.relative(path, input_root) + ".png")

@@ -2,11 +2,26 @@
 
 The driver lists the input prefix once and reads the ``path`` column of the parts already
 in the output (see :mod:`mspray.ray.data.results` for the layout); the images without a row
-are cut into work units of ``part_size`` paths. Each unit is one row of a Ray dataset; an
-actor pool (detector loaded once per actor) reads, decodes and scores a unit batch by batch,
-writes its heatmaps and its Parquet part, and returns only a small summary row. Nothing
-large ever reaches the driver, and each actor holds at most two decoded batches, so memory
-stays flat however many images there are.
+are cut into work units of ``part_size`` paths. Each unit is one row of a Ray dataset and
+goes through two stages:
+
+1. **decode** (Ray Data tasks, ``decode_cpus`` CPUs each, any node with CPUs): read the
+   unit's files (bounded, a few threads for S3 latency) and decode/resize them into one row;
+2. **score** (:class:`UnitScorer` actors on an autoscaling pool, the GPU nodes when they
+   reserve GPUs): score the unit in ``score.batch_size`` forward passes, write its heatmaps
+   and its Parquet part, and return a small summary row (with the node and actor).
+
+So a GPU actor never decodes PNG/JPEG on its one reserved CPU, and the pool grows with the
+cluster (see :func:`mspray.ray.runtime.actor_pool`). A unit still maps to exactly one part.
+Nothing large reaches the driver; Ray Data's streaming backpressure bounds how many decoded
+units (``part_size``×3×S×S float32 each) wait between the stages, so memory stays flat.
+
+Faults: a bad image (:data:`~mspray.ray.data.reading.BAD_INPUT`) is an error row. An I/O
+failure is retried (S3 client, then :func:`~mspray.ray.data.reading.load_or_error`), a
+model failure falls back to one image at a time and is retried :data:`MODEL_ATTEMPTS` times;
+if it still fails, the unit fails: no part is written, the run reports it (``failed_units``,
+``missing``) and exits non-zero, and a rerun scores it again. ``retry_errors`` rescores the
+parts that hold error rows (each rewritten whole, under the same name).
 """
 
 from __future__ import annotations
@@ -23,9 +38,15 @@ import torch
 
 from mspray import storage, viz
 from mspray.bundle import read_meta
-from mspray.config import PoolConfig
-from mspray.ray.data.reading import DecodedBatch, error_text, iter_loaded
+from mspray.config import MSPrayConfig, PoolConfig
+from mspray.ray.data.reading import (
+    DecodedBatch,
+    TransientError,
+    decode_units,
+    unpack_unit,
+)
 from mspray.ray.data.results import (
+    error_units,
     map_uri,
     read_results,
     result_schema,
@@ -33,7 +54,13 @@ from mspray.ray.data.results import (
     write_part,
     write_run_summary,
 )
-from mspray.ray.runtime import DetectorActor, bundle_config, init_ray, map_with_detector
+from mspray.ray.runtime import (
+    DetectorActor,
+    bundle_config,
+    init_ray,
+    map_with_detector,
+    where_am_i,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +71,16 @@ _UNIT_SUMMARY = pa.schema(
         ("images", pa.int64()),
         ("errors", pa.int64()),
         ("seconds", pa.float64()),
+        ("node", pa.string()),  # Ray node id of the actor
+        ("actor", pa.string()),  # Ray actor id
+        ("failure", pa.string()),  # set when the unit failed: no part was written
     ]
 )
+
+#: Attempts per unit at the model (a failure of the whole batch and then of an image alone,
+#: e.g. CUDA out of memory), with this first backoff in seconds (doubling).
+MODEL_ATTEMPTS = 3
+MODEL_BACKOFF_S = 1.0
 
 
 @dataclass
@@ -67,6 +102,10 @@ class ScoreSummary:
     missing: int = 0  # listed images without a row after the run
     duplicates: int = 0  # extra rows of images with more than one
     stale_version_rows: int = 0  # skipped rows scored by another model version
+    retried_error_rows: int = 0  # error rows of earlier runs rescored (retry_errors)
+    failed_units: int = 0  # units that failed on I/O or the model: no part, rerun retries
+    actors: int = 0  # distinct model actors that scored a unit in this run
+    nodes: int = 0  # distinct Ray nodes those actors ran on
 
     def line(self) -> str:
         """The one-line summary printed at the end of a run."""
@@ -74,47 +113,73 @@ class ScoreSummary:
         return (
             f"mspray score: {self.images} images: scored={self.scored} "
             f"skipped={self.skipped} errors={self.errors} parts={self.parts} "
-            f"missing={self.missing} duplicates={self.duplicates} "
+            f"failed_units={self.failed_units} missing={self.missing} "
+            f"duplicates={self.duplicates} actors={self.actors} nodes={self.nodes} "
             f"in {self.seconds:.1f}s (scoring {self.score_seconds:.1f}s, {rate:.2f} images/s) "
             f"-> {self.output}"
         )
 
 
 class UnitScorer(DetectorActor):
-    """Ray Data actor: scores whole work units and writes one Parquet part per unit."""
+    """Ray Data actor: scores decoded work units (see :func:`decode_units`) and writes one
+    Parquet part per unit; it never reads or decodes images itself."""
 
     def __init__(self, input_root: str, output: str, maps: bool, **actor: Any) -> None:
         super().__init__(**actor)
         self.schema = result_schema(self.det.scales)
         self.input_root, self.output, self.maps = input_root, output, maps
+        self.node, self.actor = where_am_i()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        units = batch.column("paths").to_pylist()
-        return pa.Table.from_pylist([self.score_unit(u) for u in units], schema=_UNIT_SUMMARY)
+        return pa.Table.from_pylist(
+            [self.score_unit(row) for row in batch.to_pylist()], schema=_UNIT_SUMMARY
+        )
 
-    def score_unit(self, paths: list[str]) -> dict:
-        """Score ``paths`` and write their part; returns the unit's summary row."""
+    def score_unit(self, unit: dict) -> dict:
+        """Score one decoded unit and write its part; returns the unit's summary row. A
+        transient failure (decode stage or here) writes nothing and sets ``failure``."""
         t0 = time.perf_counter()
-        cfg = self.det.cfg
-        rows: list[dict] = []
-        for loaded in iter_loaded(
-            paths, cfg.score.batch_size, cfg.model.image_size, cfg.score, self.io
-        ):
-            rows.extend(self._score_batch(loaded))
-        part = write_part(self.output, pa.Table.from_pylist(rows, schema=self.schema))
-        errors = sum(r.get("error") is not None for r in rows)
-        return {
-            "part": part,
-            "images": len(rows),
-            "errors": errors,
-            "seconds": time.perf_counter() - t0,
-        }
+        summary = {"part": None, "images": 0, "errors": 0, "node": self.node}
+        summary.update(actor=self.actor, failure=unit["failure"])
+        if unit["failure"] is None:
+            loaded = unpack_unit(unit, self.det.cfg.model.image_size)
+            try:
+                rows = self._score_with_retries(loaded)
+                part = write_part(self.output, pa.Table.from_pylist(rows, schema=self.schema))
+            except (TransientError, OSError) as e:  # model, or writes after their retries
+                summary["failure"] = f"{type(e).__name__}: {e}"
+            else:
+                summary.update(part=part, images=len(rows))
+                summary["errors"] = sum(r.get("error") is not None for r in rows)
+        if summary["failure"] is not None:
+            log.error("unit of %d images failed, a rerun retries it: %s",
+                      len(unit["paths"]), summary["failure"])  # fmt: skip
+        summary["seconds"] = time.perf_counter() - t0
+        return summary
+
+    def _score_with_retries(self, loaded: DecodedBatch) -> list[dict]:
+        for attempt in range(MODEL_ATTEMPTS):
+            try:
+                return [
+                    row
+                    for chunk in loaded.chunks(self.det.cfg.score.batch_size)
+                    for row in self._score_batch(chunk)
+                ]
+            except TransientError:
+                if attempt + 1 == MODEL_ATTEMPTS:
+                    raise
+                self._free_memory()
+                time.sleep(MODEL_BACKOFF_S * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _free_memory(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _score_batch(self, loaded: DecodedBatch) -> list[dict]:
         det = self.det
         now = dt.datetime.now(dt.timezone.utc)
         base = {"threshold": det.threshold, "model_version": det.version, "scored_at": now}
-        errors = list(loaded.errors)
         ok = loaded.ok
         results: dict[int, dict] = {}
         maps: dict[int, torch.Tensor] = {}
@@ -125,28 +190,28 @@ class UnitScorer(DetectorActor):
                 log.warning(
                     "batch failed; scoring its %d images one by one", len(ok), exc_info=True
                 )
+                self._free_memory()
                 for j, i in enumerate(ok):
                     try:
                         r, m = self._predict(loaded.images[j : j + 1], [i])
-                        results.update(r)
-                        maps.update(m)
-                    except Exception as e:
-                        errors[i] = error_text(loaded.uris[i], e)
+                    except Exception as e:  # the model, not the image: fail, retry the unit
+                        raise TransientError(
+                            f"model failed on one image ({loaded.uris[i]}): {type(e).__name__}: {e}"
+                        ) from e
+                    results.update(r)
+                    maps.update(m)
         if self.maps:
-            # outside the try: an output that cannot be written fails the unit (a rerun
-            # scores it again) instead of turning a good image into an error row
+            # an output that cannot be written fails the unit (a rerun scores it again)
+            # instead of turning a good image into an error row
             for j, i in enumerate(ok):
-                if i in results:
-                    results[i]["map_path"] = self._write_map(
-                        loaded.uris[i], loaded.images[j], maps[i]
-                    )
+                results[i]["map_path"] = self._write_map(loaded.uris[i], loaded.images[j], maps[i])
         rows = []
         for i, uri in enumerate(loaded.uris):
             row = {"path": uri, **base}
             if i in results:
                 row.update(results[i])
             else:
-                row["error"] = errors[i] or f"{uri}: not scored"
+                row["error"] = loaded.errors[i]
             rows.append(row)
         return rows
 
@@ -194,6 +259,7 @@ def score_prefix(
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
     address: str | None = None,
+    retry_errors: bool = False,
 ) -> ScoreSummary:
     """Score every image under ``input`` that has no row in ``output`` yet.
 
@@ -201,16 +267,17 @@ def score_prefix(
         bundle: model bundle (local or s3://).
         input, output: folders / prefixes (local or s3://); see :mod:`.results` for the
             output layout.
-        pool: actor pool (size bounds, GPUs and CPUs per actor, reader threads).
+        pool: actor pool (size bounds, GPUs and CPUs per actor, reader threads, CPUs per
+            decode task).
         maps: also write a heatmap PNG per good image under ``output/_maps/``.
         part_size: images per work unit = rows per Parquet part.
         overrides: dotted config overrides of runtime settings (``score.batch_size``,
             ``bank.use_gpu``, ...); the model itself always comes from the bundle.
         progress: Ray Data progress bars and an images progress bar.
         address: Ray cluster address; default ``$RAY_ADDRESS`` or a local Ray.
+        retry_errors: also rescore the images that have an error row: every part holding
+            one is scored again as a whole and rewritten under its own name.
     """
-    from tqdm.auto import tqdm
-
     if part_size < 1:
         raise ValueError(f"part_size must be >= 1, got {part_size}")
     t0 = time.perf_counter()
@@ -230,8 +297,15 @@ def score_prefix(
         )
         if p in wanted
     }
-    pending = [p for p in paths if p not in done]
+    # a part with error rows is rescored whole: same paths, same name, so it is replaced
+    redo = error_units(output) if retry_errors else []
+    for unit in redo:
+        for p in unit:
+            done.pop(p, None)
+    in_redo = {p for unit in redo for p in unit}
+    pending = [p for p in paths if p not in done and p not in in_redo]
     summary = ScoreSummary(input_root, output, version, images=len(paths), skipped=len(done))
+    summary.retried_error_rows = len(in_redo)
     summary.stale_version_rows = sum(v != version for v in done.values())
     if summary.stale_version_rows:
         log.warning(
@@ -240,42 +314,18 @@ def score_prefix(
             summary.stale_version_rows,
         )
     log.info(
-        "%d images under %s: %d already scored, %d to score",
+        "%d images under %s: %d already scored, %d to score, %d in %d parts with errors to rescore",
         len(paths),
         input_root,
         len(done),
         len(pending),
+        len(in_redo),
+        len(redo),
     )
-    units = [pending[i : i + part_size] for i in range(0, len(pending), part_size)]
+    units = redo + [pending[i : i + part_size] for i in range(0, len(pending), part_size)]
     if units:
-        import ray
-
         init_ray(address, progress)
-        t_pipe = time.perf_counter()
-        ds = ray.data.from_items([{"paths": u} for u in units], override_num_blocks=len(units))
-        ds = map_with_detector(
-            ds,
-            UnitScorer,
-            bundle,
-            cfg,
-            pool,
-            n_items=len(units),
-            batch_size=1,  # one unit (= one part file) per call
-            batch_format="pyarrow",
-            io_threads=pool.io_threads,
-            input_root=input_root,
-            output=output,
-            maps=maps,
-        )
-        with tqdm(total=len(pending), desc="scored", unit="img", disable=not progress) as bar:
-            for row in ds.iter_rows():
-                if not summary.parts:
-                    summary.first_part_seconds = time.perf_counter() - t_pipe
-                summary.scored += row["images"]
-                summary.errors += row["errors"]
-                summary.parts += 1
-                bar.update(row["images"])
-        summary.score_seconds = time.perf_counter() - t_pipe
+        _run_units(units, bundle, cfg, pool, input_root, output, maps, progress, summary)
     after = Counter(
         p for p in read_results(output, ["path"]).column("path").to_pylist() if p in wanted
     )
@@ -285,3 +335,66 @@ def score_prefix(
     write_run_summary(output, asdict(summary))
     log.info("%s", summary.line())
     return summary
+
+
+def _run_units(
+    units: list[list[str]],
+    bundle: str,
+    cfg: MSPrayConfig,
+    pool: PoolConfig,
+    input_root: str,
+    output: str,
+    maps: bool,
+    progress: bool,
+    summary: ScoreSummary,
+) -> None:
+    """The two-stage pipeline (decode tasks -> scoring actors) over ``units``; adds its
+    counts to ``summary``."""
+    import ray
+    from tqdm.auto import tqdm
+
+    t_pipe = time.perf_counter()
+    ds = ray.data.from_items([{"paths": u} for u in units], override_num_blocks=len(units))
+    ds = ds.map_batches(
+        decode_units,
+        batch_size=1,  # one unit per task: a decoded unit is one block
+        batch_format="pyarrow",
+        fn_kwargs={
+            "size": cfg.model.image_size,
+            "cfg_json": cfg.score.model_dump_json(),
+            "io_threads": pool.io_threads,
+        },
+        num_cpus=pool.decode_cpus,
+    )
+    ds = map_with_detector(
+        ds,
+        UnitScorer,
+        bundle,
+        cfg,
+        pool,
+        n_items=len(units),
+        batch_size=1,  # one unit (= one part file) per call
+        batch_format="pyarrow",
+        input_root=input_root,
+        output=output,
+        maps=maps,
+    )
+    actors, nodes = set(), set()
+    total = sum(len(u) for u in units)
+    with tqdm(total=total, desc="scored", unit="img", disable=not progress) as bar:
+        for row in ds.iter_rows():
+            if row["failure"] is not None:
+                summary.failed_units += 1
+                log.error("a unit failed and has no part (a rerun retries it): %s",
+                          row["failure"])  # fmt: skip
+                continue
+            if not summary.parts:
+                summary.first_part_seconds = time.perf_counter() - t_pipe
+            summary.scored += row["images"]
+            summary.errors += row["errors"]
+            summary.parts += 1
+            actors.add(row["actor"])
+            nodes.add(row["node"])
+            bar.update(row["images"])
+    summary.actors, summary.nodes = len(actors), len(nodes)
+    summary.score_seconds = time.perf_counter() - t_pipe
