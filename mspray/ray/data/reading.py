@@ -152,6 +152,7 @@ UNIT_SCHEMA = pa.schema(
         ("errors", pa.list_(pa.string())),  # null where the image is good
         ("images", pa.large_binary()),  # the good images, G×3×S×S float32, C order
         ("failure", pa.string()),  # set when the unit could not be read (transient)
+        ("decoder", pa.string()),  # Ray node id of the task that decoded it
     ]
 )
 
@@ -177,10 +178,16 @@ def decode_units(batch: pa.Table, size: int, cfg_json: str, io_threads: int) -> 
     """Ray Data task (CPU): rows with a ``paths`` list -> decoded units (:data:`UNIT_SCHEMA`).
     Reads of one unit overlap on ``io_threads`` threads (S3 latency); decoding is bounded by
     ``cfg.max_image_bytes`` / ``cfg.max_image_pixels``."""
+    import ray
+
     cfg = ScoreConfig.model_validate_json(cfg_json)
+    node = ray.get_runtime_context().get_node_id()
     torch.set_num_threads(1)  # one resize per thread; the task's CPUs are its threads
     with ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="mspray-read") as pool:
-        rows = [decode_unit(p, size, cfg, pool) for p in batch.column("paths").to_pylist()]
+        rows = [
+            {**decode_unit(p, size, cfg, pool), "decoder": node}
+            for p in batch.column("paths").to_pylist()
+        ]
     return pa.Table.from_pylist(rows, schema=UNIT_SCHEMA)
 
 

@@ -30,7 +30,7 @@ import datetime as dt
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -73,6 +73,7 @@ _UNIT_SUMMARY = pa.schema(
         ("seconds", pa.float64()),
         ("node", pa.string()),  # Ray node id of the actor
         ("actor", pa.string()),  # Ray actor id
+        ("decoder", pa.string()),  # Ray node id of the decode task
         ("failure", pa.string()),  # set when the unit failed: no part was written
     ]
 )
@@ -105,7 +106,8 @@ class ScoreSummary:
     retried_error_rows: int = 0  # error rows of earlier runs rescored (retry_errors)
     failed_units: int = 0  # units that failed on I/O or the model: no part, rerun retries
     actors: int = 0  # distinct model actors that scored a unit in this run
-    nodes: int = 0  # distinct Ray nodes those actors ran on
+    actor_nodes: list[str] = field(default_factory=list)  # Ray node ids of those actors
+    decode_nodes: list[str] = field(default_factory=list)  # where the units were decoded
 
     def line(self) -> str:
         """The one-line summary printed at the end of a run."""
@@ -114,7 +116,7 @@ class ScoreSummary:
             f"mspray score: {self.images} images: scored={self.scored} "
             f"skipped={self.skipped} errors={self.errors} parts={self.parts} "
             f"failed_units={self.failed_units} missing={self.missing} "
-            f"duplicates={self.duplicates} actors={self.actors} nodes={self.nodes} "
+            f"duplicates={self.duplicates} actors={self.actors} on {len(self.actor_nodes)} nodes "
             f"in {self.seconds:.1f}s (scoring {self.score_seconds:.1f}s, {rate:.2f} images/s) "
             f"-> {self.output}"
         )
@@ -140,7 +142,7 @@ class UnitScorer(DetectorActor):
         transient failure (decode stage or here) writes nothing and sets ``failure``."""
         t0 = time.perf_counter()
         summary = {"part": None, "images": 0, "errors": 0, "node": self.node}
-        summary.update(actor=self.actor, failure=unit["failure"])
+        summary.update(actor=self.actor, decoder=unit["decoder"], failure=unit["failure"])
         if unit["failure"] is None:
             loaded = unpack_unit(unit, self.det.cfg.model.image_size)
             try:
@@ -379,7 +381,7 @@ def _run_units(
         output=output,
         maps=maps,
     )
-    actors, nodes = set(), set()
+    actors, nodes, decoders = set(), set(), set()
     total = sum(len(u) for u in units)
     with tqdm(total=total, desc="scored", unit="img", disable=not progress) as bar:
         for row in ds.iter_rows():
@@ -395,6 +397,8 @@ def _run_units(
             summary.parts += 1
             actors.add(row["actor"])
             nodes.add(row["node"])
+            decoders.add(row["decoder"])
             bar.update(row["images"])
-    summary.actors, summary.nodes = len(actors), len(nodes)
+    summary.actors = len(actors)
+    summary.actor_nodes, summary.decode_nodes = sorted(nodes), sorted(decoders)
     summary.score_seconds = time.perf_counter() - t_pipe
