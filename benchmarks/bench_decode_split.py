@@ -15,7 +15,9 @@ the last (actor start-up excluded). Prints a table and the ratio split / in-acto
     nice python benchmarks/bench_decode_split.py [--n 64] [--source-size 1024]
 
 On a GPU node the model is much faster than here, so decoding in the actor costs a larger
-share of its time there than on this CPU-only machine.
+share of its time there than on this CPU-only machine. Figures on the shared 2-core dev VM
+(load average 30 from other jobs, defaults): in-actor 2.67 images/s, split with 1 decode
+task 3.30 (1.24x), with 2 decode tasks 4.29 (1.61x).
 """
 
 from __future__ import annotations
