@@ -5,6 +5,11 @@ started with more logical CPUs than the machine has cores: a Ray Train run needs
 its controller plus one per worker, and Serve/Data actors need theirs, which two real cores
 could never satisfy at once. The local S3 server starts first, so Ray's worker processes
 inherit its AWS_* environment variables.
+
+A test that needs a Ray of its own (the simulated multi-node clusters of
+``tests/ray/cluster.py``) takes ``ray_exclusive``: only one Ray can be connected per
+process, so it disconnects (and so stops) the session's local Ray and starts it again
+afterwards; what ran on it (Serve applications, named actors) does not survive.
 """
 
 from __future__ import annotations
@@ -16,19 +21,31 @@ import pytest
 RAY_TEST_CPUS = 8
 
 
-@pytest.fixture(scope="session")
-def ray_local(s3_server, tmp_path_factory):
-    """A local Ray (started once per session); yields the ``ray`` module."""
+def _init_local_ray(temp_dir: str) -> None:
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(
+        num_cpus=RAY_TEST_CPUS,
+        include_dashboard=False,
+        log_to_driver=True,
+        _temp_dir=temp_dir,
+    )
+
+
+@pytest.fixture(scope="session")
+def _ray_temp_dir(tmp_path_factory) -> str:
+    """Where the session's local Ray keeps its logs and sockets."""
+    return str(tmp_path_factory.mktemp("ray"))
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server, _ray_temp_dir):
+    """A local Ray (started once per session); yields the ``ray`` module."""
+    import ray
+
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=RAY_TEST_CPUS,
-            include_dashboard=False,
-            log_to_driver=True,
-            _temp_dir=str(tmp_path_factory.mktemp("ray")),
-        )
+        _init_local_ray(_ray_temp_dir)
     yield ray
     try:
         from ray import serve
@@ -37,3 +54,17 @@ def ray_local(s3_server, tmp_path_factory):
     except Exception:
         pass
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_exclusive(s3_server, _ray_temp_dir):
+    """No Ray connected in this process during the test (for a test that starts its own
+    cluster); a session Ray that was up before is started again afterwards."""
+    import ray
+
+    was_up = ray.is_initialized()
+    ray.shutdown()
+    yield
+    ray.shutdown()
+    if was_up:
+        _init_local_ray(_ray_temp_dir)

@@ -133,6 +133,7 @@ def config_from_args(args: argparse.Namespace, base: MSPrayConfig | None = None)
 
 
 POOL_KEYS = ("workers", "min_workers", "gpus_per_worker", "cpus_per_worker", "io_threads")
+SCORE_POOL_KEYS = (*POOL_KEYS, "decode_cpus")
 
 
 def add_pool_args(p: argparse.ArgumentParser, keys: Iterable[str] = POOL_KEYS) -> None:
@@ -401,6 +402,13 @@ model_version, error, scored_at, map_path, model (the bundle's name with --bundl
 and --route/--manifest; a path that matches no model gets an error row). A bad input
 (missing, zero-byte, truncated, not an image, over score.max_image_bytes or
 score.max_image_pixels) never fails the run: its row has `error` set and null scores.
+A transient fault (S3 throttling, timeouts, 5xx,
+a model failure such as CUDA out of memory) is retried with backoff; if it persists, its
+unit writes no part, the run exits 1 (failed_units, missing) and a rerun retries it.
+--retry-errors also rescores the parts holding error rows (e.g. after fixing the files).
+
+Decoding runs on CPU Ray Data tasks (--decode-cpus each); the model actors only score and
+write. The actor pool autoscales between --min-workers and --workers.
 
 Resumable and idempotent: a run first reads the paths already in the output and scores
 only the others, and every part file is written atomically, so rerunning after a crash or
@@ -504,14 +512,20 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
         help="a run renews its lease every TTL/3 s; a crashed run's lease is taken over this "
         "long after its last renewal (default: %(default)s)",
     )
+    p.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="also rescore the images that have an error row (their parts are rewritten)",
+    )
     add_config_flags(p, "cfg", MSPrayConfig, ["score.batch_size", "bank.use_gpu"])
-    add_pool_args(p)
+    add_pool_args(p, SCORE_POOL_KEYS)
     p.set_defaults(func=cmd_score)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    """Prints the summary line; exit 1 if an image ended with no row or with two (never for
-    bad images, which get error rows), 3 if another run holds the output's lease."""
+    """Prints the summary line; exit 1 if an image ended with no row or with two (a unit
+    failed on a transient fault; never for bad images, which get error rows), 3 if another
+    run holds the output's lease."""
     from mspray import storage
     from mspray.lease import LeaseHeld
     from mspray.ray.data.results import expand_date
@@ -538,6 +552,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             address=args.address,
             lease_wait=args.lease_wait,
             lease_ttl=args.lease_ttl,
+            retry_errors=args.retry_errors,
         )
     except LeaseHeld as e:
         print(f"mspray score: {e}", file=sys.stderr, flush=True)

@@ -288,7 +288,11 @@ class PoolConfig(Section):
         None, "GPUs per actor (default: 1 if the config's bank.use_gpu or train.use_gpu)", ge=0
     )
     cpus_per_worker: float = flag(1.0, "CPUs per actor, also its torch threads", gt=0)
-    io_threads: int = flag(4, "reader threads per actor, overlapping S3 latency with compute", ge=1)
+    io_threads: int = flag(
+        4, "reader threads per decode task (or actor), overlapping S3 latency", ge=1
+    )
+    # issue 11: scoring reads and decodes on CPU tasks, apart from the model actors
+    decode_cpus: float = flag(1.0, "CPUs per decode task of batch scoring", gt=0)
 
 
 #: Default batch wait of Serve. Longer than Serve's 10 ms: under load a client's next request

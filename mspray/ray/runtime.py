@@ -64,6 +64,14 @@ def actor_pool(pool: PoolConfig, n_items: int) -> Any:
     return ActorPoolStrategy(min_size=min(pool.min_workers, top), max_size=top)
 
 
+def where_am_i() -> tuple[str, str]:
+    """(node id, actor id) of the calling Ray worker, for summaries that show where work ran."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return ctx.get_node_id(), ctx.get_actor_id() or ""
+
+
 def bundle_config(bundle: str, overrides: dict[str, Any] | None = None) -> MSPrayConfig:
     """The bundle's own config, with dotted ``overrides`` (e.g. ``bank.coreset_ratio``)."""
     from mspray.bundle import read_config

@@ -7,6 +7,13 @@
   (random RGB noise, or a blank 1-bit image).
 - ``bad_inputs`` (session): name -> bytes of one of each kind of bad file a nightly archive
   can hold (zero-byte, truncated, not an image, decompression bomb, over 100 kB).
+- ``sim_cluster`` (function): a simulated multi-node Ray (0-CPU head, one CPU node, one
+  "GPU" node), connected; yields the ``ray.cluster_utils.Cluster``.
+- ``autoscaling_sim_cluster`` (function): the 0-CPU head with Ray's autoscaler over its fake
+  multi-node provider and zero worker nodes (up to 1 CPU and 2 "GPU" nodes), connected.
+
+The two cluster fixtures live in ``tests/ray/cluster.py`` (see there for their node types);
+they use ``ray_exclusive``, so the session's local Ray is stopped while they run.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import re
 
 import numpy as np
 import pytest
+from cluster import autoscaling_cluster, multi_node_cluster  # tests/ray/cluster.py
 from PIL import Image
 
 
@@ -136,3 +144,15 @@ class Prometheus:
 def prometheus(ray_local) -> Prometheus:
     """The Prometheus export of the session's Ray (tests may read ray.nodes() ports)."""
     return Prometheus(ray_local)
+@pytest.fixture
+def sim_cluster(ray_exclusive):
+    """A 0-CPU head, one CPU node and one "GPU" node, the driver connected."""
+    with multi_node_cluster(cpu_nodes=1, gpu_nodes=1) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def autoscaling_sim_cluster(ray_exclusive, tmp_path):
+    """A 0-CPU head with the autoscaler and no worker nodes yet, the driver connected."""
+    with autoscaling_cluster(tmp_path, max_cpu_workers=1, max_gpu_workers=2) as cluster:
+        yield cluster

@@ -112,6 +112,22 @@ def read_results(output: str, columns: list[str] | None = None) -> pa.Table:
     return pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)
 
 
+def error_units(output: str) -> list[tuple[list[str], str | None]]:
+    """The paths of every part that holds an error row, one list per part (a unit that,
+    scored again, rewrites that part under the same name), with the part's model (the
+    ``model`` column of a multi-model run, else None)."""
+    units = []
+    for part in list_parts(output):
+        fs, path = storage.filesystem(part)
+        names = pq.read_schema(path, filesystem=fs).names
+        cols = ["path", "error"] + (["model"] if "model" in names else [])
+        t = pq.read_table(path, columns=cols, filesystem=fs)
+        if t.column("error").null_count < t.num_rows:
+            models = t.column("model").to_pylist() if "model" in cols else [None]
+            units.append((t.column("path").to_pylist(), models[0]))
+    return units
+
+
 def map_uri(output: str, input_root: str, path: str) -> str:
     """Where the heatmap of input ``path`` goes: its path under the input prefix, + .png.
     ValueError for a path that would land outside ``output/_maps/``."""

@@ -2,11 +2,30 @@
 
 The driver lists the input prefix once and reads the ``path`` column of the parts already
 in the output (see :mod:`mspray.ray.data.results` for the layout); the images without a row
-are cut into work units of ``part_size`` paths. Each unit is one row of a Ray dataset; an
-actor pool (detector loaded once per actor) reads, decodes and scores a unit batch by batch,
-writes its heatmaps and its Parquet part, and returns only a small summary row. Nothing
-large ever reaches the driver, and each actor holds at most two decoded batches, so memory
-stays flat however many images there are.
+are cut into work units of ``part_size`` paths. Each unit is one row of a Ray dataset and
+goes through two stages:
+
+1. **decode** (Ray Data tasks, ``decode_cpus`` CPUs each, any node with CPUs): read the
+   unit's files (bounded, a few threads for S3 latency) and decode/resize them into one row;
+2. **score** (:class:`UnitScorer` actors on an autoscaling pool, the GPU nodes when they
+   reserve GPUs): score the unit in ``score.batch_size`` forward passes, write its heatmaps
+   and its Parquet part, and return a small summary row (with the node and actor).
+
+So a GPU actor never decodes PNG/JPEG on its one reserved CPU, and the pool grows with the
+cluster (see :func:`mspray.ray.runtime.actor_pool`). A unit still maps to exactly one part.
+Nothing large reaches the driver; Ray Data's streaming backpressure bounds how many decoded
+units (``part_size``×3×S×S float32 each) wait between the stages, so memory stays flat.
+
+Faults: a bad image (:data:`~mspray.ray.data.reading.BAD_INPUT`) is an error row. An I/O
+failure is retried (S3 client, then :func:`~mspray.ray.data.reading.load_or_error`), a
+model failure falls back to one image at a time and is retried :data:`MODEL_ATTEMPTS` times;
+if it still fails, the unit fails: no part is written, the run reports it (``failed_units``,
+``missing``) and exits non-zero, and a rerun scores it again. ``retry_errors`` rescores the
+parts that hold error rows (each rewritten whole, under the same name).
+
+One run holds the output's lease (:mod:`mspray.lease`); keys with ``.``/``..``/empty path
+segments are never read (error rows). Several named bundles can score one run (``route`` or
+``manifest``): units hold one model each, and the ``model`` column names it.
 """
 
 from __future__ import annotations
@@ -16,7 +35,7 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -26,8 +45,15 @@ from mspray import storage, viz
 from mspray.bundle import read_meta, resolve_bundle
 from mspray.config import MSPrayConfig, PoolConfig
 from mspray.lease import DEFAULT_TTL_S, Lease
-from mspray.ray.data.reading import DecodedBatch, error_text, iter_loaded
+from mspray.ray.data.reading import (
+    DecodedBatch,
+    TransientError,
+    decode_units,
+    unpack_unit,
+    unsafe_key_error,  # noqa: F401  (re-exported: part of the scoring rules)
+)
 from mspray.ray.data.results import (
+    error_units,
     map_uri,
     read_results,
     result_schema,
@@ -37,7 +63,13 @@ from mspray.ray.data.results import (
 )
 from mspray.ray.data.routing import no_model_error, read_manifest, route_paths
 from mspray.ray.metrics import ScoreMetrics
-from mspray.ray.runtime import DetectorActor, bundle_config, init_ray, map_with_detector
+from mspray.ray.runtime import (
+    DetectorActor,
+    bundle_config,
+    init_ray,
+    map_with_detector,
+    where_am_i,
+)
 from mspray.report import build_report, calibration_from_bundle
 
 log = logging.getLogger(__name__)
@@ -52,8 +84,17 @@ _UNIT_SUMMARY = pa.schema(
         ("images", pa.int64()),
         ("errors", pa.int64()),
         ("seconds", pa.float64()),
+        ("node", pa.string()),  # Ray node id of the actor
+        ("actor", pa.string()),  # Ray actor id
+        ("decoder", pa.string()),  # Ray node id of the decode task
+        ("failure", pa.string()),  # set when the unit failed: no part was written
     ]
 )
+
+#: Attempts per unit at the model (a failure of the whole batch and then of an image alone,
+#: e.g. CUDA out of memory), with this first backoff in seconds (doubling).
+MODEL_ATTEMPTS = 3
+MODEL_BACKOFF_S = 1.0
 
 
 @dataclass
@@ -75,6 +116,11 @@ class ScoreSummary:
     missing: int = 0  # listed images without a row after the run
     duplicates: int = 0  # extra rows of images with more than one
     stale_version_rows: int = 0  # skipped rows scored by another model version
+    retried_error_rows: int = 0  # error rows of earlier runs rescored (retry_errors)
+    failed_units: int = 0  # units that failed on I/O or the model: no part, rerun retries
+    actors: int = 0  # distinct model actors that scored a unit in this run
+    actor_nodes: list[str] = field(default_factory=list)  # Ray node ids of those actors
+    decode_nodes: list[str] = field(default_factory=list)  # where the units were decoded
     model_versions: dict[str, str] | None = None  # name -> version (multi-model run)
     bundle: str | None = None  # the bundle version the run used (a root resolves to one)
 
@@ -84,14 +130,16 @@ class ScoreSummary:
         return (
             f"mspray score: {self.images} images: scored={self.scored} "
             f"skipped={self.skipped} errors={self.errors} parts={self.parts} "
-            f"missing={self.missing} duplicates={self.duplicates} "
+            f"failed_units={self.failed_units} missing={self.missing} "
+            f"duplicates={self.duplicates} actors={self.actors} on {len(self.actor_nodes)} nodes "
             f"in {self.seconds:.1f}s (scoring {self.score_seconds:.1f}s, {rate:.2f} images/s) "
             f"-> {self.output}"
         )
 
 
 class UnitScorer(DetectorActor):
-    """Ray Data actor: scores whole work units and writes one Parquet part per unit.
+    """Ray Data actor: scores decoded work units (see :func:`decode_units`) and writes one
+    Parquet part per unit; it never reads or decodes images itself.
 
     In a multi-model run (``models``) each unit names its model; the actor starts with the
     first bundle and loads the others when a unit needs them, keeping the
@@ -117,16 +165,12 @@ class UnitScorer(DetectorActor):
         if self.models:
             self.dets[next(iter(self.models))] = self.det
         self.metrics = ScoreMetrics()
+        self.node, self.actor = where_am_i()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        units = batch.column("paths").to_pylist()
-        names = (
-            batch.column("model").to_pylist()
-            if "model" in batch.column_names
-            else [None] * len(units)
+        return pa.Table.from_pylist(
+            [self.score_unit(row) for row in batch.to_pylist()], schema=_UNIT_SUMMARY
         )
-        rows = [self.score_unit(u, m or None) for u, m in zip(units, names, strict=True)]
-        return pa.Table.from_pylist(rows, schema=_UNIT_SUMMARY)
 
     def detector(self, model: str) -> Any:
         """The detector of ``model``, loaded on first use (LRU of :data:`MODELS_PER_ACTOR`)."""
@@ -141,40 +185,58 @@ class UnitScorer(DetectorActor):
         self.dets.move_to_end(model)
         return self.dets[model]
 
-    def score_unit(self, paths: list[str], model: str | None = None) -> dict:
-        """Score ``paths`` (with ``model``'s bundle in a multi-model run) and write their
-        part; returns the unit's summary row."""
+    def score_unit(self, unit: dict) -> dict:
+        """Score one decoded unit (with its model's bundle in a multi-model run) and write
+        its part; returns the unit's summary row. A transient failure (decode stage or
+        here) writes nothing and sets ``failure``."""
         t0 = time.perf_counter()
-        rows: list[dict] = []
-        if self.models and model not in self.models:
-            # the driver routed these paths to no model: an error row each
-            known = sorted(self.models)
-            now = dt.datetime.now(dt.timezone.utc)
-            rows = [
-                {"path": p, "error": no_model_error(p, model, known), "scored_at": now}
-                for p in paths
-            ]
-        else:
-            det = self.detector(model) if model else self.det
-            cfg = det.cfg
-            now = dt.datetime.now(dt.timezone.utc)
-            base = {"threshold": det.threshold, "model_version": det.version, "model": model}
-            unsafe = {p: e for p in paths if (e := unsafe_key_error(p, self.input_root))}
-            rows = [{"path": p, **base, "scored_at": now, "error": e} for p, e in unsafe.items()]
-            safe = [p for p in paths if p not in unsafe]
-            for loaded in iter_loaded(
-                safe, cfg.score.batch_size, cfg.model.image_size, cfg.score, self.io
-            ):
-                rows.extend(self._score_batch(det, loaded, model))
-        part = write_part(self.output, pa.Table.from_pylist(rows, schema=self.schema))
-        self.metrics.rows(model or "default", rows)
-        errors = sum(r.get("error") is not None for r in rows)
-        return {
-            "part": part,
-            "images": len(rows),
-            "errors": errors,
-            "seconds": time.perf_counter() - t0,
-        }
+        model = unit.get("model") or None
+        summary = {"part": None, "images": 0, "errors": 0, "node": self.node}
+        summary.update(actor=self.actor, decoder=unit["decoder"], failure=unit["failure"])
+        if unit["failure"] is None:
+            try:
+                if self.models and model not in self.models:
+                    # the driver routed these paths to no model: an error row each
+                    known, now = sorted(self.models), dt.datetime.now(dt.timezone.utc)
+                    rows = [
+                        {"path": p, "error": no_model_error(p, model, known), "scored_at": now}
+                        for p in unit["paths"]
+                    ]
+                else:
+                    det = self.detector(model) if model else self.det
+                    loaded = unpack_unit(unit, det.cfg.model.image_size)
+                    rows = self._score_with_retries(det, loaded, model)
+                part = write_part(self.output, pa.Table.from_pylist(rows, schema=self.schema))
+            except (TransientError, OSError) as e:  # model, or writes after their retries
+                summary["failure"] = f"{type(e).__name__}: {e}"
+            else:
+                summary.update(part=part, images=len(rows))
+                summary["errors"] = sum(r.get("error") is not None for r in rows)
+                self.metrics.rows(model or "default", rows)
+        if summary["failure"] is not None:
+            log.error("unit of %d images failed, a rerun retries it: %s",
+                      len(unit["paths"]), summary["failure"])  # fmt: skip
+        summary["seconds"] = time.perf_counter() - t0
+        return summary
+
+    def _score_with_retries(self, det: Any, loaded: DecodedBatch, model: str | None) -> list[dict]:
+        for attempt in range(MODEL_ATTEMPTS):
+            try:
+                return [
+                    row
+                    for chunk in loaded.chunks(det.cfg.score.batch_size)
+                    for row in self._score_batch(det, chunk, model)
+                ]
+            except TransientError:
+                if attempt + 1 == MODEL_ATTEMPTS:
+                    raise
+                self._free_memory()
+                time.sleep(MODEL_BACKOFF_S * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _free_memory(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _score_batch(self, det: Any, loaded: DecodedBatch, model: str | None) -> list[dict]:
         now = dt.datetime.now(dt.timezone.utc)
@@ -184,7 +246,6 @@ class UnitScorer(DetectorActor):
             "scored_at": now,
             "model": model,
         }
-        errors = list(loaded.errors)
         ok = loaded.ok
         results: dict[int, dict] = {}
         maps: dict[int, torch.Tensor] = {}
@@ -195,28 +256,30 @@ class UnitScorer(DetectorActor):
                 log.warning(
                     "batch failed; scoring its %d images one by one", len(ok), exc_info=True
                 )
+                self._free_memory()
                 for j, i in enumerate(ok):
                     try:
                         r, m = self._predict(det, loaded.images[j : j + 1], [i])
-                        results.update(r)
-                        maps.update(m)
-                    except Exception as e:
-                        errors[i] = error_text(loaded.uris[i], e)
+                    except Exception as e:  # the model, not the image: fail, retry the unit
+                        raise TransientError(
+                            f"model failed on one image ({loaded.uris[i]}): {type(e).__name__}: {e}"
+                        ) from e
+                    results.update(r)
+                    maps.update(m)
         if self.maps:
-            # outside the try: an output that cannot be written fails the unit (a rerun
-            # scores it again) instead of turning a good image into an error row
+            # an output that cannot be written fails the unit (a rerun scores it again)
+            # instead of turning a good image into an error row
             for j, i in enumerate(ok):
-                if i in results:
-                    results[i]["map_path"] = self._write_map(
-                        det, loaded.uris[i], loaded.images[j], maps[i]
-                    )
+                results[i]["map_path"] = self._write_map(
+                    det, loaded.uris[i], loaded.images[j], maps[i]
+                )
         rows = []
         for i, uri in enumerate(loaded.uris):
             row = {"path": uri, **base}
             if i in results:
                 row.update(results[i])
             else:
-                row["error"] = errors[i] or f"{uri}: not scored"
+                row["error"] = loaded.errors[i]
             rows.append(row)
         return rows
 
@@ -243,26 +306,6 @@ class UnitScorer(DetectorActor):
         out = map_uri(self.output, self.input_root, uri)
         write_output(out, viz.to_png(panel))
         return out
-
-
-def unsafe_key_error(uri: str, input_root: str) -> str | None:
-    """The error row text for an input whose key, below the input prefix, has a ``.``,
-    ``..`` or empty path segment; None for a normal key.
-
-    S3 keys are plain strings, so ``in/../x.png`` can exist, and clients (pyarrow among
-    them) normalise it while reading: the run would score another object than the one
-    listed, and its heatmap path would leave the output folder. Such keys are never read.
-    """
-    path = uri.replace("\\", "/")  # local Windows paths: compare with / separators
-    prefix = input_root.replace("\\", "/").rstrip("/") + "/"
-    if not path.startswith(prefix):
-        return f"{uri}: rejected: not under the input prefix {input_root}"
-    segments = path[len(prefix) :].split("/")
-    bad = [s for s in segments if s in ("", ".", "..")]
-    if bad:
-        shown = "empty" if bad[0] == "" else repr(bad[0])
-        return f"{uri}: rejected: the key has a {shown} path segment (never followed)"
-    return None
 
 
 def list_inputs(input_root: str, output: str) -> list[str]:
@@ -314,6 +357,7 @@ def score_prefix(
     address: str | None = None,
     lease_wait: float = 0.0,
     lease_ttl: float = DEFAULT_TTL_S,
+    retry_errors: bool = False,
 ) -> ScoreSummary:
     """Score every image under ``input`` that has no row in ``output`` yet.
 
@@ -339,6 +383,8 @@ def score_prefix(
             :mod:`mspray.lease`); then :class:`~mspray.lease.LeaseHeld` is raised.
         lease_ttl: seconds after its last renewal that a crashed run's lease can be
             taken over (it is renewed every ``lease_ttl / 3`` seconds while running).
+        retry_errors: also rescore the images that have an error row: every part holding
+            one is scored again as a whole and rewritten under its own name.
     """
 
     if part_size < 1:
@@ -391,6 +437,7 @@ def score_prefix(
             overrides=overrides,
             progress=progress,
             address=address,
+            retry_errors=retry_errors,
         )
     summary.bundle = None if models else uri
     summary.seconds = time.perf_counter() - t0
@@ -420,9 +467,9 @@ def _score_pending(
     overrides: dict[str, Any] | None,
     progress: bool,
     address: str | None,
+    retry_errors: bool,
 ) -> ScoreSummary:
     """The body of :func:`score_prefix`, run while holding the output's lease."""
-    from tqdm.auto import tqdm
 
     wanted = set(paths)
     before = read_results(output, ["path", "model_version"])
@@ -435,8 +482,14 @@ def _score_pending(
         )
         if p in wanted
     }
-    pending = [p for p in paths if p not in done]
+    # a part with error rows is rescored whole: same paths, same name, so it is replaced
+    redo = error_units(output) if retry_errors else []
+    in_redo = {p for unit, _ in redo for p in unit}
+    for p in in_redo:
+        done.pop(p, None)
+    pending = [p for p in paths if p not in done and p not in in_redo]
     summary = ScoreSummary(input_root, output, version, images=len(paths), skipped=len(done))
+    summary.retried_error_rows = len(in_redo)
     current = set(versions.values()) if models else {version}
     summary.stale_version_rows = sum(v not in current for v in done.values() if v is not None)
     if models:
@@ -448,55 +501,35 @@ def _score_pending(
             summary.stale_version_rows,
         )
     log.info(
-        "%d images under %s: %d already scored, %d to score",
+        "%d images under %s: %d already scored, %d to score, %d in %d parts with errors to rescore",
         len(paths),
         input_root,
         len(done),
         len(pending),
+        len(in_redo),
+        len(redo),
     )
     # units of one model each, grouped by model (so an actor rarely switches bundles)
     groups: dict[str, list[str]] = {}
     for p in pending:
         # a name not in ``models`` (or none): the actor writes error rows for the unit
         groups.setdefault((assignment.get(p) or "") if models else "", []).append(p)
+    sizes = {n: bundle_config(u, overrides).model.image_size for n, u in (models or {}).items()}
     units = [
-        {"paths": group[i : i + part_size], "model": name}
-        for name, group in groups.items()
-        for i in range(0, len(group), part_size)
+        {"paths": paths_, "model": name or None, "size": sizes.get(name, 0) if models else None}
+        for paths_, name in [
+            *redo,
+            *(
+                (group[i : i + part_size], name)
+                for name, group in groups.items()
+                for i in range(0, len(group), part_size)
+            ),
+        ]
     ]
     if units:
-        import ray
-
         init_ray(address, progress)
-        t_pipe = time.perf_counter()
-        ds = ray.data.from_items(units, override_num_blocks=len(units))
-        ds = map_with_detector(
-            ds,
-            UnitScorer,
-            uri,
-            cfg,
-            pool,
-            n_items=len(units),
-            batch_size=1,  # one unit (= one part file) per call
-            batch_format="pyarrow",
-            io_threads=pool.io_threads,
-            input_root=input_root,
-            output=output,
-            maps=maps,
-            models=models,
-            overrides=overrides,
-            scales=scales,
-        )
-        with tqdm(total=len(pending), desc="scored", unit="img", disable=not progress) as bar:
-            for row in ds.iter_rows():
-                lease.check()  # taken over (we were presumed dead): stop, do not race it
-                if not summary.parts:
-                    summary.first_part_seconds = time.perf_counter() - t_pipe
-                summary.scored += row["images"]
-                summary.errors += row["errors"]
-                summary.parts += 1
-                bar.update(row["images"])
-        summary.score_seconds = time.perf_counter() - t_pipe
+        _run_units(units, uri, cfg, pool, input_root, output, maps, progress, summary, lease,
+                   models=models, overrides=overrides, scales=scales)  # fmt: skip
     after = Counter(
         p for p in read_results(output, ["path"]).column("path").to_pylist() if p in wanted
     )
@@ -504,6 +537,76 @@ def _score_pending(
     summary.duplicates = sum(c - 1 for c in after.values())
     lease.check()
     return summary
+
+
+def _run_units(
+    units: list[dict[str, Any]],
+    bundle: str,
+    cfg: MSPrayConfig,
+    pool: PoolConfig,
+    input_root: str,
+    output: str,
+    maps: bool,
+    progress: bool,
+    summary: ScoreSummary,
+    lease: Lease,
+    **scorer: Any,
+) -> None:
+    """The two-stage pipeline (decode tasks -> scoring actors) over ``units``; adds its
+    counts to ``summary``."""
+    import ray
+    from tqdm.auto import tqdm
+
+    t_pipe = time.perf_counter()
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    ds = ds.map_batches(
+        decode_units,
+        batch_size=1,  # one unit per task: a decoded unit is one block
+        batch_format="pyarrow",
+        fn_kwargs={
+            "size": cfg.model.image_size,
+            "cfg_json": cfg.score.model_dump_json(),
+            "io_threads": pool.io_threads,
+            "input_root": input_root,
+        },
+        num_cpus=pool.decode_cpus,
+    )
+    ds = map_with_detector(
+        ds,
+        UnitScorer,
+        bundle,
+        cfg,
+        pool,
+        n_items=len(units),
+        batch_size=1,  # one unit (= one part file) per call
+        batch_format="pyarrow",
+        input_root=input_root,
+        output=output,
+        maps=maps,
+        **scorer,
+    )
+    actors, nodes, decoders = set(), set(), set()
+    total = sum(len(u["paths"]) for u in units)
+    with tqdm(total=total, desc="scored", unit="img", disable=not progress) as bar:
+        for row in ds.iter_rows():
+            lease.check()  # taken over (we were presumed dead): stop, do not race it
+            if row["failure"] is not None:
+                summary.failed_units += 1
+                log.error("a unit failed and has no part (a rerun retries it): %s",
+                          row["failure"])  # fmt: skip
+                continue
+            if not summary.parts:
+                summary.first_part_seconds = time.perf_counter() - t_pipe
+            summary.scored += row["images"]
+            summary.errors += row["errors"]
+            summary.parts += 1
+            actors.add(row["actor"])
+            nodes.add(row["node"])
+            decoders.add(row["decoder"])
+            bar.update(row["images"])
+    summary.actors = len(actors)
+    summary.actor_nodes, summary.decode_nodes = sorted(nodes), sorted(decoders)
+    summary.score_seconds = time.perf_counter() - t_pipe
 
 
 def _calibration_block(bundle: str) -> dict | None:

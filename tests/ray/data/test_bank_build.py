@@ -90,7 +90,9 @@ def test_large_bank_is_reduced_per_shard_then_globally(ray_local, tiny_bundle, t
         total = before.bank_embeddings(probe, s).shape[0] * len(uris)
         assert total > 300  # so the shards were reduced before the global coreset
         added = after.banks[s].ntotal - before.banks[s].ntotal
-        assert abs(added - math.ceil(0.25 * total)) <= 2
+        # ceil(0.25 * total) patches, unless more than the candidate budget: the driver
+        # never holds more than the budget (+ one row per shard from rounding up)
+        assert abs(added - min(math.ceil(0.25 * total), 300)) <= 8
 
 
 @pytest.mark.ray
