@@ -144,6 +144,8 @@ class Prometheus:
 def prometheus(ray_local) -> Prometheus:
     """The Prometheus export of the session's Ray (tests may read ray.nodes() ports)."""
     return Prometheus(ray_local)
+
+
 @pytest.fixture
 def sim_cluster(ray_exclusive):
     """A 0-CPU head, one CPU node and one "GPU" node, the driver connected."""
