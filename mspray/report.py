@@ -326,8 +326,9 @@ def _group(name: str | None, rows: pa.Table, calibrations: dict[str | None, Cali
 
 
 def _groups(table: pa.Table, calibrations: dict[str | None, Calibration]) -> list[Group]:
-    """One group per value of the ``model`` column (nulls last), or one for all rows."""
-    if "model" not in table.column_names:
+    """One group per value of the ``model`` column (nulls last), or one for all rows (no
+    such column, or a single-bundle run's column of nulls)."""
+    if "model" not in table.column_names or table.column("model").null_count == len(table):
         return [_group(None, table, calibrations)]
     model = table.column("model")
     out = [
