@@ -29,7 +29,9 @@ from mspray.detector import Detector
 from mspray.model.backbone import IMAGENET_MEAN, IMAGENET_STD
 from mspray.model.detector import MultiScaleDetector
 
-FORMAT = 1
+#: 2: the 64-px encoder's head reads conv3_3 (7×7 kernel) instead of pool3 (issue 14), so
+#: format-1 weights no longer fit.
+FORMAT = 2
 
 
 class BundleError(RuntimeError):
@@ -90,7 +92,10 @@ def load_bundle(
         )
     meta = json.loads(storage.read_text(meta_uri))
     if meta.get("format") != FORMAT:
-        raise BundleError(f"{uri}: unsupported bundle format {meta.get('format')!r}")
+        raise BundleError(
+            f"{uri}: unsupported bundle format {meta.get('format')!r} (this mspray reads "
+            f"format {FORMAT}; retrain to get one)"
+        )
     model = MultiScaleDetector(cfg)
     state = st_load(storage.read_bytes(storage.join(uri, "model.safetensors")))
     try:
