@@ -27,9 +27,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         help="start from this config file (the options below override it)",
     )
     g.add_argument("--epochs", type=int, help="training epochs per scale (0 = no training)")
-    g.add_argument(
-        "--max-minutes", type=float, help="training time budget per scale (0 = no limit)"
-    )
+    g.add_argument("--max-steps", type=int, help="optimiser-step budget per scale (0 = no limit)")
     g.add_argument("--scales", help="comma-separated patch sizes, e.g. 64,32,16")
     g.add_argument("--strides", help="comma-separated inference strides, one per scale")
     g.add_argument("--image-size", type=int, help="images are resized to this square size")
@@ -67,7 +65,7 @@ def config_from_args(args: argparse.Namespace) -> MSPrayConfig:
     over: dict = {}
     pairs = [
         ("epochs", "train.epochs", None),
-        ("max_minutes", "train.max_minutes", None),
+        ("max_steps", "train.max_steps", None),
         ("image_size", "model.image_size", None),
         ("device", "train.device", None),
         ("batch_size", "train.batch_size", None),

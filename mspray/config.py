@@ -52,10 +52,10 @@ class TrainConfig:
 
     #: 0 skips training: banks are built from the initial (ImageNet or random) encoders.
     epochs: int = 20
-    #: Wall-clock budget per scale in minutes (0 = none). Training stops after the step that
-    #: passes it and keeps the best model by validation loss, so a CPU-only machine still
-    #: finishes in predictable time; on a GPU the epochs usually end first.
-    max_minutes: float = 5.0
+    #: Optimiser-step budget per scale (0 = none): training stops after this many steps in
+    #: the whole run (resumes included). A step count, never wall-clock time, so the same
+    #: seed and config give the same weights on any machine (issue 14).
+    max_steps: int = 0
     batch_size: int = 64
     lr: float = 1e-5
     #: λ in L = λ(L_SVDD + L_Cos) + L_SSL + L_Kmeans.
@@ -200,7 +200,7 @@ class MSPrayConfig:
             m.score_window_stride >= 1, "model.score_window_stride", m.score_window_stride, ">= 1"
         )
         _check(t.epochs >= 0, "train.epochs", t.epochs, "must be >= 0 (0 = no training)")
-        _check(t.max_minutes >= 0, "train.max_minutes", t.max_minutes, "must be >= 0")
+        _check(t.max_steps >= 0, "train.max_steps", t.max_steps, "must be >= 0 (0 = no limit)")
         _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
         _check(t.lr > 0, "train.lr", t.lr, "must be > 0")
         _check(t.lam >= 0, "train.lam", t.lam, "must be >= 0")

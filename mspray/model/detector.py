@@ -21,8 +21,11 @@ class MultiScaleDetector(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.model.embed_dim
+        # The angle head exists only when the ssl loss trained it (as in build_scale_model).
+        ssl = "ssl" in cfg.train.losses
         models = scale_models or {
-            s: ScaleModel(PatchEncoder(s, d), AngleHead(d)) for s in cfg.model.scales
+            s: ScaleModel(PatchEncoder(s, d), AngleHead(d) if ssl else None)
+            for s in cfg.model.scales
         }
         self.scales = nn.ModuleDict({str(s): models[s] for s in cfg.model.scales})
 
