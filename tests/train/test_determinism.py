@@ -1,0 +1,23 @@
+"""One seed and config give bit-identical weights: nothing in training reads the clock."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mspray.data.datasets import train_paths
+from mspray.fit import fit_detector
+
+
+def test_two_single_process_runs_write_bit_identical_weights(tiny_cfg, synthetic_root, tmp_path):
+    cfg = tiny_cfg.replace(**{"train.epochs": 2, "model.scales": (16,), "model.strides": (4,)})
+    uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
+    for name in ("a", "b"):
+        fit_detector(cfg, uris, out=str(tmp_path / name), progress=False)
+    a = (tmp_path / "a" / "model.safetensors").read_bytes()
+    b = (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert a == b
+    meta = json.loads(Path(tmp_path / "a" / "meta.json").read_text())
+    run = meta["training"]["16"]
+    assert run["stopped_by"] == "epochs" and run["epochs"] == 2 and run["steps"] > 0
+    assert 1 <= run["selected_epoch"] <= 2 and len(run["history"]) == 2
