@@ -26,6 +26,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         metavar="JSON",
         help="start from this config file (the options below override it)",
     )
+    g.add_argument(
+        "--recipe",
+        choices=["paper", "random-init"],
+        help="training preset applied before the options below: paper (default; ImageNet "
+        "weights, lr 1e-5) or random-init (from scratch: lr 1e-3, 128 px, see "
+        "mspray/train/recipes.py)",
+    )
     g.add_argument("--epochs", type=int, help="training epochs per scale (0 = no training)")
     g.add_argument("--max-steps", type=int, help="optimiser-step budget per scale (0 = no limit)")
     g.add_argument("--scales", help="comma-separated patch sizes, e.g. 64,32,16")
@@ -62,6 +69,10 @@ def config_from_args(args: argparse.Namespace) -> MSPrayConfig:
         from mspray import storage
 
         cfg = MSPrayConfig.from_json(storage.read_text(args.config))
+    if getattr(args, "recipe", None):
+        from mspray.train.recipes import apply_recipe
+
+        cfg = apply_recipe(cfg, args.recipe)
     over: dict = {}
     pairs = [
         ("epochs", "train.epochs", None),

@@ -59,3 +59,21 @@ def test_wrong_types_and_unknown_fields_in_json_name_the_field():
     with pytest.raises(ConfigError, match="not valid JSON"):
         MSPrayConfig.from_json("{")
     assert json.loads(MSPrayConfig().to_json())["bank"]["index"] == "flat"
+
+
+def test_recipes_preset_training_and_the_cli_flag_applies_them():
+    import argparse
+
+    from mspray.cli import config_from_args
+    from mspray.train.recipes import apply_recipe
+
+    paper = apply_recipe(MSPrayConfig(), "paper")
+    assert paper == MSPrayConfig() and paper.train.lr == 1e-5 and paper.model.pretrained
+    scratch = apply_recipe(MSPrayConfig(), "random-init")
+    assert scratch.train.lr == 1e-3 and not scratch.model.pretrained
+    with pytest.raises(ConfigError, match="recipe"):
+        apply_recipe(MSPrayConfig(), "fast")
+    # The recipe comes first; explicit options override it.
+    args = argparse.Namespace(recipe="random-init", lr=5e-4, config=None)
+    cfg = config_from_args(args)
+    assert cfg.train.lr == 5e-4 and cfg.model.image_size == 128
