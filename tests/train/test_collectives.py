@@ -109,3 +109,22 @@ def test_nccl_alone_cannot_serve_a_cpu_model():
         pytest.skip("with CUDA, nccl-only falls back to the current GPU")
     with pytest.raises(ValueError, match="no process group"):
         collective_device("nccl", "cpu")
+
+
+def test_torch_dist_comm_works_on_its_groups_device_and_refuses_others(lazy_device, tmp_path):
+    import torch.distributed as dist
+
+    from mspray.train.kmeans import TorchDistComm, reduce_sum
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        comm = TorchDistComm("cpu")
+        assert comm.device == torch.device("cpu")
+        x = torch.arange(3.0)
+        assert torch.equal(comm.all_reduce_sum(x), x)
+        # A tensor elsewhere gets a clear error, not the backend's; the helpers move it.
+        with pytest.raises(ValueError, match="this group works on cpu"):
+            comm.all_reduce_sum(x.to(lazy_device))
+        assert torch.equal(reduce_sum(comm, x.to(lazy_device)).cpu(), x)
+    finally:
+        dist.destroy_process_group()
