@@ -46,9 +46,14 @@ from mspray.model.multiscale import MultiScaleEncoder
 
 log = logging.getLogger(__name__)
 
-#: 2: versioned layout with per-file sha256 in meta.json. 1: flat, unverified (still loads).
-FORMAT = 2
-READABLE_FORMATS = (1, 2)
+#: 3: the 64-px encoder's head reads conv3_3 (7×7 kernel, stride 2) instead of pool3
+#: (issue 14); layout as in 2. 2: versioned layout with per-file sha256 in meta.json.
+#: 1: flat, unverified.
+FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
+#: Formats before this one hold the old Enc64 head: their scale-64 weights no longer fit
+#: (see :func:`_check_encoder_layout`). Their 32/16-px encoders are unchanged.
+ENC64_HEAD_FORMAT = 3
 VERSIONS_DIR = "versions"
 POINTER = "latest"
 META = "meta.json"
@@ -268,6 +273,23 @@ def _move_pointer(root: str, version: str, parent: str | None) -> None:
 
 
 # ---------------------------------------------------------------------- loading
+def _check_encoder_layout(version_uri: str, meta: dict, cfg: MSPrayConfig) -> None:
+    """Refuse weights written for an encoder layout this code no longer builds.
+
+    Format 1 and the checksummed format 2 were written while Enc64's head read pool3
+    (a 3×3 kernel on 256 channels); the current head reads conv3_3 with a 7×7 kernel, so
+    those scale-64 weights cannot be loaded (and must not be reinterpreted). Bundles without
+    a 64-px scale hold only Enc32/Enc16, which did not change, so they still load.
+    """
+    fmt = meta["format"]
+    if fmt < ENC64_HEAD_FORMAT and 64 in cfg.model.scales:
+        raise BundleError(
+            f"{version_uri}: bundle format {fmt} holds the old 64-px encoder (head on pool3); "
+            f"re-train: Enc64 changed in format {ENC64_HEAD_FORMAT} (its head now reads "
+            f"conv3_3 with a 7x7 kernel, so every patch pixel reaches the embedding)"
+        )
+
+
 def load_bundle(
     uri: str,
     device: str | torch.device = "cpu",
@@ -287,6 +309,7 @@ def load_bundle(
         cfg = MSPrayConfig.from_dict(
             {**cfg.to_dict(), "bank": config.to_dict()["bank"], "score": config.to_dict()["score"]}
         )
+    _check_encoder_layout(version_uri, meta, cfg)
     model = MultiScaleEncoder(cfg)
     state = st_load(_read_verified(version_uri, meta, WEIGHTS))
     try:

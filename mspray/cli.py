@@ -30,6 +30,7 @@ from mspray.config import (
     validate,
     with_overrides,
 )
+from mspray.train.recipes import RECIPES, apply_recipe
 
 log = logging.getLogger("mspray")
 
@@ -117,12 +118,15 @@ def add_model_config_args(p: argparse.ArgumentParser, keys: Iterable[str]) -> No
 
 
 def config_from_args(args: argparse.Namespace, base: MSPrayConfig | None = None) -> MSPrayConfig:
-    """The config: ``base`` (or ``--config``, or the defaults), then ``--set``, then flags."""
+    """The config: ``base`` (or ``--config``, or the defaults), then ``train --recipe``, then
+    ``--set``, then flags."""
     cfg = base or MSPrayConfig()
     if getattr(args, "config", None):
         from mspray import storage
 
         cfg = MSPrayConfig.from_json(storage.read_text(args.config))
+    if getattr(args, "recipe", None):  # a preset: applied first, the flags override it
+        cfg = apply_recipe(cfg, args.recipe)
     over = dict(getattr(args, "set", None) or [])
     over.update(flag_values(args, "cfg"))
     if "model.scales" in over and "model.strides" not in over:
@@ -159,7 +163,7 @@ TRAIN_KEYS = (
     "model.weights_path",
     "model.fusion",
     "train.epochs",
-    "train.max_minutes",
+    "train.max_steps",
     "train.batch_size",
     "train.samples_per_image",
     "train.lr",
@@ -196,6 +200,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="only train and save the encoders; build the banks and the threshold afterwards "
         "on Ray Data with `mspray build-bank --bundle OUT --data ...`",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        help="training preset applied before --set and the flags below (which override it): "
+        "paper (the defaults: ImageNet weights, lr 1e-5) or random-init (from scratch: lr 1e-3, "
+        "128 px; see mspray/train/recipes.py)",
     )
     add_model_config_args(p, TRAIN_KEYS)
     p.set_defaults(func=cmd_train)

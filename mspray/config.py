@@ -120,10 +120,11 @@ class TrainConfig(Section):
     epochs: int = flag(
         20, "epochs per scale; 0 skips training (banks from the initial encoders)", ge=0
     )
-    max_minutes: float = flag(
-        5.0,
-        "wall-clock budget per scale (0 = none): training stops after the step that passes "
-        "it and keeps the best model by validation loss",
+    # A step count, never wall-clock time, so the same seed and config give the same weights
+    # on any machine (issue 14); a resumed run counts the steps it already took.
+    max_steps: int = flag(
+        0,
+        "optimiser-step budget per scale over the whole run, resumes included (0 = no limit)",
         ge=0,
     )
     batch_size: int = flag(

@@ -74,10 +74,11 @@ def local_scale_trainer(
         if history:
             last = history[-1]
             log.info(
-                "scale %d: loss %.4f, best validation loss %.4f",
+                "scale %d: loss %.4f, epoch %d selected (validation score %.4f)",
                 scale,
                 last["loss"],
-                last["best_val_loss"],
+                last["best_epoch"],
+                last["best_val_score"],
             )
     return models
 
@@ -123,7 +124,11 @@ def fit_detector(
             )
         det.calibrate(val if val is not None else train)
     det.meta.update(
-        pretrained_loaded=loaded, n_train_images=len(train_uris), n_holdout_images=len(val_uris)
+        pretrained_loaded=loaded,
+        n_train_images=len(train_uris),
+        n_holdout_images=len(val_uris),
+        # Per scale: epochs and steps run, why training stopped, the selected epoch, history.
+        training={str(s): getattr(m, "train_summary", None) for s, m in models.items()},
     )
     if out:
         from mspray.bundle import save_bundle

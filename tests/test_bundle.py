@@ -148,3 +148,37 @@ def test_versions_are_never_overwritten_and_missing_bundles_are_named(trained, t
     (tmp_path / "b" / "latest").write_text("../../elsewhere\n")
     with pytest.raises(BundleError, match="not a version id"):
         load_bundle(str(tmp_path / "b"))
+
+
+def _set_format(version: str, fmt: int) -> None:
+    """Rewrite a version's meta.json as if an older mspray had written it (checksums kept:
+    format 2 had them too)."""
+    path = Path(version, "meta.json")
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps({**meta, "format": fmt}))
+
+
+def test_bundles_from_before_the_enc64_change_are_refused_only_with_a_64px_scale(
+    trained, tiny_cfg, tmp_path
+):
+    from mspray.detector import Detector
+    from mspray.model.multiscale import MultiScaleEncoder
+
+    # A 64-px encoder saved now (format 3) loads; the same files marked format 1 or 2 (the
+    # layouts written while Enc64's head read pool3) are refused with a clear message.
+    cfg64 = tiny_cfg.replace(**{"model.scales": (64,), "model.strides": (8,)})
+    det64 = Detector(cfg64, MultiScaleEncoder(cfg64), threshold=1.0)
+    v64 = save_bundle(det64, str(tmp_path / "enc64"))
+    assert json.loads(Path(v64, "meta.json").read_text())["format"] == 3
+    loaded = load_bundle(v64, with_banks=False)
+    for k, v in det64.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v)
+    for fmt in (1, 2):
+        _set_format(v64, fmt)
+        with pytest.raises(BundleError, match=f"format {fmt} .*re-train: Enc64 changed"):
+            load_bundle(v64, with_banks=False)
+    # 32/16-px encoders did not change: a format-2 (checksummed) bundle of them still loads.
+    det, images = trained
+    v = save_bundle(det, str(tmp_path / "enc32-16"))
+    _set_format(v, 2)
+    assert torch.equal(load_bundle(v).predict(images).maps, det.predict(images).maps)

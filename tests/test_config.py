@@ -59,3 +59,33 @@ def test_wrong_types_and_unknown_fields_in_json_name_the_field():
     with pytest.raises(ConfigError, match="not valid JSON"):
         MSPrayConfig.from_json("{")
     assert json.loads(MSPrayConfig().to_json())["bank"]["index"] == "flat"
+
+
+def test_recipes_preset_training_and_the_cli_flag_applies_them():
+    from mspray.cli import build_parser, config_from_args
+    from mspray.train.recipes import apply_recipe
+
+    paper = apply_recipe(MSPrayConfig(), "paper")
+    assert paper == MSPrayConfig() and paper.train.lr == 1e-5 and paper.model.pretrained
+    scratch = apply_recipe(MSPrayConfig(), "random-init")
+    assert scratch.train.lr == 1e-3 and not scratch.model.pretrained
+    with pytest.raises(ConfigError, match="recipe"):
+        apply_recipe(MSPrayConfig(), "fast")
+    # The recipe comes first; explicit options override it.
+    train = ["train", "--data", "folder:x", "--out", "b", "--recipe", "random-init"]
+    cfg = config_from_args(build_parser().parse_args([*train, "--lr", "5e-4"]))
+    assert cfg.train.lr == 5e-4 and cfg.model.image_size == 128
+    cfg = config_from_args(build_parser().parse_args([*train, "--set", "train.lr=2e-4"]))
+    assert cfg.train.lr == 2e-4 and not cfg.model.pretrained
+    with pytest.raises(SystemExit):  # argparse: an unknown recipe is a usage error
+        build_parser().parse_args([*train[:-1], "fast"])
+
+
+def test_max_steps_is_a_derived_train_flag():
+    from mspray.cli import build_parser, config_from_args
+
+    argv = ["train", "--data", "folder:x", "--out", "b", "--max-steps", "7"]
+    assert config_from_args(build_parser().parse_args(argv)).train.max_steps == 7
+    assert MSPrayConfig().train.max_steps == 0  # no budget by default
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        MSPrayConfig().replace(**{"train.max_steps": -1})

@@ -1,13 +1,10 @@
 """The assembled detector: maps/scores from a tiny trained model, and the bundle contract."""
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-from mspray.bundle import BundleError, load_bundle, save_bundle
+from mspray.bundle import BundleError, load_bundle, read_meta, save_bundle
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
 from mspray.detector import quantile_sketch
@@ -67,7 +64,7 @@ def test_bundle_round_trip_gives_identical_scores(tiny, tmp_path):
 
 def test_bundle_stores_the_calibration_scores_its_threshold_came_from(tiny):
     det, out, spec = tiny
-    meta = json.loads(Path(out, "meta.json").read_text())
+    meta = read_meta(out)
     cal = np.array(meta["calibration_scores"])
     assert len(cal) == meta["n_holdout_images"] >= 1
     q, margin = meta["threshold_quantile"], meta["threshold_margin"]

@@ -32,14 +32,22 @@ class PretrainedWeightsError(RuntimeError):
 
 
 def vgg16_prefix(n_layers: int) -> nn.Sequential:
-    """The first ``n_layers`` modules of torchvision's ``vgg16().features``, unpadded."""
+    """The first ``n_layers`` modules of torchvision's ``vgg16().features``, unpadded.
+
+    Random init is torchvision's for VGG (He normal, fan-out, zero bias): torch's default
+    conv init shrinks activations layer after layer, so a randomly initialised 7-conv prefix
+    gave embeddings ~100× smaller than the head's scale and trained poorly from scratch.
+    """
     layers: list[nn.Module] = []
     in_ch = 3
     for v in VGG16_CFG:
         if v == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
-            layers += [nn.Conv2d(in_ch, int(v), kernel_size=3, padding=0), nn.ReLU(inplace=True)]
+            conv = nn.Conv2d(in_ch, int(v), kernel_size=3, padding=0)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+            layers += [conv, nn.ReLU(inplace=True)]
             in_ch = int(v)
         if len(layers) >= n_layers:
             break

@@ -4,19 +4,23 @@ Each encoder is a VGG16 prefix (unpadded) plus a small convolutional head whose 
 1x1 for a θ×θ input. Applied to a whole image it is fully convolutional and yields the grid
 of all patch embeddings at the network stride, equal to embedding each patch cropped alone.
 
-How each scale was chosen (receptive field ≤ patch size, stride dividing the paper's
+How each scale was chosen (receptive field *exactly* the patch, stride dividing the paper's
 inference stride):
 
-====  =========================  ==============  =================================  ======
-θ     VGG16 prefix (layers)      feature size    head                               stride
-====  =========================  ==============  =================================  ======
-64    conv1_1 .. pool3 (17)      3×3×256         conv3×3→128, LReLU, conv1×1→D      8
-32    conv1_1 .. pool2 (10)      5×5×128         conv3×3→128, LReLU, conv3×3→D      4
-16    conv1_1 .. pool2 (10)      1×1×128         conv1×1→128, LReLU, conv1×1→D      4
-====  =========================  ==============  =================================  ======
+====  ============================  ============  ===============================  ======
+θ     VGG16 prefix (layers)         feature size  head                             stride
+====  ============================  ============  ===============================  ======
+64    conv1_1 .. conv3_3+ReLU (16)  7×7×256       conv7×7/2→128, LReLU, conv1×1→D  8
+32    conv1_1 .. pool2 (10)         5×5×128       conv3×3→128, LReLU, conv3×3→D    4
+16    conv1_1 .. pool2 (10)         1×1×128       conv1×1→128, LReLU, conv1×1→D    4
+====  ============================  ============  ===============================  ======
 
-The deepest prefix that still leaves a spatial map ≥1 for the patch keeps the most ImageNet
-structure; a head with a 3×3 kernel then mixes the remaining positions into one vector.
+Every feature row/column of the prefix is used by the head, so every pixel of the patch
+reaches its embedding and none outside it does (tested). For θ = 64 the prefix stops before
+pool3: on conv3_3's 7×7 map a 2×2 pool keeps only 3 rows and drops the 7th (input pixels
+60-63); the head's 7×7 kernel instead reads all 7, and its stride 2 keeps the network stride
+at 8 (conv3_3 is at stride 4). No weights are lost: pool3 has none, so the ImageNet
+``features.*`` keys are the same.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from torch import nn
 from mspray.model.backbone import vgg16_prefix
 
 #: patch size -> (number of VGG16 feature modules, channels out, network stride)
-_PREFIX = {64: (17, 256, 8), 32: (10, 128, 4), 16: (10, 128, 4)}
+_PREFIX = {64: (16, 256, 8), 32: (10, 128, 4), 16: (10, 128, 4)}
 N_ANGLES = 12
 
 
@@ -42,7 +46,7 @@ def _head(patch_size: int, in_ch: int, dim: int) -> nn.Sequential:
     hidden = 128
     if patch_size == 64:
         return nn.Sequential(
-            nn.Conv2d(in_ch, hidden, 3), nn.LeakyReLU(0.1), nn.Conv2d(hidden, dim, 1)
+            nn.Conv2d(in_ch, hidden, 7, stride=2), nn.LeakyReLU(0.1), nn.Conv2d(hidden, dim, 1)
         )
     if patch_size == 32:
         return nn.Sequential(

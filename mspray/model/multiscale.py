@@ -22,9 +22,13 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 class ScaleModel(nn.Module):
-    """Encoder and angle classifier of one scale as one module (one DDP wrapper)."""
+    """Encoder and angle classifier of one scale as one module (one DDP wrapper).
 
-    def __init__(self, encoder: PatchEncoder, head: AngleHead):
+    ``head`` is None when the SSL loss is not used: DDP requires every parameter to get a
+    gradient in every step, so an unused head must not exist.
+    """
+
+    def __init__(self, encoder: PatchEncoder, head: AngleHead | None):
         super().__init__()
         self.encoder = encoder
         self.head = head
@@ -37,7 +41,11 @@ class ScaleModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embeddings ``N×D`` of ``patches`` and angle logits for index pairs (a, b)."""
         emb = self.encoder.embed_patches(patches)
-        logits = None if ssl_a is None else self.head(emb[ssl_a], emb[ssl_b])
+        logits = None
+        if ssl_a is not None:
+            if self.head is None:
+                raise ValueError("this model has no angle head (built without the ssl loss)")
+            logits = self.head(emb[ssl_a], emb[ssl_b])
         return emb, logits
 
 
@@ -48,8 +56,11 @@ class MultiScaleEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.model.embed_dim
+        # The angle head exists only when the ssl loss trained it (as in build_scale_model).
+        ssl = "ssl" in cfg.train.losses
         models = scale_models or {
-            s: ScaleModel(PatchEncoder(s, d), AngleHead(d)) for s in cfg.model.scales
+            s: ScaleModel(PatchEncoder(s, d), AngleHead(d) if ssl else None)
+            for s in cfg.model.scales
         }
         self.scales = nn.ModuleDict({str(s): models[s] for s in cfg.model.scales})
 

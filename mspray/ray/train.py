@@ -1,14 +1,16 @@
 """Ray Train adapter: each scale's encoder trained data-parallel (DDP) by the core loop.
 
 This is a thin layer over :class:`mspray.train.loop.ScaleTrainer`; it adds only what Ray
-gives: worker processes (gloo on CPU, nccl on GPU), per-rank sharding of the image list,
+gives: worker processes (gloo on CPU; ``cpu:gloo,cuda:nccl`` with GPUs, so host-side
+collectives stay valid), per-rank sharding of the image list,
 per-epoch checkpoints through ``ray.train.report``, and restarts after worker failures.
 
 - Every worker loads ``uris[rank::world_size]``; the core seeds sampling by (seed, scale,
   epoch, rank) and uses a per-rank batch of ``batch_size // world_size``, so the global
   batch is the configured one.
-- K-means centers come from ``fit_centers(..., TorchDistComm())``: k-means++ on an
-  all-gathered sample, Lloyd sums/counts all-reduced; every worker ends with the same centers.
+- K-means centers come from ``fit_centers(..., TorchDistComm(device))``: k-means++ on rank 0
+  over an all-gathered sample, broadcast, then Lloyd sums/counts all-reduced; every worker
+  ends with the same centers.
 - Rank 0 writes the trainer state (model, optimizer, centers, epoch, best model, history,
   torch RNG) with ``torch.save`` after every epoch and waits until Ray Train has committed
   it; a restarted worker group, or a rerun with the same run name and storage, continues
@@ -39,7 +41,7 @@ import mspray.storage as store
 from mspray.config import MSPrayConfig
 from mspray.model.multiscale import ScaleModel
 from mspray.ray.runtime import init_ray
-from mspray.train.loop import ScaleTrainer, build_scale_model
+from mspray.train.loop import ScaleTrainer, build_scale_model, run_summary
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +61,23 @@ _RESUMABLE_CHANGES = {
     "train.storage",
     "train.max_failures",
     "train.parallel_scales",
+    # A step budget only says where to stop: raising it continues the same run.
+    "train.max_steps",
 }
 
 
 class InjectedFailure(RuntimeError):
     """Raised by the fault-injection hook (``MSPRAY_FAIL_AT_EPOCH``)."""
+
+
+def torch_backend(use_gpu: bool) -> str:
+    """``torch.distributed`` backend for Ray Train workers.
+
+    With GPUs, NCCL serves CUDA tensors (DDP gradients) and gloo any CPU tensor handed to a
+    collective, so no collective can fail for being on the host; ``TorchDistComm`` still
+    puts its tensors on the group's device (:func:`mspray.train.kmeans.collective_device`).
+    """
+    return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
 
 
 def default_storage_for(bundle_uri: str) -> str:
@@ -137,7 +151,8 @@ def train_worker(config: dict[str, Any]) -> None:
         vgg_state = _ray.get(config["vgg_ref"])
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(build_scale_model(cfg, scale, vgg_state))
-    comm = TorchDistComm() if dist.is_available() and dist.is_initialized() else LocalComm()
+    ddp = dist.is_available() and dist.is_initialized()
+    comm = TorchDistComm(device) if ddp else LocalComm()
     tr = ScaleTrainer(cfg, scale, model, device, comm)
 
     ckpt = ray.train.get_checkpoint()
@@ -311,7 +326,7 @@ class RayScaleTrainer:
                 "threads": self.cpus_per_worker,
                 "progress": self.progress,
             },
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            torch_config=TorchConfig(backend=torch_backend(use_gpu)),
             scaling_config=ScalingConfig(
                 num_workers=workers,
                 use_gpu=use_gpu,
@@ -321,13 +336,9 @@ class RayScaleTrainer:
                 name=name,
                 **location,
                 failure_config=FailureConfig(max_failures=max_failures),
-                # The latest checkpoint is always kept too (it is what a restart loads),
-                # and it carries the best weights so far, which the driver uses.
-                checkpoint_config=CheckpointConfig(
-                    num_to_keep=self.keep_checkpoints,
-                    checkpoint_score_attribute="val_loss",
-                    checkpoint_score_order="min",
-                ),
+                # The latest checkpoints are kept (a restart loads the last one); each
+                # carries the selected weights so far, which the driver uses.
+                checkpoint_config=CheckpointConfig(num_to_keep=self.keep_checkpoints),
             ),
         )
         t0 = time.perf_counter()
@@ -338,15 +349,16 @@ class RayScaleTrainer:
         state = load_state(result.checkpoint)
         model = build_scale_model(cfg, scale, None)
         model.load_state_dict(state["best_state"] or state["model"])
+        model.train_summary = run_summary(state["history"], cfg)  # for meta.json
         last = state["history"][-1] if state["history"] else {}
         log.info(
-            "scale %d: %d epochs on %d workers in %.0f s; loss %.4f, best validation loss %.4f",
+            "scale %d: %d epochs on %d workers in %.0f s; loss %.4f, epoch %d selected",
             scale,
             state["epoch"],
             workers,
             time.perf_counter() - t0,
             last.get("loss", float("nan")),
-            state["best_val"],
+            state.get("best_epoch", 0),
         )
         return model
 

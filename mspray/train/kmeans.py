@@ -3,8 +3,15 @@
 The shape follows faiss's distributed k-means (``faiss.contrib.clustering`` with a
 ``DatasetAssign`` per shard): assignment and per-center sums run where the embeddings are;
 only ``K×D`` sums and ``K`` counts travel (an all-reduce). k-means++ initialisation runs on
-an all-gathered sample, with the same seeded generator on every worker, so all workers start
-from, and end with, identical centers. With :class:`LocalComm` it is plain k-means.
+rank 0 over an all-gathered sample and its centers are broadcast, so all workers start from
+identical centers without relying on bit-identical floating point on every rank; the Lloyd
+iterations then keep them identical (every rank divides the same all-reduced sums). With
+:class:`LocalComm` it is plain k-means.
+
+Device contract: a :class:`Comm` names the device its process group works on
+(``comm.device``: CUDA for NCCL, CPU for gloo). Callers go through :func:`reduce_sum`,
+:func:`gather_cat` and :func:`broadcast`, which move tensors there and back, so no collective
+ever sees a tensor on the wrong device (NCCL accepts CUDA tensors only).
 """
 
 from __future__ import annotations
@@ -21,10 +28,14 @@ class Comm(Protocol):
 
     rank: int
     world_size: int
+    #: Device of the tensors every collective is handed (and returns).
+    device: torch.device
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor: ...
 
     def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor: ...
 
 
 class LocalComm:
@@ -32,6 +43,7 @@ class LocalComm:
 
     rank = 0
     world_size = 1
+    device = torch.device("cpu")
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
@@ -39,24 +51,72 @@ class LocalComm:
     def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return t
+
+
+def collective_device(backend: str, device: torch.device | str) -> torch.device:
+    """Device on which a process group of ``backend`` takes tensors, for a worker whose
+    model is on ``device``.
+
+    ``backend`` is a ``torch.distributed`` backend string: ``"gloo"``, ``"nccl"`` or a
+    per-device list such as ``"cpu:gloo,cuda:nccl"``. NCCL takes CUDA tensors only, gloo
+    CPU ones; with both, the model's device is used (no copy to the host).
+    """
+    device = torch.device(device)
+    groups: dict[str, str] = {}  # device type -> backend serving it
+    for part in (p.strip() for p in backend.lower().split(",")):
+        if ":" in part:
+            dev, name = part.split(":", 1)
+            groups[dev] = name
+        elif part == "nccl":
+            groups["cuda"] = part
+        elif part:  # gloo, mpi, ...: host tensors
+            groups["cpu"] = part
+    if device.type in groups:
+        return torch.device("cpu") if device.type == "cpu" else device
+    if "cpu" in groups:
+        return torch.device("cpu")
+    if "cuda" in groups and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    raise ValueError(f"backend {backend!r} has no process group for a model on {device}")
+
 
 class TorchDistComm:
-    """Collectives over an initialised ``torch.distributed`` process group (gloo or nccl)."""
+    """Collectives over an initialised ``torch.distributed`` process group.
 
-    def __init__(self) -> None:
+    ``device``: where the model lives; the group device (``self.device``) follows from the
+    group's backend (:func:`collective_device`).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
         import torch.distributed as dist
 
         self._dist = dist
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        self.device = collective_device(str(dist.get_backend()), device)
+
+    def _check(self, t: torch.Tensor) -> None:
+        # A clear error instead of NCCL's "Tensors must be CUDA and dense".
+        if t.device != self.device:
+            raise ValueError(f"collective on {t.device}; this group works on {self.device}")
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        self._check(t)
         t = t.clone()
         self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM)
         return t
 
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        self._check(t)
+        t = t.clone()
+        self._dist.broadcast(t, src=src)
+        return t
+
     def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate rank-ordered tensors whose first dimension may differ per rank."""
+        self._check(t)
         n = torch.tensor([t.shape[0]], device=t.device)
         sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
         self._dist.all_gather(sizes, n)
@@ -65,6 +125,21 @@ class TorchDistComm:
         bufs = [t.new_empty((top, *t.shape[1:])) for _ in range(self.world_size)]
         self._dist.all_gather(bufs, torch.cat([t, pad]))
         return torch.cat([b[: int(s.item())] for b, s in zip(bufs, sizes, strict=True)])
+
+
+def reduce_sum(comm: Comm, t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ranks, on ``t``'s device (the collective runs on ``comm.device``)."""
+    return comm.all_reduce_sum(t.to(comm.device)).to(t.device)
+
+
+def gather_cat(comm: Comm, t: torch.Tensor) -> torch.Tensor:
+    """Rank-ordered concatenation of every rank's ``t``, on ``t``'s device."""
+    return comm.all_gather_cat(t.to(comm.device)).to(t.device)
+
+
+def broadcast(comm: Comm, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank ``src``'s ``t`` on every rank (same shape and dtype everywhere), on ``t``'s device."""
+    return comm.broadcast(t.to(comm.device), src).to(t.device)
 
 
 def kmeans_plus_plus(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
@@ -109,8 +184,8 @@ def lloyd_step(x: torch.Tensor, centers: torch.Tensor, comm: Comm) -> torch.Tens
     a = assign(x, centers)
     sums = torch.zeros_like(centers).index_add_(0, a, x)
     counts = torch.bincount(a, minlength=k).to(centers.dtype)
-    sums = comm.all_reduce_sum(sums)
-    counts = comm.all_reduce_sum(counts)
+    sums = reduce_sum(comm, sums)
+    counts = reduce_sum(comm, counts)
     new = sums / counts.clamp(min=1)[:, None]
     return torch.where(counts[:, None] > 0, new, centers)
 
@@ -121,8 +196,8 @@ def fit_centers(
 ) -> torch.Tensor:
     """K centers of the union of every worker's ``x_local`` (float32, n_i×D).
 
-    k-means++ runs on an all-gathered sample of at most ``init_sample`` rows per worker;
-    Lloyd iterations then use all local rows. Same ``seed`` on every worker.
+    k-means++ runs on rank 0 over an all-gathered sample of at most ``init_sample`` rows per
+    worker, and rank 0's centers are broadcast; Lloyd iterations then use all local rows.
     """
     x_local = x_local.float()
     g = torch.Generator().manual_seed(seed)
@@ -133,8 +208,14 @@ def fit_centers(
         sample = x_local[idx]
     else:
         sample = x_local
-    gathered = comm.all_gather_cat(sample)
-    centers = kmeans_plus_plus(gathered, k, g)
+    gathered = gather_cat(comm, sample)
+    if gathered.shape[0] == 0:  # the same on every rank: all raise, none waits
+        raise ValueError("k-means needs at least one embedding")
+    if comm.rank == 0:
+        centers = kmeans_plus_plus(gathered, k, g)
+    else:  # overwritten by the broadcast; only shape and dtype matter here
+        centers = gathered.new_zeros((k, gathered.shape[1]))
+    centers = broadcast(comm, centers)
     for _ in range(iters):
         centers = lloyd_step(x_local, centers, comm)
     return centers

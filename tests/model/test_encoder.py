@@ -48,6 +48,8 @@ def test_prefix_has_torchvision_vgg16_keys_and_loads_a_state():
     prefix = vgg16_prefix(17)
     init_prefix(prefix, state)
     assert torch.equal(prefix[14].weight, state["features.14.weight"])
+    enc64 = PatchEncoder(64, 64, vgg_state=state)  # conv3_3 is its last prefix layer
+    assert torch.equal(enc64.features[14].weight, state["features.14.weight"])
 
 
 def test_angle_head_is_trainable_end_to_end():
@@ -56,3 +58,63 @@ def test_angle_head_is_trainable_end_to_end():
     assert out.shape == (5, 12)
     out.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+
+
+@pytest.mark.parametrize("p", [64, 32, 16])
+def test_receptive_field_is_exactly_the_patch(p):
+    """Each embedding of a dense grid depends on every border row/column of its patch and on
+    nothing outside it (the 64-px encoder used to ignore its last 4 rows and columns)."""
+    torch.manual_seed(p)
+    enc = PatchEncoder(p, 32).eval()
+    s = enc.stride
+    side = p + 2 * s  # a 3×3 grid; the centre patch spans [s, s + p)
+    x = torch.rand(1, 3, side, side)
+    lo, hi = s, s + p - 1  # first and last row/column inside the centre patch
+    variants = []
+    for axis in (2, 3):  # rows, then columns
+        for k in (lo - 1, lo, hi, hi + 1):
+            y = x.clone()
+            y.select(axis, k).copy_(torch.rand_like(y.select(axis, k)) * 4 - 2)
+            variants.append((axis, k, y))
+    with torch.no_grad():
+        # One batch: the unchanged image is embedded by the same kernels as its variants.
+        out = enc(torch.cat([x] + [v for _, _, v in variants]))[:, :, 1, 1]
+    base, out = out[0], out[1:]
+    # Same batch, same kernels: pixels outside the patch change nothing at all, while a
+    # border row of a randomly initialised deep prefix moves the embedding only a little.
+    size = base.abs().max().item()
+    for (axis, k, _), e in zip(variants, out, strict=True):
+        change = (e - base).abs().max().item()
+        where = f"{'row' if axis == 2 else 'column'} {k} of a patch spanning [{lo}, {hi}]"
+        if lo <= k <= hi:
+            assert change > 1e-6 * size, f"changing {where} left the embedding unchanged ({change})"
+        else:
+            assert change <= 1e-7 * size, f"changing {where} changed the embedding by {change}"
+
+
+@pytest.mark.parametrize("p", [64, 32, 16])
+def test_map_spreads_a_patch_score_over_exactly_the_pixels_its_embedding_sees(p):
+    """maps.patch_scores_to_map puts the score of grid cell (1, 1) on exactly the rows and
+    columns whose pixels change that cell's embedding."""
+    from mspray.maps import patch_scores_to_map
+
+    torch.manual_seed(p)
+    enc = PatchEncoder(p, 16).eval()
+    s = enc.stride
+    side = p + 2 * s
+    x = torch.rand(1, 3, side, side)
+    rows = x.repeat(side, 1, 1, 1)
+    cols = x.repeat(side, 1, 1, 1)
+    k = torch.arange(side)
+    rows[k, :, k, :] = torch.rand(side, 3, side) * 4 - 2  # variant k: row k redrawn
+    cols[k, :, :, k] = torch.rand(side, 3, side) * 4 - 2
+    with torch.no_grad():
+        e = enc(torch.cat([x, rows, cols]))[:, :, 1, 1]
+    moved = (e[1:] - e[0]).abs().amax(1) > 0
+    seen_rows, seen_cols = moved[:side], moved[side:]
+    one_hot = torch.zeros(1, 3, 3)
+    one_hot[0, 1, 1] = 1.0
+    spread = patch_scores_to_map(one_hot, p, s, side)[0] > 0
+    assert torch.equal(spread.any(1), seen_rows)
+    assert torch.equal(spread.any(0), seen_cols)
+    assert int(seen_rows.sum()) == p

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mspray.config import MSPrayConfig
-from mspray.train.loop import ScaleTrainer, build_scale_model
+from mspray.model.multiscale import normalize
+from mspray.train.loop import ScaleTrainer, build_scale_model, run_summary
 
 
 def _cfg(**kw):
@@ -29,56 +30,124 @@ def _images(n=6, seed=0):
     return torch.rand(n, 3, 64, 64, generator=g)
 
 
-def test_training_updates_every_parameter_and_keeps_the_best_validation_model():
+def test_training_updates_every_parameter_and_selects_by_validation_score():
     cfg = _cfg()
     model = build_scale_model(cfg, 16, None)
     before = copy.deepcopy(model.state_dict())
     tr = ScaleTrainer(cfg, 16, model)
     hist = tr.fit(_images(), _images(2, seed=1), progress=False)
     assert [h["epoch"] for h in hist] == [1, 2, 3]
-    assert all(k in hist[-1] for k in ("svdd", "cos", "ssl", "kmeans", "val_loss"))
+    for k in ("svdd", "cos", "ssl", "kmeans", "ssl_acc", "spread", "val_score", "val_spread"):
+        assert k in hist[-1], k
+    for k in ("val_svdd", "val_cos", "val_ssl", "val_ssl_acc", "val_kmeans"):
+        assert k in hist[-1], k
     after = model.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert set(changed) == set(before), set(before) - set(changed)  # angle head's last layer too
-    best = min(h["val_loss"] for h in hist)
-    assert tr.best_val == best
-    for k, v in tr.best_state.items():
-        assert torch.equal(v, after[k])
+    best = min(hist, key=lambda h: h["val_score"])
+    assert tr.best_val == best["val_score"] and tr.best_epoch == best["epoch"]
     assert tr.centers.shape == (4, 16)
 
 
-def test_ablation_trains_without_a_loss():
+def test_validation_score_does_not_change_when_embeddings_are_rescaled():
+    # Model selection must not favour an encoder just because its embeddings shrink.
+    cfg = _cfg(**{"train.losses": ("svdd", "cos", "kmeans")})
+    model = build_scale_model(cfg, 16, None)
+    tr = ScaleTrainer(cfg, 16, model)
+    val = normalize(_images(2, seed=1))
+    a = tr.validate(val)
+    with torch.no_grad():  # the last layer is linear: scaling it scales every embedding
+        model.encoder.head[-1].weight.mul_(10.0)
+        model.encoder.head[-1].bias.mul_(10.0)
+    b = tr.validate(val)
+    assert b["val_spread"] == pytest.approx(10 * a["val_spread"], rel=1e-3)
+    assert b["val_svdd"] == pytest.approx(10 * a["val_svdd"], rel=1e-3)
+    assert b["val_score"] == pytest.approx(a["val_score"], rel=1e-3)
+
+
+class _ScriptedScore(ScaleTrainer):
+    """A trainer whose validation score is best at epoch 1, so selected != last."""
+
+    def validate(self, images):
+        out = super().validate(images)
+        out["val_score"] = float(self.epoch)  # self.epoch = epochs done before this one
+        return out
+
+
+def test_fit_keeps_the_last_weights_for_resuming_and_the_selected_ones_apart():
+    cfg = _cfg(**{"train.epochs": 3})
+    tr = _ScriptedScore(cfg, 16, build_scale_model(cfg, 16, None))
+    seen = {}
+    tr.fit(
+        _images(),
+        _images(2, seed=1),
+        progress=False,
+        on_epoch_end=lambda t, m: seen.setdefault(t.epoch, copy.deepcopy(t.core.state_dict())),
+    )
+    assert tr.best_epoch == 1
+    state = tr.state_dict()
+    # The optimizer state is the last step's, so the weights beside it must be too.
+    for k, v in state["model"].items():
+        assert torch.equal(v, seen[3][k]), k
+    for k, v in tr.best_model_state().items():
+        assert torch.equal(v, seen[1][k]), k
+
+
+def test_ablation_trains_without_a_loss_and_without_its_head():
     cfg = _cfg(**{"train.losses": ("svdd", "cos", "kmeans"), "train.epochs": 1})
+    model = build_scale_model(cfg, 16, None)
+    assert model.head is None  # an unused head would break DDP (no gradient for it)
+    tr = ScaleTrainer(cfg, 16, model)
+    hist = tr.fit(_images(), _images(2, seed=1), progress=False)
+    assert "ssl" not in hist[0] and "val_ssl" not in hist[0] and "val_score" in hist[0]
+    assert build_scale_model(_cfg(), 16, None).head is not None
+
+
+def test_without_held_out_images_the_last_epoch_is_kept():
+    cfg = _cfg(**{"train.epochs": 2})
     tr = ScaleTrainer(cfg, 16, build_scale_model(cfg, 16, None))
-    hist = tr.fit(_images(), None, progress=False)
-    assert "ssl" not in hist[0] and hist[0]["val_loss"] == hist[0]["loss"]
+    tr.fit(_images(), None, progress=False)
+    assert tr.best_epoch == 2
+    for k, v in tr.best_model_state().items():
+        assert torch.equal(v, tr.core.state_dict()[k])
 
 
-def test_resume_from_state_matches_an_uninterrupted_run():
+def test_resume_from_state_matches_an_uninterrupted_run_bit_for_bit():
     cfg = _cfg(**{"train.epochs": 3})
     imgs, val = _images(), _images(2, seed=1)
     full = ScaleTrainer(cfg, 16, build_scale_model(cfg, 16, None))
     full.fit(imgs, val, progress=False)
 
-    short = MSPrayConfig.from_dict(
-        {**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "epochs": 2}}
-    )
+    short = cfg.replace(**{"train.epochs": 2})
     first = ScaleTrainer(short, 16, build_scale_model(cfg, 16, None))
     first.fit(imgs, val, progress=False)
-    state = first.state_dict()
     resumed = ScaleTrainer(cfg, 16, build_scale_model(cfg, 16, None))
-    resumed.load_state_dict(state)
-    # Undo the end-of-fit swap to the best weights: resume continues from the last epoch.
-    resumed.core.load_state_dict(state["model"])
+    resumed.load_state_dict(first.state_dict())
     resumed.fit(imgs, val, progress=False)
     assert resumed.epoch == 3
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
-    assert resumed.history[-1]["loss"] == pytest.approx(full.history[-1]["loss"], rel=1e-4)
+    for k, v in full.core.state_dict().items():
+        assert torch.equal(v, resumed.core.state_dict()[k]), k
+    assert resumed.best_epoch == full.best_epoch
 
 
-def test_time_budget_stops_training_and_keeps_the_best_model():
-    cfg = _cfg(**{"train.epochs": 50, "train.max_minutes": 1e-6})
-    tr = ScaleTrainer(cfg, 16, build_scale_model(cfg, 16, None))
-    hist = tr.fit(_images(), _images(2, seed=1), progress=False)
-    assert len(hist) == 1 and hist[0]["stopped_early"] == 1.0
-    assert tr.epoch == 1 and tr.best_state is not None
+def test_step_budget_stops_at_the_same_step_every_time():
+    cfg = _cfg(**{"train.epochs": 50, "train.max_steps": 5})
+    runs = []
+    for _ in range(2):
+        tr = ScaleTrainer(cfg, 16, build_scale_model(cfg, 16, None))
+        hist = tr.fit(_images(), _images(2, seed=1), progress=False)
+        runs.append(tr)
+    # 6 images × 8 samples / batch 16 = 3 steps per epoch: the budget ends epoch 2 early.
+    assert [h["steps"] for h in hist] == [3, 5]
+    assert hist[-1]["stopped_at_max_steps"] == 1.0 and hist[0]["stopped_at_max_steps"] == 0.0
+    assert tr.steps == 5 and tr.epoch == 2
+    for k, v in runs[0].core.state_dict().items():
+        assert torch.equal(v, runs[1].core.state_dict()[k]), k
+    summary = run_summary(hist, cfg)
+    assert summary["stopped_by"] == "max_steps" and summary["steps"] == 5
+
+
+def test_default_config_has_no_budget():
+    assert MSPrayConfig().train.max_steps == 0
+    assert not hasattr(MSPrayConfig().train, "max_minutes")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import ray.cloudpickle
 import torch
 
+from mspray.bundle import resolve_bundle
 from mspray.config import MSPrayConfig
 from mspray.data.datasets import train_paths
 from mspray.fit import split_holdout
@@ -158,6 +160,90 @@ def test_distributed_kmeans_equals_single_process_kmeans_on_the_union(ray_local,
     assert torch.allclose(every[0], ref, atol=1e-4), (every[0] - ref).abs().max()
 
 
+def _dist_kmeans_other_seed_per_rank(config: dict):
+    # k-means++ is seeded on rank 0 and broadcast: even if ranks disagreed on the seed (or on
+    # floating point), every rank starts from rank 0's centers.
+    comm = TorchDistComm()
+    centers = fit_centers(_shard(0), 6, 3, comm, seed=7 + 100 * comm.rank)
+    return comm.all_gather_cat(centers[None])
+
+
+def test_kmeans_seeding_runs_on_rank_0_and_is_broadcast(ray_local, tmp_path):
+    every = _fit_ray({"fn": _dist_kmeans_other_seed_per_rank, "storage": str(tmp_path)}, 2)
+    assert torch.equal(every[0], every[1])
+    union = torch.cat([_shard(0), _shard(0)])
+    assert torch.allclose(every[0], fit_centers(union, 6, 3, LocalComm(), seed=7), atol=1e-4)
+
+
+def test_ray_train_backend_serves_cpu_and_cuda_tensors():
+    assert ray_train.torch_backend(use_gpu=False) == "gloo"
+    backend = ray_train.torch_backend(use_gpu=True)
+    assert backend == "cpu:gloo,cuda:nccl"
+    # Ray Train passes mixed backends through (it checks for nccl by containment).
+    from ray.train.torch.config import _is_backend_nccl
+
+    assert _is_backend_nccl(backend)
+
+
+# ---------------------------------------------------------------------------- ablation subsets
+_LOSS_SUBSETS = [
+    tuple(x for i, x in enumerate(("svdd", "cos", "ssl", "kmeans")) if m >> i & 1)
+    for m in range(1, 16)
+]
+
+
+def _every_loss_subset(config: dict):
+    """DDP fit of one epoch (4 steps) for every non-empty subset of the losses."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    comm = TorchDistComm()
+    g = torch.Generator().manual_seed(comm.rank)
+    images, val = torch.rand(2, 3, 48, 48, generator=g), torch.rand(1, 3, 48, 48, generator=g)
+    steps = []
+    for losses in _LOSS_SUBSETS:
+        cfg = _cfg(
+            **{
+                "train.losses": losses,
+                "train.epochs": 1,
+                "train.batch_size": 4,
+                "train.n_centers": 3,
+                "model.image_size": 48,
+                "model.embed_dim": 8,
+            }
+        )
+        model = DistributedDataParallel(build_scale_model(cfg, SCALE, None))
+        tr = ScaleTrainer(cfg, SCALE, model, "cpu", comm)
+        hist = tr.fit(images, val, progress=False)
+        steps.append(hist[-1]["steps"])
+    return torch.tensor(steps)
+
+
+def test_ddp_trains_with_every_subset_of_the_losses(ray_local, tmp_path):
+    # With a loss off, its parameters must not exist: DDP fails at step 2 otherwise
+    # ("Expected to have finished reduction in the prior iteration ...").
+    steps = _fit_ray({"fn": _every_loss_subset, "storage": str(tmp_path)}, num_workers=2)
+    # 4 images × 4 samples / global batch 4 = 4 steps per subset.
+    assert steps.tolist() == [4.0] * len(_LOSS_SUBSETS)
+
+
+# ---------------------------------------------------------------------------- determinism
+def test_two_gloo_runs_with_one_seed_write_bit_identical_weights(
+    ray_local, synthetic_root, tmp_path
+):
+    from mspray.fit import fit_detector
+
+    cfg = _cfg(**{"train.epochs": 2, "train.val_fraction": 0.25})
+    uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
+    for name in ("a", "b"):
+        rt = ray_train.ray_scale_trainer(
+            run_name=f"det-{name}", storage=str(tmp_path / "runs"), workers=2, progress=False
+        )
+        fit_detector(cfg, uris, out=str(tmp_path / name), trainer=rt, progress=False)
+    a, b = (Path(resolve_bundle(str(tmp_path / n)), "model.safetensors") for n in "ab")
+    assert a.read_bytes() == b.read_bytes()
+
+
 # ---------------------------------------------------------------------------- fault tolerance
 @pytest.fixture(scope="module")
 def split(synthetic_root):
@@ -185,11 +271,11 @@ def test_injected_failure_resumes_from_the_last_checkpoint(ray_local, split, tmp
     assert [h["start_epoch"] for h in hist] == [0, 1, 1]
     assert len(result.best_checkpoints) == 3  # one checkpoint per finished epoch
     assert result.metrics["world_size"] == 2
-    for k in ("svdd", "cos", "ssl", "kmeans", "val_loss", "samples_per_s"):
+    for k in ("svdd", "cos", "ssl", "kmeans", "val_score", "ssl_acc", "spread", "samples_per_s"):
         assert k in result.metrics
-    # The driver gets the best-by-validation-loss weights.
-    best = min(hist, key=lambda h: h["val_loss"])
-    assert state["best_val"] == best["val_loss"]
+    # The driver gets the weights with the best validation score.
+    best = min(hist, key=lambda h: h["val_score"])
+    assert state["best_val"] == best["val_score"] and state["best_epoch"] == best["epoch"]
     for k, v in models[SCALE].state_dict().items():
         assert torch.equal(v, state["best_state"][k])
 
@@ -222,6 +308,11 @@ def test_killed_run_resumes_with_the_same_name(ray_local, split, s3_bucket, monk
     again = ray_train.ray_scale_trainer(run_name="killed", storage=storage, workers=1)
     again(cfg, *split)
     assert ray_train.load_state(again.results[SCALE].checkpoint)["epoch"] == 2
+
+    # A step budget is not part of what the state means: it may change on resume.
+    budget = ray_train.ray_scale_trainer(run_name="killed", storage=storage, workers=1)
+    budget(cfg.replace(**{"train.max_steps": 1000}), *split)
+    assert ray_train.load_state(budget.results[SCALE].checkpoint)["epoch"] == 2
 
     # A config that changes what the saved state means is refused, not silently resumed.
     with pytest.raises(ValueError, match="different model/training config"):
