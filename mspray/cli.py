@@ -250,6 +250,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- export (issue 15): ONNX encoders + faiss banks + JSON for consumers without torch/Ray
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a bundle as ONNX encoders, faiss banks and a JSON spec",
+        description="Write encoder_<scale>.onnx (dynamic batch and image size), "
+        "bank_<scale>.faiss and mspray_export.json (scales, strides, normalisation, fusion "
+        "stats, threshold) to --out. Score them without torch with "
+        "`python -m mspray.export_runtime OUT image.png`. Needs onnx (pip install "
+        "'mspray[export]').",
+    )
+    p.add_argument("--bundle", required=True, help="bundle directory (local path or s3://)")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
+    p.add_argument("--out", required=True, help="output directory (local)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mspray.export import export_bundle
+
+    spec = export_bundle(args.bundle, args.out, args.format)
+    print(json.dumps({"out": args.out, "scales": spec["scales"], "version": spec["version"]}))
+    return 0
+
+
 def _delegate(name: str, help: str, module: str, prefix: str, run: str):
     """A subcommand whose options, help text and runner live in a Ray-layer module
     (``<prefix>DESCRIPTION``, ``<prefix>EPILOG``, ``add_<name>_args`` and ``run``); the
@@ -303,6 +328,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_build_bank,
     _add_score,
     _add_serve,
+    _add_export,
 ]
 
 

@@ -114,6 +114,14 @@ class ScoreConfig:
     #: Decompression-bomb guard: images with more pixels are rejected.
     max_image_pixels: int = 40_000_000
     max_image_bytes: int = 50_000_000
+    # --- inference speed (issue 15); none of these change what is computed beyond rounding.
+    #: Encoder precision: "auto" picks bf16 autocast on CPUs with native bf16 (AVX512-BF16 /
+    #: AMX), fp16 autocast on CUDA, else fp32; the resolved mode is recorded in the metrics.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    #: Run the torch encoders in channels_last (NHWC) layout, faster for oneDNN convolutions.
+    channels_last: bool = True
+    #: Encoder runtime: "torch", or "onnx" (ONNX Runtime on CPU, needs the ``export`` extra).
+    runtime: Literal["torch", "onnx"] = "torch"
 
 
 @dataclass
@@ -255,6 +263,13 @@ class MSPrayConfig:
         _check(s.threshold_margin > 0, "score.threshold_margin", s.threshold_margin, "> 0")
         _check(s.max_image_pixels > 0, "score.max_image_pixels", s.max_image_pixels, "> 0")
         _check(s.max_image_bytes > 0, "score.max_image_bytes", s.max_image_bytes, "> 0")
+        _check(
+            s.precision in ("auto", "fp32", "bf16", "fp16"),
+            "score.precision",
+            s.precision,
+            "'auto', 'fp32', 'bf16' or 'fp16'",
+        )
+        _check(s.runtime in ("torch", "onnx"), "score.runtime", s.runtime, "'torch' or 'onnx'")
 
     def stride_for(self, scale: int) -> int:
         """Inference stride of ``scale``."""
