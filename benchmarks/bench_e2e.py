@@ -92,15 +92,18 @@ class PadimVGG(nn.Module):
 class Padim:
     """Gaussian per feature position, Mahalanobis distance (Defard et al., 2020)."""
 
-    def __init__(self, vgg: PadimVGG, n_dims: int = 100, sigma: float = 4.0, seed: int = 0):
-        self.vgg = vgg.eval()
+    def __init__(
+        self, vgg: PadimVGG, n_dims: int = 100, sigma: float = 4.0, seed: int = 0, device="cpu"
+    ):
+        self.device = torch.device(device)
+        self.vgg = vgg.eval().to(self.device)
         self.n_dims, self.sigma = n_dims, sigma
         self.idx = torch.randperm(128 + 256 + 512, generator=torch.Generator().manual_seed(seed))
-        self.idx = self.idx[:n_dims].sort().values
+        self.idx = self.idx[:n_dims].sort().values.to(self.device)
         self.onnx = None
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        x = normalize(images)
+        x = normalize(images.to(self.device))
         if self.onnx is not None:
             f = torch.from_numpy(self.onnx.run(None, {"images": x.numpy()})[0])
         else:
@@ -114,25 +117,30 @@ class Padim:
         x = f.permute(2, 3, 0, 1).reshape(h * w, n, d).double()  # P×N×d
         self.mean = x.mean(1)  # P×d
         xc = x - self.mean[:, None]
-        cov = xc.transpose(1, 2) @ xc / max(n - 1, 1) + 0.01 * torch.eye(d, dtype=x.dtype)
+        eye = torch.eye(d, dtype=x.dtype, device=x.device)
+        cov = xc.transpose(1, 2) @ xc / max(n - 1, 1) + 0.01 * eye
         self.prec = torch.linalg.inv(cov).float()  # P×d×d
         self.mean = self.mean.float()
 
     def predict(
         self, images: torch.Tensor, timings: dict[str, float]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
         t0 = time.perf_counter()
         f = self.features(images)
+        sync()
         t1 = time.perf_counter()
         b, d, h, w = f.shape
         diff = f.permute(2, 3, 0, 1).reshape(h * w, b, d) - self.mean[:, None]  # P×B×d
         # one batched matrix product over positions: (P×B×d)·(P×d×d)
         dist = (torch.bmm(diff, self.prec) * diff).sum(-1).clamp_min(0).sqrt()
+        sync()
         t2 = time.perf_counter()
         m = dist.T.reshape(b, 1, h, w)
         m = F.interpolate(m, size=images.shape[-2:], mode="bilinear", align_corners=False)
         m = M.gaussian_smooth(m[:, 0], self.sigma)
         scores = m.flatten(1).amax(1)
+        sync()
         t3 = time.perf_counter()
         for k, v in (("encoder", t1 - t0), ("gaussian", t2 - t1), ("maps", t3 - t2)):
             timings[k] = timings.get(k, 0.0) + v
@@ -235,7 +243,7 @@ def main() -> None:
                     .items()
                 },
             )
-            pad = Padim(vgg)
+            pad = Padim(vgg, device=device)
             if mode == "padim-onnx":
                 from mspray.export import encoder_to_onnx, onnx_session
 

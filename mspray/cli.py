@@ -197,6 +197,18 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--maps", metavar="DIR", help="write heatmap overlay PNGs here")
     p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
     p.add_argument("--batch-size", type=int, help="images per forward pass")
+    p.add_argument(
+        "--runtime",
+        choices=["torch", "onnx"],
+        help="encoder runtime (onnx: ONNX Runtime on CPU, pip install 'mspray[export]'); "
+        "default: the bundle's score.runtime",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="encoder precision (auto: bf16 on CPUs with native bf16, fp16 on CUDA, else "
+        "fp32); default: the bundle's score.precision",
+    )
     from mspray.scoring.args import add_evaluate_ray_args
 
     add_evaluate_ray_args(p)
@@ -215,7 +227,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         metrics = run_evaluate_ray(args)
     else:
-        det = load_bundle(args.bundle, device=resolve_device(args.device))
+        det = load_bundle(
+            args.bundle, device=resolve_device(args.device), config=_score_overrides(args)
+        )
         samples = test_samples(args.data, args.category)
         metrics = evaluate(
             det, samples, maps_dir=args.maps, batch_size=args.batch_size, progress=not args.quiet
@@ -224,6 +238,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     storage.write_text(args.json, text + "\n")
     print(text)
     return 0
+
+
+def _score_overrides(args: argparse.Namespace) -> MSPrayConfig | None:
+    """The bundle's config with ``--runtime`` / ``--precision`` applied (None: unchanged)."""
+    over = {
+        f"score.{k}": getattr(args, k)
+        for k in ("runtime", "precision")
+        if getattr(args, k, None) is not None
+    }
+    if not over:
+        return None
+    from mspray import storage
+
+    cfg = MSPrayConfig.from_json(storage.read_text(storage.join(args.bundle, "config.json")))
+    return cfg.replace(**over)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

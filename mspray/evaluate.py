@@ -60,7 +60,7 @@ def evaluate(
             )
         bar.update(len(chunk))
     bar.close()
-    return metrics_report(
+    report = metrics_report(
         np.array([s.label for s in samples]),
         torch.cat(scores).numpy(),
         {s: torch.cat(v).numpy() for s, v in scale_scores.items()},
@@ -70,6 +70,8 @@ def evaluate(
         version=det.version,
         model_seconds=model_seconds,
     )
+    report["inference"] = det.inference_mode  # runtime / resolved precision / layout used
+    return report
 
 
 def metrics_report(

@@ -51,7 +51,7 @@ def bundle(tmp_path_factory):
     out = str(root / "bundle")
     save_bundle(det, out)
     test = sorted(str(p) for p in (data / "test").rglob("*.png"))
-    return out, test
+    return out, test, str(root)
 
 
 def test_onnx_encoders_match_torch_for_any_batch_and_size(bundle):
@@ -69,7 +69,7 @@ def test_onnx_encoders_match_torch_for_any_batch_and_size(bundle):
 
 
 def test_runtime_onnx_detector_scores_like_torch(bundle):
-    uri, test = bundle
+    uri, test, _ = bundle
     cfg = MSPrayConfig.from_json(Path(uri, "config.json").read_text())
     det_t = load_bundle(uri)
     det_o = load_bundle(uri, config=cfg.replace(**{"score.runtime": "onnx"}))
@@ -83,7 +83,7 @@ def test_runtime_onnx_detector_scores_like_torch(bundle):
 
 
 def test_cli_export_then_torch_free_scorer_equals_detector(bundle, tmp_path):
-    uri, test = bundle
+    uri, test, _ = bundle
     out = tmp_path / "export"
     assert cli_main(["export", "--bundle", uri, "--format", "onnx", "--out", str(out)]) == 0
     spec = json.loads((out / "mspray_export.json").read_text())
@@ -120,3 +120,21 @@ def test_export_rejects_unknown_format_and_detector_without_banks(bundle, tmp_pa
     det = load_bundle(bundle[0], with_banks=False)
     with pytest.raises(ValueError, match="no bank"):
         export_bundle(det, str(tmp_path / "y"))
+
+
+def test_cli_evaluate_runtime_onnx_records_mode_and_matches_torch(bundle, tmp_path):
+    uri, _, root = bundle
+    runs = {}
+    for runtime in ("torch", "onnx"):
+        out = tmp_path / f"{runtime}.json"
+        argv = ["-q", "evaluate", "--bundle", uri, "--data", f"mvtec:{root}", "--category", "s"]
+        assert cli_main([*argv, "--json", str(out), "--runtime", runtime]) == 0
+        runs[runtime] = json.loads(out.read_text())
+    assert runs["onnx"]["inference"] == {
+        "runtime": "onnx",
+        "precision": "fp32",
+        "channels_last": False,
+    }
+    assert runs["torch"]["inference"]["runtime"] == "torch"
+    for key in ("image_auroc", "pixel_auroc"):
+        assert runs["onnx"][key] == pytest.approx(runs["torch"][key], abs=1e-3)
