@@ -119,7 +119,8 @@ class Padim:
         xc = x - self.mean[:, None]
         eye = torch.eye(d, dtype=x.dtype, device=x.device)
         cov = xc.transpose(1, 2) @ xc / max(n - 1, 1) + 0.01 * eye
-        self.prec = torch.linalg.inv(cov).float()  # P×d×d
+        # contiguous: linalg.inv returns column-major matrices, which bmm would copy per call
+        self.prec = torch.linalg.inv(cov).float().contiguous()  # P×d×d
         self.mean = self.mean.float()
 
     def predict(
@@ -131,7 +132,7 @@ class Padim:
         sync()
         t1 = time.perf_counter()
         b, d, h, w = f.shape
-        diff = f.permute(2, 3, 0, 1).reshape(h * w, b, d) - self.mean[:, None]  # P×B×d
+        diff = (f.permute(2, 3, 0, 1).reshape(h * w, b, d) - self.mean[:, None]).contiguous()
         # one batched matrix product over positions: (P×B×d)·(P×d×d)
         dist = (torch.bmm(diff, self.prec) * diff).sum(-1).clamp_min(0).sqrt()
         sync()
