@@ -105,6 +105,7 @@ def greedy_coreset(
     proj_dim: int | None = None,
     chunk: int = 65536,
     init_dist: torch.Tensor | None = None,
+    prune: bool = True,
 ) -> torch.Tensor:
     """Greedy k-center (farthest point) selection, as in PatchCore.
 
@@ -122,6 +123,10 @@ def greedy_coreset(
         chunk: rows per block for the projection and norm passes (bounds temporaries).
         init_dist: optional N squared distances to an already-selected set (in the same,
             possibly projected, space), used to extend an existing bank incrementally.
+        prune: skip distance updates the triangle inequality proves useless
+            (:func:`_greedy_pruned`, CPU only; same picks up to float ties, faster on
+            data of low intrinsic dimension such as patch embeddings); ``False`` (and any
+            GPU) runs the plain loop, one full matrix-vector product per pick.
 
     Returns:
         LongTensor of ``n_select`` distinct indices, in selection order, on the input's device.
@@ -155,6 +160,8 @@ def greedy_coreset(
     else:
         min_dist = torch.full((n,), float("inf"), device=device)
         cur = torch.randint(n, (), generator=gen).to(device)
+    if prune and device.type == "cpu":  # on a GPU the plain loop's full pass is cheap
+        return _greedy_pruned(work, sq_norms, min_dist, cur, n_select)
     selected = torch.empty(n_select, dtype=torch.long, device=device)
     dist = torch.empty(n, dtype=torch.float32, device=device)
     for i in range(n_select):
@@ -170,6 +177,86 @@ def greedy_coreset(
         min_dist.index_fill_(0, cur.view(1), float("-inf"))
         cur = torch.argmax(min_dist)
     return selected
+
+
+#: Pruning keeps a point out of a distance update only when the triangle inequality proves
+#: the new center is at least this factor (squared: 4 = 2²) times its current distance away
+#: from its nearest center, plus a margin for float rounding of the squared expansions.
+_PRUNE_FACTOR = 4.0 * (1.0 + 1e-3)
+#: Above this share of points passing the test, update all points densely instead, and
+#: test again every ``_REPROBE_EVERY`` picks (isotropic high-dimensional data never prunes).
+_DENSE_ABOVE = 0.25
+_REPROBE_EVERY = 32
+
+
+def _greedy_pruned(
+    work: torch.Tensor,
+    sq_norms: torch.Tensor,
+    min_dist: torch.Tensor,
+    cur: torch.Tensor,
+    n_select: int,
+) -> torch.Tensor:
+    """Farthest-point picks with the triangle inequality (Elkan-style) pruning.
+
+    Every point remembers its nearest selected center ``a``. A new center ``c`` can only
+    bring a point ``x`` closer when ``d(c, a) < 2·d(x, a)`` (else ``d(x, c) ≥ d(c, a) -
+    d(x, a) ≥ d(x, a)``), so each pick computes distances from ``c`` to the k centers so far
+    (k×D, small) and to the points that pass that test only, instead of to all N points. As
+    the covering radius shrinks, fewer points pass; the picks equal the plain loop's up to
+    float ties. Points whose nearest center is outside this run (``init_dist`` from an
+    existing bank) are always updated until a new center claims them.
+    """
+    if work.device.type != "cpu":
+        raise ValueError("the pruned greedy loop runs on CPU; use prune=False on a GPU")
+    # numpy: the loop is many small 1-D gathers, which numpy runs at a fraction of the
+    # per-call overhead of torch's (multi-threaded) indexing kernels.
+    x = work.numpy()
+    norms = sq_norms.numpy()
+    best = min_dist.numpy()
+    n, d = x.shape
+    cur_i = int(cur)
+    selected = np.empty(n_select, dtype=np.int64)
+    centers = np.empty((n_select, d), dtype=np.float32)
+    center_sq = np.empty(n_select, dtype=np.float32)
+    # squared distance of the newest center to each earlier center; the last slot is the
+    # "no center yet" sentinel, -inf, so such points always pass the pruning test.
+    to_new = np.full(n_select + 1, -np.inf, dtype=np.float32)
+    nearest = np.full(n, n_select, dtype=np.int64)
+    # torch views of the same buffers for the dense update (a 2-thread addmv)
+    work_t, best_t, nearest_t = work, min_dist, torch.from_numpy(nearest)
+    dist_t = torch.empty(n, dtype=torch.float32)
+    frac = 0.0  # share of points that passed the last pruning test
+    for i in range(n_select):
+        selected[i] = cur_i
+        c = x[cur_i]
+        c_sq = norms[cur_i]
+        centers[i] = c
+        center_sq[i] = c_sq
+        if i:
+            to_new[:i] = center_sq[:i] - 2.0 * (centers[:i] @ c) + c_sq
+        if frac > _DENSE_ABOVE and i % _REPROBE_EVERY:
+            # Most points pass the test (high intrinsic dimension, or early picks): a plain
+            # full update is cheaper than gathering them; test again every few picks.
+            torch.addmv(sq_norms, work_t, torch.from_numpy(c), alpha=-2.0, out=dist_t)
+            dist_t += float(c_sq)
+            closer = dist_t < best_t
+            nearest_t.masked_fill_(closer, i)
+            torch.minimum(best_t, dist_t, out=best_t)
+        else:
+            # points the new center may bring closer (always those without a center yet)
+            cand = np.flatnonzero(to_new[nearest] < _PRUNE_FACTOR * best)
+            frac = cand.size / n
+            if cand.size:
+                dist = norms[cand] - 2.0 * (x[cand] @ c) + c_sq
+                closer = dist < best[cand]
+                upd = cand[closer]
+                best[upd] = dist[closer]
+                nearest[upd] = i
+        # Rounding can leave a picked point at a tiny positive distance; -inf makes sure it
+        # is never picked again (and keeps picks distinct on duplicated data).
+        best[cur_i] = -np.inf
+        cur_i = int(np.argmax(best))
+    return torch.from_numpy(selected)
 
 
 # ---------------------------------------------------------------------- bank

@@ -266,7 +266,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", required=True, metavar="OUT.json", help="metrics file to write")
     p.add_argument("--maps", metavar="DIR", help="write heatmap overlay PNGs here")
     p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (default)")
-    add_config_flags(p, "cfg", MSPrayConfig, ["score.batch_size"])
+    add_config_flags(
+        p, "cfg", MSPrayConfig, ["score.batch_size", "score.runtime", "score.precision"]
+    )
     p.add_argument(
         "--ray",
         action="store_true",
@@ -300,7 +302,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from mspray.device import resolve_device
         from mspray.evaluate import evaluate
 
-        det = load_bundle(args.bundle, device=resolve_device(args.device))
+        over = {k: v for k, v in overrides.items() if k in ("score.runtime", "score.precision")}
+        config = bundle_config_with(args.bundle, over) if over else None
+        det = load_bundle(args.bundle, device=resolve_device(args.device), config=config)
         metrics = evaluate(
             det,
             samples,
@@ -688,6 +692,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- demo
+def bundle_config_with(bundle: str, overrides: dict[str, Any]) -> MSPrayConfig:
+    """The bundle's config with dotted runtime ``overrides`` (e.g. ``score.runtime``)."""
+    from mspray.bundle import read_config
+
+    return read_config(bundle).replace(**overrides)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -709,6 +720,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from mspray.demo import run_demo
 
     run_demo(args.out, epochs=args.epochs, use_ray=not args.local, progress=not args.quiet)
+    return 0
+
+
+# ---------------------------------------------------------------------------- export
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a bundle as ONNX encoders, faiss banks and a JSON spec",
+        description="Write encoder_<scale>.onnx (dynamic batch and image size), "
+        "bank_<scale>.faiss and mspray_export.json (scales, strides, normalisation, fusion "
+        "stats, threshold) to --out. Score them without torch with "
+        "`python -m mspray.export_runtime OUT image.png`. Needs onnx (pip install "
+        "'mspray[export]').",
+    )
+    p.add_argument("--bundle", required=True, help="bundle directory (local path or s3://)")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
+    p.add_argument("--out", required=True, help="output directory (local)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mspray.export import export_bundle
+
+    spec = export_bundle(args.bundle, args.out, args.format)
+    print(json.dumps({"out": args.out, "scales": spec["scales"], "version": spec["version"]}))
     return 0
 
 
@@ -767,6 +803,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_build_bank,
     _add_score,
     _add_serve,
+    _add_export,
     _add_report,
     _add_demo,
 ]

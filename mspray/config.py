@@ -215,6 +215,18 @@ class ScoreConfig(Section):
     max_image_bytes: int = setting(
         50_000_000, "larger files are rejected without being read whole (error row)", gt=0
     )
+    # inference speed: none of these change what is computed beyond rounding
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = flag(
+        "auto",
+        "encoder precision: auto picks bf16 autocast on CPUs with native bf16 (AVX512-BF16 / "
+        "AMX), fp16 autocast on CUDA, else fp32; the mode used is recorded in the metrics",
+    )
+    channels_last: bool = setting(
+        True, "run the torch encoders in channels_last (NHWC) layout, faster for oneDNN"
+    )
+    runtime: Literal["torch", "onnx"] = flag(
+        "torch", "encoder runtime: torch, or onnx (ONNX Runtime on CPU, needs the export extra)"
+    )
 
 
 class MSPrayConfig(Section):

@@ -8,6 +8,8 @@ image score is the maximum 8×8 window mean of the fused map (eq. 9).
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,8 +18,51 @@ import torch
 from mspray import maps as M
 from mspray.bank import PatchBank
 from mspray.config import MSPrayConfig
-from mspray.model.multiscale import MultiScaleEncoder
+from mspray.model.multiscale import MultiScaleEncoder, normalize
 from mspray.threshold import calibrate_threshold, score_stats
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX); without
+    them bf16 is emulated and slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``score.precision`` -> the mode actually used: "fp32", "bf16" or "fp16".
+
+    "auto" is fp16 on CUDA, bf16 on a CPU with native bf16, else fp32. An explicit
+    reduced mode is honoured (CPU fp16 is refused: torch has no fast CPU fp16 convolutions).
+    """
+    if precision == "auto":
+        if device.type == "cuda":
+            return "fp16"
+        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("score.precision='fp16' needs a GPU; use 'bf16' or 'auto' on CPU")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"score.precision={precision!r}: expected auto, fp32, bf16 or fp16")
+    return precision
+
+
+class _Timer:
+    """Adds wall seconds per stage into ``timings`` (a no-op when it is None)."""
+
+    def __init__(self, timings: dict[str, float] | None):
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        if self.timings is None:
+            yield
+            return
+        t0 = time.perf_counter()
+        yield
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
+
 
 #: Held-out normal image scores stored in ``meta["calibration_scores"]`` (bundle meta.json).
 MAX_CALIBRATION_SCORES = 1000
@@ -54,6 +99,29 @@ class Detector:
         self.stats = dict(stats or {})
         self.threshold = threshold
         self.meta: dict = dict(meta or {})
+        self.precision = resolve_precision(cfg.score.precision, self.device)
+        self.channels_last = cfg.score.channels_last and self.device.type != "mps"
+        if self.channels_last:
+            # same values, NHWC storage: oneDNN's convolutions are faster in this layout
+            self.model.to(memory_format=torch.channels_last)
+        self.runtime = cfg.score.runtime
+        self._onnx = None
+        if self.runtime == "onnx":
+            if self.device.type != "cpu":
+                raise ValueError("score.runtime='onnx' runs on CPU; use runtime 'torch' on GPU")
+            from mspray.export import OnnxEncoders  # optional dependency
+
+            self._onnx = OnnxEncoders(self.model, self.scales)
+            self.precision = "fp32"
+
+    @property
+    def inference_mode(self) -> dict[str, str | bool]:
+        """How the encoders run (recorded in metrics and batch outputs)."""
+        return {
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "channels_last": bool(self.channels_last and self.runtime == "torch"),
+        }
 
     @property
     def scales(self) -> tuple[int, ...]:
@@ -67,11 +135,35 @@ class Detector:
     def bank_stride(self, scale: int) -> int:
         return self.cfg.bank.bank_stride or self.model.encoder(scale).stride
 
-    @torch.no_grad()
+    def embed(self, images: torch.Tensor, scale: int, stride: int | None = None) -> torch.Tensor:
+        """``B×3×H×W`` images in [0, 1] -> ``B×h×w×D`` float32 grid at ``stride`` (default:
+        the inference stride), with this detector's runtime, precision and layout."""
+        stride = stride or self.cfg.stride_for(scale)
+        if self._onnx is not None:
+            net = self.model.encoder(scale).stride
+            if stride % net:
+                raise ValueError(f"stride {stride} is not a multiple of {net} (scale {scale})")
+            step = stride // net
+            x = normalize(images.to(torch.float32)).numpy()
+            grid = torch.from_numpy(self._onnx[scale](x))[:, :, ::step, ::step]
+            return grid.permute(0, 2, 3, 1).contiguous()
+        images = images.to(self.device, torch.float32)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        autocast = (
+            torch.autocast(self.device.type, dtype=dtype)
+            if dtype is not None
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            grid = self.model.embed(images, scale, stride)
+        return grid.float()
+
     def bank_embeddings(self, images: torch.Tensor, scale: int) -> np.ndarray:
         """All training patch embeddings of ``images`` at the bank stride, ``N×D`` float32."""
-        grid = self.model.embed(images.to(self.device), scale, self.bank_stride(scale))
-        return grid.reshape(-1, grid.shape[-1]).float().cpu().numpy()
+        grid = self.embed(images, scale, self.bank_stride(scale))
+        return grid.reshape(-1, grid.shape[-1]).cpu().numpy()
 
     def build_banks(
         self, images: torch.Tensor, batch_size: int | None = None, progress: bool = False
@@ -91,34 +183,48 @@ class Detector:
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
-    def raw_scale_maps(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Per-scale pixel maps of nearest-neighbour distances (``B×H×W`` each, on CPU)."""
+    def raw_scale_maps(
+        self, images: torch.Tensor, timings: dict[str, float] | None = None
+    ) -> dict[int, torch.Tensor]:
+        """Per-scale pixel maps of nearest-neighbour distances (``B×H×W`` each, on CPU).
+
+        With ``timings``, adds seconds per stage under ``encoder_<scale>``,
+        ``search_<scale>`` and ``maps``."""
         missing = [s for s in self.scales if s not in self.banks]
         if missing:
             raise RuntimeError(f"no bank for scale(s) {missing}; build or load banks first")
-        images = images.to(self.device, torch.float32)
+        timer = _Timer(timings)
         out = {}
         for scale in self.scales:
-            grid = self.model.embed(images, scale)  # B×h×w×D
+            with timer(f"encoder_{scale}"):
+                grid = self.embed(images, scale)  # B×h×w×D
+                if timings is not None and grid.is_cuda:
+                    torch.cuda.synchronize()
             b, h, w, d = grid.shape
-            dist = self.banks[scale].search(grid.reshape(-1, d))
-            scores = torch.from_numpy(np.asarray(dist, dtype=np.float32)).view(b, h, w)
-            out[scale] = M.patch_scores_to_map(
-                scores, scale, self.cfg.stride_for(scale), tuple(images.shape[-2:])
-            )
+            with timer(f"search_{scale}"):
+                dist = self.banks[scale].search(grid.reshape(-1, d))
+            with timer("maps"):
+                scores = torch.from_numpy(np.asarray(dist, dtype=np.float32)).view(b, h, w)
+                out[scale] = M.patch_scores_to_map(
+                    scores, scale, self.cfg.stride_for(scale), tuple(images.shape[-2:])
+                )
         return out
 
     def _finish(self, m: torch.Tensor) -> torch.Tensor:
         return M.gaussian_smooth(m, self.cfg.model.smoothing_sigma)
 
-    def predict(self, images: torch.Tensor) -> Prediction:
-        """Maps and scores of ``B×3×H×W`` images in [0, 1] (already at the config's size)."""
-        raw = self.raw_scale_maps(images)
-        stats = self.stats if self.cfg.model.fusion == "zscore" and self.stats else None
-        fused = self._finish(M.fuse_maps(raw, stats))
-        win, st = self.cfg.model.score_window, self.cfg.model.score_window_stride
-        scores = M.image_scores(fused, win, st)
-        scale_scores = {s: M.image_scores(self._finish(m), win, st) for s, m in raw.items()}
+    def predict(self, images: torch.Tensor, timings: dict[str, float] | None = None) -> Prediction:
+        """Maps and scores of ``B×3×H×W`` images in [0, 1] (already at the config's size).
+
+        With ``timings``, per-stage seconds are added to it (see :meth:`raw_scale_maps`;
+        fusion, smoothing and image scores count under ``maps``)."""
+        raw = self.raw_scale_maps(images, timings)
+        with _Timer(timings)("maps"):
+            stats = self.stats if self.cfg.model.fusion == "zscore" and self.stats else None
+            fused = self._finish(M.fuse_maps(raw, stats))
+            win, st = self.cfg.model.score_window, self.cfg.model.score_window_stride
+            scores = M.image_scores(fused, win, st)
+            scale_scores = {s: M.image_scores(self._finish(m), win, st) for s, m in raw.items()}
         flags = None if self.threshold is None else scores > self.threshold
         return Prediction(scores, fused, scale_scores, raw, flags)
 

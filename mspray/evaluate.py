@@ -118,7 +118,9 @@ def evaluate(
                 np.arange(i, i + len(chunk)), score_chunk(det, chunk, gather.with_masks, maps_dir)
             )
             bar.update(len(chunk))
-    return gather.report(det.threshold, det.version)
+    report = gather.report(det.threshold, det.version)
+    report["inference"] = det.inference_mode  # runtime / resolved precision / layout used
+    return report
 
 
 def metrics_report(

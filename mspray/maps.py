@@ -51,13 +51,23 @@ def patch_scores_to_map(
                 f"score grid {tuple(scores.shape[1:])} does not match image {(hh, ww)} "
                 f"(expected {expected} patches along a side of {side})"
             )
-    s = _float(scores).unsqueeze(1)  # B×1×h×w
-    kernel = torch.ones(1, 1, patch_size, patch_size, dtype=s.dtype, device=s.device)
-    # Transposed conv with a ones kernel scatters each score onto its patch's pixels (sum);
-    # the same on a ones grid counts the patches covering each pixel (same for all images).
-    total = F.conv_transpose2d(s, kernel, stride=stride)
-    count = F.conv_transpose2d(torch.ones_like(s[:1]), kernel, stride=stride)
-    return (total / count).squeeze(1)
+    s = _float(scores)
+    # The patch-to-pixel spreading is separable: total = A_h · S · A_wᵀ with A[y, i] = 1 when
+    # patch row i covers pixel row y; two small matrix products per image (far cheaper than
+    # a transposed convolution with a patch-sized kernel), and the count is A_h·1 ⊗ A_w·1.
+    a_h = _cover_matrix(hh, patch_size, stride, s.dtype, s.device)
+    a_w = _cover_matrix(ww, patch_size, stride, s.dtype, s.device)
+    total = a_h @ s @ a_w.T
+    count = a_h.sum(1)[:, None] * a_w.sum(1)[None, :]
+    return total / count
+
+
+def _cover_matrix(side: int, patch: int, stride: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """``side×n`` 0/1 matrix: pixel ``y`` lies in patch ``i`` (rows ``i*stride`` onwards)."""
+    n = (side - patch) // stride + 1
+    y = torch.arange(side, device=device)[:, None]
+    top = torch.arange(n, device=device)[None, :] * stride
+    return ((y >= top) & (y < top + patch)).to(dtype)
 
 
 def _gaussian_kernel(sigma: float, radius: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -78,18 +88,32 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma == 0:
         return maps
     _check_maps(maps)
-    x = _float(maps).unsqueeze(1)  # B×1×H×W
-    radius = math.ceil(4 * sigma)
-    for dim in (2, 3):
-        r = min(radius, x.shape[dim] - 1)
-        if r == 0:
-            continue
-        k = _gaussian_kernel(sigma, r, x.dtype, x.device)
-        if dim == 2:
-            x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
-        else:
-            x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    return x.squeeze(1)
+    x = _float(maps)
+    # Each 1-D pass (reflect padding included) is a fixed side×side matrix, so the blur is
+    # G_h · X · G_wᵀ: two dense matrix products instead of single-channel convolutions,
+    # which CPU convolution kernels run poorly.
+    g_h = _blur_matrix(x.shape[1], sigma, x.dtype, x.device)
+    g_w = _blur_matrix(x.shape[2], sigma, x.dtype, x.device)
+    return g_h @ x @ g_w.T
+
+
+def _blur_matrix(side: int, sigma: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """``side×side`` matrix of the 1-D Gaussian blur with reflect padding; radius
+    ``ceil(4σ)`` cut to ``side - 1`` (reflect padding needs pad < side), renormalised."""
+    r = min(math.ceil(4 * sigma), side - 1)
+    if r == 0:
+        return torch.eye(side, dtype=dtype, device=device)
+    k = _gaussian_kernel(sigma, r, torch.float64, "cpu")
+    src = torch.arange(side)[:, None] + torch.arange(-r, r + 1)[None, :]
+    src = src.abs()  # reflect without repeating the edge: -1 -> 1, side -> side - 2
+    src = torch.where(src > side - 1, 2 * (side - 1) - src, src)
+    g = torch.zeros(side, side, dtype=torch.float64)
+    g.index_put_(
+        (torch.arange(side).repeat_interleave(2 * r + 1), src.flatten()),
+        k.repeat(side),
+        accumulate=True,
+    )
+    return g.to(dtype=dtype, device=device)
 
 
 def fuse_maps(

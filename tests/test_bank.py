@@ -117,6 +117,25 @@ def test_coreset_covers_better_than_random() -> None:
     assert _radius(x, core) < 0.5 * _radius(x, rand)
 
 
+def _manifold(n: int, d: int, seed: int) -> torch.Tensor:
+    """Points near a smooth 3-D manifold in d dimensions (like patch embeddings)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.rand(n, 3, generator=g) * 6
+    lift = torch.randn(3, d, generator=g)
+    return torch.sin(z @ lift) + 0.01 * torch.randn(n, d, generator=g)
+
+
+@pytest.mark.parametrize("with_init", [False, True])
+def test_pruned_greedy_picks_equal_plain_greedy(with_init: bool) -> None:
+    x = _manifold(3000, 32, seed=6)
+    init = None
+    if with_init:  # extend an existing set: points start with their distance to it
+        init = torch.cdist(x, x[:50]).min(1).values.square()
+    plain = greedy_coreset(x, 300, seed=2, prune=False, init_dist=init)
+    pruned = greedy_coreset(x, 300, seed=2, prune=True, init_dist=init)
+    assert torch.equal(plain, pruned)
+
+
 def test_coreset_with_projection() -> None:
     x = torch.from_numpy(_clustered(1000, 128, 20, seed=5))
     sel = greedy_coreset(x, 50, seed=0, proj_dim=16)

@@ -122,3 +122,36 @@ def test_incomplete_bundle_is_a_clear_error(tiny, tmp_path):
     (tmp_path / "nobank" / "bank_16.faiss").unlink()
     with pytest.raises(BundleError, match="bank_16"):
         load_bundle(str(tmp_path / "nobank"))
+
+
+def test_precision_auto_resolves_per_device_and_rejects_cpu_fp16():
+    from mspray.detector import cpu_has_native_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    assert resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_precision("fp16", cpu)
+
+
+def test_channels_last_and_bf16_modes_score_like_fp32_nchw(tiny):
+    from mspray.detector import Detector
+
+    det, _, spec = tiny
+    images = load_images([s.path for s in test_samples(spec, "synthetic")[:2]], 64, progress=False)
+
+    def scored(**over):
+        d = Detector(det.cfg.replace(**over), det.model, det.banks, det.stats, det.threshold)
+        return d, d.predict(images)
+
+    d0, ref = scored(**{"score.precision": "fp32", "score.channels_last": False})
+    d1, cl = scored(**{"score.precision": "fp32", "score.channels_last": True})
+    assert d1.inference_mode == {"runtime": "torch", "precision": "fp32", "channels_last": True}
+    torch.testing.assert_close(cl.maps, ref.maps, rtol=1e-4, atol=1e-4)
+    d2, bf = scored(**{"score.precision": "bf16"})
+    assert d2.inference_mode["precision"] == "bf16"
+    # bf16 keeps ~3 significant digits: the maps move a little, the ranking barely
+    assert not torch.equal(bf.maps, ref.maps)
+    corr = np.corrcoef(bf.maps.flatten().numpy(), ref.maps.flatten().numpy())[0, 1]
+    assert corr > 0.98
