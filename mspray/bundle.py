@@ -5,7 +5,8 @@ Layout::
     config.json          MSPrayConfig
     model.safetensors    encoder + angle-head weights of every scale
     bank_<scale>.faiss   serialised faiss index of the scale's normal patch embeddings
-    meta.json            threshold, per-scale normalisation stats, ImageNet normalisation,
+    meta.json            threshold, the false-alarm rate it promises (``calibration``),
+                         per-scale normalisation stats, ImageNet normalisation,
                          version, provenance; written last, so its presence marks a
                          complete bundle
 
@@ -41,12 +42,16 @@ def bank_name(scale: int) -> str:
 
 
 def save_bundle(det: Detector, uri: str) -> str:
-    """Write ``det`` to ``uri``; returns the bundle version (a content hash)."""
+    """Write ``det`` to ``uri``; returns the bundle version (a content hash of the weights,
+    banks, threshold and stats)."""
     weights = st_save({k: v.detach().cpu().contiguous() for k, v in det.model.state_dict().items()})
     banks = {s: det.banks[s].to_bytes() for s in det.scales if s in det.banks}
     digest = hashlib.sha256(weights)
     for s in sorted(banks):
         digest.update(banks[s])
+    # the decision is part of the model: a recalibrated bundle gets a new version
+    decision = {"threshold": det.threshold, "stats": {str(s): v for s, v in det.stats.items()}}
+    digest.update(json.dumps(decision, sort_keys=True).encode())
     version = digest.hexdigest()[:12]
     storage.makedirs(uri)
     storage.write_text(storage.join(uri, "config.json"), det.cfg.to_json())

@@ -1,8 +1,8 @@
 """The ``mspray`` console script.
 
-Subcommands: ``train``, ``evaluate``, ``build-bank``, ``score``, ``serve``, ``demo``. Each
-one only parses arguments, builds an :class:`~mspray.config.MSPrayConfig` and calls the
-library. Run ``mspray <command> --help`` for the options.
+Subcommands: ``train``, ``evaluate``, ``calibrate``, ``build-bank``, ``score``, ``serve``,
+``demo``. Each one only parses arguments, builds an :class:`~mspray.config.MSPrayConfig` and
+calls the library. Run ``mspray <command> --help`` for the options.
 """
 
 from __future__ import annotations
@@ -49,6 +49,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--losses", help="comma-separated subset of svdd,cos,ssl,kmeans")
     g.add_argument("--coreset-ratio", type=float, help="fraction of bank patches kept")
     g.add_argument("--fusion", choices=["sum", "zscore"], help="how scale maps are combined")
+    g.add_argument(
+        "--target-fpr", type=float, help="false-alarm rate the threshold promises (0.01)"
+    )
+    g.add_argument(
+        "--calibration",
+        choices=["crossfit", "holdout"],
+        help="calibration scores: cross-fitted over all normal images (default) or held-out",
+    )
     g.add_argument("--seed", type=int)
     g.add_argument("--bank-gpu", action="store_true", help="faiss search on GPU when present")
 
@@ -76,6 +84,8 @@ def config_from_args(args: argparse.Namespace) -> MSPrayConfig:
         ("seed", "train.seed", None),
         ("coreset_ratio", "bank.coreset_ratio", None),
         ("fusion", "model.fusion", None),
+        ("target_fpr", "score.target_fpr", None),
+        ("calibration", "score.calibration", None),
         ("weights", "model.weights_path", None),
         ("scales", "model.scales", _ints),
         ("strides", "model.strides", _ints),
@@ -226,6 +236,63 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- calibrate
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="reset a bundle's threshold from new production images; writes a new bundle",
+        description="Score every image under --input with the bundle and set the threshold "
+        "that promises --target-fpr false alarms on such images: the order statistic of "
+        "their scores when they are all normal (--normal), or, with at most a fraction R "
+        "anomalous (--expected-anomaly-rate R), of the scores left after the R highest. "
+        "Banks and fusion stats are kept. The new bundle (a new version) records the "
+        "promise and how many images the previous threshold flagged (meta.json "
+        "'calibration').",
+    )
+    p.add_argument("--bundle", required=True, help="bundle directory (local path or s3://)")
+    p.add_argument("--input", required=True, help="folder / s3:// prefix of production images")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--normal", action="store_true", help="all the input images are normal")
+    g.add_argument(
+        "--expected-anomaly-rate",
+        type=float,
+        metavar="R",
+        help="at most this fraction of the input images is anomalous",
+    )
+    p.add_argument(
+        "--target-fpr",
+        type=float,
+        help="false-alarm rate to promise (default: the bundle's score.target_fpr)",
+    )
+    p.add_argument(
+        "--out", help="new bundle directory (default: BUNDLE-recal-<UTC time> next to it)"
+    )
+    p.add_argument("--in-place", action="store_true", help="overwrite the bundle itself")
+    p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
+    p.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from mspray.calibration import recalibrate_bundle
+
+    out, cal = recalibrate_bundle(
+        args.bundle,
+        args.input,
+        args.out,
+        normal=args.normal,
+        expected_anomaly_rate=args.expected_anomaly_rate,
+        target_fpr=args.target_fpr,
+        in_place=args.in_place,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    from mspray.bundle import load_bundle
+
+    meta = load_bundle(out, with_banks=False).meta
+    print(json.dumps({"bundle": out, "version": meta["version"], **meta["calibration"]}, indent=2))
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -300,6 +367,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_evaluate,
     _add_demo,
+    _add_calibrate,
     _add_build_bank,
     _add_score,
     _add_serve,

@@ -108,9 +108,27 @@ class ScoreConfig:
     """Scoring, thresholding and input limits."""
 
     batch_size: int = 8
-    #: Threshold = this quantile of held-out normal image scores, times ``threshold_margin``.
-    threshold_quantile: float = 0.99
+    #: Wanted false-alarm rate on new normal images: the threshold is the order statistic
+    #: of the calibration scores that promises it (see mspray/threshold.py).
+    target_fpr: float = 0.01
+    #: Confidence of the promised false-alarm-rate interval reported with the threshold.
+    fpr_confidence: float = 0.95
+    #: Legacy rule, wins over ``target_fpr`` when set: threshold = this quantile of the
+    #: calibration scores. Bundles saved before ``target_fpr`` existed carry 0.99 here.
+    threshold_quantile: float | None = None
+    #: The threshold is widened by this factor (1 = none).
     threshold_margin: float = 1.0
+    #: Where calibration scores come from. "crossfit": every normal training image is scored
+    #: against a bank built without its fold (contiguous blocks of the sorted file names, so
+    #: consecutive frames share a fold) and without ``calibration_gap`` images either side;
+    #: costs ``calibration_folds`` extra bank builds. "holdout": the held-out split only,
+    #: scored against the full bank (cheap; too low a threshold when held-out images have
+    #: near-duplicates in the bank).
+    calibration: Literal["crossfit", "holdout"] = "crossfit"
+    calibration_folds: int = 5
+    #: Images left out of a fold's bank on each side of it; None = measured: how far apart
+    #: in name order images still look like near-duplicates (see calibration.py).
+    calibration_gap: int | None = None
     #: Decompression-bomb guard: images with more pixels are rejected.
     max_image_pixels: int = 40_000_000
     max_image_bytes: int = 50_000_000
@@ -247,10 +265,25 @@ class MSPrayConfig:
             )
         _check(s.batch_size >= 1, "score.batch_size", s.batch_size, ">= 1")
         _check(
-            0 < s.threshold_quantile <= 1,
+            s.threshold_quantile is None or 0 < s.threshold_quantile <= 1,
             "score.threshold_quantile",
             s.threshold_quantile,
-            "in (0, 1]",
+            "null or in (0, 1]",
+        )
+        _check(0 < s.target_fpr < 1, "score.target_fpr", s.target_fpr, "in (0, 1)")
+        _check(0 < s.fpr_confidence < 1, "score.fpr_confidence", s.fpr_confidence, "in (0, 1)")
+        _check(
+            s.calibration in ("crossfit", "holdout"),
+            "score.calibration",
+            s.calibration,
+            "'crossfit' or 'holdout'",
+        )
+        _check(s.calibration_folds >= 2, "score.calibration_folds", s.calibration_folds, ">= 2")
+        _check(
+            s.calibration_gap is None or s.calibration_gap >= 0,
+            "score.calibration_gap",
+            s.calibration_gap,
+            "null (measured) or >= 0",
         )
         _check(s.threshold_margin > 0, "score.threshold_margin", s.threshold_margin, "> 0")
         _check(s.max_image_pixels > 0, "score.max_image_pixels", s.max_image_pixels, "> 0")

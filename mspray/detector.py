@@ -17,7 +17,7 @@ from mspray import maps as M
 from mspray.bank import PatchBank
 from mspray.config import MSPrayConfig
 from mspray.model.detector import MultiScaleDetector
-from mspray.threshold import calibrate_threshold, score_stats
+from mspray.threshold import Calibration, score_stats, threshold_from_config
 
 
 @dataclass
@@ -88,22 +88,27 @@ class Detector:
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
+    def scale_map(
+        self, images: torch.Tensor, scale: int, bank: PatchBank | None = None
+    ) -> torch.Tensor:
+        """Pixel map of nearest-neighbour distances at one scale (``B×H×W``, on CPU),
+        against ``bank`` (default: the detector's bank of that scale)."""
+        bank = bank if bank is not None else self.banks[scale]
+        images = images.to(self.device, torch.float32)
+        grid = self.model.embed(images, scale)  # B×h×w×D
+        b, h, w, d = grid.shape
+        dist = bank.search(grid.reshape(-1, d))
+        scores = torch.from_numpy(np.asarray(dist, dtype=np.float32)).view(b, h, w)
+        return M.patch_scores_to_map(
+            scores, scale, self.cfg.stride_for(scale), tuple(images.shape[-2:])
+        )
+
     def raw_scale_maps(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
         """Per-scale pixel maps of nearest-neighbour distances (``B×H×W`` each, on CPU)."""
         missing = [s for s in self.scales if s not in self.banks]
         if missing:
             raise RuntimeError(f"no bank for scale(s) {missing}; build or load banks first")
-        images = images.to(self.device, torch.float32)
-        out = {}
-        for scale in self.scales:
-            grid = self.model.embed(images, scale)  # B×h×w×D
-            b, h, w, d = grid.shape
-            dist = self.banks[scale].search(grid.reshape(-1, d))
-            scores = torch.from_numpy(np.asarray(dist, dtype=np.float32)).view(b, h, w)
-            out[scale] = M.patch_scores_to_map(
-                scores, scale, self.cfg.stride_for(scale), tuple(images.shape[-2:])
-            )
-        return out
+        return {scale: self.scale_map(images, scale) for scale in self.scales}
 
     def _finish(self, m: torch.Tensor) -> torch.Tensor:
         return M.gaussian_smooth(m, self.cfg.model.smoothing_sigma)
@@ -119,19 +124,43 @@ class Detector:
         flags = None if self.threshold is None else scores > self.threshold
         return Prediction(scores, fused, scale_scores, raw, flags)
 
-    def calibrate(self, images: torch.Tensor, batch_size: int | None = None) -> None:
+    def calibrate(
+        self, images: torch.Tensor, batch_size: int | None = None, source: str = "holdout"
+    ) -> Calibration:
         """Per-scale normalisation stats and the image threshold from held-out *normal*
-        images (never test labels)."""
+        images (never test labels), scored against the detector's banks."""
         bs = batch_size or self.cfg.score.batch_size
         raw = [self.raw_scale_maps(images[i : i + bs]) for i in range(0, len(images), bs)]
-        self.stats = {
-            s: score_stats(torch.cat([r[s] for r in raw]).flatten().numpy()) for s in self.scales
-        }
+        return self.calibrate_from_maps(
+            {s: torch.cat([r[s] for r in raw]) for s in self.scales}, source
+        )
+
+    def calibrate_from_maps(
+        self, raw: dict[int, torch.Tensor], source: str, batch_size: int | None = None
+    ) -> Calibration:
+        """Stats and threshold from raw per-scale maps (``N×H×W`` each) of normal images
+        (see :mod:`mspray.calibration` for maps from fold banks). The calibration, with the
+        false-alarm rate it promises, goes into ``meta["calibration"]``."""
+        import logging
+
+        self.stats = {s: score_stats(raw[s].flatten().numpy()) for s in self.scales}
         stats = self.stats if self.cfg.model.fusion == "zscore" else None
-        fused = torch.cat([self._finish(M.fuse_maps(r, stats)) for r in raw])
-        scores = M.image_scores(
-            fused, self.cfg.model.score_window, self.cfg.model.score_window_stride
+        bs = batch_size or self.cfg.score.batch_size
+        n = raw[self.scales[0]].shape[0]
+        win, st = self.cfg.model.score_window, self.cfg.model.score_window_stride
+        scores = torch.cat(
+            [
+                M.image_scores(
+                    self._finish(M.fuse_maps({s: m[i : i + bs] for s, m in raw.items()}, stats)),
+                    win,
+                    st,
+                )
+                for i in range(0, n, bs)
+            ]
         )
-        self.threshold = calibrate_threshold(
-            scores.numpy(), self.cfg.score.threshold_quantile, self.cfg.score.threshold_margin
-        )
+        cal = threshold_from_config(scores.numpy(), self.cfg.score, source)
+        if cal.warning:
+            logging.getLogger(__name__).warning("calibration: %s", cal.warning)
+        self.threshold = cal.threshold
+        self.meta["calibration"] = cal.to_dict()
+        return cal

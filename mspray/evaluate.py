@@ -14,6 +14,7 @@ from mspray.data.datasets import Sample
 from mspray.data.images import load_image, load_mask
 from mspray.detector import Detector
 from mspray.metrics import compute_metrics, image_auroc
+from mspray.threshold import flag_count_interval
 
 
 def evaluate(
@@ -28,7 +29,9 @@ def evaluate(
     Returns a JSON-ready dict with ``image_auroc``, ``pixel_auroc``, ``pixel_aupro``,
     ``f1_max``, ``threshold`` (the bundle's calibrated threshold), ``n_images`` and
     ``seconds_per_image`` (model time: forward + search + maps, excluding image decoding),
-    plus per-scale image AUROC and the confusion counts at the calibrated threshold.
+    plus per-scale image AUROC, the confusion counts at the calibrated threshold, the
+    bundle's ``calibration`` (promised false-alarm rate) and ``false_alarms`` (the rate
+    observed on the test normals, checked against the promise).
     Pixel metrics are ``None`` when the test set has no ground-truth masks.
     """
     if not samples:
@@ -69,6 +72,7 @@ def evaluate(
         threshold=det.threshold,
         version=det.version,
         model_seconds=model_seconds,
+        calibration=det.meta.get("calibration"),
     )
 
 
@@ -81,8 +85,12 @@ def metrics_report(
     threshold: float | None,
     version: str | None,
     model_seconds: float,
+    calibration: dict | None = None,
 ) -> dict:
-    """The metrics JSON from gathered scores (shared by the in-process and Ray Data paths)."""
+    """The metrics JSON from gathered scores (shared by the in-process and Ray Data paths).
+
+    ``calibration`` (the bundle's ``meta["calibration"]``) is reported as is, with the
+    false-alarm rate observed on the test normals against what it promises."""
     scores = np.asarray(scores, dtype=np.float32)
     out = compute_metrics(labels, scores, masks, maps)
     out.update(
@@ -102,6 +110,34 @@ def metrics_report(
             "true_negatives": int((~pos & (labels == 0)).sum()),
             "false_negatives": int((~pos & (labels == 1)).sum()),
         }
+        out["false_alarms"] = observed_fpr(pos[labels == 0], calibration)
+    out["calibration"] = calibration
+    return out
+
+
+def observed_fpr(flags: np.ndarray, calibration: dict | None) -> dict | None:
+    """Observed false-alarm rate of the test normals (``flags``: flagged or not) and, when
+    the calibration says what it promised, the count its promise predicts for that many
+    normal images (Beta-Binomial interval) and whether the observation falls inside."""
+    m = int(flags.size)
+    if m == 0:
+        return None
+    n_flag = int(flags.sum())
+    out: dict = {"n_normal": m, "flagged": n_flag, "observed_fpr": n_flag / m}
+    if calibration and calibration.get("rank") is not None:
+        lo, hi = flag_count_interval(
+            int(calibration["n"]),
+            int(calibration["rank"]),
+            m,
+            float(calibration.get("confidence", 0.95)),
+            bool(calibration.get("exact", True)),
+        )
+        out.update(
+            promised_fpr=calibration.get("promised_fpr"),
+            promised_fpr_interval=calibration.get("fpr_interval"),
+            expected_flagged=[lo, hi],
+            within_promise=lo <= n_flag <= hi,
+        )
     return out
 
 

@@ -43,6 +43,7 @@ _UNIT_SUMMARY = pa.schema(
         ("part", pa.string()),
         ("images", pa.int64()),
         ("errors", pa.int64()),
+        ("flagged", pa.int64()),
         ("seconds", pa.float64()),
     ]
 )
@@ -67,6 +68,10 @@ class ScoreSummary:
     missing: int = 0  # listed images without a row after the run
     duplicates: int = 0  # extra rows of images with more than one
     stale_version_rows: int = 0  # skipped rows scored by another model version
+    flagged: int = 0  # rows of this run with is_anomalous set
+    #: what the bundle's threshold promises on normal images (meta.json "calibration")
+    promised_fpr: float | None = None
+    promised_fpr_interval: list[float] | None = None
 
     def line(self) -> str:
         """The one-line summary printed at the end of a run."""
@@ -75,9 +80,21 @@ class ScoreSummary:
             f"mspray score: {self.images} images: scored={self.scored} "
             f"skipped={self.skipped} errors={self.errors} parts={self.parts} "
             f"missing={self.missing} duplicates={self.duplicates} "
-            f"in {self.seconds:.1f}s (scoring {self.score_seconds:.1f}s, {rate:.2f} images/s) "
+            f"{self.flag_text()}in {self.seconds:.1f}s "
+            f"(scoring {self.score_seconds:.1f}s, {rate:.2f} images/s) "
             f"-> {self.output}"
         )
+
+    def flag_text(self) -> str:
+        """Flagged share of this run's good rows vs the promised false-alarm rate."""
+        good = self.scored - self.errors
+        if good <= 0:
+            return ""
+        text = f"flagged={self.flagged} ({self.flagged / good:.2%}"
+        if self.promised_fpr is not None and self.promised_fpr_interval:
+            lo, hi = self.promised_fpr_interval
+            text += f"; promised {self.promised_fpr:.2%} [{lo:.2%}, {hi:.2%}] on normal images"
+        return text + ") "
 
 
 class UnitScorer:
@@ -118,6 +135,7 @@ class UnitScorer:
             "part": part,
             "images": len(rows),
             "errors": errors,
+            "flagged": sum(r.get("is_anomalous") is True for r in rows),
             "seconds": time.perf_counter() - t0,
         }
 
@@ -189,7 +207,12 @@ class UnitScorer:
 
 def bundle_version(bundle: str) -> str | None:
     """The version recorded in a bundle's meta.json."""
-    return json.loads(storage.read_text(storage.join(bundle, "meta.json"))).get("version")
+    return bundle_meta(bundle).get("version")
+
+
+def bundle_meta(bundle: str) -> dict:
+    """A bundle's meta.json."""
+    return json.loads(storage.read_text(storage.join(bundle, "meta.json")))
 
 
 def list_inputs(input_root: str, output: str) -> list[str]:
@@ -235,7 +258,9 @@ def score_prefix(
     pool = pool or PoolOptions()
     input_root, output = storage.normalize(input), storage.normalize(output)
     cfg = bundle_config(bundle, overrides)
-    version = bundle_version(bundle)
+    meta = bundle_meta(bundle)
+    version = meta.get("version")
+    calibration = meta.get("calibration") or {}
     paths = list_inputs(input_root, output)
     wanted = set(paths)
     before = read_results(output, ["path", "model_version"])
@@ -251,6 +276,8 @@ def score_prefix(
     pending = [p for p in paths if p not in done]
     summary = ScoreSummary(input_root, output, version, images=len(paths), skipped=len(done))
     summary.stale_version_rows = sum(v != version for v in done.values())
+    summary.promised_fpr = calibration.get("promised_fpr")
+    summary.promised_fpr_interval = calibration.get("fpr_interval")
     if summary.stale_version_rows:
         log.warning(
             "%d of the already scored images were scored by another model version; "
@@ -293,6 +320,7 @@ def score_prefix(
                     summary.first_part_seconds = time.perf_counter() - t_pipe
                 summary.scored += row["images"]
                 summary.errors += row["errors"]
+                summary.flagged += row["flagged"]
                 summary.parts += 1
                 bar.update(row["images"])
         summary.score_seconds = time.perf_counter() - t_pipe

@@ -163,4 +163,5 @@ def _metrics(
         threshold=meta.get("threshold"),
         version=meta.get("version"),
         model_seconds=model_seconds,
+        calibration=meta.get("calibration"),
     )

@@ -166,6 +166,9 @@ def test_model_info(endpoint, bundles):
     assert info["bank_sizes"] == {str(s): b.ntotal for s, b in det.banks.items()}
     assert info["config"] == json.loads(det.cfg.to_json())
     assert info["limits"]["max_image_bytes"] == MAX_BYTES
+    # the false-alarm rate the threshold promises, as recorded in meta.json
+    assert info["calibration"] == det.meta["calibration"]
+    assert info["calibration"]["threshold"] == pytest.approx(det.threshold)
     assert endpoint.client.get("/healthz").json()["model_version"] == det.version
 
 
