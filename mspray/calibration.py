@@ -62,11 +62,12 @@ def near_duplicate_gap(
 ) -> int:
     """How many images apart (in name order) images are still near-duplicates.
 
-    For each distance d, the median over images i of the chamfer distance from i's patches
-    to the nearest patches of image i+d (coarsest scale, bank stride) is compared with the
-    median for images half the set apart: d counts as near-duplicate while it is below
-    ``ratio`` times that. 0 for independent images (e.g. MVTec); consecutive overlapping
-    frames give about the number of frames one frame overlaps.
+    For each distance d, how close image i+d comes to image i: the 10 % quantile over i's
+    patches of the distance to the nearest patch of i+d (coarsest scale, bank stride; low
+    when i+d holds copies of a tenth of i's patches), median over i. d counts as
+    near-duplicate while that is below ``ratio`` times the same figure for images half the
+    set apart. 0 for independent images (e.g. MVTec); consecutive overlapping frames give
+    about the number of frames that share whole patches with one frame.
     """
     n = len(images)
     max_gap = min(max_gap, n // 4)
@@ -76,18 +77,18 @@ def near_duplicate_gap(
     flat, _ = image_embeddings(det, images, max(det.scales), bs)
     emb = torch.from_numpy(flat).view(n, -1, flat.shape[-1])  # N×P×D
 
-    def chamfer(i: np.ndarray, j: np.ndarray) -> float:
+    def closeness(i: np.ndarray, j: np.ndarray) -> float:
         d = [
-            torch.cdist(emb[i[k : k + bs]], emb[j[k : k + bs]]).amin(-1).mean(-1)
+            torch.quantile(torch.cdist(emb[i[k : k + bs]], emb[j[k : k + bs]]).amin(-1), 0.1, -1)
             for k in range(0, len(i), bs)
         ]
         return float(torch.cat(d).median())
 
     idx = np.arange(n)
-    far = chamfer(idx, (idx + n // 2) % n)
+    far = closeness(idx, (idx + n // 2) % n)
     gap = 0
     for d in range(1, max_gap + 1):
-        if chamfer(idx[: n - d], idx[d:]) >= ratio * far:
+        if closeness(idx[: n - d], idx[d:]) >= ratio * far:
             break
         gap = d
     return gap
@@ -309,12 +310,14 @@ def recalibrate_bundle(
     uris = storage.list_files(storage.normalize(input_uri))
     if not uris:
         raise ValueError(f"no images under {input_uri}")
+    from tqdm.auto import tqdm
+
     size, bs = det.cfg.model.image_size, det.cfg.score.batch_size
     chunk = max(bs, 256)  # bounds memory on big batches
     scores = np.concatenate(
         [
             score_images(det, load_images(uris[i : i + chunk], size, progress=False), bs)
-            for i in range(0, len(uris), chunk)
+            for i in tqdm(range(0, len(uris), chunk), desc="scoring", disable=not progress)
         ]
     )
     log.info("scored %d production images from %s", len(uris), input_uri)
