@@ -28,7 +28,7 @@ from mspray.config import BankConfig
 from mspray.detector import Detector
 from mspray.threshold import (
     Calibration,
-    flag_count_interval,
+    expected_flags,
     order_statistic_threshold,
     trimmed_threshold,
 )
@@ -215,15 +215,16 @@ def recalibrate(
     det: Detector,
     scores: np.ndarray,
     *,
-    normal: bool = True,
+    normal: bool | None = None,
     expected_anomaly_rate: float | None = None,
     target_fpr: float | None = None,
     input_uri: str | None = None,
 ) -> Calibration:
     """Set ``det``'s threshold from the image scores of a batch of production images.
 
-    With ``normal`` all of them are normal: the order statistic for ``target_fpr`` (default
-    ``score.target_fpr``). With ``expected_anomaly_rate`` R, at most a fraction R is
+    Without ``expected_anomaly_rate`` (``normal`` may say so explicitly) all of them are
+    normal: the order statistic for ``target_fpr`` (default ``score.target_fpr``). With
+    ``expected_anomaly_rate`` R (``normal`` then not True), at most a fraction R is
     anomalous: :func:`mspray.threshold.trimmed_threshold`. Stats and banks are kept, so
     scores stay comparable with the old bundle; only the decision moves.
 
@@ -234,8 +235,11 @@ def recalibrate(
     scores = np.asarray(scores, np.float64).ravel()
     if scores.size == 0:
         raise ValueError("no production images were scored")
-    if normal == (expected_anomaly_rate is not None):
+    if (expected_anomaly_rate is None and normal is False) or (
+        expected_anomaly_rate is not None and normal
+    ):
         raise ValueError("give exactly one of normal=True or expected_anomaly_rate")
+    normal = expected_anomaly_rate is None
     score_cfg = det.cfg.score
     target = target_fpr if target_fpr is not None else score_cfg.target_fpr
     conf = score_cfg.fpr_confidence
@@ -248,13 +252,7 @@ def recalibrate(
             check["previous_promised_fpr"] = previous.get("promised_fpr")
             check["previous_fpr_interval"] = previous.get("fpr_interval")
             if normal and previous.get("rank") is not None:
-                lo, hi = flag_count_interval(
-                    int(previous["n"]),
-                    int(previous["rank"]),
-                    scores.size,
-                    float(previous.get("confidence", conf)),
-                    bool(previous.get("exact", True)),
-                )
+                lo, hi = expected_flags(previous, scores.size)
                 check["previous_expected_flags"] = [lo, hi]
                 check["previous_promise_held"] = lo <= flagged <= hi
     if normal:
@@ -283,7 +281,7 @@ def recalibrate_bundle(
     input_uri: str,
     out: str | None = None,
     *,
-    normal: bool = True,
+    normal: bool | None = None,
     expected_anomaly_rate: float | None = None,
     target_fpr: float | None = None,
     in_place: bool = False,

@@ -14,7 +14,7 @@ from mspray.data.datasets import Sample
 from mspray.data.images import load_image, load_mask
 from mspray.detector import Detector
 from mspray.metrics import compute_metrics, image_auroc
-from mspray.threshold import flag_count_interval
+from mspray.threshold import expected_flags
 
 
 def evaluate(
@@ -125,13 +125,7 @@ def observed_fpr(flags: np.ndarray, calibration: dict | None) -> dict | None:
     n_flag = int(flags.sum())
     out: dict = {"n_normal": m, "flagged": n_flag, "observed_fpr": n_flag / m}
     if calibration and calibration.get("rank") is not None:
-        lo, hi = flag_count_interval(
-            int(calibration["n"]),
-            int(calibration["rank"]),
-            m,
-            float(calibration.get("confidence", 0.95)),
-            bool(calibration.get("exact", True)),
-        )
+        lo, hi = expected_flags(calibration, m)
         out.update(
             promised_fpr=calibration.get("promised_fpr"),
             promised_fpr_interval=calibration.get("fpr_interval"),

@@ -258,3 +258,20 @@ def threshold_from_config(
         t = calibrate_threshold(normal_scores, q, margin)
         return promise(normal_scores, t, conf, "quantile", 1.0 - q, source)
     return order_statistic_threshold(normal_scores, score_cfg.target_fpr, conf, margin, source)
+
+
+def expected_flags(calibration: dict, m: int) -> tuple[int, int]:
+    """Interval of the false-alarm count among ``m`` new normal images that a stored
+    calibration (``meta["calibration"]``) predicts; for a trimmed recalibration it also
+    covers the extremes its promise allows (no anomaly in the batch, or all of them low)."""
+    n, k = int(calibration["n"]), int(calibration["rank"])
+    conf = float(calibration.get("confidence", 0.95))
+    lo, hi = flag_count_interval(n, k, m, conf, bool(calibration.get("exact", True)))
+    n_anom = int(calibration.get("assumed_anomalies") or 0)
+    if n_anom:
+        hi = max(
+            hi,
+            flag_count_interval(n, max(k - n_anom, 0), m, conf)[1],  # anomalies scored low
+            flag_count_interval(n + n_anom, k, m, conf)[1],  # no anomaly at all
+        )
+    return lo, hi

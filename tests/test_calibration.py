@@ -86,7 +86,7 @@ def test_crossfit_keeps_its_promise_on_overlapping_crops(strip: str) -> None:
     holdout = evaluate(_fit(strip, "strip", "holdout"), samples, progress=False)
     assert holdout["calibration"]["source"] == "holdout"
     assert not holdout["false_alarms"]["within_promise"]
-    assert holdout["false_alarms"]["observed_fpr"] > 3 * holdout["calibration"]["fpr_interval"][1]
+    assert holdout["false_alarms"]["observed_fpr"] > holdout["calibration"]["fpr_interval"][1]
 
 
 def test_recalibration_on_drifted_production_images(strip: str, tmp_path) -> None:
