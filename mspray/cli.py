@@ -175,6 +175,8 @@ TRAIN_KEYS = (
     "train.storage",
     "bank.coreset_ratio",
     "bank.use_gpu",
+    "score.target_fpr",
+    "score.calibration",
 )
 
 
@@ -699,6 +701,63 @@ def bundle_config_with(bundle: str, overrides: dict[str, Any]) -> MSPrayConfig:
     return read_config(bundle).replace(**overrides)
 
 
+# ---------------------------------------------------------------------------- calibrate
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="reset a bundle's threshold from new production images; writes a new bundle",
+        description="Score every image under --input with the bundle and set the threshold "
+        "that promises --target-fpr false alarms on such images: the order statistic of "
+        "their scores when they are all normal (--normal), or, with at most a fraction R "
+        "anomalous (--expected-anomaly-rate R), of the scores left after the R highest. "
+        "Banks and fusion stats are kept. The new version records the "
+        "promise and how many images the previous threshold flagged (meta.json "
+        "'calibration').",
+    )
+    p.add_argument("--bundle", required=True, help="bundle directory (local path or s3://)")
+    p.add_argument("--input", required=True, help="folder / s3:// prefix of production images")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--normal", action="store_true", help="all the input images are normal")
+    g.add_argument(
+        "--expected-anomaly-rate",
+        type=float,
+        metavar="R",
+        help="at most this fraction of the input images is anomalous",
+    )
+    p.add_argument(
+        "--target-fpr",
+        type=float,
+        help="false-alarm rate to promise (default: the bundle's score.target_fpr)",
+    )
+    p.add_argument(
+        "--out",
+        help="bundle root to save the new version under (default: the root of --bundle, whose "
+        "`latest` then names it; the version it came from is never modified)",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
+    p.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from mspray.calibration import recalibrate_bundle
+
+    out, cal = recalibrate_bundle(
+        args.bundle,
+        args.input,
+        args.out,
+        normal=args.normal,
+        expected_anomaly_rate=args.expected_anomaly_rate,
+        target_fpr=args.target_fpr,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    from mspray.bundle import read_meta
+
+    meta = read_meta(out)
+    _print_json({"bundle": out, "version": meta["version"], **meta["calibration"]})
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -800,6 +859,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_evaluate,
+    _add_calibrate,
     _add_build_bank,
     _add_score,
     _add_serve,

@@ -205,10 +205,38 @@ class ScoreConfig(Section):
     """Scoring, thresholding and input limits."""
 
     batch_size: int = flag(8, "images per forward pass when scoring", ge=1)
-    threshold_quantile: float = setting(
-        0.99, "threshold = this quantile of held-out normal image scores …", gt=0, le=1
+    target_fpr: float = flag(
+        0.01,
+        "wanted false-alarm rate on new normal images: the threshold is the order statistic "
+        "of the calibration scores that promises it (see mspray/threshold.py)",
+        gt=0,
+        lt=1,
     )
-    threshold_margin: float = setting(1.0, "… widened by this factor", gt=0)
+    fpr_confidence: float = setting(
+        0.95, "confidence of the promised false-alarm-rate interval", gt=0, lt=1
+    )
+    threshold_quantile: float | None = setting(
+        None,
+        "legacy rule, wins over target_fpr when set: threshold = this quantile of the "
+        "calibration scores (bundles saved before target_fpr carry 0.99)",
+        gt=0,
+        le=1,
+    )
+    threshold_margin: float = setting(1.0, "the threshold is widened by this factor", gt=0)
+    calibration: Literal["crossfit", "holdout"] = flag(
+        "crossfit",
+        "where calibration scores come from: crossfit scores every normal training image "
+        "against a bank built without its fold (contiguous blocks of sorted file names) and "
+        "calibration_gap images either side; holdout scores the held-out split against the "
+        "full bank (cheap; too low a threshold when held-out images have near-duplicates)",
+    )
+    calibration_folds: int = setting(5, "folds of the cross-calibration", ge=2)
+    calibration_gap: int | None = setting(
+        None,
+        "images left out of a fold's bank on each side (null: measured, how far apart in "
+        "name order images still look like near-duplicates)",
+        ge=0,
+    )
     max_image_pixels: int = setting(
         40_000_000, "decompression-bomb guard: larger images are rejected (error row)", gt=0
     )

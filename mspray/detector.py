@@ -19,7 +19,7 @@ from mspray import maps as M
 from mspray.bank import PatchBank
 from mspray.config import MSPrayConfig
 from mspray.model.multiscale import MultiScaleEncoder, normalize
-from mspray.threshold import calibrate_threshold, score_stats
+from mspray.threshold import Calibration, score_stats, threshold_from_config
 
 
 def cpu_has_native_bf16() -> bool:
@@ -183,6 +183,20 @@ class Detector:
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
+    def scale_map(
+        self, images: torch.Tensor, scale: int, bank: PatchBank | None = None
+    ) -> torch.Tensor:
+        """Pixel map of nearest-neighbour distances at one scale (``B×H×W``, on CPU),
+        against ``bank`` (default: the detector's bank of that scale)."""
+        bank = bank if bank is not None else self.banks[scale]
+        grid = self.embed(images, scale)  # B×h×w×D
+        b, h, w, d = grid.shape
+        dist = bank.search(grid.reshape(-1, d))
+        scores = torch.from_numpy(np.asarray(dist, dtype=np.float32)).view(b, h, w)
+        return M.patch_scores_to_map(
+            scores, scale, self.cfg.stride_for(scale), tuple(images.shape[-2:])
+        )
+
     def raw_scale_maps(
         self, images: torch.Tensor, timings: dict[str, float] | None = None
     ) -> dict[int, torch.Tensor]:
@@ -228,29 +242,53 @@ class Detector:
         flags = None if self.threshold is None else scores > self.threshold
         return Prediction(scores, fused, scale_scores, raw, flags)
 
-    def calibrate(self, images: torch.Tensor, batch_size: int | None = None) -> None:
+    def calibrate(
+        self, images: torch.Tensor, batch_size: int | None = None, source: str = "holdout"
+    ) -> Calibration:
         """Per-scale normalisation stats and the image threshold from held-out *normal*
-        images (never test labels). Their image scores (thinned to
-        :data:`MAX_CALIBRATION_SCORES`) and the quantile go into :attr:`meta`."""
+        images (never test labels), scored against the detector's banks."""
         bs = batch_size or self.cfg.score.batch_size
         raw = [self.raw_scale_maps(images[i : i + bs]) for i in range(0, len(images), bs)]
-        self.stats = {
-            s: score_stats(torch.cat([r[s] for r in raw]).flatten().numpy()) for s in self.scales
-        }
-        stats = self.stats if self.cfg.model.fusion == "zscore" else None
-        fused = torch.cat([self._finish(M.fuse_maps(r, stats)) for r in raw])
-        scores = M.image_scores(
-            fused, self.cfg.model.score_window, self.cfg.model.score_window_stride
+        return self.calibrate_from_maps(
+            {s: torch.cat([r[s] for r in raw]) for s in self.scales}, source
         )
-        q, margin = self.cfg.score.threshold_quantile, self.cfg.score.threshold_margin
-        self.threshold = calibrate_threshold(scores.numpy(), q, margin)
+
+    def calibrate_from_maps(
+        self, raw: dict[int, torch.Tensor], source: str, batch_size: int | None = None
+    ) -> Calibration:
+        """Stats and threshold from raw per-scale maps (``N×H×W`` each) of normal images
+        (see :mod:`mspray.calibration` for maps from fold banks). The calibration, with the
+        false-alarm rate it promises, goes into ``meta["calibration"]``."""
+        import logging
+
+        self.stats = {s: score_stats(raw[s].flatten().numpy()) for s in self.scales}
+        stats = self.stats if self.cfg.model.fusion == "zscore" else None
+        bs = batch_size or self.cfg.score.batch_size
+        n = raw[self.scales[0]].shape[0]
+        win, st = self.cfg.model.score_window, self.cfg.model.score_window_stride
+        scores = torch.cat(
+            [
+                M.image_scores(
+                    self._finish(M.fuse_maps({s: m[i : i + bs] for s, m in raw.items()}, stats)),
+                    win,
+                    st,
+                )
+                for i in range(0, n, bs)
+            ]
+        )
+        cal = threshold_from_config(scores.numpy(), self.cfg.score, source)
+        if cal.warning:
+            logging.getLogger(__name__).warning("calibration: %s", cal.warning)
+        self.threshold = cal.threshold
+        self.meta["calibration"] = cal.to_dict()
         # kept in the bundle so a nightly report can compare the night's normal-looking
         # scores with these (drift) and state the expected anomaly rate
         self.meta.update(
-            threshold_quantile=q,
-            threshold_margin=margin,
+            threshold_quantile=1.0 - cal.promised_fpr,
+            threshold_margin=self.cfg.score.threshold_margin,
             calibration_scores=quantile_sketch(scores.numpy(), MAX_CALIBRATION_SCORES),
         )
+        return cal
 
 
 def quantile_sketch(values: np.ndarray, cap: int) -> list[float]:

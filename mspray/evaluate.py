@@ -14,6 +14,7 @@ from mspray.data.datasets import Sample
 from mspray.data.images import load_image, load_mask
 from mspray.detector import Detector
 from mspray.metrics import compute_metrics, image_auroc
+from mspray.threshold import expected_flags
 
 
 def score_chunk(
@@ -72,7 +73,9 @@ class EvalGather:
             self.masks[idx] = chunk["mask"]
         self.seconds += float(np.sum(chunk["seconds"]))
 
-    def report(self, threshold: float | None, version: str | None) -> dict:
+    def report(
+        self, threshold: float | None, version: str | None, calibration: dict | None = None
+    ) -> dict:
         if not self.seen.all():
             raise RuntimeError(f"{int((~self.seen).sum())} test images got no score")
         return metrics_report(
@@ -84,6 +87,7 @@ class EvalGather:
             threshold=threshold,
             version=version,
             model_seconds=self.seconds,
+            calibration=calibration,
         )
 
 
@@ -104,7 +108,9 @@ def evaluate(
     Returns a JSON-ready dict with ``image_auroc``, ``pixel_auroc``, ``pixel_aupro``,
     ``f1_max``, ``threshold`` (the bundle's calibrated threshold), ``n_images`` and
     ``seconds_per_image`` (model time: forward + search + maps, excluding image decoding),
-    plus per-scale image AUROC and the confusion counts at the calibrated threshold.
+    plus per-scale image AUROC, the confusion counts at the calibrated threshold, the
+    bundle's ``calibration`` (promised false-alarm rate) and ``false_alarms`` (the rate
+    observed on the test normals, checked against the promise).
     Pixel metrics are ``None`` when the test set has no ground-truth masks.
     """
     if not samples:
@@ -118,7 +124,7 @@ def evaluate(
                 np.arange(i, i + len(chunk)), score_chunk(det, chunk, gather.with_masks, maps_dir)
             )
             bar.update(len(chunk))
-    report = gather.report(det.threshold, det.version)
+    report = gather.report(det.threshold, det.version, det.meta.get("calibration"))
     report["inference"] = det.inference_mode  # runtime / resolved precision / layout used
     return report
 
@@ -132,8 +138,12 @@ def metrics_report(
     threshold: float | None,
     version: str | None,
     model_seconds: float,
+    calibration: dict | None = None,
 ) -> dict:
-    """The metrics JSON from gathered scores (shared by the in-process and Ray Data paths)."""
+    """The metrics JSON from gathered scores (shared by the in-process and Ray Data paths).
+
+    ``calibration`` (the bundle's ``meta["calibration"]``) is reported as is, with the
+    false-alarm rate observed on the test normals against what it promises."""
     scores = np.asarray(scores, dtype=np.float32)
     out = compute_metrics(labels, scores, masks, maps)
     out.update(
@@ -153,6 +163,28 @@ def metrics_report(
             "true_negatives": int((~pos & (labels == 0)).sum()),
             "false_negatives": int((~pos & (labels == 1)).sum()),
         }
+        out["false_alarms"] = observed_fpr(pos[labels == 0], calibration)
+    out["calibration"] = calibration
+    return out
+
+
+def observed_fpr(flags: np.ndarray, calibration: dict | None) -> dict | None:
+    """Observed false-alarm rate of the test normals (``flags``: flagged or not) and, when
+    the calibration says what it promised, the count its promise predicts for that many
+    normal images (Beta-Binomial interval) and whether the observation falls inside."""
+    m = int(flags.size)
+    if m == 0:
+        return None
+    n_flag = int(flags.sum())
+    out: dict = {"n_normal": m, "flagged": n_flag, "observed_fpr": n_flag / m}
+    if calibration and calibration.get("rank") is not None:
+        lo, hi = expected_flags(calibration, m)
+        out.update(
+            promised_fpr=calibration.get("promised_fpr"),
+            promised_fpr_interval=calibration.get("fpr_interval"),
+            expected_flagged=[lo, hi],
+            within_promise=lo <= n_flag <= hi,
+        )
     return out
 
 

@@ -11,8 +11,10 @@ import math
 import random
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
+from mspray.calibration import calibrate_normal_images
 from mspray.config import MSPrayConfig
 from mspray.data.images import load_images
 from mspray.detector import Detector
@@ -91,8 +93,9 @@ def fit_detector(
     progress: bool = True,
     build_banks: bool = True,
 ) -> Detector:
-    """Train on normal ``image_uris``; build banks from the training split; calibrate on the
-    held-out split; save a bundle to ``out`` when given.
+    """Train on normal ``image_uris``; build banks from the training split; calibrate the
+    threshold (``score.calibration``: cross-fitted over all images, or the held-out split);
+    save a bundle to ``out`` when given.
 
     With ``build_banks=False`` only the encoders are trained and saved (a bundle without
     banks): the Ray Data bank builder (``mspray build-bank``) then embeds the images on an
@@ -117,12 +120,18 @@ def fit_detector(
     det = Detector(cfg, MultiScaleEncoder(cfg, models), device=resolve_device(cfg.train.device))
     if build_banks:
         det.build_banks(train, progress=progress)
-        if val is None:
+        # all normal images in sorted-name order (cross-calibration folds are name blocks)
+        names = train_uris + val_uris
+        order = np.argsort(names, kind="stable")
+        images = train if val is None else torch.cat([train, val])
+        in_bank = order < len(train_uris)
+        if calibrate_normal_images(det, images[torch.from_numpy(order)], in_bank) is None:
             log.warning(
-                "only one training image: calibrating the threshold on it (it is in the "
-                "bank, so the threshold will be low)"
+                "no normal image outside the bank to calibrate on (too few images, or "
+                "calibration='holdout' with val_fraction=0): calibrating the threshold on "
+                "the bank images (the threshold will be low)"
             )
-        det.calibrate(val if val is not None else train)
+            det.calibrate(train, source="bank")
     det.meta.update(
         pretrained_loaded=loaded,
         n_train_images=len(train_uris),

@@ -6,7 +6,15 @@ anomalies, which a deployed detector does not have.
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
 import numpy as np
+from scipy.stats import beta, betabinom
+
+if TYPE_CHECKING:
+    from mspray.config import ScoreConfig
 
 
 def _flat_finite(values, name: str) -> np.ndarray:
@@ -41,3 +49,229 @@ def score_stats(values) -> tuple[float, float]:
     """``(mean, std)`` (population std) of normal map values, for z-score fusion."""
     arr = _flat_finite(values, "values")
     return float(arr.mean()), float(arr.std())
+
+
+# ---------------------------------------------------------------------------- order statistics
+#
+# For n i.i.d. continuous calibration scores and the k-th smallest of them, X_(k), the false
+# alarm rate of the threshold X_(k) on a NEW normal image, FPR = P(new > X_(k)) = 1 - F(X_(k)),
+# is distributed Beta(n + 1 - k, k) whatever the score distribution is (F(X_(k)) is the k-th
+# order statistic of n uniforms). So the threshold promises FPR with mean (n + 1 - k)/(n + 1)
+# and a Clopper-Pearson-like interval from the Beta quantiles; the number of false alarms
+# among m new normal images is Beta-Binomial(m, n + 1 - k, k).
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A threshold and the false-alarm rate it promises on new normal images.
+
+    ``rank`` is the number of calibration scores at or below the threshold. The promise is
+    exact (a Beta distribution) when the threshold is one of the calibration scores; between
+    two of them (legacy quantile, margin) the interval covers both neighbours.
+    """
+
+    threshold: float
+    n: int  # calibration scores
+    rank: int  # calibration scores <= threshold
+    promised_fpr: float  # expected false-alarm rate on new normal images
+    fpr_interval: tuple[float, float]  # ``confidence`` interval of that rate
+    confidence: float
+    method: str  # "order_statistic" | "quantile" | "trimmed"
+    target_fpr: float | None = None
+    warning: str | None = None
+    source: str | None = None  # where the scores came from: "crossfit", "holdout", ...
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (meta.json, /v1/model, evaluate JSON)."""
+        d = asdict(self)
+        d["fpr_interval"] = list(self.fpr_interval)
+        d.update(d.pop("extra"))
+        return d
+
+    def expected_flags(self, m: int) -> tuple[int, int]:
+        """``confidence`` interval of the number of false alarms among ``m`` new normal
+        images (Beta-Binomial predictive distribution; checks an observed rate)."""
+        return flag_count_interval(self.n, self.rank, m, self.confidence, self._exact)
+
+    @property
+    def _exact(self) -> bool:
+        return bool(self.extra.get("exact", True))
+
+
+def _beta_params(n: int, k: int) -> tuple[int, int]:
+    return n + 1 - k, k  # FPR of X_(k) ~ Beta(a, b)
+
+
+def fpr_interval(
+    n: int, k: int, confidence: float = 0.95, exact: bool = True
+) -> tuple[float, float]:
+    """Interval of the false-alarm rate of a threshold with ``k`` of ``n`` calibration scores
+    at or below it. ``exact``: the threshold is X_(k); else it lies in [X_(k), X_(k+1))."""
+    alpha = 1.0 - confidence
+    # upper end: the threshold is no lower than X_(k) (FPR(X_(0)) = 1)
+    hi = 1.0 if k == 0 else float(beta.ppf(1 - alpha / 2, *_beta_params(n, k)))
+    # lower end: no higher than X_(k) (exact) or X_(k+1) (FPR(X_(n+1)) = 0)
+    k_lo = k if exact else k + 1
+    lo = 0.0 if k_lo > n or k_lo == 0 else float(beta.ppf(alpha / 2, *_beta_params(n, k_lo)))
+    return lo, hi
+
+
+def flag_count_interval(
+    n: int, k: int, m: int, confidence: float = 0.95, exact: bool = True
+) -> tuple[int, int]:
+    """``confidence`` interval of the number of false alarms among ``m`` new normal images
+    (Beta-Binomial, the sampling noise of the m images included)."""
+    alpha = 1.0 - confidence
+    hi = m if k == 0 else int(betabinom.ppf(1 - alpha / 2, m, *_beta_params(n, k)))
+    k_lo = k if exact else k + 1
+    lo = 0 if k_lo > n or k_lo == 0 else int(betabinom.ppf(alpha / 2, m, *_beta_params(n, k_lo)))
+    return lo, hi
+
+
+def min_calibration_images(target_fpr: float) -> int:
+    """Fewest calibration scores for which some order statistic promises ``target_fpr`` on
+    average: (n + 1) * target >= 1."""
+    return max(1, math.ceil(1.0 / target_fpr) - 1)
+
+
+def order_statistic_rank(n: int, target_fpr: float) -> int:
+    """Smallest k whose X_(k) promises at most ``target_fpr`` on average, capped at n."""
+    return int(min(n, max(1, math.ceil((n + 1) * (1.0 - target_fpr) - 1e-9))))
+
+
+def promise(
+    scores,
+    threshold: float,
+    confidence: float = 0.95,
+    method: str = "order_statistic",
+    target_fpr: float | None = None,
+    source: str | None = None,
+) -> Calibration:
+    """What ``threshold`` promises, given the normal calibration ``scores``."""
+    arr = _flat_finite(scores, "scores")
+    n, k = arr.size, int((arr <= threshold).sum())
+    exact = bool(np.any(arr == threshold))
+    a, _ = _beta_params(n, k)
+    # X_(k) promises a/(n+1) on average; between X_(k) and X_(k+1), the mean of the two
+    mean = (a - (0.0 if exact else 0.5)) / (n + 1)
+    warning = None
+    if target_fpr is not None and n < min_calibration_images(target_fpr):
+        warning = (
+            f"{n} calibration images cannot promise a false-alarm rate of {target_fpr:g}: "
+            f"even their maximum promises {1 / (n + 1):.3g}; use at least "
+            f"{min_calibration_images(target_fpr)} normal images (or a larger target_fpr)"
+        )
+    return Calibration(
+        threshold=float(threshold),
+        n=n,
+        rank=k,
+        promised_fpr=float(mean),
+        fpr_interval=fpr_interval(n, k, confidence, exact),
+        confidence=confidence,
+        method=method,
+        target_fpr=target_fpr,
+        warning=warning,
+        source=source,
+        extra={"exact": exact},
+    )
+
+
+def order_statistic_threshold(
+    normal_scores,
+    target_fpr: float = 0.01,
+    confidence: float = 0.95,
+    margin: float = 1.0,
+    source: str | None = None,
+) -> Calibration:
+    """Threshold = the k-th smallest normal score, k the smallest rank whose promised mean
+    false-alarm rate is <= ``target_fpr`` (the maximum when n is too small, with a warning).
+    ``margin`` widens it like :func:`calibrate_threshold`; the promise is then recomputed."""
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if not np.isfinite(margin) or margin < 0:
+        raise ValueError(f"margin must be finite and >= 0, got {margin}")
+    arr = np.sort(_flat_finite(normal_scores, "normal_scores"))
+    t = float(arr[order_statistic_rank(arr.size, target_fpr) - 1])
+    t = t + (margin - 1.0) * abs(t)
+    return promise(arr, t, confidence, "order_statistic", target_fpr, source)
+
+
+def trimmed_threshold(
+    scores,
+    anomaly_rate: float,
+    target_fpr: float = 0.01,
+    confidence: float = 0.95,
+    source: str | None = None,
+) -> Calibration:
+    """Threshold from scores of which at most a fraction ``anomaly_rate`` are anomalous.
+
+    The ``A = ceil(anomaly_rate * N)`` highest scores are taken as the anomalies and the
+    order statistic for ``target_fpr`` is taken among the other ``N - A``. The promise
+    assumes that; its interval also covers the other extremes (no anomaly at all, or all A
+    anomalies scoring low), so it stays honest whatever the A anomalies do.
+    """
+    if not 0.0 <= anomaly_rate < 1.0:
+        raise ValueError(f"expected anomaly rate must be in [0, 1), got {anomaly_rate}")
+    arr = np.sort(_flat_finite(scores, "scores"))
+    big_n = arr.size
+    n_anom = math.ceil(anomaly_rate * big_n)
+    n0 = big_n - n_anom
+    if n0 < 1:
+        raise ValueError(f"{big_n} scores with {n_anom} anomalous leave no normal one")
+    base = order_statistic_threshold(arr[:n0], target_fpr, confidence, source=source)
+    k = base.rank
+    alpha = 1.0 - confidence
+    # no anomaly: k of N normal scores below; all A anomalies low: k - A of n0 normals below
+    lo = base.fpr_interval[0]
+    k_worst = max(k - n_anom, 0)
+    hi = 1.0 if k_worst == 0 else float(beta.ppf(1 - alpha / 2, *_beta_params(n0, k_worst)))
+    hi = max(hi, float(beta.ppf(1 - alpha / 2, *_beta_params(big_n, k))))
+    return Calibration(
+        threshold=base.threshold,
+        n=n0,
+        rank=k,
+        promised_fpr=base.promised_fpr,
+        fpr_interval=(lo, hi),
+        confidence=confidence,
+        method="trimmed",
+        target_fpr=target_fpr,
+        warning=base.warning,
+        source=source,
+        extra={"exact": True, "n_scores": big_n, "assumed_anomalies": n_anom},
+    )
+
+
+def threshold_from_config(
+    normal_scores, score_cfg: ScoreConfig, source: str | None = None
+) -> Calibration:
+    """The configured rule: ``score.threshold_quantile`` when set (legacy bundles and
+    configs), else the order statistic for ``score.target_fpr``."""
+    q, margin, conf = (
+        score_cfg.threshold_quantile,
+        score_cfg.threshold_margin,
+        score_cfg.fpr_confidence,
+    )
+    if q is not None:
+        t = calibrate_threshold(normal_scores, q, margin)
+        return promise(normal_scores, t, conf, "quantile", 1.0 - q, source)
+    return order_statistic_threshold(normal_scores, score_cfg.target_fpr, conf, margin, source)
+
+
+def expected_flags(calibration: dict, m: int) -> tuple[int, int]:
+    """Interval of the false-alarm count among ``m`` new normal images that a stored
+    calibration (``meta["calibration"]``) predicts; for a trimmed recalibration it also
+    covers the extremes its promise allows (no anomaly in the batch, or all of them low)."""
+    n, k = int(calibration["n"]), int(calibration["rank"])
+    conf = float(calibration.get("confidence", 0.95))
+    lo, hi = flag_count_interval(n, k, m, conf, bool(calibration.get("exact", True)))
+    n_anom = int(calibration.get("assumed_anomalies") or 0)
+    if n_anom:
+        hi = max(
+            hi,
+            flag_count_interval(n, max(k - n_anom, 0), m, conf)[1],  # anomalies scored low
+            flag_count_interval(n + n_anom, k, m, conf)[1],  # no anomaly at all
+        )
+    return lo, hi

@@ -16,6 +16,7 @@ irregular dark blob), ``hole`` (texture: a patch where the weave is missing) or 
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from PIL import Image
@@ -33,16 +34,31 @@ def _rng(seed: int, *ids: int) -> np.random.Generator:
     return np.random.default_rng([seed, *ids])
 
 
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates (y, x) as broadcastable float32 column/row vectors."""
+def _grid(size: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates (y, x) as broadcastable float32 column/row vectors of a
+    ``size`` × ``width`` (default square) image."""
     c = np.arange(size, dtype=np.float32) + 0.5
-    return c[:, None], c[None, :]
+    w = c if width is None else np.arange(width, dtype=np.float32) + 0.5
+    return c[:, None], w[None, :]
 
 
 def _smooth_field(
-    rng: np.random.Generator, size: int, amp: float, n: int = 4, max_cycles: float = 2.0
+    rng: np.random.Generator,
+    size: int,
+    amp: float,
+    n: int = 4,
+    max_cycles: float = 2.0,
+    width: int | None = None,
 ) -> np.ndarray:
-    """A slowly varying H×W field: a sum of ``n`` random plane waves (≤ max_cycles/image)."""
+    """A slowly varying H×W field: a sum of ``n`` random plane waves (≤ max_cycles per
+    image); with ``width``, a ``size`` × ``width`` strip of smoothed noise, same std."""
+    if width is not None:
+        # a strip: smoothed white noise instead of plane waves, whose beats would make one
+        # stretch of the strip differ from another (the strip must be stationary)
+        from scipy.ndimage import gaussian_filter
+
+        noise = gaussian_filter(rng.standard_normal((size, width)), size / (4 * max_cycles))
+        return (noise * (amp * np.sqrt(n / 2) / n / noise.std())).astype(np.float32)
     yy, xx = _grid(size)
     out = np.zeros((size, size), np.float32)
     for _ in range(n):
@@ -52,12 +68,19 @@ def _smooth_field(
     return out * (amp / n)
 
 
-def _texture(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """A plain-weave fabric image (H×W×3 float in [0,1]) and its (all-true) region."""
-    yy, xx = _grid(size)
-    period = max(size / 10.67, 4.0)  # ~24 px threads at 256, patches see a few crossings
-    warp_x = _smooth_field(rng, size, amp=0.12 * period)
-    warp_y = _smooth_field(rng, size, amp=0.12 * period)
+def _thread_period(size: int) -> float:
+    return max(size / 10.67, 4.0)  # ~24 px threads at 256, patches see a few crossings
+
+
+def _texture(
+    rng: np.random.Generator, size: int, width: int | None = None, period: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A plain-weave fabric image (H×W×3 float in [0,1]) and its (all-true) region;
+    ``width`` > size: a long strip of the same fabric (for overlapping camera crops)."""
+    yy, xx = _grid(size, width)
+    period = period or _thread_period(size)
+    warp_x = _smooth_field(rng, size, amp=0.12 * period, width=width)
+    warp_y = _smooth_field(rng, size, amp=0.12 * period, width=width)
     u = (xx + warp_x) / period + rng.uniform(0, 1)
     v = (yy + warp_y) / period + rng.uniform(0, 1)
     fu, fv = u % 1.0, v % 1.0
@@ -70,9 +93,11 @@ def _texture(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarra
     weft = np.array([0.78, 0.62, 0.42], np.float32)  # two thread colours, like real twill
     warp = np.array([0.70, 0.58, 0.44], np.float32)
     colour = np.where(weft_on_top[..., None], weft, warp)
-    light = rng.uniform(0.92, 1.06) + _smooth_field(rng, size, amp=0.05, n=2, max_cycles=1.0)
+    light = rng.uniform(0.92, 1.06) + _smooth_field(
+        rng, size, amp=0.05, n=2, max_cycles=1.0, width=width
+    )
     img = (0.15 + 0.85 * shade[..., None]) * colour * light[..., None]
-    return img, np.ones((size, size), bool)
+    return img, np.ones(img.shape[:2], bool)
 
 
 def _object(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -239,6 +264,92 @@ def make_synthetic_dataset(
         defect = defects[i % len(defects)]
         name = f"{i // len(defects):03d}"
         img, mask = make_image(kind, size, _rng(seed, _SPLITS["test_defect"], i), defect)
+        write_png(storage.join(cat, "test", defect, f"{name}.png"), img)
+        write_png(
+            storage.join(cat, "ground_truth", defect, f"{name}_mask.png"),
+            mask.astype(np.uint8) * 255,
+        )
+    return cat
+
+
+def make_strip_dataset(
+    root: str,
+    category: str = "strip",
+    n_train: int = 60,
+    n_test_good: int = 60,
+    n_test_defect: int = 30,
+    n_production: int = 0,
+    production_anomaly_rate: float = 0.0,
+    size: int = 64,
+    step: int | None = None,
+    brightness: float = 0.0,
+    contrast: float = 1.0,
+    seed: int = 0,
+) -> str:
+    """Consecutive overlapping crops of ONE long fabric strip under a fixed camera (an
+    MVTec-layout dataset under ``root/category``; returns that path).
+
+    Crop ``i`` starts ``i * step`` pixels along the strip (default ``step = size // 2``:
+    neighbours overlap by half), so every training crop has near-duplicates among the other
+    training crops. Along the strip: ``n_train`` training crops (``train/good``), then
+    ``n_production`` unlabelled crops (``production/``, a fraction
+    ``production_anomaly_rate`` of them with a defect), then the test crops (``test/good``
+    and ``test/<defect>`` with masks); two crops' worth of strip separate the three parts,
+    so no production or test crop overlaps a training crop. ``brightness`` (added) and
+    ``contrast`` (around mid-grey) change the production and test crops only: a drift of
+    the camera after training.
+    """
+    if size < 32:
+        raise ValueError(f"synthetic images need size >= 32, got {size}")
+    step = step or size // 2
+    if not 0 < step <= size:
+        raise ValueError(f"step must be in (0, size], got {step}")
+    if not 0.0 <= production_anomaly_rate <= 1.0:
+        raise ValueError(
+            f"production_anomaly_rate must be in [0, 1], got {production_anomaly_rate}"
+        )
+    sep = -(-size // step) + 1  # crops' worth of positions between parts: no overlap
+    starts = {"train": 0, "production": n_train + sep}
+    starts["test"] = starts["production"] + n_production + (sep if n_production else 0)
+    n_pos = starts["test"] + n_test_good + n_test_defect
+    rng = _rng(seed, 10)
+    # threads advance by k + 0.618 periods from one crop to the next: the crops' thread
+    # phases then spread evenly (golden ratio), so no stretch of the strip is special
+    k = max(1, math.floor(step / _thread_period(size)))
+    period = step / (k + (math.sqrt(5) - 1) / 2)
+    strip, _ = _texture(rng, size, size + step * (n_pos - 1), period)
+    region = np.ones((size, size), bool)
+    cat = storage.join(root, category)
+
+    def crop(pos: int, split: str, i: int, defect: str | None, drift: bool) -> tuple:
+        r = _rng(seed, 11, _SPLITS.get(split, 3), i)
+        img = strip[:, pos * step : pos * step + size].copy()
+        mask = np.zeros((size, size), bool)
+        if defect is not None:
+            img, mask = _add_defect(img, region, defect, r)
+        if drift:
+            img = (img - 0.5) * contrast + 0.5 + brightness
+        img = img + r.normal(0, 0.02, img.shape).astype(np.float32)  # sensor noise per frame
+        return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8), mask
+
+    for i in range(n_train):
+        img, _ = crop(starts["train"] + i, "train", i, None, False)
+        write_png(storage.join(cat, "train", "good", f"{i:04d}.png"), img)
+    n_anom = round(production_anomaly_rate * n_production)
+    # anomalies spread evenly over the batch, deterministic
+    anom = set(np.linspace(0, n_production - 1, n_anom).round().astype(int)) if n_anom else set()
+    for i in range(n_production):
+        defect = DEFECTS["texture"][i % 3] if i in anom else None
+        img, _ = crop(starts["production"] + i, "production", i, defect, True)
+        write_png(storage.join(cat, "production", f"{i:04d}.png"), img)
+    for i in range(n_test_good):
+        img, _ = crop(starts["test"] + i, "test_good", i, None, True)
+        write_png(storage.join(cat, "test", "good", f"{i:04d}.png"), img)
+    for i in range(n_test_defect):
+        defect = DEFECTS["texture"][i % 3]
+        name = f"{i // 3:04d}"
+        pos = starts["test"] + n_test_good + i
+        img, mask = crop(pos, "test_defect", i, defect, True)
         write_png(storage.join(cat, "test", defect, f"{name}.png"), img)
         write_png(
             storage.join(cat, "ground_truth", defect, f"{name}_mask.png"),

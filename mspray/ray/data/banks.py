@@ -129,9 +129,10 @@ def embed_images(
     uris: list[str],
     keep: dict[int, float],
     pool: PoolConfig,
-) -> tuple[dict[int, np.ndarray], list[str]]:
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], list[str]]:
     """Per-scale embeddings of ``uris`` (after the per-shard coreset given by ``keep``), in
-    image order, and the error messages of the images that could not be read."""
+    image order, the index (into ``uris``) of the image of each row, and the error
+    messages of the images that could not be read."""
     import ray
 
     ds = ray.data.from_items([{"idx": i, "path": p} for i, p in enumerate(uris)])
@@ -157,15 +158,52 @@ def embed_images(
             m = scale == s
             if m.any():
                 parts[s].append((batch["idx"][m], batch["emb"][m]))
-    out = {}
+    out, owners = {}, {}
     for s, chunks in parts.items():
         if not chunks:
             continue
         idx = np.concatenate([c[0] for c in chunks])
         emb = np.concatenate([c[1] for c in chunks])
         # stable: patches of one image stay in their grid order
-        out[s] = np.ascontiguousarray(emb[np.argsort(idx, kind="stable")], dtype=np.float32)
-    return out, errors
+        order = np.argsort(idx, kind="stable")
+        out[s] = np.ascontiguousarray(emb[order], dtype=np.float32)
+        owners[s] = idx[order]
+    return out, owners, errors
+
+
+def _crossfit_on_driver(
+    det,
+    bank_uris: list[str],
+    val_uris: list[str],
+    embs: dict[int, np.ndarray],
+    owners: dict[int, np.ndarray],
+    per_image: dict[int, int],
+    progress: bool,
+):
+    """Cross-calibration on the driver with the core function
+    (:func:`mspray.calibration.calibrate_normal_images`), from the actors' embeddings: the
+    fold banks are built and the normal images scored here, not on the actor pool."""
+    from mspray.calibration import calibrate_normal_images
+    from mspray.data.images import load_images
+
+    good = np.unique(np.concatenate([owners[s] for s in det.scales]))  # readable bank images
+    names = [bank_uris[i] for i in good] + list(val_uris)
+    order = np.argsort(names, kind="stable")
+    position = np.empty(len(order), np.int64)
+    position[order] = np.arange(len(order))  # names[j] is image position[j] of the sorted set
+    embeddings = {s: (embs[s], position[np.searchsorted(good, owners[s])]) for s in det.scales}
+    images = load_images(
+        [names[j] for j in order],
+        det.cfg.model.image_size,
+        progress=progress,
+        desc="loading normal images for cross-calibration",
+    )
+
+    def fold_bank_config(scale: int, n_images: int, rows: int) -> BankConfig:
+        # the fold's rows went through the same per-shard reduction as the full bank's
+        return global_bank_config(det.cfg.bank, per_image[scale] * n_images, rows)
+
+    return calibrate_normal_images(det, images, order < len(good), embeddings, fold_bank_config)
 
 
 def build_banks(
@@ -185,9 +223,10 @@ def build_banks(
 
     Without ``append`` the images are split like training does (same held-out fraction and
     seed, see :func:`mspray.fit.split_holdout`): the bank is built from the training part
-    and, with ``calibrate``, the threshold and fusion statistics are recomputed on the
-    held-out part. With ``append`` every image goes into the banks and the threshold is kept
-    (new normal patches can only lower distances).
+    and, with ``calibrate``, the threshold and fusion statistics are recomputed the
+    configured way (``score.calibration``: cross-fitted over all the images, on the driver,
+    or on the held-out part). With ``append`` every image goes into the banks and the
+    threshold is kept (new normal patches can only lower distances).
 
     The result is saved as a new version under the bundle root ``out`` (default: the
     root of ``bundle``) and ``latest`` is moved to it; the version it started from is
@@ -219,7 +258,7 @@ def build_banks(
         keep,
     )
     init_ray(address, progress)
-    embs, errors = embed_images(bundle, cfg, bank_uris, keep, pool)
+    embs, owners, errors = embed_images(bundle, cfg, bank_uris, keep, pool)
     if errors:
         log.warning("%d unreadable images skipped, e.g. %s", len(errors), errors[0])
     n_good = len(bank_uris) - len(errors)
@@ -243,8 +282,11 @@ def build_banks(
             det.banks[s] = PatchBank.build(emb, bank_cfg, seed=cfg.train.seed)
             log.info("scale %d: bank of %d from %d patches", s, det.banks[s].ntotal, total)
     if not append and calibrate:
-        if val_uris:
-            det.calibrate(
+        cal = None
+        if cfg.score.calibration == "crossfit":
+            cal = _crossfit_on_driver(det, bank_uris, val_uris, embs, owners, per_image, progress)
+        elif val_uris:
+            cal = det.calibrate(
                 load_images(
                     val_uris,
                     cfg.model.image_size,
@@ -252,7 +294,7 @@ def build_banks(
                     desc="loading held-out images",
                 )
             )
-        else:
+        if cal is None:
             log.warning(
                 "no held-out images (fewer than 2 images or val_fraction=0): the "
                 "threshold of the bundle is kept"

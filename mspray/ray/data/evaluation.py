@@ -84,4 +84,4 @@ def evaluate_ray(
     gather = EvalGather(samples, cfg.model.scales, cfg.model.image_size)
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
         gather.add(b["idx"], b)
-    return gather.report(meta.get("threshold"), meta.get("version"))
+    return gather.report(meta.get("threshold"), meta.get("version"), meta.get("calibration"))

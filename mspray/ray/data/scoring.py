@@ -83,6 +83,7 @@ _UNIT_SUMMARY = pa.schema(
         ("part", pa.string()),
         ("images", pa.int64()),
         ("errors", pa.int64()),
+        ("flagged", pa.int64()),
         ("seconds", pa.float64()),
         ("node", pa.string()),  # Ray node id of the actor
         ("actor", pa.string()),  # Ray actor id
@@ -121,6 +122,10 @@ class ScoreSummary:
     actors: int = 0  # distinct model actors that scored a unit in this run
     actor_nodes: list[str] = field(default_factory=list)  # Ray node ids of those actors
     decode_nodes: list[str] = field(default_factory=list)  # where the units were decoded
+    flagged: int = 0  # rows of this run with is_anomalous set
+    #: what the bundle's threshold promises on normal images (meta.json "calibration")
+    promised_fpr: float | None = None
+    promised_fpr_interval: list[float] | None = None
     model_versions: dict[str, str] | None = None  # name -> version (multi-model run)
     bundle: str | None = None  # the bundle version the run used (a root resolves to one)
 
@@ -132,9 +137,20 @@ class ScoreSummary:
             f"skipped={self.skipped} errors={self.errors} parts={self.parts} "
             f"failed_units={self.failed_units} missing={self.missing} "
             f"duplicates={self.duplicates} actors={self.actors} on {len(self.actor_nodes)} nodes "
-            f"in {self.seconds:.1f}s (scoring {self.score_seconds:.1f}s, {rate:.2f} images/s) "
-            f"-> {self.output}"
+            f"{self.flag_text()}in {self.seconds:.1f}s "
+            f"(scoring {self.score_seconds:.1f}s, {rate:.2f} images/s) -> {self.output}"
         )
+
+    def flag_text(self) -> str:
+        """Flagged share of this run's good rows vs the promised false-alarm rate."""
+        good = self.scored - self.errors
+        if good <= 0:
+            return ""
+        text = f"flagged={self.flagged} ({self.flagged / good:.2%}"
+        if self.promised_fpr is not None and self.promised_fpr_interval:
+            lo, hi = self.promised_fpr_interval
+            text += f"; promised {self.promised_fpr:.2%} [{lo:.2%}, {hi:.2%}] on normal images"
+        return text + ") "
 
 
 class UnitScorer(DetectorActor):
@@ -191,7 +207,7 @@ class UnitScorer(DetectorActor):
         here) writes nothing and sets ``failure``."""
         t0 = time.perf_counter()
         model = unit.get("model") or None
-        summary = {"part": None, "images": 0, "errors": 0, "node": self.node}
+        summary = {"part": None, "images": 0, "errors": 0, "flagged": 0, "node": self.node}
         summary.update(actor=self.actor, decoder=unit["decoder"], failure=unit["failure"])
         if unit["failure"] is None:
             try:
@@ -212,6 +228,7 @@ class UnitScorer(DetectorActor):
             else:
                 summary.update(part=part, images=len(rows))
                 summary["errors"] = sum(r.get("error") is not None for r in rows)
+                summary["flagged"] = sum(r.get("is_anomalous") is True for r in rows)
                 self.metrics.rows(model or "default", rows)
         if summary["failure"] is not None:
             log.error("unit of %d images failed, a rerun retries it: %s",
@@ -405,7 +422,8 @@ def score_prefix(
         scales = sorted({s for c in cfgs.values() for s in c.model.scales}, reverse=True)
     else:
         uri, cfg = str(bundle), bundle_config(str(bundle), overrides)
-        version = read_meta(uri).get("version")
+        meta = read_meta(uri)
+        version, calibration = meta.get("version"), meta.get("calibration") or {}
         versions, scales = {}, list(cfg.model.scales)
     # Exclusive use of the output before anything is read from it: a second run on the
     # same output waits (up to lease_wait) or stops, instead of scoring the same images
@@ -440,6 +458,9 @@ def score_prefix(
             retry_errors=retry_errors,
         )
     summary.bundle = None if models else uri
+    if not models:
+        summary.promised_fpr = calibration.get("promised_fpr")
+        summary.promised_fpr_interval = calibration.get("fpr_interval")
     summary.seconds = time.perf_counter() - t0
     calibration = None if models else _calibration_block(uri)
     write_run_summary(output, {**asdict(summary), "calibration": calibration})
@@ -599,6 +620,7 @@ def _run_units(
                 summary.first_part_seconds = time.perf_counter() - t_pipe
             summary.scored += row["images"]
             summary.errors += row["errors"]
+            summary.flagged += row["flagged"]
             summary.parts += 1
             actors.add(row["actor"])
             nodes.add(row["node"])

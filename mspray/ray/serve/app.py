@@ -561,6 +561,8 @@ class MSPrayDetector:
                 "image_size": det.cfg.model.image_size,
                 "bank_sizes": {str(s): b.ntotal for s, b in det.banks.items()},
                 "threshold": det.threshold,
+                # promised false-alarm rate (+ production check after `mspray calibrate`)
+                "calibration": det.meta.get("calibration"),
                 "device": str(det.device),
                 "torch_threads": torch.get_num_threads(),
                 "config": det.cfg.to_dict(),

@@ -12,6 +12,7 @@ import pytest
 
 from mspray import storage
 from mspray.bundle import load_bundle, save_bundle
+from mspray.calibration import calibrate_normal_images
 from mspray.config import BankConfig, PoolConfig
 from mspray.data.datasets import train_paths
 from mspray.data.images import load_images
@@ -59,8 +60,13 @@ def test_bank_build_from_s3_equals_core_banks(ray_local, tiny_bundle, s3_bucket)
     ref.build_banks(load_images(bank_uris, 64, progress=False))
     for s in det.scales:
         np.testing.assert_allclose(det.banks[s].vectors(), ref.banks[s].vectors(), atol=1e-5)
-    ref.calibrate(load_images(val_uris, 64, progress=False))
+    # cross-calibration on the driver = the core's on the same images
+    assert det.cfg.score.calibration == "crossfit"
+    names = sorted(uris)
+    calibrate_normal_images(ref, load_images(names, 64, progress=False), np.isin(names, bank_uris))
     assert det.threshold == pytest.approx(ref.threshold, rel=1e-4)
+    assert det.meta["calibration"]["source"] == "crossfit"
+    assert det.meta["calibration"]["n"] == len(uris)
     assert result.n_images == len(bank_uris) and result.n_errors == 0
     assert det.meta["n_holdout_images"] == len(val_uris)
 

@@ -75,6 +75,10 @@ def test_s3_to_s3_one_row_per_input_errors_marked_scores_equal_core(
             ok[f"score_{scale}"], pred.scale_scores[scale].numpy(), rtol=1e-4, atol=1e-6
         )
     assert (ok["is_anomalous"] == (ok["image_score"] > det.threshold)).all()
+    # the run summary shows the flagged count next to what the threshold promises
+    assert s.flagged == int(ok["is_anomalous"].sum())
+    assert s.promised_fpr == det.meta["calibration"]["promised_fpr"]
+    assert f"flagged={s.flagged} " in s.line() and "promised" in s.line()
     # a heatmap per good image, next to the rows, mirroring the input layout
     for path, map_path in ok["map_path"].items():
         rel = path[len(inp) + 1 :]

@@ -169,6 +169,9 @@ def test_model_info(endpoint, bundles):
     # the replica's ServeConfig: args of the config file with its user_config on top
     assert info["serving"]["replicas"] == 1 and info["serving"]["max_replicas"] is None
     assert info["serving"]["max_image_bytes"] == MAX_BYTES
+    # the false-alarm rate the threshold promises, as recorded in meta.json
+    assert info["calibration"] == det.meta["calibration"]
+    assert info["calibration"]["threshold"] == pytest.approx(det.threshold)
     assert endpoint.client.get("/healthz").json()["model_version"] == det.version
 
 

@@ -1,0 +1,140 @@
+"""Cross-calibration on overlapping crops keeps its promise; recalibration on production
+images (library and ``mspray calibrate``)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mspray.bundle import load_bundle
+from mspray.calibration import fold_plan, recalibrate, score_images
+from mspray.cli import main
+from mspray.config import MSPrayConfig
+from mspray.data.datasets import test_samples, train_paths
+from mspray.data.images import load_images
+from mspray.data.synthetic import make_strip_dataset
+from mspray.evaluate import evaluate
+from mspray.fit import fit_detector
+from mspray.storage import list_files
+
+# untrained (random init) encoders: the decision, not the features, is under test
+STRIP_CFG = {
+    "model.image_size": 64,
+    "model.scales": (32, 16),
+    "model.strides": (4, 4),
+    "model.embed_dim": 16,
+    "model.pretrained": False,
+    "train.epochs": 0,
+    "bank.coreset_ratio": 1.0,  # exact banks: cheap to build five times
+    "score.target_fpr": 0.03,
+}
+
+
+@pytest.fixture(scope="module")
+def strip(tmp_path_factory) -> str:
+    """Consecutive crops of one fabric strip, each overlapping the next 7 by 1/8 less each
+    time (camera frames); test crops and a drifted production batch further along it."""
+    root = tmp_path_factory.mktemp("strip")
+    make_strip_dataset(str(root), n_train=80, n_test_good=60, n_test_defect=12, size=64, step=8)
+    make_strip_dataset(
+        str(root),
+        "drift",
+        n_train=80,
+        n_test_good=60,
+        n_test_defect=12,
+        n_production=100,
+        production_anomaly_rate=0.05,
+        brightness=0.06,
+        contrast=1.15,
+        size=64,
+        step=8,
+    )
+    return str(root)
+
+
+def _fit(root: str, category: str, calibration: str):
+    cfg = MSPrayConfig().replace(**STRIP_CFG, **{"score.calibration": calibration})
+    return fit_detector(cfg, train_paths(f"mvtec:{root}", category), progress=False)
+
+
+def test_fold_plan_blocks_and_gaps() -> None:
+    plan = fold_plan(10, folds=3, gap=1)
+    scored = np.concatenate([s for s, _ in plan])
+    assert scored.tolist() == list(range(10))  # contiguous blocks, every image once
+    assert [s.tolist() for s, _ in plan] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert [e.tolist() for _, e in plan] == [[0, 1, 2, 3, 4], [3, 4, 5, 6, 7], [6, 7, 8, 9]]
+    assert len(fold_plan(3, folds=5)) == 3  # never more folds than images
+    with pytest.raises(ValueError, match="at least 2"):
+        fold_plan(1, 5)
+
+
+def test_crossfit_keeps_its_promise_on_overlapping_crops(strip: str) -> None:
+    samples = test_samples(f"mvtec:{strip}", "strip")
+    crossfit = evaluate(_fit(strip, "strip", "crossfit"), samples, progress=False)
+    cal, fa = crossfit["calibration"], crossfit["false_alarms"]
+    assert cal["source"] == "crossfit" and cal["n"] == 80 and cal["method"] == "order_statistic"
+    assert 3 <= cal["gap"] <= 7  # measured: a crop overlaps the next 7
+    assert fa["n_normal"] == 60
+    # the observed false alarms on the new normal crops are what the promise predicts
+    lo, hi = fa["expected_flagged"]
+    assert lo <= fa["flagged"] <= hi, fa
+    assert fa["within_promise"]
+    assert crossfit["at_threshold"]["true_positives"] >= 4  # of 12 defects: still useful
+    # the held-out split has near-duplicates in the bank: its threshold breaks its promise
+    holdout = evaluate(_fit(strip, "strip", "holdout"), samples, progress=False)
+    assert holdout["calibration"]["source"] == "holdout"
+    assert not holdout["false_alarms"]["within_promise"]
+    assert holdout["false_alarms"]["observed_fpr"] > holdout["calibration"]["fpr_interval"][1]
+
+
+def test_recalibration_on_drifted_production_images(strip: str, tmp_path) -> None:
+    det = _fit(strip, "drift", "crossfit")
+    old_threshold, old_cal = det.threshold, dict(det.meta["calibration"])
+    prod = list_files(f"{strip}/drift/production")
+    scores = score_images(det, load_images(prod, 64, progress=False))
+    samples = test_samples(f"mvtec:{strip}", "drift")
+    before = evaluate(det, samples, progress=False)["false_alarms"]
+    assert not before["within_promise"]  # brightness/contrast drift: far more false alarms
+
+    cal = recalibrate(det, scores, expected_anomaly_rate=0.05)
+    assert cal.method == "trimmed" and det.threshold == cal.threshold != old_threshold
+    after = evaluate(det, samples, progress=False)["false_alarms"]
+    lo, hi = after["expected_flagged"]
+    assert lo <= after["flagged"] <= hi, after
+    check = det.meta["calibration"]["production_check"]
+    assert check["n_images"] == 100 and check["previous_threshold"] == old_threshold
+    assert check["flagged"] == int((scores > old_threshold).sum())
+    assert check["previous_promised_fpr"] == old_cal["promised_fpr"]
+    assert det.meta["calibration_history"][-1] == old_cal
+
+    with pytest.raises(ValueError, match="exactly one"):
+        recalibrate(det, scores, normal=False)  # neither all-normal nor an anomaly rate
+    # all-normal batch: the previous promise is checked on the batch's flag count
+    normal_scores = scores[scores <= np.quantile(scores, 0.9)]
+    recalibrate(det, normal_scores, normal=True)
+    assert "previous_promise_held" in det.meta["calibration"]["production_check"]
+
+
+def test_calibrate_cli_writes_a_new_bundle_version(strip: str, tmp_path, capsys) -> None:
+    bundle, out = str(tmp_path / "b"), str(tmp_path / "b2")
+    cfg = MSPrayConfig().replace(**STRIP_CFG, **{"score.calibration": "holdout"})
+    fit_detector(cfg, train_paths(f"mvtec:{strip}", "drift"), out=bundle, progress=False)
+    before = json.loads((tmp_path / "b" / "meta.json").read_text())
+    prod = f"{strip}/drift/production"
+    argv = ["-q", "calibrate", "--bundle", bundle, "--input", prod, "--normal", "--out", out]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    new = load_bundle(out, with_banks=False)
+    assert printed["version"] == new.version != before["version"]
+    assert new.meta["calibration"]["source"] == "production"
+    assert new.meta["calibration"]["production_check"]["n_images"] == 100
+    assert new.meta["recalibrated_from"] == {"bundle": bundle, "version": before["version"]}
+    assert json.loads((tmp_path / "b" / "meta.json").read_text()) == before  # untouched
+    # the same directory without --in-place is refused; exactly one of --normal / -R
+    assert (
+        main(["calibrate", "--bundle", bundle, "--input", prod, "--normal", "--out", bundle]) == 2
+    )
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--bundle", bundle, "--input", prod])
