@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from mspray.bundle import load_bundle
+from mspray.bundle import load_bundle, read_meta, resolve_bundle
 from mspray.calibration import fold_plan, recalibrate, score_images
 from mspray.cli import main
 from mspray.config import MSPrayConfig
@@ -118,23 +118,23 @@ def test_recalibration_on_drifted_production_images(strip: str, tmp_path) -> Non
 
 
 def test_calibrate_cli_writes_a_new_bundle_version(strip: str, tmp_path, capsys) -> None:
-    bundle, out = str(tmp_path / "b"), str(tmp_path / "b2")
+    bundle = str(tmp_path / "b")
     cfg = MSPrayConfig().replace(**STRIP_CFG, **{"score.calibration": "holdout"})
     fit_detector(cfg, train_paths(f"mvtec:{strip}", "drift"), out=bundle, progress=False)
-    before = json.loads((tmp_path / "b" / "meta.json").read_text())
+    old = resolve_bundle(bundle)
+    before = read_meta(old)
     prod = f"{strip}/drift/production"
-    argv = ["-q", "calibrate", "--bundle", bundle, "--input", prod, "--normal", "--out", out]
+    argv = ["-q", "calibrate", "--bundle", bundle, "--input", prod, "--normal"]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
-    new = load_bundle(out, with_banks=False)
+    # a new version under the same root, which `latest` now names
+    assert resolve_bundle(bundle) == printed["bundle"] != old
+    new = load_bundle(bundle, with_banks=False)
     assert printed["version"] == new.version != before["version"]
     assert new.meta["calibration"]["source"] == "production"
     assert new.meta["calibration"]["production_check"]["n_images"] == 100
-    assert new.meta["recalibrated_from"] == {"bundle": bundle, "version": before["version"]}
-    assert json.loads((tmp_path / "b" / "meta.json").read_text()) == before  # untouched
-    # the same directory without --in-place is refused; exactly one of --normal / -R
-    assert (
-        main(["calibrate", "--bundle", bundle, "--input", prod, "--normal", "--out", bundle]) == 2
-    )
+    assert new.meta["recalibrated_from"] == {"bundle": old, "version": before["version"]}
+    assert read_meta(old) == before  # the version it came from is untouched
+    # exactly one of --normal / -R
     with pytest.raises(SystemExit):
         main(["calibrate", "--bundle", bundle, "--input", prod])
