@@ -7,6 +7,7 @@ data, and a metric over a silently shrunk set would mislead).
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -33,7 +34,12 @@ class EvalScorer(DetectorActor):
             )
         ]
         out = score_chunk(self.det, samples, self.with_masks, self.maps_dir)
-        return {"idx": np.asarray(batch["idx"], np.int64), **out}
+        mode = json.dumps(self.det.inference_mode, sort_keys=True)  # as run on this actor
+        return {
+            "idx": np.asarray(batch["idx"], np.int64),
+            "inference": np.array([mode] * len(samples)),
+            **out,
+        }
 
 
 def evaluate_ray(
@@ -82,6 +88,12 @@ def evaluate_ray(
         maps_dir=maps_dir,
     )
     gather = EvalGather(samples, cfg.model.scales, cfg.model.image_size)
+    modes: set[str] = set()
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
         gather.add(b["idx"], b)
-    return gather.report(meta.get("threshold"), meta.get("version"), meta.get("calibration"))
+        modes.update(str(m) for m in b["inference"])
+    report = gather.report(meta.get("threshold"), meta.get("version"), meta.get("calibration"))
+    # how the encoders ran (one mode, unless actors on different hardware resolved differently)
+    runs = [json.loads(m) for m in sorted(modes)]
+    report["inference"] = runs[0] if len(runs) == 1 else runs
+    return report

@@ -97,8 +97,10 @@ def test_large_bank_is_reduced_per_shard_then_globally(ray_local, tiny_bundle, t
         assert total > 300  # so the shards were reduced before the global coreset
         added = after.banks[s].ntotal - before.banks[s].ntotal
         # ceil(0.25 * total) patches, unless more than the candidate budget: the driver
-        # never holds more than the budget (+ one row per shard from rounding up)
-        assert abs(added - min(math.ceil(0.25 * total), 300)) <= 8
+        # never holds more than the budget (+ one row per shard from rounding up); the
+        # append coreset then keeps the rows that add coverage (near-duplicates do not)
+        target = min(math.ceil(0.25 * total), 300)
+        assert 0.8 * target <= added <= target + 8
 
 
 @pytest.mark.ray
