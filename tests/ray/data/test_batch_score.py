@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mspray import storage
-from mspray.bundle import load_bundle, save_bundle
+from mspray.bundle import load_bundle, resolve_bundle, save_bundle
 from mspray.config import PoolConfig
 from mspray.data.images import load_images
 from mspray.ray.data.results import read_results
@@ -92,9 +92,9 @@ def test_s3_to_s3_one_row_per_input_errors_marked_scores_equal_core(
     report = storage.read_text(f"{out}/{REPORT_NAME}")
     assert f'data-stat="rows">{n_in}<' in report and f'data-stat="errors">{len(bad)}<' in report
     # the calibration of the bundle, recorded by the run, gives the expected anomaly rate
-    expected = f"{100 * (1 - det.cfg.score.threshold_quantile):.1f} %"
+    expected = f"{100 * det.meta['calibration']['promised_fpr']:.1f} %"
     assert f'data-stat="expected_rate" data-group="all">{expected}<' in report
-    assert f"Calibration from bundle {bundle}." in report
+    assert f"Calibration from bundle {resolve_bundle(bundle)}." in report
     top = ok["image_score"].idxmax()
     assert f'src="_maps/{top[len(inp) + 1 :]}.png"' in report
 
