@@ -389,7 +389,7 @@ def test_deploy_failure_reports_the_deployment_message(
     code = run_deploy(build_parser(str(REPO / "serve_config.yaml")).parse_args(argv))
     err = capsys.readouterr().err
     assert code == 2, err
-    assert "DEPLOY_FAILED" in err and "no-such-bundle" in err and "meta.json" in err
+    assert "DEPLOY_FAILED" in err and "no-such-bundle" in err and "no such bundle" in err
 
 
 def test_deploy_dry_run_applies_overrides(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
