@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import socket
 import statistics
 import tempfile
@@ -48,7 +47,11 @@ import time
 
 import httpx
 import numpy as np
-from PIL import Image
+
+# the serving benchmark's load generator and test image (benchmarks/ is on sys.path when a
+# benchmark runs as a script)
+from bench_serve import load as serve_load
+from bench_serve import test_image
 
 
 def parse_args() -> argparse.Namespace:
@@ -89,41 +92,9 @@ def make_bundle(root: str, category: str, seed: int, size: int) -> str:
     return out
 
 
-def test_image(size: int) -> bytes:
-    rng = np.random.default_rng(0)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-async def load(
-    url: str, image: bytes, models: list[str], clients: int, n: int
-) -> tuple[np.ndarray, float, int]:
-    """``n`` requests from ``clients`` concurrent clients, request i naming
-    ``models[i % len(models)]``: (latencies s, wall s, failures)."""
-    latencies: list[float] = []
-    failures = 0
-    todo = iter(range(n))
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-
-    async def client(c: httpx.AsyncClient) -> None:
-        nonlocal failures
-        for i in todo:  # shared iterator: the clients split the n requests between them
-            t = time.perf_counter()
-            r = await c.post(
-                url,
-                content=image,
-                headers={"content-type": "image/png"},
-                params={"model": models[i % len(models)]},
-            )
-            latencies.append(time.perf_counter() - t)
-            failures += r.status_code != 200
-
-    async with httpx.AsyncClient(timeout=300, limits=limits) as c:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(c) for _ in range(clients)))
-        wall = time.perf_counter() - t0
-    return np.array(latencies), wall, failures
+def load(url: str, image: bytes, models: list[str], clients: int, n: int):
+    """bench_serve's closed-loop load, request i naming ``models[i % len(models)]``."""
+    return serve_load(url, image, clients, n, models=models, timeout=300)
 
 
 def main() -> None:

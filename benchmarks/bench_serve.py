@@ -107,8 +107,17 @@ def core_ms_per_image(bundle: str, batch: int, repeats: int = 5) -> float:
     return 1000 * (time.perf_counter() - t) / repeats / batch
 
 
-async def load(url: str, image: bytes, clients: int, n: int) -> tuple[np.ndarray, float, int]:
-    """``n`` requests from ``clients`` concurrent clients: (latencies s, wall s, failures)."""
+async def load(
+    url: str,
+    image: bytes,
+    clients: int,
+    n: int,
+    models: list[str] | None = None,
+    timeout: float = 120,
+) -> tuple[np.ndarray, float, int]:
+    """``n`` requests from ``clients`` concurrent clients (request i naming
+    ``models[i % len(models)]`` with ``?model=`` when given): (latencies s, wall s,
+    failures)."""
     latencies: list[float] = []
     failures = 0
     todo = iter(range(n))
@@ -116,13 +125,16 @@ async def load(url: str, image: bytes, clients: int, n: int) -> tuple[np.ndarray
 
     async def client(c: httpx.AsyncClient) -> None:
         nonlocal failures
-        for _ in todo:  # shared iterator: the clients split the n requests between them
+        for i in todo:  # shared iterator: the clients split the n requests between them
+            params = {"model": models[i % len(models)]} if models else None
             t = time.perf_counter()
-            r = await c.post(url, content=image, headers={"content-type": "image/png"})
+            r = await c.post(
+                url, content=image, headers={"content-type": "image/png"}, params=params
+            )
             latencies.append(time.perf_counter() - t)
             failures += r.status_code != 200
 
-    async with httpx.AsyncClient(timeout=120, limits=limits) as c:
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as c:
         t0 = time.perf_counter()
         await asyncio.gather(*(client(c) for _ in range(clients)))
         wall = time.perf_counter() - t0
