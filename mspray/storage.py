@@ -162,19 +162,29 @@ def write_bytes(uri: str, data: bytes) -> None:
         with fs.open_output_stream(path) as f:
             f.write(data)
         return
+    tmp = _complete_temp_file(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _complete_temp_file(path: str, data: bytes) -> str:
+    """``data`` written in full to a new temp file next to local ``path`` (parent folders
+    created), with the permissions a plain open() would give; the caller renames or links
+    it into place, so readers never see a partly written file."""
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600 files
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
+    return tmp
 
 
 def write_text(uri: str, text: str, encoding: str = "utf-8") -> None:
@@ -205,20 +215,14 @@ def create_exclusive(uri: str, data: bytes) -> bool:
                 return False
             raise OSError(f"conditional write of {uri} failed: {e}") from e
         return True
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    tmp = _complete_temp_file(path, data)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        return True
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
     finally:
         os.unlink(tmp)
+    return True
 
 
 def exists(uri: str) -> bool:
