@@ -420,11 +420,12 @@ def score_prefix(
         versions = {n: read_meta(u).get("version") for n, u in models.items()}
         uri, cfg, version = models[first], cfgs[first], None
         scales = sorted({s for c in cfgs.values() for s in c.model.scales}, reverse=True)
+        sizes = {n: c.model.image_size for n, c in cfgs.items()}
     else:
         uri, cfg = str(bundle), bundle_config(str(bundle), overrides)
         meta = read_meta(uri)
         version, calibration = meta.get("version"), meta.get("calibration") or {}
-        versions, scales = {}, list(cfg.model.scales)
+        versions, scales, sizes = {}, list(cfg.model.scales), {}
     # Exclusive use of the output before anything is read from it: a second run on the
     # same output waits (up to lease_wait) or stops, instead of scoring the same images
     # into other parts.
@@ -445,6 +446,7 @@ def score_prefix(
             version,
             versions,
             scales,
+            sizes,
             models,
             input_root,
             output,
@@ -477,6 +479,7 @@ def _score_pending(
     version: str | None,
     versions: dict[str, str],
     scales: list[int],
+    sizes: dict[str, int],
     models: dict[str, str] | None,
     input_root: str,
     output: str,
@@ -535,7 +538,6 @@ def _score_pending(
     for p in pending:
         # a name not in ``models`` (or none): the actor writes error rows for the unit
         groups.setdefault((assignment.get(p) or "") if models else "", []).append(p)
-    sizes = {n: bundle_config(u, overrides).model.image_size for n, u in (models or {}).items()}
     units = [
         {"paths": paths_, "model": name or None, "size": sizes.get(name, 0) if models else None}
         for paths_, name in [
