@@ -184,45 +184,39 @@ class Detector:
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
     def scale_map(
-        self, images: torch.Tensor, scale: int, bank: PatchBank | None = None
+        self,
+        images: torch.Tensor,
+        scale: int,
+        bank: PatchBank | None = None,
+        timings: dict[str, float] | None = None,
     ) -> torch.Tensor:
         """Pixel map of nearest-neighbour distances at one scale (``B×H×W``, on CPU),
-        against ``bank`` (default: the detector's bank of that scale)."""
+        against ``bank`` (default: the detector's bank of that scale). With ``timings``,
+        adds seconds per stage under ``encoder_<scale>``, ``search_<scale>`` and ``maps``."""
         bank = bank if bank is not None else self.banks[scale]
-        grid = self.embed(images, scale)  # B×h×w×D
+        timer = _Timer(timings)
+        with timer(f"encoder_{scale}"):
+            grid = self.embed(images, scale)  # B×h×w×D
+            if timings is not None and grid.is_cuda:
+                torch.cuda.synchronize()
         b, h, w, d = grid.shape
-        dist = bank.search(grid.reshape(-1, d))
-        scores = torch.from_numpy(np.asarray(dist, dtype=np.float32)).view(b, h, w)
-        return M.patch_scores_to_map(
-            scores, scale, self.cfg.stride_for(scale), tuple(images.shape[-2:])
-        )
+        with timer(f"search_{scale}"):
+            dist = bank.search(grid.reshape(-1, d))
+        with timer("maps"):
+            scores = torch.from_numpy(np.asarray(dist, dtype=np.float32)).view(b, h, w)
+            return M.patch_scores_to_map(
+                scores, scale, self.cfg.stride_for(scale), tuple(images.shape[-2:])
+            )
 
     def raw_scale_maps(
         self, images: torch.Tensor, timings: dict[str, float] | None = None
     ) -> dict[int, torch.Tensor]:
-        """Per-scale pixel maps of nearest-neighbour distances (``B×H×W`` each, on CPU).
-
-        With ``timings``, adds seconds per stage under ``encoder_<scale>``,
-        ``search_<scale>`` and ``maps``."""
+        """Per-scale pixel maps of nearest-neighbour distances (``B×H×W`` each, on CPU);
+        ``timings`` as in :meth:`scale_map`."""
         missing = [s for s in self.scales if s not in self.banks]
         if missing:
             raise RuntimeError(f"no bank for scale(s) {missing}; build or load banks first")
-        timer = _Timer(timings)
-        out = {}
-        for scale in self.scales:
-            with timer(f"encoder_{scale}"):
-                grid = self.embed(images, scale)  # B×h×w×D
-                if timings is not None and grid.is_cuda:
-                    torch.cuda.synchronize()
-            b, h, w, d = grid.shape
-            with timer(f"search_{scale}"):
-                dist = self.banks[scale].search(grid.reshape(-1, d))
-            with timer("maps"):
-                scores = torch.from_numpy(np.asarray(dist, dtype=np.float32)).view(b, h, w)
-                out[scale] = M.patch_scores_to_map(
-                    scores, scale, self.cfg.stride_for(scale), tuple(images.shape[-2:])
-                )
-        return out
+        return {s: self.scale_map(images, s, timings=timings) for s in self.scales}
 
     def _finish(self, m: torch.Tensor) -> torch.Tensor:
         return M.gaussian_smooth(m, self.cfg.model.smoothing_sigma)
