@@ -11,6 +11,7 @@ mspray modes (one detector: encoders, banks, stats and threshold shared; only
 ``score.precision`` / ``score.channels_last`` / ``score.runtime`` differ):
 
 - ``fp32-nchw``: fp32, contiguous NCHW, the behaviour before issue 15;
+- ``fp32``: fp32 + channels_last (the reference the reduced-precision modes are held to);
 - ``default``: the default config (``precision="auto"`` resolves per device; channels_last);
 - ``bf16``: bf16 autocast + channels_last (only fast on CPUs with AVX512-BF16 / AMX);
 - ``fp16``: fp16 autocast (CUDA only);
@@ -153,6 +154,7 @@ def mode_detector(base: Detector, mode: str) -> Detector:
     """A detector sharing ``base``'s weights, banks and calibration, in ``mode``."""
     over = {
         "fp32-nchw": {"score.precision": "fp32", "score.channels_last": False},
+        "fp32": {"score.precision": "fp32"},
         "default": {},
         "bf16": {"score.precision": "bf16"},
         "fp16": {"score.precision": "fp16"},
@@ -183,14 +185,14 @@ def main() -> None:
     ap.add_argument(
         "--modes",
         default="auto",
-        help="comma-separated subset of fp32-nchw,default,bf16,fp16,onnx,compile,padim,"
+        help="comma-separated subset of fp32-nchw,fp32,default,bf16,fp16,onnx,compile,padim,"
         "padim-onnx; 'auto': those that can be fast on this device",
     )
     ap.add_argument("--repeats", type=int, default=1, help="passes over the test set (median)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.modes == "auto":
-        modes = ["fp32-nchw", "default"]
+        modes = ["fp32-nchw", "fp32", "default"]
         if device.type == "cpu":
             modes += (["bf16"] if cpu_has_native_bf16() else []) + ["onnx", "padim", "padim-onnx"]
         else:

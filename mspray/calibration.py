@@ -8,24 +8,25 @@ of the sorted file names (consecutive frames share a fold), and ``gap`` more ima
 side of a fold are left out of its bank too, so a frame's neighbour in the next block does
 not stand in for it.
 
-:func:`crossfit_calibrate` is the one core function for the in-process fit
-(:func:`mspray.fit.fit_detector`) and the Ray Data bank builder (it runs on the driver there,
-from the embeddings the actors computed). :func:`recalibrate` sets a deployed bundle's
-threshold from a batch of production images.
+:func:`crossfit_calibrate` is the in-process fit's (:func:`mspray.fit.fit_detector`); the
+Ray Data bank builder (:mod:`mspray.ray.data.calibration`) runs the same steps, the fold
+plan (:func:`fold_plan`), the fold banks (:func:`fold_banks`) and the per-image map
+summaries (:class:`~mspray.detector.MapSummary`), with the images scored on its actor pool.
+:func:`recalibrate` sets a deployed bundle's threshold from a batch of production images.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
 from mspray.bank import PatchBank
 from mspray.config import BankConfig
-from mspray.detector import Detector
+from mspray.detector import Detector, MapSummary
 from mspray.threshold import (
     Calibration,
     expected_flags,
@@ -53,42 +54,71 @@ def fold_plan(n_images: int, folds: int, gap: int = 0) -> list[tuple[np.ndarray,
     return plan
 
 
+#: The near-duplicate gap is measured on all images of a set up to this size, and on this
+#: many (in :data:`GAP_RUNS` evenly spaced runs of consecutive names) of a larger one, so
+#: its cost and memory stay bounded however many normal images there are.
+GAP_SAMPLE = 256
+GAP_RUNS = 4
+
+
+def gap_sample(n_images: int) -> np.ndarray:
+    """Positions (in sorted-name order) of the images :func:`near_duplicate_gap` looks at:
+    all of them, or :data:`GAP_RUNS` runs of consecutive images, the runs evenly spaced so
+    that each has a partner run half the set further on."""
+    if n_images <= GAP_SAMPLE:
+        return np.arange(n_images)
+    starts = np.arange(GAP_RUNS) * (n_images // GAP_RUNS)
+    return (starts[:, None] + np.arange(GAP_SAMPLE // GAP_RUNS)[None, :]).ravel()
+
+
 def near_duplicate_gap(
-    det: Detector,
-    images: torch.Tensor,
+    emb: torch.Tensor,
+    positions: np.ndarray,
+    n_images: int,
     max_gap: int = 32,
     ratio: float = 0.9,
-    batch_size: int | None = None,
+    batch_size: int = 8,
 ) -> int:
     """How many images apart (in name order) images are still near-duplicates.
 
-    For each distance d, how close image i+d comes to image i: the 10 % quantile over i's
-    patches of the distance to the nearest patch of i+d (coarsest scale, bank stride; low
-    when i+d holds copies of a tenth of i's patches), median over i. d counts as
-    near-duplicate while that is below ``ratio`` times the same figure for images half the
-    set apart. 0 for independent images (e.g. MVTec); consecutive overlapping frames give
-    about the number of frames that share whole patches with one frame.
+    ``emb`` (``S×P×D``) holds the patch embeddings (coarsest scale, bank stride) of the
+    images at ``positions`` (:func:`gap_sample`) of a set of ``n_images``. For each distance
+    d, how close image i+d comes to image i: the 10 % quantile over i's patches of the
+    distance to the nearest patch of i+d (low when i+d holds copies of a tenth of i's
+    patches), median over the sampled pairs. d counts as near-duplicate while that is below
+    ``ratio`` times the same figure for images half the set apart. 0 for independent images
+    (e.g. MVTec); consecutive overlapping frames give about the number of frames that share
+    whole patches with one frame.
     """
-    n = len(images)
-    max_gap = min(max_gap, n // 4)
+    positions = np.asarray(positions, np.int64)
+    max_gap = min(max_gap, len(positions) // 4)
     if max_gap < 1:
         return 0
-    bs = batch_size or det.cfg.score.batch_size
-    flat, _ = image_embeddings(det, images, max(det.scales), bs)
-    emb = torch.from_numpy(flat).view(n, -1, flat.shape[-1])  # N×P×D
+    row = np.full(n_images, -1, np.int64)
+    row[positions] = np.arange(len(positions))
 
-    def closeness(i: np.ndarray, j: np.ndarray) -> float:
+    def closeness(offset: int, wrap: bool) -> float:
+        j = positions + offset
+        j = j % n_images if wrap else j
+        ok = j < n_images
+        ok[ok] = row[j[ok]] >= 0  # pairs whose both images were sampled
+        a, b = row[positions[ok]], row[j[ok]]
         d = [
-            torch.quantile(torch.cdist(emb[i[k : k + bs]], emb[j[k : k + bs]]).amin(-1), 0.1, -1)
-            for k in range(0, len(i), bs)
+            torch.quantile(
+                torch.cdist(emb[a[k : k + batch_size]], emb[b[k : k + batch_size]]).amin(-1),
+                0.1,
+                -1,
+            )
+            for k in range(0, len(a), batch_size)
         ]
         return float(torch.cat(d).median())
 
-    idx = np.arange(n)
-    far = closeness(idx, (idx + n // 2) % n)
+    sampled = len(positions) < n_images
+    half = (GAP_RUNS // 2) * (n_images // GAP_RUNS) if sampled else n_images // 2
+    far = closeness(half, wrap=True)
     gap = 0
     for d in range(1, max_gap + 1):
-        if closeness(idx[: n - d], idx[d:]) >= ratio * far:
+        if closeness(d, wrap=False) >= ratio * far:
             break
         gap = d
     return gap
@@ -105,7 +135,39 @@ def image_embeddings(
     return emb, np.repeat(np.arange(len(images)), emb.shape[0] // max(len(images), 1))
 
 
-def crossfit_maps(
+def check_fold_plan(plan: list[tuple[np.ndarray, np.ndarray]], in_bank: np.ndarray) -> None:
+    """ValueError when some fold bank would be empty (too few bank images for the plan)."""
+    for _, excluded in plan:
+        if not np.delete(in_bank, excluded).any():
+            raise ValueError(
+                f"{int(in_bank.sum())} bank images are too few for {len(plan)} folds with "
+                "their gap: a fold bank would be empty"
+            )
+
+
+def fold_banks(
+    det: Detector,
+    plan: list[tuple[np.ndarray, np.ndarray]],
+    in_bank: np.ndarray,
+    embeddings: dict[int, tuple[np.ndarray, np.ndarray]],
+    bank_config: FoldBankConfig | None = None,
+) -> Iterator[tuple[np.ndarray, dict[int, PatchBank]]]:
+    """For each fold of ``plan``: the images it scores and its banks (every scale), built
+    from the ``embeddings`` (per scale: rows, image index of each row) of the bank images
+    outside the fold's excluded range, with the detector's bank config (or
+    ``bank_config(scale, images in the fold bank, rows given)``). One fold at a time."""
+    for scored, excluded in plan:
+        n_imgs = int(np.delete(in_bank, excluded).sum())
+        banks = {}
+        for scale in det.scales:
+            emb, owner = embeddings[scale]
+            keep = ~np.isin(owner, excluded)
+            bcfg = bank_config(scale, n_imgs, int(keep.sum())) if bank_config else det.cfg.bank
+            banks[scale] = PatchBank.build(emb[keep], bcfg, seed=det.cfg.train.seed)
+        yield scored, banks
+
+
+def crossfit_summary(
     det: Detector,
     images: torch.Tensor,
     in_bank: np.ndarray,
@@ -113,10 +175,10 @@ def crossfit_maps(
     embeddings: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
     bank_config: FoldBankConfig | None = None,
     batch_size: int | None = None,
-) -> dict[int, torch.Tensor]:
-    """Raw per-scale maps (``N×H×W``) of every normal image, each scored against a bank
-    built from the bank images outside its fold and ``gap`` images either side of it (see
-    :func:`fold_plan`).
+) -> MapSummary:
+    """Summaries (:class:`~mspray.detector.MapSummary`, image order) of the raw maps of
+    every normal image, each scored against banks built from the bank images outside its
+    fold and ``gap`` images either side of it (see :func:`fold_plan`).
 
     Args:
         images: all normal images, ``N×3×H×W``, in sorted-name order.
@@ -127,38 +189,25 @@ def crossfit_maps(
         bank_config: bank config of a fold bank (default: the detector's); the Ray path
             adjusts the coreset ratio for per-shard reduced rows.
     """
-    cfg = det.cfg
     in_bank = np.asarray(in_bank, bool)
     if in_bank.shape != (len(images),):
         raise ValueError(f"in_bank: expected {len(images)} flags, got shape {in_bank.shape}")
-    plan = fold_plan(len(images), cfg.score.calibration_folds, gap)
-    for _, excluded in plan:
-        if not np.delete(in_bank, excluded).any():
-            raise ValueError(
-                f"{int(in_bank.sum())} bank images are too few for "
-                f"{cfg.score.calibration_folds} folds with gap {gap}: "
-                "a fold bank would be empty"
-            )
-    bs = batch_size or cfg.score.batch_size
-    bank_index = np.flatnonzero(in_bank)
-    out: dict[int, torch.Tensor] = {}
-    for scale in det.scales:
-        if embeddings is not None:
-            emb, owner = embeddings[scale]
-        else:
+    plan = fold_plan(len(images), det.cfg.score.calibration_folds, gap)
+    check_fold_plan(plan, in_bank)
+    bs = batch_size or det.cfg.score.batch_size
+    if embeddings is None:
+        bank_index = np.flatnonzero(in_bank)
+        embeddings = {}
+        for scale in det.scales:
             emb, local = image_embeddings(det, images[bank_index], scale, bs)
-            owner = bank_index[local]
-        maps = torch.empty(len(images), *images.shape[-2:])
-        for scored, excluded in plan:
-            keep = ~np.isin(owner, excluded)
-            n_imgs = int(np.delete(in_bank, excluded).sum())
-            bcfg = bank_config(scale, n_imgs, int(keep.sum())) if bank_config else cfg.bank
-            bank = PatchBank.build(emb[keep], bcfg, seed=cfg.train.seed)
-            for i in range(0, len(scored), bs):
-                idx = torch.from_numpy(scored[i : i + bs])
-                maps[idx] = det.scale_map(images[idx], scale, bank)
-        out[scale] = maps
-    return out
+            embeddings[scale] = (emb, bank_index[local])
+    parts = []
+    # folds are contiguous blocks in order, so the parts come in image order
+    for scored, banks in fold_banks(det, plan, in_bank, embeddings, bank_config):
+        for i in range(0, len(scored), bs):
+            x = images[torch.from_numpy(scored[i : i + bs])]
+            parts.append(det.summarize_maps({s: det.scale_map(x, s, banks[s]) for s in det.scales}))
+    return MapSummary.concat(parts)
 
 
 def crossfit_calibrate(
@@ -170,13 +219,19 @@ def crossfit_calibrate(
     batch_size: int | None = None,
 ) -> Calibration:
     """Stats and threshold of ``det`` from cross-fitted maps of all its normal images (see
-    :func:`crossfit_maps` for the arguments); the deployed banks are not touched."""
+    :func:`crossfit_summary` for the arguments); the deployed banks are not touched."""
     gap = det.cfg.score.calibration_gap
     if gap is None:
-        gap = near_duplicate_gap(det, images, batch_size=batch_size)
+        sample = gap_sample(len(images))
+        coarsest = max(det.scales)
+        flat, _ = image_embeddings(det, images[torch.from_numpy(sample)], coarsest, batch_size)
+        emb = torch.from_numpy(flat).view(len(sample), -1, flat.shape[-1])
+        gap = near_duplicate_gap(emb, sample, len(images))
         log.info("cross-calibration: images up to %d apart look like near-duplicates", gap)
-    raw = crossfit_maps(det, images, in_bank, gap, embeddings, bank_config, batch_size)
-    cal = det.calibrate_from_maps(raw, "crossfit", batch_size)
+    summary = crossfit_summary(det, images, in_bank, gap, embeddings, bank_config, batch_size)
+    cal = det.calibrate_from_summary(
+        summary.moments, lambda stats: det.summary_scores(summary.pooled, stats), "crossfit"
+    )
     det.meta["calibration"].update(folds=det.cfg.score.calibration_folds, gap=gap)
     return cal
 

@@ -186,7 +186,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="train all scales on normal images and write a bundle",
         description="Train the per-scale encoders on the normal training images, build the "
         "patch banks, calibrate the threshold on held-out normal images and write a model "
-        "bundle. With --workers N the encoders train on Ray Train (DDP).",
+        "bundle. With --workers N the encoders train on Ray Train (DDP) and the banks and "
+        "the threshold are then built on a Ray Data actor pool (as build-bank does).",
     )
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--category", help="category (sub-folder) of an mvtec/btad dataset")
@@ -232,24 +233,35 @@ def cmd_train(args: argparse.Namespace) -> int:
             storage=cfg.train.storage or default_storage_for(args.out),
             progress=not args.quiet,
         )
+    # On Ray the banks and the threshold are built on a Ray Data actor pool afterwards (as
+    # `build-bank` does), so the job's driver never holds the training images.
     det = fit_detector(
         cfg,
         uris,
         out=args.out,
         trainer=trainer,
         progress=not args.quiet,
-        build_banks=not args.no_banks,
+        build_banks=trainer is None and not args.no_banks,
     )
-    _print_json(
-        {
-            "bundle": args.out,
-            "version": det.version,
-            "version_uri": version_uri(args.out, det.version),
-            "threshold": det.threshold,
-            "bank_sizes": {str(s): b.ntotal for s, b in det.banks.items()},
-            "pretrained_loaded": det.meta.get("pretrained_loaded"),
-        }
-    )
+    summary = {
+        "bundle": args.out,
+        "version": det.version,
+        "version_uri": version_uri(args.out, det.version),
+        "threshold": det.threshold,
+        "bank_sizes": {str(s): b.ntotal for s, b in det.banks.items()},
+        "pretrained_loaded": det.meta.get("pretrained_loaded"),
+    }
+    if trainer is not None and not args.no_banks:
+        from mspray.ray.data.banks import build_banks
+
+        result = build_banks(args.out, uris, progress=not args.quiet, address=args.address)
+        summary.update(
+            version=result.version,
+            version_uri=result.version_uri,
+            threshold=result.threshold,
+            bank_sizes={str(s): n for s, n in result.bank_sizes.items()},
+        )
+    _print_json(summary)
     return 0
 
 
@@ -534,7 +546,12 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also rescore the images that have an error row (their parts are rewritten)",
     )
-    add_config_flags(p, "cfg", MSPrayConfig, ["score.batch_size", "bank.use_gpu"])
+    add_config_flags(
+        p,
+        "cfg",
+        MSPrayConfig,
+        ["score.batch_size", "score.runtime", "score.precision", "bank.use_gpu"],
+    )
     add_pool_args(p, SCORE_POOL_KEYS)
     p.set_defaults(func=cmd_score)
 

@@ -247,7 +247,8 @@ class ScoreConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = flag(
         "auto",
         "encoder precision: auto picks bf16 autocast on CPUs with native bf16 (AVX512-BF16 / "
-        "AMX), fp16 autocast on CUDA, else fp32; the mode used is recorded in the metrics",
+        "AMX), fp16 autocast on CUDA, else fp32; the mode used is recorded in the metrics "
+        "and the scoring run summary",
     )
     channels_last: bool = setting(
         True, "run the torch encoders in channels_last (NHWC) layout, faster for oneDNN"

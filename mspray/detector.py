@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,12 @@ from mspray import maps as M
 from mspray.bank import PatchBank
 from mspray.config import MSPrayConfig
 from mspray.model.multiscale import MultiScaleEncoder, normalize
-from mspray.threshold import Calibration, score_stats, threshold_from_config
+from mspray.threshold import (
+    Calibration,
+    stats_from_moments,
+    threshold_from_config,
+    value_moments,
+)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -253,24 +259,51 @@ class Detector:
         """Stats and threshold from raw per-scale maps (``N×H×W`` each) of normal images
         (see :mod:`mspray.calibration` for maps from fold banks). The calibration, with the
         false-alarm rate it promises, goes into ``meta["calibration"]``."""
-        import logging
-
-        self.stats = {s: score_stats(raw[s].flatten().numpy()) for s in self.scales}
-        stats = self.stats if self.cfg.model.fusion == "zscore" else None
         bs = batch_size or self.cfg.score.batch_size
         n = raw[self.scales[0]].shape[0]
-        win, st = self.cfg.model.score_window, self.cfg.model.score_window_stride
-        scores = torch.cat(
-            [
-                M.image_scores(
-                    self._finish(M.fuse_maps({s: m[i : i + bs] for s, m in raw.items()}, stats)),
-                    win,
-                    st,
-                )
-                for i in range(0, n, bs)
-            ]
+        parts = [
+            self.summarize_maps({s: m[i : i + bs] for s, m in raw.items()}) for i in range(0, n, bs)
+        ]
+        summary = MapSummary.concat(parts)
+        return self.calibrate_from_summary(
+            summary.moments, lambda stats: self.summary_scores(summary.pooled, stats), source
         )
-        cal = threshold_from_config(scores.numpy(), self.cfg.score, source)
+
+    def window_grid(self) -> tuple[int, int]:
+        """Shape of the window-mean grid (eq. 9's windows) of a map at the config's size."""
+        size = self.cfg.model.image_size
+        win, st = self.cfg.model.score_window, self.cfg.model.score_window_stride
+        return tuple(M.window_means(torch.zeros(1, size, size), win, st).shape[1:])
+
+    def summarize_maps(self, raw: dict[int, torch.Tensor]) -> MapSummary:
+        """What calibration keeps of raw per-scale maps (``B×H×W``): see :class:`MapSummary`."""
+        win, st = self.cfg.model.score_window, self.cfg.model.score_window_stride
+        moments = {s: np.stack([value_moments(x) for x in m]) for s, m in raw.items()}
+        pooled = {s: M.window_means(self._finish(m), win, st) for s, m in raw.items()}
+        return MapSummary(moments, pooled)
+
+    def summary_scores(
+        self, pooled: dict[int, torch.Tensor], stats: dict[int, tuple[float, float]]
+    ) -> torch.Tensor:
+        """Fused image scores (eq. 9) from per-scale window means of smoothed raw maps, for
+        the fusion ``stats``: equal to :meth:`predict`'s scores of the same images."""
+        use = stats if self.cfg.model.fusion == "zscore" else None
+        return M.fuse_maps(pooled, use).flatten(1).amax(dim=1)
+
+    def calibrate_from_summary(
+        self,
+        moments: dict[int, np.ndarray],
+        scores_for: Callable[[dict[int, tuple[float, float]]], np.ndarray | torch.Tensor],
+        source: str,
+    ) -> Calibration:
+        """Stats from the pixel ``moments`` of normal images (per scale, rows of ``[count,
+        sum, sum of squares]``), then the threshold from ``scores_for(stats)``: those
+        images' fused scores under the new stats (computed where their summaries are)."""
+        import logging
+
+        self.stats = {s: stats_from_moments(moments[s]) for s in self.scales}
+        scores = np.asarray(scores_for(self.stats), dtype=np.float64).ravel()
+        cal = threshold_from_config(scores, self.cfg.score, source)
         if cal.warning:
             logging.getLogger(__name__).warning("calibration: %s", cal.warning)
         self.threshold = cal.threshold
@@ -280,9 +313,33 @@ class Detector:
         self.meta.update(
             threshold_quantile=1.0 - cal.promised_fpr,
             threshold_margin=self.cfg.score.threshold_margin,
-            calibration_scores=quantile_sketch(scores.numpy(), MAX_CALIBRATION_SCORES),
+            calibration_scores=quantile_sketch(scores, MAX_CALIBRATION_SCORES),
         )
         return cal
+
+
+@dataclass
+class MapSummary:
+    """What calibration keeps of raw per-scale maps of ``B`` normal images.
+
+    Per scale: the pixel ``moments`` (``B×3``: count, sum, sum of squares, float64) and
+    ``pooled``, the window means (eq. 9's windows) of the smoothed map (``B×h×w``). The
+    smoothing (rows summing to one), the z-score fusion and the window means are all
+    linear, so the fused image score under any stats is the max over windows of
+    ``Σ_s (pooled_s − μ_s) / σ_s``: the stats can be fixed after every image has been
+    summarised (on many actors), and a summary is ~1/16 of the maps it stands for.
+    """
+
+    moments: dict[int, np.ndarray]
+    pooled: dict[int, torch.Tensor]
+
+    @staticmethod
+    def concat(parts: list[MapSummary]) -> MapSummary:
+        scales = parts[0].moments
+        return MapSummary(
+            {s: np.concatenate([p.moments[s] for p in parts]) for s in scales},
+            {s: torch.cat([p.pooled[s] for p in parts]) for s in scales},
+        )
 
 
 def quantile_sketch(values: np.ndarray, cap: int) -> list[float]:

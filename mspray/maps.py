@@ -142,17 +142,25 @@ def fuse_maps(
     return out
 
 
-def image_scores(maps: torch.Tensor, window: int = 8, stride: int = 4) -> torch.Tensor:
-    """Eq. 9: ``B×H×W -> B``, the max over ``window×window`` windows (at ``stride``) of the
-    window mean.
+def window_means(maps: torch.Tensor, window: int = 8, stride: int = 4) -> torch.Tensor:
+    """``B×H×W -> B×h×w``: the mean of every ``window×window`` window (at ``stride``) that
+    lies fully inside the map; a window larger than the map is cut to the map.
 
-    Windows start at multiples of ``stride`` and lie fully inside the map, so when
-    ``(H - window) % stride != 0`` the last few rows are in no window (likewise columns); a
-    window larger than the map is cut to the map.
+    Linear in the map, so window means of a weighted sum of maps are the same weighted sum
+    of their window means (cross-calibration relies on it, see :mod:`mspray.calibration`).
     """
     _check_maps(maps)
     if window < 1 or stride < 1:
         raise ValueError(f"window and stride must be >= 1, got {window}, {stride}")
     kernel = (min(window, maps.shape[1]), min(window, maps.shape[2]))
-    pooled = F.avg_pool2d(_float(maps).unsqueeze(1), kernel, stride=stride)
-    return pooled.flatten(1).amax(dim=1)
+    return F.avg_pool2d(_float(maps).unsqueeze(1), kernel, stride=stride)[:, 0]
+
+
+def image_scores(maps: torch.Tensor, window: int = 8, stride: int = 4) -> torch.Tensor:
+    """Eq. 9: ``B×H×W -> B``, the max over ``window×window`` windows (at ``stride``) of the
+    window mean (:func:`window_means`).
+
+    Windows start at multiples of ``stride`` and lie fully inside the map, so when
+    ``(H - window) % stride != 0`` the last few rows are in no window (likewise columns).
+    """
+    return window_means(maps, window, stride).flatten(1).amax(dim=1)

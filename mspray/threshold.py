@@ -47,8 +47,23 @@ def calibrate_threshold(normal_scores, quantile: float = 0.99, margin: float = 1
 
 def score_stats(values) -> tuple[float, float]:
     """``(mean, std)`` (population std) of normal map values, for z-score fusion."""
-    arr = _flat_finite(values, "values")
-    return float(arr.mean()), float(arr.std())
+    return stats_from_moments(value_moments(values))
+
+
+def value_moments(values) -> np.ndarray:
+    """``[count, sum, sum of squares]`` (float64) of finite values: what :func:`score_stats`
+    needs, additive over any split of the values (images scored on many actors)."""
+    arr = _flat_finite(values, "values").astype(np.float64)
+    return np.array([arr.size, arr.sum(), np.square(arr).sum()])
+
+
+def stats_from_moments(moments) -> tuple[float, float]:
+    """``(mean, std)`` from ``[count, sum, sum of squares]`` rows (summed over rows)."""
+    count, total, squares = np.asarray(moments, np.float64).reshape(-1, 3).sum(0)
+    if count == 0:
+        raise ValueError("values: no values")
+    mean = total / count
+    return float(mean), float(np.sqrt(max(squares / count - mean * mean, 0.0)))
 
 
 # ---------------------------------------------------------------------------- order statistics

@@ -7,9 +7,18 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from mspray.bundle import load_bundle, read_meta, resolve_bundle
-from mspray.calibration import fold_plan, recalibrate, score_images
+from mspray.calibration import (
+    GAP_RUNS,
+    GAP_SAMPLE,
+    fold_plan,
+    gap_sample,
+    near_duplicate_gap,
+    recalibrate,
+    score_images,
+)
 from mspray.cli import main
 from mspray.config import MSPrayConfig
 from mspray.data.datasets import test_samples, train_paths
@@ -138,3 +147,28 @@ def test_calibrate_cli_writes_a_new_bundle_version(strip: str, tmp_path, capsys)
     # exactly one of --normal / -R
     with pytest.raises(SystemExit):
         main(["calibrate", "--bundle", bundle, "--input", prod])
+
+
+def _strip_embeddings(n: int, patches: int = 20, shift: int = 5, dim: int = 8) -> torch.Tensor:
+    """Image i holds patches i·shift .. i·shift + patches - 1 of one long random strip (plus
+    noise): images up to patches/shift - 1 apart share whole patches."""
+    gen = torch.Generator().manual_seed(0)
+    strip = torch.randn(n * shift + patches, dim, generator=gen)
+    idx = torch.arange(n)[:, None] * shift + torch.arange(patches)[None, :]
+    return strip[idx] + 1e-3 * torch.randn(n, patches, dim, generator=gen)
+
+
+@pytest.mark.parametrize("n", [120, 1000])
+def test_near_duplicate_gap_on_all_or_a_bounded_sample(n: int) -> None:
+    sample = gap_sample(n)
+    assert len(sample) == min(n, GAP_SAMPLE) and len(np.unique(sample)) == len(sample)
+    if n > GAP_SAMPLE:  # runs of consecutive images, each with a partner run half-way on
+        runs = sample.reshape(GAP_RUNS, -1)
+        assert (np.diff(runs, axis=1) == 1).all()
+        half = (GAP_RUNS // 2) * (n // GAP_RUNS)
+        assert set((runs[0] + half) % n) <= set(sample)
+    emb = _strip_embeddings(n)
+    # images share whole patches with the next 3 (20 patches shifted by 5 per image)
+    assert near_duplicate_gap(emb[torch.from_numpy(sample)], sample, n) == 3
+    independent = torch.randn(len(sample), 20, 8, generator=torch.Generator().manual_seed(1))
+    assert near_duplicate_gap(independent, sample, n) == 0

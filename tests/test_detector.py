@@ -9,6 +9,7 @@ from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
 from mspray.detector import quantile_sketch
 from mspray.fit import fit_detector, split_holdout
+from mspray.threshold import stats_from_moments
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +156,26 @@ def test_channels_last_and_bf16_modes_score_like_fp32_nchw(tiny):
     assert not torch.equal(bf.maps, ref.maps)
     corr = np.corrcoef(bf.maps.flatten().numpy(), ref.maps.flatten().numpy())[0, 1]
     assert corr > 0.98
+
+
+def test_map_summaries_give_predict_scores_under_any_stats(tiny):
+    """Calibration keeps only moments and window means of the raw maps (MapSummary): the
+    fused scores it derives must be predict's, and the stats those of the pixels."""
+    det, _, spec = tiny
+    images = load_images([s.path for s in test_samples(spec, "synthetic")[:4]], 64, progress=False)
+    raw = det.raw_scale_maps(images)
+    summary = det.summarize_maps(raw)
+    for s in det.scales:
+        mean, std = stats_from_moments(summary.moments[s])
+        assert mean == pytest.approx(float(raw[s].double().mean()), rel=1e-9)
+        assert std == pytest.approx(float(raw[s].double().std(unbiased=False)), rel=1e-6)
+    assert summary.pooled[det.scales[0]].shape[1:] == det.window_grid()
+    other = {s: (m * 0.5, sd * 2.0 + 0.1) for s, (m, sd) in det.stats.items()}
+    for stats in (det.stats, other):
+        det_stats, det.stats = det.stats, stats
+        try:
+            expected = det.predict(images).image_scores
+        finally:
+            det.stats = det_stats
+        got = det.summary_scores(summary.pooled, stats)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -13,8 +13,10 @@ from mspray.threshold import (
     min_calibration_images,
     order_statistic_threshold,
     score_stats,
+    stats_from_moments,
     threshold_from_config,
     trimmed_threshold,
+    value_moments,
 )
 
 
@@ -145,3 +147,12 @@ def test_order_statistic_rejects_bad_input() -> None:
         trimmed_threshold([1.0, 2.0], anomaly_rate=1.0)
     with pytest.raises(ValueError, match="empty"):
         order_statistic_threshold([])
+
+
+def test_moments_add_up_over_any_split() -> None:
+    values = np.random.default_rng(0).normal(3.0, 0.5, size=(7, 100))
+    parts = np.stack([value_moments(v) for v in values])  # e.g. one row per image
+    assert stats_from_moments(parts) == pytest.approx(score_stats(values.ravel()), rel=1e-12)
+    assert stats_from_moments(parts) == pytest.approx((values.mean(), values.std()), rel=1e-12)
+    with pytest.raises(ValueError):
+        stats_from_moments(np.zeros((0, 3)))

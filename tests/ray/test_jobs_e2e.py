@@ -289,6 +289,9 @@ def test_train_job_writes_bundle(trained: Trained) -> None:
     assert cfg["model"]["scales"] == [32, 16] and cfg["model"]["image_size"] == 64
     assert cfg["train"]["epochs"] == 1 and cfg["train"]["n_centers"] == 4
     assert cfg["train"]["workers"] == 1
+    # the banks and the threshold were built on the Ray Data actor pool, not on the driver
+    assert [b["append"] for b in meta["bank_builds"]] == [False]
+    assert meta["calibration"]["n"] == 8
 
 
 @pytest.mark.slow

@@ -58,9 +58,10 @@ class Embedder(DetectorActor):
 
     with_banks = False
 
-    def __init__(self, keep: dict[str, float], **actor: Any) -> None:
+    def __init__(self, keep: dict[str, float], scales: list[int], **actor: Any) -> None:
         super().__init__(**actor)
         self.keep = {int(s): r for s, r in keep.items()}
+        self.scales = [int(s) for s in scales]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cfg = self.det.cfg
@@ -76,7 +77,7 @@ class Embedder(DetectorActor):
                 embs.append(np.zeros((1, dim), np.float32))
                 errors.append(err)
         good = [idx[k] for k in loaded.ok]
-        for s in self.det.scales if good else ():
+        for s in self.scales if good else ():
             emb = self.det.bank_embeddings(loaded.images, s)
             per_image = emb.shape[0] // len(good)
             rows = np.repeat(np.asarray(good, np.int64), per_image)
@@ -129,10 +130,12 @@ def embed_images(
     uris: list[str],
     keep: dict[int, float],
     pool: PoolConfig,
+    scales: tuple[int, ...] | None = None,
 ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], list[str]]:
     """Per-scale embeddings of ``uris`` (after the per-shard coreset given by ``keep``), in
     image order, the index (into ``uris``) of the image of each row, and the error
-    messages of the images that could not be read."""
+    messages of the images that could not be read. ``scales``: default all of the model's."""
+    scales = tuple(scales or cfg.model.scales)
     import ray
 
     ds = ray.data.from_items([{"idx": i, "path": p} for i, p in enumerate(uris)])
@@ -147,8 +150,9 @@ def embed_images(
         batch_format="numpy",
         io_threads=pool.io_threads,
         keep={str(s): r for s, r in keep.items()},
+        scales=list(scales),
     )
-    parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {s: [] for s in cfg.model.scales}
+    parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {s: [] for s in scales}
     errors: list[str] = []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         scale = batch["scale"]
@@ -171,20 +175,20 @@ def embed_images(
     return out, owners, errors
 
 
-def _crossfit_on_driver(
+def _calibrate(
     det,
+    bundle: str,
     bank_uris: list[str],
     val_uris: list[str],
     embs: dict[int, np.ndarray],
     owners: dict[int, np.ndarray],
     per_image: dict[int, int],
-    progress: bool,
+    pool: PoolConfig,
 ):
-    """Cross-calibration on the driver with the core function
-    (:func:`mspray.calibration.calibrate_normal_images`), from the actors' embeddings: the
-    fold banks are built and the normal images scored here, not on the actor pool."""
-    from mspray.calibration import calibrate_normal_images
-    from mspray.data.images import load_images
+    """Calibration the configured way over the readable bank images and the held-out ones,
+    scored on the actor pool (:func:`mspray.ray.data.calibration.calibrate_on_pool`), from
+    the actors' bank embeddings."""
+    from mspray.ray.data.calibration import calibrate_on_pool
 
     good = np.unique(np.concatenate([owners[s] for s in det.scales]))  # readable bank images
     names = [bank_uris[i] for i in good] + list(val_uris)
@@ -192,18 +196,24 @@ def _crossfit_on_driver(
     position = np.empty(len(order), np.int64)
     position[order] = np.arange(len(order))  # names[j] is image position[j] of the sorted set
     embeddings = {s: (embs[s], position[np.searchsorted(good, owners[s])]) for s in det.scales}
-    images = load_images(
-        [names[j] for j in order],
-        det.cfg.model.image_size,
-        progress=progress,
-        desc="loading normal images for cross-calibration",
-    )
 
     def fold_bank_config(scale: int, n_images: int, rows: int) -> BankConfig:
         # the fold's rows went through the same per-shard reduction as the full bank's
         return global_bank_config(det.cfg.bank, per_image[scale] * n_images, rows)
 
-    return calibrate_normal_images(det, images, order < len(good), embeddings, fold_bank_config)
+    def embed(uris, keep, scales):
+        return embed_images(bundle, det.cfg, uris, keep, pool, scales)
+
+    return calibrate_on_pool(
+        det,
+        bundle,
+        [names[j] for j in order],
+        order < len(good),
+        embeddings,
+        pool,
+        embed,
+        fold_bank_config,
+    )
 
 
 def build_banks(
@@ -224,8 +234,8 @@ def build_banks(
     Without ``append`` the images are split like training does (same held-out fraction and
     seed, see :func:`mspray.fit.split_holdout`): the bank is built from the training part
     and, with ``calibrate``, the threshold and fusion statistics are recomputed the
-    configured way (``score.calibration``: cross-fitted over all the images, on the driver,
-    or on the held-out part). With ``append`` every image goes into the banks and the
+    configured way (``score.calibration``: cross-fitted over all the images, or on the
+    held-out part), on the actor pool. With ``append`` every image goes into the banks and the
     threshold is kept (new normal patches can only lower distances).
 
     The result is saved as a new version under the bundle root ``out`` (default: the
@@ -233,7 +243,6 @@ def build_banks(
     never modified, so a Serve deployment or a scoring run using it is unaffected.
     """
     from mspray.bundle import bundle_root, load_bundle, resolve_bundle, save_bundle
-    from mspray.data.images import load_images
     from mspray.fit import split_holdout
 
     if not uris:
@@ -282,18 +291,7 @@ def build_banks(
             det.banks[s] = PatchBank.build(emb, bank_cfg, seed=cfg.train.seed)
             log.info("scale %d: bank of %d from %d patches", s, det.banks[s].ntotal, total)
     if not append and calibrate:
-        cal = None
-        if cfg.score.calibration == "crossfit":
-            cal = _crossfit_on_driver(det, bank_uris, val_uris, embs, owners, per_image, progress)
-        elif val_uris:
-            cal = det.calibrate(
-                load_images(
-                    val_uris,
-                    cfg.model.image_size,
-                    progress=progress,
-                    desc="loading held-out images",
-                )
-            )
+        cal = _calibrate(det, bundle, bank_uris, val_uris, embs, owners, per_image, pool)
         if cal is None:
             log.warning(
                 "no held-out images (fewer than 2 images or val_fraction=0): the "

@@ -89,6 +89,7 @@ _UNIT_SUMMARY = pa.schema(
         ("actor", pa.string()),  # Ray actor id
         ("decoder", pa.string()),  # Ray node id of the decode task
         ("failure", pa.string()),  # set when the unit failed: no part was written
+        ("inference", pa.string()),  # how the encoders ran (runtime/precision/layout)
     ]
 )
 
@@ -122,6 +123,8 @@ class ScoreSummary:
     actors: int = 0  # distinct model actors that scored a unit in this run
     actor_nodes: list[str] = field(default_factory=list)  # Ray node ids of those actors
     decode_nodes: list[str] = field(default_factory=list)  # where the units were decoded
+    #: how the actors' encoders ran, e.g. "torch/bf16/channels_last" (resolved per device)
+    inference: list[str] = field(default_factory=list)
     flagged: int = 0  # rows of this run with is_anomalous set
     #: what the bundle's threshold promises on normal images (meta.json "calibration")
     promised_fpr: float | None = None
@@ -209,6 +212,7 @@ class UnitScorer(DetectorActor):
         model = unit.get("model") or None
         summary = {"part": None, "images": 0, "errors": 0, "flagged": 0, "node": self.node}
         summary.update(actor=self.actor, decoder=unit["decoder"], failure=unit["failure"])
+        summary["inference"] = inference_text(self.det.inference_mode)
         if unit["failure"] is None:
             try:
                 if self.models and model not in self.models:
@@ -608,7 +612,7 @@ def _run_units(
         maps=maps,
         **scorer,
     )
-    actors, nodes, decoders = set(), set(), set()
+    actors, nodes, decoders, modes = set(), set(), set(), set()
     total = sum(len(u["paths"]) for u in units)
     with tqdm(total=total, desc="scored", unit="img", disable=not progress) as bar:
         for row in ds.iter_rows():
@@ -627,10 +631,18 @@ def _run_units(
             actors.add(row["actor"])
             nodes.add(row["node"])
             decoders.add(row["decoder"])
+            modes.add(row["inference"])
             bar.update(row["images"])
     summary.actors = len(actors)
     summary.actor_nodes, summary.decode_nodes = sorted(nodes), sorted(decoders)
+    summary.inference = sorted(modes)
     summary.score_seconds = time.perf_counter() - t_pipe
+
+
+def inference_text(mode: dict) -> str:
+    """``Detector.inference_mode`` as one short string: ``runtime/precision/layout``."""
+    layout = "channels_last" if mode["channels_last"] else "nchw"
+    return f"{mode['runtime']}/{mode['precision']}/{layout}"
 
 
 def _calibration_block(bundle: str) -> dict | None:

@@ -34,8 +34,12 @@ def test_two_level_coreset_ratios():
     assert global_bank_config(cfg, 800, 800) is cfg
 
 
+def _driver_must_not_load(*args, **kwargs):
+    raise AssertionError("the driver loaded images: calibration must run on the actor pool")
+
+
 @pytest.mark.ray
-def test_bank_build_from_s3_equals_core_banks(ray_local, tiny_bundle, s3_bucket):
+def test_bank_build_from_s3_equals_core_banks(ray_local, tiny_bundle, s3_bucket, monkeypatch):
     local_bundle, _ = tiny_bundle
     data = f"{s3_bucket}/datasets"
     make_synthetic_dataset(data, n_train=10, n_test_good=1, n_test_defect=1, size=64, seed=3)
@@ -43,14 +47,19 @@ def test_bank_build_from_s3_equals_core_banks(ray_local, tiny_bundle, s3_bucket)
     save_bundle(load_bundle(local_bundle), bundle)
     uris = train_paths(f"mvtec:{data}", "synthetic")
     out = f"{s3_bucket}/models/rebuilt"
-    result = build_banks(
-        bundle,
-        uris,
-        out=out,
-        pool=PoolConfig(workers=2),
-        overrides={"bank.coreset_ratio": 1.0},
-        progress=False,
-    )
+    import mspray.data.images as images
+
+    with monkeypatch.context() as m:  # calibration reads images on the actors only
+        for name in ("load_images", "load_image", "decode_image"):
+            m.setattr(images, name, _driver_must_not_load)
+        result = build_banks(
+            bundle,
+            uris,
+            out=out,
+            pool=PoolConfig(workers=2),
+            overrides={"bank.coreset_ratio": 1.0},
+            progress=False,
+        )
     det = load_bundle(out)  # from S3
     assert det.version == result.version != load_bundle(bundle).version
     assert det.cfg.bank.coreset_ratio == 1.0
@@ -60,7 +69,7 @@ def test_bank_build_from_s3_equals_core_banks(ray_local, tiny_bundle, s3_bucket)
     ref.build_banks(load_images(bank_uris, 64, progress=False))
     for s in det.scales:
         np.testing.assert_allclose(det.banks[s].vectors(), ref.banks[s].vectors(), atol=1e-5)
-    # cross-calibration on the driver = the core's on the same images
+    # cross-calibration on the actor pool = the core's on the same images
     assert det.cfg.score.calibration == "crossfit"
     names = sorted(uris)
     calibrate_normal_images(ref, load_images(names, 64, progress=False), np.isin(names, bank_uris))
@@ -69,6 +78,37 @@ def test_bank_build_from_s3_equals_core_banks(ray_local, tiny_bundle, s3_bucket)
     assert det.meta["calibration"]["n"] == len(uris)
     assert result.n_images == len(bank_uris) and result.n_errors == 0
     assert det.meta["n_holdout_images"] == len(val_uris)
+
+
+@pytest.mark.ray
+def test_holdout_calibration_on_the_pool_equals_the_core(
+    ray_local, tiny_bundle, tmp_path, monkeypatch
+):
+    bundle, spec = tiny_bundle
+    uris = train_paths(spec, "synthetic")
+    import mspray.data.images as images
+
+    over = {"bank.coreset_ratio": 1.0, "score.calibration": "holdout"}
+    with monkeypatch.context() as m:
+        for name in ("load_images", "load_image", "decode_image"):
+            m.setattr(images, name, _driver_must_not_load)
+        build_banks(
+            bundle,
+            uris,
+            out=str(tmp_path / "h"),
+            pool=PoolConfig(workers=2),
+            overrides=over,
+            progress=False,
+        )
+    det = load_bundle(str(tmp_path / "h"))
+    assert det.meta["calibration"]["source"] == "holdout"
+    _, val_uris = split_holdout(uris, det.cfg.train.val_fraction, det.cfg.train.seed)
+    ref = load_bundle(str(tmp_path / "h"))
+    ref.calibrate(load_images(sorted(val_uris), 64, progress=False))
+    assert det.meta["calibration"]["n"] == len(val_uris) >= 2
+    assert det.threshold == pytest.approx(ref.threshold, rel=1e-5)
+    for s in det.scales:
+        assert det.stats[s] == pytest.approx(ref.stats[s], rel=1e-5)
 
 
 @pytest.mark.ray

@@ -156,3 +156,23 @@ def test_interrupted_run_then_rerun_gives_exactly_one_row_per_image(
     last = json.loads((out / "_runs" / runs[-1]).read_text())
     assert last["skipped"] == done_before and last["scored"] == n - done_before
     assert (last["missing"], last["duplicates"], last["errors"]) == (0, 0, 0)
+
+
+def test_score_cli_onnx_runtime_scores_like_torch_fp32(ray_local, tiny_bundle, tmp_path):
+    """`mspray score --runtime onnx`: the encoders run on ONNX Runtime in the actors, the
+    run summary says so, and the scores equal torch fp32's."""
+    from mspray.bundle import read_config
+    from mspray.cli import main
+
+    bundle, spec = tiny_bundle
+    inp = os.path.join(spec.split(":", 1)[1], "synthetic", "test")
+    out, summary_json = tmp_path / "onnx", tmp_path / "summary.json"
+    argv = ["-q", "score", "--bundle", bundle, "--input", inp, "--output", str(out)]
+    argv += ["--runtime", "onnx", "--workers", "1", "--summary-json", str(summary_json)]
+    assert main(argv) == 0
+    assert json.loads(summary_json.read_text())["inference"] == ["onnx/fp32/nchw"]
+    df = read_results(str(out)).to_pandas().sort_values("path")
+    assert len(df) == len(storage.list_files(inp)) and df["error"].isna().all()
+    fp32 = load_bundle(bundle, config=read_config(bundle).replace(**{"score.precision": "fp32"}))
+    pred = fp32.predict(load_images(list(df["path"]), 64, progress=False))
+    np.testing.assert_allclose(df["image_score"], pred.image_scores.numpy(), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,104 @@
+"""Driver peak memory of a Ray Data bank build (with calibration) for N vs 4N images.
+
+Each build runs ``mspray.ray.data.banks.build_banks`` in a fresh child process (its own
+local Ray: GCS, raylet and actors are other processes), and the child reports its own peak
+RSS (``ru_maxrss``): the driver's memory only. Same bundle (random-init encoders), same
+settings, only the number of normal images differs. The candidate budget is small so that
+both sizes go through the per-shard coreset, and calibration is the default cross-fit, so
+the run shows whether anything on the driver still grows with the image count.
+
+    python benchmarks/bench_driver_memory.py [--n 16] [--image-size 256]
+
+``--pythonpath DIR`` runs the builds against another checkout of mspray (e.g. a
+``git worktree`` of an older commit), for a before/after comparison in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+CHILD = """
+import json, resource, sys, time
+from mspray.config import PoolConfig
+from mspray.data.datasets import train_paths
+from mspray.ray.data.banks import build_banks
+bundle, spec, n, out, over = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+uris = sorted(train_paths(spec, "synthetic"))[:n]
+t0 = time.perf_counter()
+r = build_banks(bundle, uris, out=out, pool=PoolConfig(workers=2), overrides=json.loads(over),
+                progress=False)
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "seconds": time.perf_counter() - t0, "bank_sizes": r.bank_sizes,
+                  "n_images": r.n_images}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=16, help="N: images of the small build")
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--max-candidates", type=int, default=20_000)
+    ap.add_argument("--coreset-ratio", type=float, default=0.02)
+    ap.add_argument("--pythonpath", default=None, help="import mspray from this checkout")
+    args = ap.parse_args()
+
+    from mspray.bundle import save_bundle
+    from mspray.config import MSPrayConfig
+    from mspray.data.datasets import train_paths
+    from mspray.data.synthetic import make_synthetic_dataset
+    from mspray.fit import fit_detector
+
+    root = tempfile.mkdtemp(prefix="mspray-drvmem-")
+    n_all = 4 * args.n
+    make_synthetic_dataset(
+        root, "synthetic", n_train=n_all, n_test_good=1, n_test_defect=1, size=args.image_size
+    )
+    spec = f"mvtec:{root}"
+    cfg = MSPrayConfig().replace(
+        **{"model.image_size": args.image_size, "model.pretrained": False, "train.epochs": 0}
+    )
+    det = fit_detector(cfg, sorted(train_paths(spec, "synthetic"))[:4], progress=False)
+    bundle = os.path.join(root, "bundle")
+    save_bundle(det, bundle)
+    over = json.dumps(
+        {
+            "bank.coreset_max_candidates": args.max_candidates,
+            "bank.coreset_ratio": args.coreset_ratio,
+        }
+    )
+    env = dict(os.environ)
+    if args.pythonpath:
+        env["PYTHONPATH"] = args.pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+    rows = {}
+    for n in (args.n, n_all):
+        out = os.path.join(root, f"out{n}")
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, bundle, spec, str(n), out, over],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode:
+            sys.exit(f"build of {n} images failed:\n{proc.stderr[-4000:]}")
+        rows[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(
+        f"{args.image_size}px, candidate budget {args.max_candidates}, coreset ratio "
+        f"{args.coreset_ratio}, cross-calibration, 2 actors"
+        + (f", mspray from {args.pythonpath}" if args.pythonpath else "")
+    )
+    print("| images | driver peak RSS MB | build s | bank sizes |\n|---|---|---|---|")
+    for n, r in rows.items():
+        sizes = "/".join(str(v) for v in r["bank_sizes"].values())
+        print(f"| {n} | {r['peak_rss_mb']:.0f} | {r['seconds']:.0f} | {sizes} |")
+    ratio = rows[n_all]["peak_rss_mb"] / rows[args.n]["peak_rss_mb"]
+    print(f"driver peak memory 4N / N: {ratio:.2f}x (goal <= 1.10x)")
+
+
+if __name__ == "__main__":
+    main()

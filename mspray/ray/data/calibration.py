@@ -1,0 +1,205 @@
+"""Threshold calibration on the actor pool, so the driver never holds the normal images.
+
+The same steps as the core's :func:`mspray.calibration.crossfit_calibrate` (or the held-out
+calibration), split by where the data is:
+
+- the near-duplicate gap is measured on a bounded sample of the images
+  (:func:`~mspray.calibration.gap_sample`), embedded by the actors;
+- the driver builds one fold's banks at a time from the embeddings it already holds (at most
+  the candidate budget per scale) and puts them in the object store;
+- :class:`FoldScorer` actors read each normal image, score it against its fold's banks and
+  return its :class:`~mspray.detector.MapSummary` (pixel moments and window means, ~1/16 of
+  the maps), which stays in the object store (``materialize``);
+- the driver sums the moments into the fusion stats, then streams the summaries once more
+  for one score per image: it holds one batch of summaries and a float per image.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from mspray.bank import PatchBank
+from mspray.calibration import (
+    FoldBankConfig,
+    check_fold_plan,
+    fold_banks,
+    fold_plan,
+    gap_sample,
+    near_duplicate_gap,
+)
+from mspray.config import PoolConfig
+from mspray.detector import Detector
+from mspray.ray.data.reading import iter_loaded
+from mspray.ray.runtime import DetectorActor, map_with_detector
+from mspray.threshold import Calibration
+
+log = logging.getLogger(__name__)
+
+#: embed(uris, keep ratio per scale, scales) -> (rows per scale, image of each row, errors):
+#: the bank builder's actor stage (:func:`mspray.ray.data.banks.embed_images`)
+Embed = Callable[[list[str], dict[int, float], tuple[int, ...]], tuple[dict, dict, list[str]]]
+
+
+class FoldScorer(DetectorActor):
+    """Ray Data actor: ``(idx, path, fold)`` rows -> per row ``idx``, ``error`` ("" when
+    read) and per scale ``moments_<s>`` and ``pooled_<s>`` (flat) of the image's raw maps
+    against fold ``fold``'s banks. The banks are byte blobs in the object store, loaded
+    once per fold and actor, one fold at a time."""
+
+    with_banks = False
+
+    def __init__(self, fold_banks: list[dict[str, Any]], **actor: Any) -> None:
+        super().__init__(**actor)
+        self.fold_refs = fold_banks
+        self.cells = int(np.prod(self.det.window_grid()))
+        self._fold: tuple[int, dict[int, PatchBank]] | None = None
+
+    def _banks(self, fold: int) -> dict[int, PatchBank]:
+        import ray
+
+        if self._fold is None or self._fold[0] != fold:
+            self._fold = None  # the previous fold's banks go before the next one loads
+            cfg = self.det.cfg.bank
+            refs = self.fold_refs[fold]
+            self._fold = (
+                fold,
+                {int(s): PatchBank.from_bytes(ray.get(r), cfg) for s, r in refs.items()},
+            )
+        return self._fold[1]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        det = self.det
+        uris = [str(p) for p in batch["path"]]
+        (loaded,) = iter_loaded(uris, len(uris), det.cfg.model.image_size, det.cfg.score, self.io)
+        n = len(uris)
+        out: dict[str, np.ndarray] = {
+            "idx": np.asarray(batch["idx"], np.int64),
+            "error": np.array([e or "" for e in loaded.errors], dtype=object),
+        }
+        for s in det.scales:
+            out[f"moments_{s}"] = np.zeros((n, 3))
+            out[f"pooled_{s}"] = np.zeros((n, self.cells), np.float32)
+        ok = np.asarray(loaded.ok, np.int64)  # batch rows that were read = rows of images
+        folds = np.asarray(batch["fold"], np.int64)[ok]
+        for fold in np.unique(folds):
+            rows = np.flatnonzero(folds == fold)
+            banks = self._banks(int(fold))
+            x = loaded.images[torch.from_numpy(rows)]
+            summary = det.summarize_maps({s: det.scale_map(x, s, banks[s]) for s in det.scales})
+            for s in det.scales:
+                out[f"moments_{s}"][ok[rows]] = summary.moments[s]
+                out[f"pooled_{s}"][ok[rows]] = summary.pooled[s].flatten(1).numpy()
+        return out
+
+
+def measure_gap(det: Detector, names: list[str], embed: Embed) -> int:
+    """The near-duplicate gap of the sorted ``names``, from coarsest-scale embeddings of a
+    bounded sample of them, computed on the actor pool by ``embed``."""
+    sample = gap_sample(len(names))
+    coarsest = max(det.scales)
+    embs, _, errors = embed([names[p] for p in sample], {coarsest: 1.0}, (coarsest,))
+    if errors:
+        raise ValueError(f"{len(errors)} sampled images are unreadable, e.g. {errors[0]}")
+    emb = torch.from_numpy(embs[coarsest]).view(len(sample), -1, det.cfg.model.embed_dim)
+    return near_duplicate_gap(emb, sample, len(names))
+
+
+def calibrate_on_pool(
+    det: Detector,
+    bundle: str,
+    names: list[str],
+    in_bank: np.ndarray,
+    embeddings: dict[int, tuple[np.ndarray, np.ndarray]],
+    pool: PoolConfig,
+    embed: Embed,
+    bank_config: FoldBankConfig | None = None,
+) -> Calibration | None:
+    """Calibrate ``det`` the configured way (``score.calibration``) from its normal images
+    ``names`` (sorted; ``in_bank`` marks the bank ones, whose per-scale rows and image
+    positions are ``embeddings``), scoring them on the actor pool with ``bundle``'s model.
+    Falls back to the held-out images when there are too few to cross-fit; None when there
+    is nothing to calibrate on."""
+    import ray
+
+    cfg = det.cfg
+    in_bank = np.asarray(in_bank, bool)
+    plan, gap = None, None
+    if cfg.score.calibration == "crossfit":
+        try:
+            gap = cfg.score.calibration_gap
+            if gap is None:
+                gap = measure_gap(det, names, embed)
+                log.info("cross-calibration: images up to %d apart look like near-duplicates", gap)
+            plan = fold_plan(len(names), cfg.score.calibration_folds, gap)
+            check_fold_plan(plan, in_bank)
+        except ValueError as e:
+            log.warning("cross-calibration not possible (%s); using the held-out images", e)
+            plan = None
+    fold_of = np.zeros(len(names), np.int64)
+    if plan is not None:
+        refs = []
+        for k, (scored, banks) in enumerate(
+            fold_banks(det, plan, in_bank, embeddings, bank_config)
+        ):
+            refs.append({str(s): ray.put(b.to_bytes()) for s, b in banks.items()})
+            fold_of[scored] = k
+        positions = np.arange(len(names))
+    else:
+        positions = np.flatnonzero(~in_bank)
+        if len(positions) == 0:
+            return None
+        refs = [{str(s): ray.put(b.to_bytes()) for s, b in det.banks.items()}]
+    rows = [{"idx": int(p), "path": names[p], "fold": int(fold_of[p])} for p in positions]
+    summaries = map_with_detector(
+        ray.data.from_items(rows),
+        FoldScorer,
+        bundle,
+        cfg,
+        pool,
+        n_items=-(-len(rows) // cfg.score.batch_size),
+        batch_size=cfg.score.batch_size,
+        batch_format="numpy",
+        io_threads=pool.io_threads,
+        fold_banks=refs,
+    ).materialize()  # in the object store (spilled to disk if need be), not on the driver
+
+    def read(prefix: str) -> Iterator[tuple[dict[int, np.ndarray], np.ndarray]]:
+        """(per scale the column of the read images, errors) per batch of summaries."""
+        columns = [f"{prefix}_{s}" for s in det.scales]
+        for b in summaries.select_columns(["error", *columns]).iter_batches(
+            batch_size=256, batch_format="numpy"
+        ):
+            good = np.array([not e for e in b["error"]], bool)
+            yield {s: b[f"{prefix}_{s}"][good] for s in det.scales}, b["error"][~good]
+
+    moments = {s: np.zeros(3) for s in det.scales}
+    errors: list[str] = []
+    for b, bad in read("moments"):
+        errors.extend(str(e) for e in bad)
+        for s in det.scales:
+            moments[s] += b[s].sum(0)
+    if errors:
+        log.warning("calibration: %d unreadable images skipped, e.g. %s", len(errors), errors[0])
+    grid = det.window_grid()
+
+    def scores_for(stats: dict[int, tuple[float, float]]) -> np.ndarray:
+        return np.concatenate(
+            [
+                det.summary_scores(
+                    {s: torch.from_numpy(v).view(-1, *grid) for s, v in b.items()}, stats
+                ).numpy()
+                for b, _ in read("pooled")
+            ]
+        )
+
+    cal = det.calibrate_from_summary(
+        moments, scores_for, "crossfit" if plan is not None else "holdout"
+    )
+    if plan is not None:
+        det.meta["calibration"].update(folds=cfg.score.calibration_folds, gap=gap)
+    return cal
