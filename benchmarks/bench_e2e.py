@@ -155,7 +155,10 @@ def mode_detector(base: Detector, mode: str) -> Detector:
     over = {
         "fp32-nchw": {"score.precision": "fp32", "score.channels_last": False},
         "fp32": {"score.precision": "fp32"},
-        "default": {},
+        "default": {  # the shipped defaults, whatever the base detector was fitted with
+            f"score.{k}": getattr(MSPrayConfig().score, k)
+            for k in ("precision", "channels_last", "runtime")
+        },
         "bf16": {"score.precision": "bf16"},
         "fp16": {"score.precision": "fp16"},
         "onnx": {"score.runtime": "onnx"},
@@ -218,6 +221,8 @@ def main() -> None:
             "train.epochs": args.epochs,
             "train.device": args.device,
             "score.batch_size": args.batch_size,
+            # banks and calibration in fp32: the reference every faster mode is held to
+            "score.precision": "fp32",
         }
     )
     torch.manual_seed(0)

@@ -46,10 +46,10 @@ Embed = Callable[[list[str], dict[int, float], tuple[int, ...]], tuple[dict, dic
 
 
 class FoldScorer(DetectorActor):
-    """Ray Data actor: ``(idx, path, fold)`` rows -> per row ``idx``, ``error`` ("" when
-    read) and per scale ``moments_<s>`` and ``pooled_<s>`` (flat) of the image's raw maps
-    against fold ``fold``'s banks. The banks are byte blobs in the object store, loaded
-    once per fold and actor, one fold at a time."""
+    """Ray Data actor: ``(path, fold)`` rows -> per row ``error`` ("" when read) and per
+    scale ``moments_<s>`` and ``pooled_<s>`` (flat) of the image's raw maps against fold
+    ``fold``'s banks. The banks are byte blobs in the object store, loaded once per fold
+    and actor, one fold at a time."""
 
     with_banks = False
 
@@ -77,10 +77,7 @@ class FoldScorer(DetectorActor):
         uris = [str(p) for p in batch["path"]]
         (loaded,) = iter_loaded(uris, len(uris), det.cfg.model.image_size, det.cfg.score, self.io)
         n = len(uris)
-        out: dict[str, np.ndarray] = {
-            "idx": np.asarray(batch["idx"], np.int64),
-            "error": np.array([e or "" for e in loaded.errors], dtype=object),
-        }
+        out = {"error": np.array([e or "" for e in loaded.errors], dtype=object)}
         for s in det.scales:
             out[f"moments_{s}"] = np.zeros((n, 3))
             out[f"pooled_{s}"] = np.zeros((n, self.cells), np.float32)
@@ -154,7 +151,7 @@ def calibrate_on_pool(
         if len(positions) == 0:
             return None
         refs = [{str(s): ray.put(b.to_bytes()) for s, b in det.banks.items()}]
-    rows = [{"idx": int(p), "path": names[p], "fold": int(fold_of[p])} for p in positions]
+    rows = [{"path": names[p], "fold": int(fold_of[p])} for p in positions]
     summaries = map_with_detector(
         ray.data.from_items(rows),
         FoldScorer,
@@ -172,7 +169,7 @@ def calibrate_on_pool(
         """(per scale the column of the read images, errors) per batch of summaries."""
         columns = [f"{prefix}_{s}" for s in det.scales]
         for b in summaries.select_columns(["error", *columns]).iter_batches(
-            batch_size=256, batch_format="numpy"
+            batch_size=64, batch_format="numpy"
         ):
             good = np.array([not e for e in b["error"]], bool)
             yield {s: b[f"{prefix}_{s}"][good] for s in det.scales}, b["error"][~good]
