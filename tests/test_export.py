@@ -71,7 +71,8 @@ def test_onnx_encoders_match_torch_for_any_batch_and_size(bundle):
 def test_runtime_onnx_detector_scores_like_torch(bundle):
     uri, test, _ = bundle
     cfg = read_config(uri)
-    det_t = load_bundle(uri)
+    # the reference is torch in fp32 (on a CPU with native bf16, "auto" would be bf16)
+    det_t = load_bundle(uri, config=cfg.replace(**{"score.precision": "fp32"}))
     det_o = load_bundle(uri, config=cfg.replace(**{"score.runtime": "onnx"}))
     assert det_o.inference_mode["runtime"] == "onnx"
     images = torch.stack([load_image(p, SIZE) for p in test])
@@ -108,7 +109,7 @@ def test_cli_export_then_torch_free_scorer_equals_detector(bundle, tmp_path):
         cwd=Path(__file__).resolve().parents[1],
     )
     got = json.loads(res.stdout)
-    det = load_bundle(uri)
+    det = load_bundle(uri, config=read_config(uri).replace(**{"score.precision": "fp32"}))
     pred = det.predict(load_image(test[-1], SIZE)[None])
     assert got["score"] == pytest.approx(float(pred.image_scores[0]), rel=1e-4, abs=1e-4)
     np.testing.assert_allclose(got["map"], pred.maps[0].ravel()[::97].numpy(), rtol=1e-3, atol=2e-3)

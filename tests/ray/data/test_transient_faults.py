@@ -5,6 +5,7 @@ simulated cluster, and model failures (CUDA out of memory) in the scoring actor.
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,11 +19,11 @@ from faulty_s3 import FaultyS3Proxy
 
 from mspray import storage
 from mspray.cli import main
-from mspray.config import PoolConfig, ScoreConfig
+from mspray.config import ScoreConfig
 from mspray.ray.data import reading
 from mspray.ray.data.reading import UNIT_SCHEMA, decode_unit, load_checked
 from mspray.ray.data.results import list_parts, read_results
-from mspray.ray.data.scoring import UnitScorer, score_prefix
+from mspray.ray.data.scoring import UnitScorer
 
 pytestmark = pytest.mark.ray
 
@@ -101,7 +102,7 @@ def faulty_proxy(s3_server):
 
 @pytest.mark.slow
 def test_scoring_through_s3_faults_loses_nothing_and_marks_nothing_bad_wrongly(
-    ray_exclusive, faulty_proxy, tiny_bundle, s3_bucket, bad_inputs, png_bytes
+    ray_exclusive, faulty_proxy, tiny_bundle, s3_bucket, bad_inputs, png_bytes, tmp_path
 ):
     bundle, _ = tiny_bundle
     # the bundle's own byte limit (50 MB) applies: huge.png (270 kB) is not bad here
@@ -114,25 +115,19 @@ def test_scoring_through_s3_faults_loses_nothing_and_marks_nothing_bad_wrongly(
     env = {"AWS_ENDPOINT_URL": faulty_proxy.endpoint}
     cli = ["-q", "score", "--bundle", bundle, "--input", inp, "--output", out,
            "--part-size", "4", "--gpus-per-worker", "1"]  # fmt: skip
+    summary = tmp_path / "summary.json"
     with multi_node_cluster(cpu_nodes=1, gpu_nodes=1, env=env):
-        s = score_prefix(
-            bundle,
-            inp,
-            out,
-            pool=PoolConfig(gpus_per_worker=1),
-            part_size=4,
-            progress=False,
-        )
+        assert main([*cli, "--summary-json", str(summary)]) == 1  # a unit failed: exit 1
+        s = json.loads(summary.read_text())
         assert set(faulty_proxy.injected) == {"slowdown", "reset", "truncate"}
         # the unit of the key that never recovered failed: no part, no error rows
-        assert s.failed_units == 1 and s.missing == 4 and s.duplicates == 0
-        assert s.errors == len(bad_inputs) and len(list_parts(out)) == s.parts
+        assert s["failed_units"] == 1 and s["missing"] == 4 and s["duplicates"] == 0
+        assert s["errors"] == len(bad_inputs) and len(list_parts(out)) == s["parts"]
         df = read_results(out).to_pandas().set_index("path")
         assert f"{inp}/good05.png" not in df.index
         for name in bad_inputs:
             assert BAD_ERRORS[name] in df.loc[f"{inp}/{name}", "error"]
         assert df["error"].notna().sum() == len(bad_inputs)  # no good image marked bad
-        assert main(cli) == 1  # still stuck: the run says so (exit 1)
 
         stuck.clear()  # S3 recovers: a plain rerun scores the failed unit
         assert main(cli) == 0
