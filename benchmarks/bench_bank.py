@@ -21,7 +21,6 @@ torch CUDA for sgemm) when present. ``--tune`` also sweeps faiss's BLAS block si
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -99,7 +98,7 @@ def run(args: argparse.Namespace, gpu: bool) -> None:
     # ---- 1. exact search vs sgemm
     qt, bt = torch.from_numpy(queries).to(device), torch.from_numpy(bank_x).to(device)
     full = PatchBank.build(bank_x, base)
-    per_image = PatchBank(full.index, dataclasses.replace(base, search_chunk=m_img))
+    per_image = PatchBank(full.index, base.replace(search_chunk=m_img))
     t_full, t_tile, t_img, t_all = median_times(
         [
             sgemm_full(qt, bt.T.contiguous(), m_img),
@@ -126,9 +125,9 @@ def run(args: argparse.Namespace, gpu: bool) -> None:
 
     # ---- 2. coreset and IVF, timed round-robin with the full exact bank
     t0 = time.perf_counter()
-    core = PatchBank.build(bank_x, dataclasses.replace(base, coreset_ratio=args.ratio))
+    core = PatchBank.build(bank_x, base.replace(coreset_ratio=args.ratio))
     t_build = time.perf_counter() - t0
-    cfg_ivf = dataclasses.replace(base, index="ivf", ivf_nlist=args.nlist, ivf_nprobe=args.nprobe)
+    cfg_ivf = base.replace(index="ivf", ivf_nlist=args.nlist, ivf_nprobe=args.nprobe)
     ivf = PatchBank.build(bank_x, cfg_ivf)
     t_all2, t_core, t_ivf = median_times(
         [lambda: full.search(queries), lambda: core.search(queries), lambda: ivf.search(queries)],
