@@ -256,9 +256,10 @@ class Detector:
     def calibrate_from_maps(
         self, raw: dict[int, torch.Tensor], source: str, batch_size: int | None = None
     ) -> Calibration:
-        """Stats and threshold from raw per-scale maps (``N×H×W`` each) of normal images
-        (see :mod:`mspray.calibration` for maps from fold banks). The calibration, with the
-        false-alarm rate it promises, goes into ``meta["calibration"]``."""
+        """Stats and threshold from raw per-scale maps (``N×H×W`` each) of normal images,
+        through their summaries (:meth:`summarize_maps`, :meth:`calibrate_from_summary`).
+        The calibration, with the false-alarm rate it promises, goes into
+        ``meta["calibration"]``."""
         bs = batch_size or self.cfg.score.batch_size
         n = raw[self.scales[0]].shape[0]
         parts = [

@@ -3,6 +3,7 @@ appending new normal images without retraining."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -38,6 +39,17 @@ def _driver_must_not_load(*args, **kwargs):
     raise AssertionError("the driver loaded images: calibration must run on the actor pool")
 
 
+@contextlib.contextmanager
+def _no_image_loading_on_the_driver(monkeypatch):
+    """Image loading raises in this (driver) process; Ray's actors are other processes."""
+    import mspray.data.images as images
+
+    with monkeypatch.context() as m:
+        for name in ("load_images", "load_image", "decode_image"):
+            m.setattr(images, name, _driver_must_not_load)
+        yield
+
+
 @pytest.mark.ray
 def test_bank_build_from_s3_equals_core_banks(ray_local, tiny_bundle, s3_bucket, monkeypatch):
     local_bundle, _ = tiny_bundle
@@ -47,11 +59,7 @@ def test_bank_build_from_s3_equals_core_banks(ray_local, tiny_bundle, s3_bucket,
     save_bundle(load_bundle(local_bundle), bundle)
     uris = train_paths(f"mvtec:{data}", "synthetic")
     out = f"{s3_bucket}/models/rebuilt"
-    import mspray.data.images as images
-
-    with monkeypatch.context() as m:  # calibration reads images on the actors only
-        for name in ("load_images", "load_image", "decode_image"):
-            m.setattr(images, name, _driver_must_not_load)
+    with _no_image_loading_on_the_driver(monkeypatch):  # calibration reads on the actors
         result = build_banks(
             bundle,
             uris,
@@ -86,12 +94,8 @@ def test_holdout_calibration_on_the_pool_equals_the_core(
 ):
     bundle, spec = tiny_bundle
     uris = train_paths(spec, "synthetic")
-    import mspray.data.images as images
-
     over = {"bank.coreset_ratio": 1.0, "score.calibration": "holdout"}
-    with monkeypatch.context() as m:
-        for name in ("load_images", "load_image", "decode_image"):
-            m.setattr(images, name, _driver_must_not_load)
+    with _no_image_loading_on_the_driver(monkeypatch):
         build_banks(
             bundle,
             uris,
