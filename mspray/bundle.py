@@ -183,6 +183,14 @@ def read_config(uri: str) -> MSPrayConfig:
     return MSPrayConfig.from_json(_read_verified(version_uri, meta, CONFIG).decode("utf-8"))
 
 
+def load_config(uri: str, overrides: dict | None = None) -> MSPrayConfig:
+    """The bundle's own config with dotted runtime ``overrides`` (e.g. ``score.runtime``,
+    ``bank.use_gpu``) applied; overrides whose value is ``None`` are left out."""
+    cfg = read_config(uri)
+    over = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return cfg.replace(**over) if over else cfg
+
+
 # ---------------------------------------------------------------------- saving
 def _version_id(hashes: dict[str, str], meta: dict) -> str:
     """Content id: the files' hashes and the scoring state stored only in meta.json."""

@@ -73,12 +73,10 @@ def where_am_i() -> tuple[str, str]:
 
 
 def bundle_config(bundle: str, overrides: dict[str, Any] | None = None) -> MSPrayConfig:
-    """The bundle's own config, with dotted ``overrides`` (e.g. ``bank.coreset_ratio``)."""
-    from mspray.bundle import read_config
+    """Kept for callers not yet switched: :func:`mspray.bundle.load_config`."""
+    from mspray.bundle import load_config
 
-    cfg = read_config(bundle)
-    over = {k: v for k, v in (overrides or {}).items() if v is not None}
-    return cfg.replace(**over) if over else cfg
+    return load_config(bundle, overrides)
 
 
 class DetectorActor:
