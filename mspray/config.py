@@ -5,7 +5,8 @@ bundle. :class:`PoolConfig` sizes the Ray Data actor pools and :class:`ServeConf
 Serve application's arguments and ``user_config``. They are pydantic models: values are
 validated and coerced once, here, and an invalid value raises :class:`ConfigError` naming the
 field (``train.lr=-1.0: ...``). Command-line flags (``mspray``, ``ray_jobs/``) are derived
-from the fields by :mod:`mspray.cli_options`; nothing else re-declares them.
+from the fields (see :func:`flag`) by the CLI package :mod:`mspray.cli`; nothing else
+re-declares them. Per-scale facts come from :mod:`mspray.model.scales`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-#: Receptive-field-aligned network stride of each supported patch size (see model/encoder.py).
-SUPPORTED_SCALES = (64, 32, 16)
+from mspray.model.scales import SUPPORTED_SCALES, default_strides, scale_spec
+
 LOSS_NAMES = ("svdd", "cos", "ssl", "kmeans")
-#: A served model's name (issue 12): it travels in the serve_multiplexed_model_id header.
+#: A served model's name: it travels in the serve_multiplexed_model_id header.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -56,11 +57,13 @@ class ModelConfig(Section):
         256, "images are resized to this square size (BTAD: 512)", ge=16, cli="--image-size"
     )
     scales: tuple[int, ...] = flag(
-        (64, 32, 16), "patch sizes, each of 64, 32, 16 (comma-separated on the command line)"
+        SUPPORTED_SCALES,
+        f"patch sizes, each of {', '.join(map(str, SUPPORTED_SCALES))} (comma-separated on the "
+        "command line)",
     )
     embed_dim: int = setting(64, "embedding dimension D", ge=1)
     strides: tuple[int, ...] = flag(
-        (16, 4, 4),
+        default_strides(SUPPORTED_SCALES),
         "inference stride per scale (same order as scales; paper: 16/4/4)",
     )
     pretrained: bool = flag(
@@ -87,8 +90,6 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _scales_tile_the_image(self) -> ModelConfig:
-        from mspray.model.encoder import network_stride  # local: avoid an import cycle
-
         _check(len(self.scales) >= 1, "model.scales", self.scales, "needs at least one scale")
         for p in self.scales:
             _check(
@@ -98,7 +99,7 @@ class ModelConfig(Section):
         _check(len(set(self.scales)) == len(self.scales), "model.scales", self.scales, "repeats")
         _check(len(self.strides) == len(self.scales), "model.strides", self.strides, "one a scale")
         for p, st in zip(self.scales, self.strides, strict=True):
-            ns = network_stride(p)
+            ns = scale_spec(p).network_stride
             _check(
                 st > 0 and st % ns == 0,
                 "model.strides",
@@ -121,7 +122,7 @@ class TrainConfig(Section):
         20, "epochs per scale; 0 skips training (banks from the initial encoders)", ge=0
     )
     # A step count, never wall-clock time, so the same seed and config give the same weights
-    # on any machine (issue 14); a resumed run counts the steps it already took.
+    # on any machine; a resumed run counts the steps it already took.
     max_steps: int = flag(
         0,
         "optimiser-step budget per scale over the whole run, resumes included (0 = no limit)",
@@ -274,10 +275,8 @@ class MSPrayConfig(Section):
 
     @model_validator(mode="after")
     def _bank_stride_fits_the_scales(self) -> MSPrayConfig:
-        from mspray.model.encoder import network_stride
-
         for p in self.model.scales:
-            ns = network_stride(p)
+            ns = scale_spec(p).network_stride
             _check(
                 self.bank.bank_stride % ns == 0,
                 "bank.bank_stride",
@@ -333,7 +332,7 @@ class PoolConfig(Section):
     io_threads: int = flag(
         4, "reader threads per decode task (or actor), overlapping S3 latency", ge=1
     )
-    # issue 11: scoring reads and decodes on CPU tasks, apart from the model actors
+    # scoring reads and decodes on CPU tasks, apart from the model actors
     decode_cpus: float = flag(1.0, "CPUs per decode task of batch scoring", gt=0)
 
 
@@ -388,7 +387,7 @@ class ServeConfig(Section):
     )
     num_cpus: float = flag(1, "CPUs per replica (also its torch threads)", ge=0)
     num_gpus: float = flag(0, "GPUs per replica", ge=0)
-    # issue 12: several named bundles behind one deployment (Serve model multiplexing).
+    # several named bundles behind one deployment (Serve model multiplexing)
     models: dict[str, str] = flag(
         {},
         "named bundles NAME -> URI, picked per request with ?model=NAME or the "

@@ -89,3 +89,24 @@ def test_max_steps_is_a_derived_train_flag():
     assert MSPrayConfig().train.max_steps == 0  # no budget by default
     with pytest.raises(ConfigError, match="train.max_steps"):
         MSPrayConfig().replace(**{"train.max_steps": -1})
+
+
+def test_scale_table_is_the_one_source_of_per_scale_facts():
+    from mspray.model.encoder import PatchEncoder
+    from mspray.model.scales import SCALES, SUPPORTED_SCALES, default_strides, scale_spec
+    from mspray.train.sampling import NEIGHBOUR_RADIUS
+
+    cfg = MSPrayConfig()
+    assert cfg.model.scales == SUPPORTED_SCALES == (64, 32, 16)
+    assert cfg.model.strides == default_strides(cfg.model.scales) == (16, 4, 4)
+    assert NEIGHBOUR_RADIUS == {64: 4, 32: 2, 16: 1}
+    for p, spec in SCALES.items():
+        enc = PatchEncoder(p, embed_dim=8)
+        assert enc.stride == spec.network_stride
+        assert enc.features[-1].__class__.__name__ in ("ReLU", "MaxPool2d")
+        assert len(enc.features) == spec.prefix_layers
+        assert enc.head[0].in_channels == spec.channels
+    with pytest.raises(ValueError, match=r"unsupported patch size 48; choose from \[64, 32, 16\]"):
+        scale_spec(48)
+    with pytest.raises(ValueError, match="unsupported patch size"):
+        default_strides((64, 48))

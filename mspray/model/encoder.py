@@ -4,16 +4,8 @@ Each encoder is a VGG16 prefix (unpadded) plus a small convolutional head whose 
 1x1 for a θ×θ input. Applied to a whole image it is fully convolutional and yields the grid
 of all patch embeddings at the network stride, equal to embedding each patch cropped alone.
 
-How each scale was chosen (receptive field *exactly* the patch, stride dividing the paper's
-inference stride):
-
-====  ============================  ============  ===============================  ======
-θ     VGG16 prefix (layers)         feature size  head                             stride
-====  ============================  ============  ===============================  ======
-64    conv1_1 .. conv3_3+ReLU (16)  7×7×256       conv7×7/2→128, LReLU, conv1×1→D  8
-32    conv1_1 .. pool2 (10)         5×5×128       conv3×3→128, LReLU, conv3×3→D    4
-16    conv1_1 .. pool2 (10)         1×1×128       conv1×1→128, LReLU, conv1×1→D    4
-====  ============================  ============  ===============================  ======
+The per-scale trunk and head are rows of :data:`mspray.model.scales.SCALES` (the table of
+how each scale was chosen is there).
 
 Every feature row/column of the prefix is used by the head, so every pixel of the patch
 reaches its embedding and none outside it does (tested). For θ = 64 the prefix stops before
@@ -29,30 +21,23 @@ import torch
 from torch import nn
 
 from mspray.model.backbone import vgg16_prefix
+from mspray.model.scales import ScaleSpec, scale_spec
 
-#: patch size -> (number of VGG16 feature modules, channels out, network stride)
-_PREFIX = {64: (16, 256, 8), 32: (10, 128, 4), 16: (10, 128, 4)}
 N_ANGLES = 12
 
 
 def network_stride(patch_size: int) -> int:
     """Pixel stride between neighbouring embeddings of a dense grid for ``patch_size``."""
-    if patch_size not in _PREFIX:
-        raise ValueError(f"unsupported patch size {patch_size}; choose from {sorted(_PREFIX)}")
-    return _PREFIX[patch_size][2]
+    return scale_spec(patch_size).network_stride
 
 
-def _head(patch_size: int, in_ch: int, dim: int) -> nn.Sequential:
-    hidden = 128
-    if patch_size == 64:
-        return nn.Sequential(
-            nn.Conv2d(in_ch, hidden, 7, stride=2), nn.LeakyReLU(0.1), nn.Conv2d(hidden, dim, 1)
-        )
-    if patch_size == 32:
-        return nn.Sequential(
-            nn.Conv2d(in_ch, hidden, 3), nn.LeakyReLU(0.1), nn.Conv2d(hidden, dim, 3)
-        )
-    return nn.Sequential(nn.Conv2d(in_ch, hidden, 1), nn.LeakyReLU(0.1), nn.Conv2d(hidden, dim, 1))
+def _head(spec: ScaleSpec, dim: int) -> nn.Sequential:
+    h = spec.head
+    return nn.Sequential(
+        nn.Conv2d(spec.channels, h.hidden, h.kernel1, stride=h.stride1),
+        nn.LeakyReLU(0.1),
+        nn.Conv2d(h.hidden, dim, h.kernel2),
+    )
 
 
 class PatchEncoder(nn.Module):
@@ -63,16 +48,16 @@ class PatchEncoder(nn.Module):
 
     def __init__(self, patch_size: int, embed_dim: int = 64, vgg_state: dict | None = None):
         super().__init__()
-        n_layers, ch, stride = _PREFIX[patch_size]
+        spec = scale_spec(patch_size)
         self.patch_size = patch_size
-        self.stride = stride
+        self.stride = spec.network_stride
         self.embed_dim = embed_dim
-        self.features = vgg16_prefix(n_layers)
+        self.features = vgg16_prefix(spec.prefix_layers)
         if vgg_state is not None:
             from mspray.model.backbone import init_prefix
 
             init_prefix(self.features, vgg_state)
-        self.head = _head(patch_size, ch, embed_dim)
+        self.head = _head(spec, embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``B×3×H×W`` -> ``B×D×h×w`` with ``h = (H - θ) // stride + 1``."""

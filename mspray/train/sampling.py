@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from mspray.model.encoder import N_ANGLES
+from mspray.model.scales import SCALES
 
 #: Paper: SVDD/Cos neighbour within ±4 px (64), ±2 (32), ±1 (16).
-NEIGHBOUR_RADIUS = {64: 4, 32: 2, 16: 1}
+NEIGHBOUR_RADIUS = {p: s.neighbour_radius for p, s in SCALES.items()}
 
 
 @dataclass
