@@ -1,0 +1,126 @@
+"""The README and docs/ stay short, true and linked: the set-up commands, links, the one
+diagram, the configuration reference and the commands and jobs they name."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+DEMO_COMMAND = (
+    "python -m pip install -c constraints-cpu.txt -e . && mspray demo --out /tmp/mspray-demo"
+)
+TEST_COMMAND = 'python -m pip install -c constraints-cpu.txt -e ".[dev]" && python -m pytest -q'
+MAX_README_LINES = 250
+
+
+def _doc_files() -> list[Path]:
+    """Every Markdown page a reader is sent to: the README, docs/ and the benchmarks page."""
+    return [README, *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md"]
+
+
+def _section(text: str, title: str) -> str:
+    """The text from the heading ``title`` to the next heading of the same or a higher level
+    (lines inside code fences are not headings)."""
+    lines = text.splitlines()
+    start = lines.index(title)
+    level = len(title) - len(title.lstrip("#"))
+    fenced = False
+    for end in range(start + 1, len(lines)):
+        line = lines[end]
+        fenced ^= line.startswith("```")
+        hashes = len(line) - len(line.lstrip("#"))
+        if not fenced and 0 < hashes <= level and line[hashes : hashes + 1] == " ":
+            return "\n".join(lines[start:end])
+    return "\n".join(lines[start:])
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*]", "", heading.strip().lower())
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    return {_slug(m) for m in re.findall(r"^#{1,6} (.+)$", text, flags=re.M)}
+
+
+def test_readme_fits_on_a_page_and_keeps_the_two_commands() -> None:
+    text = README.read_text()
+    assert len(text.splitlines()) <= MAX_README_LINES
+    quick = _section(text, "## Quick start")
+    assert DEMO_COMMAND in quick
+    assert TEST_COMMAND in quick
+
+
+def test_every_relative_link_resolves() -> None:
+    """Links between the README and docs/ point at files (and headings) that exist."""
+    broken = []
+    for page in _doc_files():
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s), mailto: not checked offline
+            file_part, _, anchor = target.partition("#")
+            dest = (page.parent / file_part).resolve() if file_part else page
+            if not dest.exists():
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
+def test_one_mermaid_diagram_in_one_place() -> None:
+    counts = {p.relative_to(REPO): p.read_text().count("```mermaid") for p in _doc_files()}
+    assert sum(counts.values()) == 1, counts
+    assert counts[Path("README.md")] == 1
+
+
+def test_readme_command_table_lists_every_command() -> None:
+    from mspray.cli import build_parser
+
+    table = _section(README.read_text(), "## Commands")
+    listed = set(re.findall(r"^\| `mspray ([a-z-]+)`", table, flags=re.M))
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) <= listed, set(sub.choices) - listed
+
+
+def test_docs_name_only_existing_jobs_and_commands() -> None:
+    from mspray.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for page in _doc_files():
+        text = page.read_text()
+        for job in set(re.findall(r"ray_jobs/(\w+)\.py", text)):
+            assert (REPO / "ray_jobs" / f"{job}.py").is_file(), f"{page.name} names {job}.py"
+        for cmd in set(re.findall(r"^\s*mspray ([a-z-]+)", text, flags=re.M)):
+            assert cmd in sub.choices, f"{page.name} names `mspray {cmd}`"
+
+
+def _default_text(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        value = list(value)
+    return json.dumps(value)
+
+
+def test_configuration_reference_documents_every_field() -> None:
+    """docs/configuration.md lists every field of mspray/config.py with its default."""
+    from mspray.config import MSPrayConfig
+
+    text = (REPO / "docs" / "configuration.md").read_text()
+    cfg = MSPrayConfig()
+    for section in MSPrayConfig.model_fields:
+        table = _section(text, f"### `{section}`")
+        for name in type(getattr(cfg, section)).model_fields:
+            default = _default_text(getattr(getattr(cfg, section), name))
+            row = f"| `{name}` | `{default}` |"
+            assert row in table, f"docs/configuration.md: no row {row!r} under {section}"
