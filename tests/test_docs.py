@@ -3,6 +3,7 @@ diagram, the configuration reference and the commands and jobs they name."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -124,3 +125,31 @@ def test_configuration_reference_documents_every_field() -> None:
             default = _default_text(getattr(getattr(cfg, section), name))
             row = f"| `{name}` | `{default}` |"
             assert row in table, f"docs/configuration.md: no row {row!r} under {section}"
+
+
+def test_configuration_reference_is_generated_from_config() -> None:
+    """docs/configuration.md is exactly what docs/make_configuration.py renders from
+    mspray/config.py and the CLI now; after changing a field, run that script."""
+    spec = importlib.util.spec_from_file_location(
+        "make_configuration", REPO / "docs" / "make_configuration.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    expected = module.markdown()
+    actual = (REPO / "docs" / "configuration.md").read_text()
+    assert actual == expected, (
+        "docs/configuration.md is out of date: python docs/make_configuration.py"
+    )
+
+
+def test_every_config_field_has_help() -> None:
+    from mspray.config_docs import sections
+
+    missing = [
+        f"{name}.{field}"
+        for name, model in sections()
+        for field, info in model.model_fields.items()
+        if not info.description
+    ]
+    assert not missing, missing

@@ -1,0 +1,131 @@
+"""The configuration reference (docs/configuration.md), rendered from the typed config.
+
+Every section and field of :mod:`mspray.config` becomes a table row with its default, the
+command-line flag that sets it (and which commands take it) and its description, so the
+reference cannot drift from the code. Which commands take which flag is known only to the
+CLI; ``docs/make_configuration.py`` collects it from the parser and passes it in, so this
+module stays in the core (no CLI, no Ray).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import annotated_types as at
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from mspray.config import MSPrayConfig, PoolConfig, ServeConfig
+
+#: Flags of one dotted field key: ``[(flag, [command, ...]), ...]``.
+FlagUses = Sequence[tuple[str, Sequence[str]]]
+
+#: Top-level config models and the dotted prefix their fields get in the reference.
+ROOTS: tuple[tuple[str, type[BaseModel]], ...] = (
+    ("", MSPrayConfig),
+    ("pool", PoolConfig),
+    ("serve", ServeConfig),
+)
+
+INTRO = """\
+# Configuration reference
+
+<!-- Generated from mspray/config.py by `python docs/make_configuration.py`; do not edit.
+tests/test_docs.py fails when this file is out of date. -->
+
+One typed config (`mspray/config.py`) is used by the CLI, the jobs and Serve, and stored as
+`config.json` in every bundle. Pass a JSON file with `--config FILE` (any subset of the
+sections and fields below); command-line flags override it, and `--set KEY=VALUE` sets any
+field, also one without a flag (e.g. `--set train.lam=0.01`). Invalid values are rejected
+with the field's name (e.g. `train.lr=-1.0: must be > 0`).
+
+```json
+{"model": {"image_size": 256, "scales": [64, 32, 16]}, "train": {"epochs": 20, "workers": 4}}
+```
+
+The sections `model`, `train`, `bank` and `score` are the bundle's config (`MSPrayConfig`);
+`pool` sizes the Ray Data actor pools (`PoolConfig`) and `serve` is the Serve application
+(`ServeConfig`: `args:` of `serve_config.yaml`; the fields marked *reloadable* are its
+`user_config`, applied to running replicas without a restart).
+"""
+
+
+def sections() -> list[tuple[str, type[BaseModel]]]:
+    """Every config section as ``(dotted name, model)``, in reference order."""
+    out: list[tuple[str, type[BaseModel]]] = []
+    for prefix, root in ROOTS:
+        if prefix:
+            out.append((prefix, root))
+            continue
+        for name, info in root.model_fields.items():
+            out.append((name, typing.cast(type[BaseModel], info.annotation)))
+    return out
+
+
+def default_text(value: Any) -> str:
+    """A default as JSON (``null``, ``true``, lists for tuples), as in ``config.json``."""
+    if isinstance(value, tuple):
+        value = list(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def constraint_text(info: FieldInfo) -> str:
+    """The field's bounds and choices in words, e.g. ``≥ 16`` or ``one of: sum, zscore``."""
+    parts = []
+    symbols = ((at.Ge, "ge", "≥"), (at.Gt, "gt", ">"), (at.Le, "le", "≤"), (at.Lt, "lt", "<"))
+    for meta in info.metadata:
+        for kind, attr, sign in symbols:
+            if isinstance(meta, kind):
+                parts.append(f"{sign} {getattr(meta, attr)}")
+    ann = info.annotation
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        ann = next(a for a in typing.get_args(ann) if a is not type(None))
+    if typing.get_origin(ann) is typing.Literal:
+        parts.append("one of: " + ", ".join(map(str, typing.get_args(ann))))
+    return "; ".join(parts)
+
+
+def _markdown(text: str) -> str:
+    """A docstring's reST roles and double backquotes as Markdown code."""
+    return re.sub(r":\w+:`([^`]+)`", r"`\1`", text).replace("``", "`")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _flag_cell(uses: FlagUses) -> str:
+    return "<br>".join(f"`{flag}` ({', '.join(commands)})" for flag, commands in uses)
+
+
+def render(flags: Mapping[str, FlagUses] | None = None) -> str:
+    """The whole reference as Markdown. ``flags`` maps a dotted key (``train.epochs``,
+    ``pool.workers``, ``serve.max_batch_size``) to the flags that set it and the commands
+    that take them; a field without an entry has no flag."""
+    flags = flags or {}
+    out = [INTRO]
+    for name, model in sections():
+        out.append(f"### `{name}`\n")
+        doc = (model.__doc__ or "").strip().split("\n\n")[0]
+        if doc:
+            out.append(_markdown(" ".join(line.strip() for line in doc.splitlines())) + "\n")
+        out.append("| field | default | flag | meaning |")
+        out.append("| --- | --- | --- | --- |")
+        reloadable = set(getattr(model, "RELOADABLE", ()))
+        for field, info in model.model_fields.items():
+            default = default_text(info.get_default(call_default_factory=True))
+            meaning = info.description or ""
+            bounds = constraint_text(info)
+            if bounds:
+                meaning += f" ({bounds})"
+            if field in reloadable:
+                meaning += "; *reloadable*"
+            row = (f"`{field}`", f"`{default}`", _flag_cell(flags.get(f"{name}.{field}", ())))
+            out.append(f"| {' | '.join(row)} | {_cell(meaning)} |")
+        out.append("")
+    return "\n".join(out)
