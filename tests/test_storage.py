@@ -90,10 +90,48 @@ def test_join_and_is_remote():
     assert storage.join("/a", "b", "c") == os.path.join("/a", "b", "c")
     assert storage.is_remote("s3://b/k") and storage.is_remote("S3://b/k")
     assert not storage.is_remote("/tmp/x") and not storage.is_remote("file:///tmp/x")
-    with pytest.raises(ValueError, match="gs://"):
-        storage.filesystem("gs://bucket/x")
+    assert (
+        storage.is_local("/tmp/x") and storage.is_local("rel/x") and storage.is_local("file:///x")
+    )
+    assert not storage.is_local("s3://b/k") and not storage.is_local("gs://b/k")
+    assert storage.separator("s3://b") == "/" and storage.separator("/tmp") == os.sep
+    assert storage.is_under("s3://b/p/x.png", "s3://b/p/") and not storage.is_under(
+        "s3://b/px.png", "s3://b/p"
+    )
+    assert storage.is_under(os.path.join("/a", "b"), "/a") and not storage.is_under(
+        "/a/b", "s3://a"
+    )
+    with pytest.raises(ValueError, match="nope://"):
+        storage.filesystem("nope://bucket/x")
     with pytest.raises(ValueError, match="bucket"):
         storage.filesystem("s3://")
+
+
+def test_other_schemes_go_through_pyarrow_filesystems():
+    """A scheme with no backend of its own (here pyarrow's in-memory ``mock://``) gets the
+    generic one: the same calls work and listings keep the scheme."""
+    base = "mock:///data"
+    assert storage.is_remote(base) and storage.separator(base) == "/"
+    files = _tree(base)
+    assert storage.read_bytes(storage.join(base, "sub", "c.jpeg")) == b"sub/c.jpeg"
+    got = storage.list_files(base)
+    assert got[0] == "mock:///data/a.png" and len(got) == 5
+    assert [storage.relative(p, base) for p in storage.list_files(base, suffixes=None)] == sorted(
+        files
+    )
+    assert storage.list_dirs(base) == ["mock:///data/sub"]
+    assert storage.normalize("mock:///data/sub/") == "mock:///data/sub"
+    with pytest.raises(OSError, match="create-if-absent"):
+        storage.create_exclusive(storage.join(base, "lock"), b"x")
+
+
+def test_modified_time_is_the_storage_clock(tmp_path, s3_bucket):
+    import time
+
+    for base in (str(tmp_path), s3_bucket):
+        uri = storage.join(base, "t.txt")
+        storage.write_bytes(uri, b"x")
+        assert abs(storage.modified_time(uri) - time.time()) < 60
 
 
 def test_s3_round_trip(s3_bucket):

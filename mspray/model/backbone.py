@@ -9,12 +9,15 @@ what makes dense (whole-image) extraction equal to cropping each patch alone.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from mspray import storage
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +58,21 @@ def vgg16_prefix(n_layers: int) -> nn.Sequential:
 
 
 def load_vgg16_state(weights_path: str | None = None, download: bool = True) -> dict:
-    """ImageNet VGG16 ``features.*`` tensors, from ``weights_path`` (a local file or
-    ``s3://`` URI), else the torch hub cache, else a download into that cache.
+    """ImageNet VGG16 ``features.*`` tensors, from ``weights_path`` (a local file or a
+    storage URI such as ``s3://``), else the torch hub cache, else a download into that cache.
 
     Loading never unpickles code (``weights_only=True``).
     """
     if weights_path:
-        if weights_path.startswith("s3://"):
-            import io
-
-            from mspray.storage import read_bytes  # local import: core works without S3
-
-            state = torch.load(
-                io.BytesIO(read_bytes(weights_path)), map_location="cpu", weights_only=True
-            )
-        else:
-            if not Path(weights_path).is_file():
-                raise PretrainedWeightsError(f"VGG16 weights file not found: {weights_path}")
-            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        if not storage.is_file(weights_path):
+            raise PretrainedWeightsError(f"VGG16 weights file not found: {weights_path}")
+        # a local file is read by torch directly (no second copy of ~0.5 GB in memory)
+        source = (
+            storage.normalize(weights_path)
+            if storage.is_local(weights_path)
+            else io.BytesIO(storage.read_bytes(weights_path))
+        )
+        state = torch.load(source, map_location="cpu", weights_only=True)
     else:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
         if cached.is_file():

@@ -1,0 +1,123 @@
+"""S3 and S3-compatible stores (``s3://bucket/key``).
+
+Configured only from environment variables (the standard AWS ones plus
+``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``), so a Ray worker process rebuilds the same
+filesystem from its inherited environment. Reads and writes go through pyarrow; boto3 is
+used only for what pyarrow cannot do (conditional writes).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from urllib.parse import urlsplit
+
+import pyarrow.fs as pafs
+
+from mspray.storage.base import Backend
+
+#: Attempts per S3 request (the SDK's standard retry mode: exponential backoff with jitter).
+S3_ATTEMPTS = 5
+
+
+def _s3_config() -> tuple:
+    """Everything that distinguishes one S3 filesystem from another, read from the env."""
+    env = os.environ.get
+    endpoint = env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL") or ""
+    region = env("AWS_REGION") or env("AWS_DEFAULT_REGION") or "us-east-1"
+    return (
+        endpoint,
+        region,
+        env("AWS_ACCESS_KEY_ID"),
+        env("AWS_SECRET_ACCESS_KEY"),
+        env("AWS_SESSION_TOKEN"),
+    )
+
+
+class S3Backend(Backend):
+    """``s3://`` through pyarrow's S3 filesystem, one per distinct environment."""
+
+    scheme = "s3"
+    local = False
+
+    def __init__(self) -> None:
+        self._fs: dict[tuple, pafs.S3FileSystem] = {}
+        self._boto: dict[tuple, object] = {}
+        self._lock = threading.Lock()
+
+    def locate(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        path = uri[5:].strip("/")
+        if not path:
+            raise ValueError(f"S3 URI without a bucket: {uri}")
+        return self.filesystem(), path
+
+    def uri_of(self, ref: str, path: str) -> str:
+        return f"s3://{path}"
+
+    def filesystem(self) -> pafs.S3FileSystem:
+        """The S3 filesystem of the current environment (cached per distinct one)."""
+        key = _s3_config()
+        with self._lock:
+            fs = self._fs.get(key)
+            if fs is None:
+                endpoint, region, access, secret, token = key
+                kwargs: dict = {"region": region}
+                if endpoint:
+                    parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+                    kwargs["scheme"] = parts.scheme or "https"
+                    kwargs["endpoint_override"] = parts.netloc + parts.path.rstrip("/")
+                if access and secret:
+                    kwargs.update(access_key=access, secret_key=secret, session_token=token)
+                # else: pyarrow's own chain (config files, instance metadata) finds credentials
+                # Throttling, timeouts and 5xx are retried with backoff by the AWS SDK itself.
+                kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)
+                fs = self._fs[key] = pafs.S3FileSystem(**kwargs)
+        return fs
+
+    def client(self):  # -> botocore S3 client
+        """A boto3 S3 client from the same environment as :meth:`filesystem`."""
+        key = _s3_config()
+        with self._lock:
+            client = self._boto.get(key)
+            if client is None:
+                import boto3
+
+                endpoint, region, access, secret, token = key
+                if endpoint and "://" not in endpoint:
+                    endpoint = f"https://{endpoint}"
+                client = self._boto[key] = boto3.client(
+                    "s3",
+                    endpoint_url=endpoint or None,
+                    region_name=region,
+                    aws_access_key_id=access,
+                    aws_secret_access_key=secret,
+                    aws_session_token=token,
+                )
+        return client
+
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        """A conditional PUT (``If-None-Match: *``, answered with 412 when the key exists).
+
+        The store must honour ``If-None-Match`` on PUT (AWS S3 does since 2024); one that
+        ignores it gives no exclusion.
+        """
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = self.locate(uri)[1].partition("/")
+        try:
+            self.client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as e:
+            err = e.response.get("Error", {})
+            # 412: the key exists; 409: another conditional write to it is in flight
+            if err.get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise OSError(f"conditional write of {uri} failed: {e}") from e
+        return True
+
+    def makedirs(self, uri: str) -> None:
+        # S3 has no folders: only check that the bucket exists (no marker objects, which
+        # other tools would list as empty files)
+        fs, path = self.locate(uri)
+        bucket = path.split("/", 1)[0]
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"no such bucket: s3://{bucket} (for {uri})")
