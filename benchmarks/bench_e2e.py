@@ -253,7 +253,7 @@ def main() -> None:
             )
             pad = Padim(vgg, device=device)
             if mode == "padim-onnx":
-                from mspray.export import encoder_to_onnx, onnx_session
+                from mspray.onnx.convert import encoder_to_onnx, onnx_session
 
                 pad.onnx = onnx_session(encoder_to_onnx(vgg, 64))
             pad.fit(load_images(train_paths(spec, "synthetic"), size, progress=False))

@@ -115,7 +115,7 @@ class Detector:
         if self.runtime == "onnx":
             if self.device.type != "cpu":
                 raise ValueError("score.runtime='onnx' runs on CPU; use runtime 'torch' on GPU")
-            from mspray.export import OnnxEncoders  # optional dependency
+            from mspray.onnx.convert import OnnxEncoders  # optional dependency
 
             self._onnx = OnnxEncoders(self.model, self.scales)
             self.precision = "fp32"

@@ -18,8 +18,9 @@ from mspray.config import MSPrayConfig  # noqa: E402
 from mspray.data.images import load_image  # noqa: E402
 from mspray.data.synthetic import make_synthetic_dataset  # noqa: E402
 from mspray.detector import Detector  # noqa: E402
-from mspray.export import OnnxEncoders, export_bundle  # noqa: E402
 from mspray.model.multiscale import MultiScaleEncoder  # noqa: E402
+from mspray.onnx.convert import OnnxEncoders  # noqa: E402
+from mspray.onnx.export import export_bundle  # noqa: E402
 
 SIZE = 96
 
@@ -95,7 +96,7 @@ def test_cli_export_then_torch_free_scorer_equals_detector(bundle, tmp_path):
 
     code = (
         "import json, sys\n"
-        "from mspray.export_runtime import ExportedScorer, load_rgb\n"
+        "from mspray.onnx.runtime import ExportedScorer, load_rgb\n"
         "sc = ExportedScorer(sys.argv[1])\n"
         "scores, maps = sc.predict(load_rgb(sys.argv[2], sc.spec['image_size'])[None])\n"
         "assert 'torch' not in sys.modules, 'the export runtime imported torch'\n"

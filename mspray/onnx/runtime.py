@@ -1,13 +1,13 @@
-"""Score images from an :mod:`mspray.export` directory with numpy, ONNX Runtime and faiss only.
+"""Score images from an :mod:`mspray.onnx.export` directory with numpy, ONNX Runtime and faiss.
 
-No torch, no Ray: this module (and ``mspray/__init__``) imports neither, so a consumer needs
-``numpy pillow onnxruntime faiss-cpu`` and the exported files. It reproduces
-:meth:`mspray.detector.Detector.predict`: per scale the encoder grid at the inference
+No torch, no Ray: this module (and the ``mspray`` and ``mspray.onnx`` packages) imports
+neither, so a consumer needs ``numpy pillow onnxruntime faiss-cpu`` and the exported files.
+It reproduces :meth:`mspray.detector.Detector.predict`: per scale the encoder grid at the inference
 stride, the min L2 distance to the bank (eq. 6), the mean over covering patches (eq. 7),
 z-score fusion (eq. 8), Gaussian smoothing and the max window mean (eq. 9). Every step is a
 small dense matrix product or a cumulative sum, vectorised over the batch.
 
-    python -m mspray.export_runtime DIR image.png [more.png ...]   # prints JSON lines
+    python -m mspray.onnx.runtime DIR image.png [more.png ...]   # prints JSON lines
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def image_scores(maps: np.ndarray, window: int, stride: int) -> np.ndarray:
 
 
 class ExportedScorer:
-    """Scores images with the files written by :func:`mspray.export.export_bundle`."""
+    """Scores images with the files written by :func:`mspray.onnx.export.export_bundle`."""
 
     def __init__(self, export_dir: str, threads: int | None = None):
         import faiss
