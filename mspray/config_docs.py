@@ -1,10 +1,12 @@
-"""The configuration reference (docs/configuration.md), rendered from the typed config.
+"""Reference tables rendered from the code: the configuration (docs/configuration.md) and
+the table of scales (docs/concepts.md).
 
 Every section and field of :mod:`mspray.config` becomes a table row with its default, the
 command-line flag that sets it (and which commands take it) and its description, so the
 reference cannot drift from the code. Which commands take which flag is known only to the
-CLI; ``docs/make_configuration.py`` collects it from the parser and passes it in, so this
-module stays in the core (no CLI, no Ray).
+CLI; ``docs/generate.py`` collects it from the parser and passes it in, so this
+module stays in the core (no CLI, no Ray). The table of scales is rendered from
+:data:`mspray.model.scales.SCALES`, the one place a scale is defined.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from mspray.config import MSPrayConfig, PoolConfig, ServeConfig
+from mspray.model.backbone import VGG16_CFG
+from mspray.model.scales import SCALES, ScaleSpec
 
 #: Flags of one dotted field key: ``[(flag, [command, ...]), ...]``.
 FlagUses = Sequence[tuple[str, Sequence[str]]]
@@ -35,7 +39,7 @@ ROOTS: tuple[tuple[str, type[BaseModel]], ...] = (
 INTRO = """\
 # Configuration reference
 
-<!-- Generated from mspray/config.py by `python docs/make_configuration.py`; do not edit.
+<!-- Generated from mspray/config.py by `python docs/generate.py`; do not edit.
 tests/test_docs.py fails when this file is out of date. -->
 
 One typed config (`mspray/config.py`) is used by the CLI, the jobs and Serve, and stored as
@@ -129,3 +133,50 @@ def render(flags: Mapping[str, FlagUses] | None = None) -> str:
             out.append(f"| {' | '.join(row)} | {_cell(meaning)} |")
         out.append("")
     return "\n".join(out)
+
+
+def vgg16_layer_names() -> list[str]:
+    """Names of the modules of VGG16's ``features`` in order (conv1_1, relu, ..., pool1, ...)."""
+    names, block, conv = [], 1, 0
+    for v in VGG16_CFG:
+        if v == "M":
+            names.append(f"pool{block}")
+            block, conv = block + 1, 0
+        else:
+            conv += 1
+            names += [f"conv{block}_{conv}", "relu"]
+    return names
+
+
+def _trunk_text(spec: ScaleSpec) -> str:
+    last = vgg16_layer_names()[spec.prefix_layers - 1]
+    if last == "relu":
+        last = vgg16_layer_names()[spec.prefix_layers - 2] + " + ReLU"
+    return f"conv1_1 … {last} ({spec.prefix_layers} modules)"
+
+
+def _head_text(spec: ScaleSpec) -> str:
+    h = spec.head
+    first = f"conv {h.kernel1}×{h.kernel1}" + (f" / {h.stride1}" if h.stride1 > 1 else "")
+    return f"{first} → {h.hidden}, LReLU, conv {h.kernel2}×{h.kernel2} → D"
+
+
+def render_scales() -> str:
+    """The table of supported scales (one row per :class:`ScaleSpec`) as Markdown."""
+    out = [
+        "| patch θ | VGG16 trunk | trunk channels | head | network stride "
+        "| SVDD / Cos neighbour offset | inference stride (default) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for spec in SCALES.values():
+        row = (
+            f"{spec.patch_size} px",
+            _trunk_text(spec),
+            str(spec.channels),
+            _head_text(spec),
+            str(spec.network_stride),
+            f"±{spec.neighbour_radius} px",
+            str(spec.default_stride),
+        )
+        out.append(f"| {' | '.join(row)} |")
+    return "\n".join(out) + "\n"

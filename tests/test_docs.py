@@ -127,20 +127,28 @@ def test_configuration_reference_documents_every_field() -> None:
             assert row in table, f"docs/configuration.md: no row {row!r} under {section}"
 
 
-def test_configuration_reference_is_generated_from_config() -> None:
-    """docs/configuration.md is exactly what docs/make_configuration.py renders from
-    mspray/config.py and the CLI now; after changing a field, run that script."""
-    spec = importlib.util.spec_from_file_location(
-        "make_configuration", REPO / "docs" / "make_configuration.py"
-    )
+def _generator() -> Any:
+    spec = importlib.util.spec_from_file_location("docs_generate", REPO / "docs" / "generate.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    expected = module.markdown()
-    actual = (REPO / "docs" / "configuration.md").read_text()
-    assert actual == expected, (
-        "docs/configuration.md is out of date: python docs/make_configuration.py"
-    )
+    return module
+
+
+def test_generated_pages_are_up_to_date() -> None:
+    """docs/configuration.md and the table of scales in docs/concepts.md are exactly what
+    docs/generate.py renders from mspray/config.py, the CLI and mspray/model/scales.py now;
+    after changing a field, a flag or a scale, run that script."""
+    for path, expected in _generator().expected_pages().items():
+        assert path.read_text() == expected, f"{path.name} is out of date: python docs/generate.py"
+
+
+def test_scale_table_has_a_row_per_scale() -> None:
+    from mspray.model.scales import SUPPORTED_SCALES
+
+    text = (REPO / "docs" / "concepts.md").read_text()
+    for scale in SUPPORTED_SCALES:
+        assert f"\n| {scale} px |" in text, scale
 
 
 def test_every_config_field_has_help() -> None:
