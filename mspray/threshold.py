@@ -7,7 +7,7 @@ anomalies, which a deployed detector does not have.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -103,6 +103,15 @@ class Calibration:
         d["fpr_interval"] = list(self.fpr_interval)
         d.update(d.pop("extra"))
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Calibration:
+        """The inverse of :meth:`to_dict` (keys that are not fields go back to ``extra``).
+        KeyError when a field without a default is missing."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        known["fpr_interval"] = tuple(known["fpr_interval"])
+        return cls(**known, extra={k: v for k, v in d.items() if k not in names})
 
     def expected_flags(self, m: int) -> tuple[int, int]:
         """``confidence`` interval of the number of false alarms among ``m`` new normal

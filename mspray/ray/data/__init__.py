@@ -8,9 +8,8 @@ subclass per stage) to core calls:
   an error message instead of an exception.
 - :mod:`~mspray.ray.data.banks`: embed training images on actors, per-shard + global
   coreset, write the banks into a bundle (or append to them).
-- :mod:`~mspray.ray.data.results`: the on-disk layout of scoring output (Parquet parts named
-  by a hash of their paths, heatmaps, run summaries) and how a rerun finds what is done.
-- :mod:`~mspray.ray.data.scoring`: the resumable, streaming scoring job.
+- :mod:`~mspray.ray.data.scoring`: the resumable, streaming scoring job (its output's layout
+  is the core's :mod:`mspray.output`).
 - :mod:`~mspray.ray.data.evaluation`: ``mspray evaluate --ray`` (the core's evaluation on
   actors).
 

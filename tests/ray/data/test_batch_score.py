@@ -18,7 +18,7 @@ from mspray import storage
 from mspray.bundle import load_bundle, resolve_bundle, save_bundle
 from mspray.config import PoolConfig
 from mspray.data.images import load_images
-from mspray.ray.data.results import read_results
+from mspray.output import read_results
 from mspray.ray.data.scoring import score_prefix
 from mspray.report import REPORT_NAME
 

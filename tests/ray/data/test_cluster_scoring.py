@@ -13,7 +13,7 @@ from cluster import worker_nodes
 
 from mspray import storage
 from mspray.config import PoolConfig
-from mspray.ray.data.results import read_results
+from mspray.output import read_results
 from mspray.ray.data.scoring import score_prefix
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -14,7 +14,7 @@ import pytest
 from mspray.bundle import load_bundle
 from mspray.config import PoolConfig
 from mspray.data.images import load_images
-from mspray.ray.data.results import read_results
+from mspray.output import read_results
 from mspray.ray.data.routing import NO_MODEL, route_paths
 from mspray.ray.data.scoring import score_prefix
 

@@ -16,7 +16,7 @@ from mspray import storage
 from mspray.bundle import load_bundle, save_bundle
 from mspray.config import PoolConfig
 from mspray.lease import Lease, LeaseHeld
-from mspray.ray.data.results import read_results
+from mspray.output import read_results
 from mspray.ray.data.scoring import score_prefix, unsafe_key_error
 
 

@@ -1,0 +1,239 @@
+"""The layout of a scoring output folder (local or ``s3://``), and its one reader.
+
+::
+
+    OUTPUT/
+      part-<hash>.parquet   the rows of one work unit; <hash> = sha256 of its sorted paths
+      _maps/<image path relative to the input prefix>.png    heatmap panel (with --maps)
+      _runs/<UTC time>-<id>.json                             summary of each run
+      _report.html                                           the report page (mspray report)
+      _lease/<generation>.json   who is scoring into OUTPUT now (see :mod:`mspray.lease`)
+
+A *part* is a top-level file named ``part-*.parquet`` (:func:`is_part`); nothing else in
+the folder holds result rows, and every reader (a rerun finding what is done, the report,
+the error retry) goes through :func:`read_results`. Each input image has exactly one row
+in exactly one part:
+
+- a part is written in one atomic step (local: temp file + rename; S3: an object only
+  appears when its upload completes), so a crash never leaves half a part behind;
+- a run first reads the ``path`` column of every part and scores only the other images;
+- a part's name depends only on the paths in it, so a unit retried by Ray (actor died after
+  writing) or an identical overlapping run overwrites the same part instead of adding one.
+
+Names starting with ``_`` or ``.`` are skipped by pyarrow / pandas / Spark dataset discovery
+and Ray's ``read_parquet`` only takes ``*.parquet``, so ``pandas.read_parquet(OUTPUT)`` and
+``ray.data.read_parquet(OUTPUT)`` return exactly the result rows.
+
+This module is core: it imports no Ray.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from mspray import storage
+
+log = logging.getLogger(__name__)
+
+PART_PREFIX = "part-"
+PART_SUFFIX = ".parquet"
+MAPS_DIR = "_maps"
+RUNS_DIR = "_runs"
+#: The leading ``_`` keeps the page out of Parquet dataset discovery, like every other
+#: file beside the parts.
+REPORT_NAME = "_report.html"
+#: Name of the column :func:`read_results` adds with ``with_part=True``.
+PART_COLUMN = "_part"
+
+
+def result_schema(scales: tuple[int, ...] | list[int]) -> pa.Schema:
+    """Columns of a result row; ``score_<scale>`` is the image score of one scale's map.
+    Score columns and ``is_anomalous`` are null on error rows (``error`` set); ``model`` is
+    the bundle's name in a multi-model run (null with a single bundle)."""
+    return pa.schema(
+        [
+            ("path", pa.string()),
+            ("image_score", pa.float64()),
+            ("is_anomalous", pa.bool_()),
+            *[(f"score_{s}", pa.float64()) for s in scales],
+            ("threshold", pa.float64()),
+            ("model_version", pa.string()),
+            ("error", pa.string()),
+            ("scored_at", pa.timestamp("us", tz="UTC")),
+            ("map_path", pa.string()),
+            ("model", pa.string()),
+        ]
+    )
+
+
+def part_name(paths: list[str]) -> str:
+    """Stable file name of the part holding ``paths`` (order does not matter)."""
+    digest = hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()[:24]
+    return f"{PART_PREFIX}{digest}{PART_SUFFIX}"
+
+
+def is_part(name: str) -> bool:
+    """Whether a file name (not a path) is a part's: ``part-*.parquet``."""
+    return name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX)
+
+
+#: Attempts per output write on I/O errors; after that the error fails the unit (and the
+#: job), so a rerun writes it, rather than the image being marked done without its output.
+WRITE_ATTEMPTS = 3
+
+
+def write_output(uri: str, data: bytes) -> None:
+    """Write one output file (atomically, see :func:`mspray.storage.write_bytes`), retrying
+    transient I/O errors."""
+    for attempt in range(WRITE_ATTEMPTS):
+        try:
+            storage.write_bytes(uri, data)
+            return
+        except OSError:
+            if attempt == WRITE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+
+
+def write_part(output: str, table: pa.Table) -> str:
+    """Write ``table`` as one part, atomically; returns its URI."""
+    uri = storage.join(output, part_name(table.column("path").to_pylist()))
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd")
+    write_output(uri, buf.getvalue().to_pybytes())
+    return uri
+
+
+def list_parts(output: str) -> list[str]:
+    """Sorted URIs of the parts in ``output`` (empty when the folder does not exist yet)."""
+    try:
+        files = storage.list_files(output, suffixes=(PART_SUFFIX,), recursive=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [f for f in files if is_part(storage.basename(f))]
+
+
+def read_results(
+    output: str, columns: list[str] | None = None, *, with_part: bool = False
+) -> pa.Table:
+    """The result rows of every part of ``output`` in one pyarrow dataset scan: parts read
+    by parallel threads, only ``columns`` decoded (None = every column of any part).
+
+    Parts of models with other scales (other ``score_<scale>`` columns), or older ones
+    without the ``model`` column, mix: the schemas are unified and a column a part lacks is
+    null there (a requested column no part has: a null string column). ``with_part`` adds
+    :data:`PART_COLUMN`, the name of each row's part file. No parts: no rows.
+    """
+    parts = list_parts(output)
+    extra = [PART_COLUMN] if with_part else []
+    if not parts:
+        names = (columns if columns is not None else ["path"]) + extra
+        return pa.table({c: pa.array([], pa.string()) for c in names})
+    fs, _ = storage.filesystem(output)
+    paths = [storage.filesystem(p)[1] for p in parts]
+    schema = _unified_schema(fs, paths, columns)
+    dataset = pads.dataset(paths, filesystem=fs, format="parquet", schema=schema)
+    scanner = dataset.scanner(columns=columns, use_threads=True)
+    if not with_part:
+        return scanner.to_table()
+    # batches come in part order, each tagged with its part
+    tagged = list(scanner.scan_batches())
+    table = pa.Table.from_batches([t.record_batch for t in tagged], scanner.projected_schema)
+    names = [storage.basename(t.fragment.path) for t in tagged]
+    runs = np.repeat(np.arange(len(tagged)), [t.record_batch.num_rows for t in tagged])
+    return table.append_column(PART_COLUMN, pa.array(names, pa.string()).take(runs))
+    return table
+
+
+#: Threads that read the parts' footers (one request each on S3) for the unified schema.
+FOOTER_THREADS = 16
+
+
+def _unified_schema(fs, paths: list[str], columns: list[str] | None) -> pa.Schema:
+    with ThreadPoolExecutor(min(FOOTER_THREADS, len(paths))) as pool:
+        schemas = list(pool.map(lambda p: pq.read_schema(p, filesystem=fs), paths))
+    schema = pa.unify_schemas(schemas)
+    for c in columns or []:
+        if c not in schema.names:
+            schema = schema.append(pa.field(c, pa.string()))
+    return schema
+
+
+def error_units(output: str) -> list[tuple[list[str], str | None]]:
+    """The paths of every part that holds an error row, one list per part (a unit that,
+    scored again, rewrites that part under the same name), with the part's model (the
+    ``model`` column of a multi-model run, else None)."""
+    t = read_results(output, ["path", "error", "model"], with_part=True)
+    failed = set(t.filter(pc.is_valid(t.column("error"))).column(PART_COLUMN).to_pylist())
+    units: dict[str, tuple[list[str], str | None]] = {}
+    for path, model, part in zip(
+        *(t.column(c).to_pylist() for c in ("path", "model", PART_COLUMN)), strict=True
+    ):
+        if part in failed:
+            units.setdefault(part, ([], model))[0].append(path)
+    return [units[p] for p in sorted(units)]
+
+
+def map_uri(output: str, input_root: str, path: str) -> str:
+    """Where the heatmap of input ``path`` goes: its path under the input prefix, + .png.
+    ValueError for a path that would land outside ``output/_maps/``."""
+    rel = storage.relative(path, input_root)
+    if rel == ".." or rel.startswith("../") or rel.startswith("/"):
+        raise ValueError(f"{path}: not under the input prefix {input_root}")
+    return storage.join(output, MAPS_DIR, rel + ".png")
+
+
+def write_run_summary(output: str, summary: dict) -> str:
+    """Record one run's summary under ``_runs/``; returns its URI."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    uri = storage.join(output, RUNS_DIR, f"{stamp}-{uuid.uuid4().hex[:6]}.json")
+    storage.write_text(uri, json.dumps(summary, indent=2, default=str) + "\n")
+    return uri
+
+
+def read_run_summaries(output: str) -> list[dict]:
+    """The run summaries under ``_runs/``, oldest first (names start with a UTC stamp);
+    each gets a ``_file`` key (its name). Unreadable ones are skipped with a warning."""
+    try:
+        files = storage.list_files(
+            storage.join(output, RUNS_DIR), suffixes=(".json",), recursive=False
+        )
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for f in sorted(files, key=storage.basename):
+        try:
+            summary = json.loads(storage.read_text(f))
+        except (OSError, ValueError) as e:
+            log.warning("skipping unreadable run summary %s: %s", f, e)
+            continue
+        if isinstance(summary, dict):
+            out.append({**summary, "_file": storage.basename(f)})
+    return out
+
+
+def expand_date(template: str, date: dt.date | None = None) -> str:
+    """Fill ``{date}`` (YYYY-MM-DD), ``{year}``, ``{month}``, ``{day}`` in a URI template
+    (a nightly job's input and output); ``date`` defaults to today in UTC. Other braces are
+    left alone."""
+    d = date or dt.datetime.now(dt.timezone.utc).date()
+    for key, value in (
+        ("{date}", d.isoformat()),
+        ("{year}", f"{d.year:04d}"),
+        ("{month}", f"{d.month:02d}"),
+        ("{day}", f"{d.day:02d}"),
+    ):
+        template = template.replace(key, value)
+    return template
