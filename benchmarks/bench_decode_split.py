@@ -3,7 +3,7 @@
 Two pipelines over the same work units, on one local Ray, alternated ``--repeats`` times:
 
 - ``in-actor``: the actor reads, decodes and resizes its unit itself (on a few reader
-  threads, as before issue 11) and then scores it: decoding takes the actor's CPU;
+  threads, the old pipeline) and then scores it: decoding takes the actor's CPU;
 - ``split, N tasks``: the scoring pipeline of ``mspray score``: ``decode_units`` Ray Data
   tasks (at most N at once, 1 CPU each) feed the same actor, which only scores and writes.
 

@@ -10,7 +10,7 @@ the baseline, and image / pixel AUROC.
 mspray modes (one detector: encoders, banks, stats and threshold shared; only
 ``score.precision`` / ``score.channels_last`` / ``score.runtime`` differ):
 
-- ``fp32-nchw``: fp32, contiguous NCHW, the behaviour before issue 15;
+- ``fp32-nchw``: fp32, contiguous NCHW, the unoptimised baseline;
 - ``fp32``: fp32 + channels_last (the reference the reduced-precision modes are held to);
 - ``default``: the default config (``precision="auto"`` resolves per device; channels_last);
 - ``bf16``: bf16 autocast + channels_last (only fast on CPUs with AVX512-BF16 / AMX);

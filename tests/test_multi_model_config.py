@@ -1,4 +1,4 @@
-"""Settings of multi-model serving and scoring (issue 12), without Ray: ``--bundle
+"""Settings of multi-model serving and scoring, without Ray: ``--bundle
 [NAME=]URI`` on the command line, model-name validation, which model a request gets, and
 the bounded ``reason`` of scoring error rows."""
 

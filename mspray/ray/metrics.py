@@ -1,4 +1,4 @@
-"""Live Prometheus metrics of the Serve endpoint and of batch scoring (issue 12).
+"""Live Prometheus metrics of the Serve endpoint and of batch scoring.
 
 Everything goes through Ray's metrics API, so the values show up on each node's metrics
 export port next to Ray's own (Prometheus adds the ``ray_`` prefix: ``ray_mspray_...``).

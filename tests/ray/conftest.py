@@ -73,7 +73,7 @@ def bad_inputs() -> dict[str, bytes]:
 
 @pytest.fixture(scope="session")
 def category_bundles(tmp_path_factory, tiny_cfg) -> dict[str, tuple[str, str]]:
-    """Two tiny bundles trained on two different synthetic categories (issue 12):
+    """Two tiny bundles trained on two different synthetic categories:
     name -> (bundle path, category folder with train/ and test/). "fabric" is a texture,
     "nut" an object on a dark background, each with its own seed."""
     from mspray.data.datasets import train_paths

@@ -1,4 +1,4 @@
-"""One scoring run across product categories (issue 12): every image is scored by the
+"""One scoring run across product categories: every image is scored by the
 bundle its path (route template) or a manifest names, with the same resumable parts and
 error rows plus a ``model`` column; a path matching no model gets an error row; the
 scoring counters reach Ray's Prometheus endpoint."""

@@ -1,4 +1,4 @@
-"""Several bundles behind one Serve deployment (model multiplexing, issue 12), over real
+"""Several bundles behind one Serve deployment (model multiplexing), over real
 HTTP on the session's Ray: each name scores like its own bundle, more names than the
 replica's LRU holds rotate without errors, unknown names get 404 and broken bundles 503
 while the others keep serving, requests for one model share a forward pass, and the
