@@ -15,39 +15,29 @@ import json
 import re
 from typing import Any, ClassVar, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, Field, ValidationError, model_validator
 
-from mspray.model.scales import SUPPORTED_SCALES, default_strides, scale_spec
+from mspray.config_base import (  # noqa: F401  (re-exported: the config's public helpers)
+    ConfigError,
+    Section,
+    describe,
+    field_info,
+    flag,
+    setting,
+    validate,
+    with_overrides,
+)
+from mspray.config_base import check as _check
+from mspray.model.scales import (
+    SUPPORTED_SCALES,
+    check_bank_stride,
+    check_geometry,
+    default_strides,
+)
 
 LOSS_NAMES = ("svdd", "cos", "ssl", "kmeans")
 #: A served model's name: it travels in the serve_multiplexed_model_id header.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
-
-
-def flag(default: Any, help: str, cli: str | None = None, **constraints: Any) -> Any:
-    """A config field exposed as a command-line flag (``cli``: its name when not derived
-    from the field name, e.g. ``--weights``; ``--no-x`` makes a bool flag that sets False)."""
-    extra = {"cli": cli or True}
-    return Field(default, description=help, json_schema_extra=extra, **constraints)
-
-
-def setting(default: Any, help: str, **constraints: Any) -> Any:
-    """A config field without a dedicated flag (set it with ``--config`` or ``--set``)."""
-    return Field(default, description=help, **constraints)
-
-
-class Section(BaseModel):
-    """Base of every config model: unknown fields are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
-
-    def replace(self, **changes: Any) -> Any:
-        """A validated copy with ``changes`` applied (field names of this section)."""
-        return type(self).model_validate({**self.model_dump(), **changes})
 
 
 class ModelConfig(Section):
@@ -86,32 +76,17 @@ class ModelConfig(Section):
         4.0, "Gaussian smoothing of the fused map, pixels (0 = off)", ge=0
     )
     score_window: int = setting(8, "window size of the image score (eq. 9)", ge=1)
+    output_tanh: bool = setting(
+        False, "tanh on the encoder output (the authors' code); changes the embeddings"
+    )
+    angle_input: Literal["concat", "diff"] = setting(
+        "concat", "what the angle classifier reads: cat(h1, h2), or h1 − h2 (authors' code)"
+    )
     score_window_stride: int = setting(4, "window stride of the image score", ge=1)
 
     @model_validator(mode="after")
     def _scales_tile_the_image(self) -> ModelConfig:
-        _check(len(self.scales) >= 1, "model.scales", self.scales, "needs at least one scale")
-        for p in self.scales:
-            _check(
-                p in SUPPORTED_SCALES, "model.scales", self.scales, f"each in {SUPPORTED_SCALES}"
-            )
-            _check(p <= self.image_size, "model.scales", self.scales, "patch larger than image")
-        _check(len(set(self.scales)) == len(self.scales), "model.scales", self.scales, "repeats")
-        _check(len(self.strides) == len(self.scales), "model.strides", self.strides, "one a scale")
-        for p, st in zip(self.scales, self.strides, strict=True):
-            ns = scale_spec(p).network_stride
-            _check(
-                st > 0 and st % ns == 0,
-                "model.strides",
-                self.strides,
-                f"stride for patch {p} must be a positive multiple of {ns}",
-            )
-            _check(
-                (self.image_size - p) % st == 0,
-                "model.image_size",
-                self.image_size,
-                f"(image_size - {p}) must be a multiple of the stride {st} so patches tile it",
-            )
+        check_geometry(self.image_size, self.scales, self.strides)
         return self
 
 
@@ -139,6 +114,17 @@ class TrainConfig(Section):
     n_centers: int = setting(50, "K of the K-means loss", ge=1)
     center_update_every: int = setting(5, "recompute the K-means centers every N epochs", ge=1)
     kmeans_iters: int = setting(20, "Lloyd iterations per center update", ge=1)
+    kmeans_warmup: int = setting(
+        0, "epochs trained before the K-means term is added (its centers fit then)", ge=0
+    )
+    ssl_augment: bool = setting(
+        False, "random RGB shift and Gaussian noise on SSL patches (the authors' code)"
+    )
+    selection: Literal["synthetic", "loss", "last"] = setting(
+        "synthetic",
+        "checkpoint selection: synthetic anomalies in held-out images (epoch 0 a candidate), "
+        "the loss-based validation score, or the last epoch",
+    )
     losses: tuple[Literal["svdd", "cos", "ssl", "kmeans"], ...] = flag(
         LOSS_NAMES, "loss terms used, a subset of svdd,cos,ssl,kmeans (drop some for an ablation)"
     )
@@ -271,21 +257,13 @@ class MSPrayConfig(Section):
         try:
             super().__init__(**data)
         except ValidationError as e:
-            raise ConfigError(_describe(e)) from None
+            raise ConfigError(describe(e)) from None
 
     @model_validator(mode="after")
     def _bank_stride_fits_the_scales(self) -> MSPrayConfig:
-        for p in self.model.scales:
-            ns = scale_spec(p).network_stride
-            _check(
-                self.bank.bank_stride % ns == 0,
-                "bank.bank_stride",
-                self.bank.bank_stride,
-                f"must be 0 or a multiple of {ns} (patch {p})",
-            )
+        check_bank_stride(self.bank.bank_stride, self.model.scales)
         return self
 
-    # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -315,6 +293,21 @@ class MSPrayConfig(Section):
         return self.model.strides[self.model.scales.index(scale)]
 
 
+#: A tiny-but-complete detector (two scales, all losses, random init, 64 px) that trains in
+#: seconds on a few images: what tests, benchmark smoke runs and the report screenshot use.
+TINY = {
+    **{"model.image_size": 64, "model.scales": (32, 16), "model.strides": (4, 4)},
+    **{"model.embed_dim": 16, "model.pretrained": False, "train.epochs": 1},
+    **{"train.samples_per_image": 4, "train.batch_size": 16, "train.n_centers": 4},
+    **{"train.val_fraction": 0.25, "bank.coreset_ratio": 0.5, "score.batch_size": 4},
+}
+
+
+def tiny_config(**overrides: Any) -> MSPrayConfig:
+    """:data:`TINY` with dotted ``overrides``, e.g. ``tiny_config(**{"train.epochs": 0})``."""
+    return MSPrayConfig().replace(**{**TINY, **overrides})
+
+
 class PoolConfig(Section):
     """A Ray Data actor pool: its size bounds and what each actor reserves."""
 
@@ -332,7 +325,6 @@ class PoolConfig(Section):
     io_threads: int = flag(
         4, "reader threads per decode task (or actor), overlapping S3 latency", ge=1
     )
-    # scoring reads and decodes on CPU tasks, apart from the model actors
     decode_cpus: float = flag(1.0, "CPUs per decode task of batch scoring", gt=0)
 
 
@@ -387,7 +379,6 @@ class ServeConfig(Section):
     )
     num_cpus: float = flag(1, "CPUs per replica (also its torch threads)", ge=0)
     num_gpus: float = flag(0, "GPUs per replica", ge=0)
-    # several named bundles behind one deployment (Serve model multiplexing)
     models: dict[str, str] = flag(
         {},
         "named bundles NAME -> URI, picked per request with ?model=NAME or the "
@@ -457,58 +448,3 @@ class ServeConfig(Section):
     def model_key(self, uri: str | None = None) -> tuple:
         """Settings whose change needs a new model load (the rest apply instantly)."""
         return (uri or self.bundle_uri, self.device, self.bank_gpu)
-
-
-# ---------------------------------------------------------------------------- helpers
-def validate(model: type[BaseModel], data: Any, where: str = "") -> Any:
-    """``model.model_validate(data)`` with errors as :class:`ConfigError` naming the field."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_describe(e, where)) from None
-
-
-def with_overrides(cfg: BaseModel, overrides: dict[str, Any]) -> Any:
-    """A validated copy of ``cfg`` with dotted overrides (``{"train.epochs": 3}``)."""
-    data = cfg.model_dump()
-    for key, value in overrides.items():
-        *path, name = key.split(".")
-        node: Any = data
-        for part in path:
-            if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
-                raise ConfigError(f"{key}: unknown config field")
-            node = node[part]
-        if name not in node:
-            raise ConfigError(f"{key}: unknown config field")
-        node[name] = value
-    return validate(type(cfg), data)
-
-
-def field_info(root: type[BaseModel], key: str) -> Any:
-    """The pydantic ``FieldInfo`` of a dotted ``key`` under ``root``."""
-    model: Any = root
-    *path, name = key.split(".")
-    for part in path:
-        model = model.model_fields[part].annotation
-    return model.model_fields[name]
-
-
-def _check(ok: bool, name: str, value: Any, why: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}={value!r}: {why}")
-
-
-def _describe(e: ValidationError, where: str = "") -> str:
-    """One line per error, led by the dotted field name (``train.lr=-1.0: ...``)."""
-    lines = []
-    for err in e.errors(include_url=False):
-        msg = str(err.get("msg", "")).removeprefix("Value error, ")
-        loc = ".".join(str(p) for p in err.get("loc", ()) if not isinstance(p, int))
-        loc = ".".join(p for p in (where, loc) if p)
-        if err.get("type") == "extra_forbidden":
-            lines.append(f"{loc}: unknown config field")
-        elif err.get("type") == "value_error" and "=" in msg.split(":")[0]:
-            lines.append(msg)  # our own checks already name the field
-        else:
-            lines.append(f"{loc}={err.get('input')!r}: {msg}")
-    return "; ".join(lines)

@@ -76,11 +76,11 @@ def local_scale_trainer(
         if history:
             last = history[-1]
             log.info(
-                "scale %d: loss %.4f, epoch %d selected (validation score %.4f)",
+                "scale %d: loss %.4f, epoch %d selected (%s)",
                 scale,
                 last["loss"],
                 last["best_epoch"],
-                last["best_val_score"],
+                cfg.train.selection,
             )
     return models
 

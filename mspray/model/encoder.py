@@ -46,9 +46,16 @@ class PatchEncoder(nn.Module):
     Inputs are ImageNet-normalised float tensors ``B×3×H×W``.
     """
 
-    def __init__(self, patch_size: int, embed_dim: int = 64, vgg_state: dict | None = None):
+    def __init__(
+        self,
+        patch_size: int,
+        embed_dim: int = 64,
+        vgg_state: dict | None = None,
+        output_tanh: bool = False,
+    ):
         super().__init__()
         spec = scale_spec(patch_size)
+        self.output_tanh = output_tanh
         self.patch_size = patch_size
         self.stride = spec.network_stride
         self.embed_dim = embed_dim
@@ -63,7 +70,8 @@ class PatchEncoder(nn.Module):
         """``B×3×H×W`` -> ``B×D×h×w`` with ``h = (H - θ) // stride + 1``."""
         if x.shape[-1] < self.patch_size or x.shape[-2] < self.patch_size:
             raise ValueError(f"input {tuple(x.shape[-2:])} smaller than patch {self.patch_size}")
-        return self.head(self.features(x))
+        out = self.head(self.features(x))
+        return torch.tanh(out) if self.output_tanh else out
 
     def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
         """``N×3×θ×θ`` patches -> ``N×D`` embeddings."""
@@ -77,10 +85,21 @@ class AngleHead(nn.Module):
     never received gradients).
     """
 
-    def __init__(self, embed_dim: int = 64, hidden: int = 128, n_classes: int = N_ANGLES):
+    def __init__(
+        self,
+        embed_dim: int = 64,
+        hidden: int = 128,
+        n_classes: int = N_ANGLES,
+        angle_input: str = "concat",
+    ):
         super().__init__()
+        if angle_input not in ("concat", "diff"):
+            raise ValueError(f"angle_input must be concat or diff, got {angle_input!r}")
+        # "diff" (the authors' code) reads h1 - h2: only the difference of the two patches,
+        # not where each one is, can reach the classifier.
+        self.angle_input = angle_input
         self.net = nn.Sequential(
-            nn.Linear(2 * embed_dim, hidden),
+            nn.Linear((2 if angle_input == "concat" else 1) * embed_dim, hidden),
             nn.LeakyReLU(0.1),
             nn.Linear(hidden, hidden),
             nn.LeakyReLU(0.1),
@@ -88,4 +107,5 @@ class AngleHead(nn.Module):
         )
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([a, b], dim=1))
+        x = torch.cat([a, b], dim=1) if self.angle_input == "concat" else a - b
+        return self.net(x)

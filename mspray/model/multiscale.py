@@ -58,8 +58,12 @@ class MultiScaleEncoder(nn.Module):
         d = cfg.model.embed_dim
         # The angle head exists only when the ssl loss trained it (as in build_scale_model).
         ssl = "ssl" in cfg.train.losses
+        m = cfg.model
         models = scale_models or {
-            s: ScaleModel(PatchEncoder(s, d), AngleHead(d) if ssl else None)
+            s: ScaleModel(
+                PatchEncoder(s, d, output_tanh=m.output_tanh),
+                AngleHead(d, angle_input=m.angle_input) if ssl else None,
+            )
             for s in cfg.model.scales
         }
         self.scales = nn.ModuleDict({str(s): models[s] for s in cfg.model.scales})

@@ -91,7 +91,7 @@ def new_run_name() -> str:
 
 def _abs_uri(uri: str) -> str:
     # Ray Train workers chdir into the run folder, so relative paths would break there.
-    return uri if store.is_remote(uri) else store.normalize(uri)
+    return store.normalize(uri)
 
 
 def _config_fingerprint(cfg: MSPrayConfig) -> dict[str, Any]:
@@ -194,7 +194,18 @@ def train_worker(config: dict[str, Any]) -> None:
                 consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
             )
 
-    tr.fit(train, val, on_epoch_end=on_epoch_end, progress=bool(config.get("progress")))
+    # Synthetic-anomaly selection runs on rank 0 over all held-out images (the others wait
+    # in its collective): an AUROC cannot be summed over shards.
+    select = None
+    if rank == 0 and config["val_uris"]:
+        select = load_images(config["val_uris"], size, progress=False)
+    tr.fit(
+        train,
+        val,
+        on_epoch_end=on_epoch_end,
+        progress=bool(config.get("progress")),
+        select_images=select,
+    )
 
 
 # ---------------------------------------------------------------------------- driver side
@@ -309,11 +320,11 @@ class RayScaleTrainer:
                 "marker": store.join(run_dir, FAIL_MARKER),
             }
         name = f"{self.run_name}-s{scale}"
-        if store.is_remote(root):
-            fs, path = store.filesystem(root)
-            location: dict[str, Any] = {"storage_path": path, "storage_filesystem": fs}
+        if store.is_local(root):
+            location: dict[str, Any] = {"storage_path": root}
         else:
-            location = {"storage_path": root}
+            fs, path = store.filesystem(root)
+            location = {"storage_path": path, "storage_filesystem": fs}
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={
@@ -349,7 +360,7 @@ class RayScaleTrainer:
         state = load_state(result.checkpoint)
         model = build_scale_model(cfg, scale, None)
         model.load_state_dict(state["best_state"] or state["model"])
-        model.train_summary = run_summary(state["history"], cfg)  # for meta.json
+        model.train_summary = run_summary(state["history"], cfg, state.get("candidates"))
         last = state["history"][-1] if state["history"] else {}
         log.info(
             "scale %d: %d epochs on %d workers in %.0f s; loss %.4f, epoch %d selected",

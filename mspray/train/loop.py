@@ -5,17 +5,14 @@ L = λ(L_SVDD + L_Cos) + L_SSL + L_Kmeans. Sampling is seeded by (seed, rank, ep
 resumed run draws the same patches it would have drawn, and nothing depends on wall-clock
 time: one seed and config give bit-identical weights (a budget, if any, is ``max_steps``).
 
-Model selection (:meth:`ScaleTrainer.validate`). The training loss cannot rank epochs: its
-K-means term is measured against centers refit only every few epochs, and the SVDD and
-K-means terms are distances that shrink when the embeddings collapse (all patches mapped
-close together), the failure mode selection must avoid. The kept model is therefore the one
-with the lowest *validation score* on held-out normal images (never test labels), a
-scale-free version of eq. 5 on a fixed draw:
-λ·(SVDD / spread + L_Cos) + L_SSL + Kmeans / spread, where ``spread`` is the RMS distance of
-the validation embeddings to their mean and the K-means centers are refit on the current
-validation embeddings (same seed each epoch). Rescaling the embeddings leaves it unchanged,
-and a collapse raises it (SSL can no longer tell angles apart). Without held-out images the
-last epoch is kept.
+Model selection (``train.selection``). ``synthetic`` (the default): every candidate epoch,
+epoch 0 (the encoders as they start) included, is ranked by how well it detects synthetic
+anomalies pasted into the held-out normal images, image and pixel AUROC
+(:mod:`mspray.train.selection`); training therefore never hands back encoders that detect
+worse than the untrained ones on that signal. ``loss``: the lowest validation score, a
+scale-free version of eq. 5 on a fixed draw (:meth:`ScaleTrainer.validate`; it cannot rank
+epochs when SSL stays at chance, and it never considers epoch 0). ``last``: the last epoch.
+Without held-out images the last epoch is kept.
 """
 
 from __future__ import annotations
@@ -37,6 +34,9 @@ from mspray.model.encoder import AngleHead, PatchEncoder
 from mspray.model.multiscale import ScaleModel, normalize
 from mspray.train import losses, sampling
 from mspray.train.kmeans import Comm, LocalComm, fit_centers, reduce_sum
+from mspray.train.selection import SelectionSet, detection_metrics, scale_maps
+from mspray.train.summary import log_line, run_summary
+from mspray.train.validation import loss_validation
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,14 @@ class ScaleTrainer:
         self.centers: torch.Tensor | None = None
         self.epoch = 0  # epochs completed
         self.steps = 0  # optimiser steps completed (equal on every rank)
-        self.best_val = math.inf  # lowest validation score so far
+        self.best_val = math.inf  # lowest selection criterion so far (lower is better)
         self.best_epoch = 0
         self.best_state: dict[str, torch.Tensor] | None = None
         self.history: list[dict[str, float]] = []
+        #: selection table: one row per candidate epoch (epoch 0 included) with its
+        #: synthetic-anomaly image / pixel AUROC and score
+        self.candidates: list[dict[str, float]] = []
+        self._aug: torch.Generator | None = None  # SSL augmentation draws of this epoch
 
     # ------------------------------------------------------------------ sampling
     def _generator(self, epoch: int, salt: int) -> torch.Generator:
@@ -128,7 +132,10 @@ class ScaleTrainer:
         for name, smp in s.items():
             k = len(smp.pos)
             for pos in smp.pos:
-                chunks.append(sampling.crop(images, smp.img, pos, p))
+                crop = sampling.crop(images, smp.img, pos, p)
+                if name == "ssl" and self.t.ssl_augment and self._aug is not None:
+                    crop = sampling.jitter_colour(crop, self._aug)
+                chunks.append(crop)
             spans[name] = (start, len(smp), k)
             start += len(smp) * k
         patches = torch.cat(chunks)
@@ -157,8 +164,7 @@ class ScaleTrainer:
             out["cos"] = losses.cos_loss(part("near", 0), part("near", 1), part("near", 2))
         if "ssl" in spans:
             out["ssl"] = losses.ssl_loss(logits, s["ssl"].labels.to(emb.device))
-        if "kmeans" in spans:
-            assert self.centers is not None, "update_centers() must run before training"
+        if "kmeans" in spans and self.centers is not None:  # None during the warm-up
             out["kmeans"] = losses.kmeans_loss(part("kmeans", 0), self.centers)
         return out
 
@@ -194,6 +200,7 @@ class ScaleTrainer:
         # The whole epoch's draw is made even when max_steps cuts it short, so the samples of
         # every step do not depend on the budget.
         s = self._draw(images.shape[0], steps * local_batch, h, w, g)
+        self._aug = self._generator(epoch, 3)
         left = self.t.max_steps - self.steps if self.t.max_steps else steps
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -223,89 +230,10 @@ class ScaleTrainer:
         out["patches_per_s"] = out["samples_per_s"] * patches
         return out
 
-    @torch.no_grad()
     def validate(self, images: torch.Tensor) -> dict[str, float]:
-        """Validation terms and the model-selection score on held-out normal images.
-
-        A fixed draw (same patches every epoch). Returns ``val_<term>`` for each loss,
-        ``val_ssl_acc``, ``val_spread`` and ``val_score`` (see the module docstring).
-        Collective: every rank must call it, with or without local images.
-        """
-        self.core.eval()
-        enc = self.core.encoder
-        d = enc.embed_dim
-        n_local = images.shape[0]
-        n = n_local * self.t.samples_per_image
-        s: dict[str, sampling.Samples] = {}
-        if n_local:
-            g = torch.Generator().manual_seed(self.t.seed + 12_345 + self.comm.rank)
-            s = self._draw(n_local, n, *images.shape[-2:], g)
-        bs = max(1, self.t.batch_size)
-
-        def embed(name: str) -> list[torch.Tensor]:
-            """Embeddings ``n×D`` of each patch position of sample kind ``name``."""
-            if name not in s:
-                return []
-            out = []
-            for pos in s[name].pos:
-                chunks = [
-                    enc.embed_patches(
-                        sampling.crop(images, s[name].img[i : i + bs], pos[i : i + bs], self.scale)
-                    ).float()
-                    for i in range(0, n, bs)
-                ]
-                out.append(torch.cat(chunks) if chunks else images.new_zeros((0, d)))
-            return out
-
-        want = set(self.t.losses)
-        near, ssl, km = embed("near"), embed("ssl"), embed("kmeans")
-        everything = torch.cat([*near, *ssl, *km]) if n else images.new_zeros((0, d)).float()
-        # Local sums, all-reduced in one collective: count, svdd, cos, ssl CE, ssl correct,
-        # number of embeddings, sum of squared norms, then the D-vector sum of embeddings.
-        v = torch.zeros(7 + d, dtype=torch.float64, device=images.device)
-        v[0] = n
-        if near and "svdd" in want:
-            v[1] = losses.svdd_loss(near[0], near[1]).double() * n
-        if near and "cos" in want:
-            v[2] = losses.cos_loss(near[0], near[1], near[2]).double() * n
-        if ssl:
-            logits = self.core.head(ssl[0], ssl[1])
-            labels = s["ssl"].labels.to(logits.device)
-            v[3] = losses.ssl_loss(logits, labels).double() * n
-            v[4] = (logits.argmax(1) == labels).sum()
-        v[5] = everything.shape[0]
-        v[6] = everything.double().pow(2).sum()
-        v[7:] = everything.double().sum(0)
-        tot = reduce_sum(self.comm, v)
-        count, n_emb = float(tot[0]), float(tot[5])
-        if count == 0:
-            return {"val_score": math.nan}
-        mean = tot[7:] / n_emb
-        spread = math.sqrt(max(float(tot[6] / n_emb - mean.pow(2).sum()), 0.0)) + 1e-12
-        out = {"val_spread": spread}
-        if "svdd" in want:
-            out["val_svdd"] = float(tot[1]) / count
-        if "cos" in want:
-            out["val_cos"] = float(tot[2]) / count
-        if "ssl" in want:
-            out["val_ssl"] = float(tot[3]) / count
-            out["val_ssl_acc"] = float(tot[4]) / count
-        if "kmeans" in want:
-            # Centers of the current validation embeddings (fixed seed): the term measures
-            # how clustered they are now, not how far they drifted from stale centers.
-            x = km[0] if km else images.new_zeros((0, d)).float()
-            centers = fit_centers(
-                x, self.t.n_centers, self.t.kmeans_iters, self.comm, seed=self.t.seed + 99
-            )
-            part = torch.tensor(
-                [float(losses.kmeans_loss(x, centers).double() * x.shape[0]) if len(x) else 0.0],
-                dtype=torch.float64,
-            )
-            out["val_kmeans"] = float(reduce_sum(self.comm, part)[0]) / count
-        score = self.t.lam * (out.get("val_svdd", 0.0) / spread + out.get("val_cos", 0.0))
-        score += out.get("val_ssl", 0.0) + out.get("val_kmeans", 0.0) / spread
-        out["val_score"] = score
-        return out
+        """Validation loss terms and ``val_score`` on held-out normal images (see
+        :func:`mspray.train.validation.loss_validation`). Collective."""
+        return loss_validation(self, images)
 
     @torch.no_grad()
     def update_centers(self, images: torch.Tensor, epoch: int) -> None:
@@ -333,18 +261,33 @@ class ScaleTrainer:
         val_images: torch.Tensor | None = None,
         on_epoch_end: Callable[[ScaleTrainer, dict[str, float]], None] | None = None,
         progress: bool = True,
+        select_images: torch.Tensor | None = None,
     ) -> list[dict[str, float]]:
         """Train from ``self.epoch`` to ``cfg.train.epochs``; images in [0, 1] (``B×3×H×W``).
 
         ``on_epoch_end`` is called after every epoch (checkpointing, reporting). The model
         keeps the *last* weights, which pair with the optimizer state for resuming; the
         selected ones are ``self.best_state`` (see :meth:`best_model_state`).
+        ``select_images``: held-out normal images for synthetic-anomaly selection on this
+        rank (default ``val_images``; under DDP give them to rank 0 only, the others wait).
         """
         train = normalize(train_images.to(self.device))
         val = normalize(val_images.to(self.device)) if val_images is not None else None
         use_val = val is not None and self._global_count(val.shape[0]) > 0
+        mode = self.t.selection if use_val else "last"
         if not use_val and self.comm.rank == 0:
             log.warning("scale %d: no held-out images; keeping the last epoch's model", self.scale)
+        sel = None
+        if mode == "synthetic":
+            imgs = val_images if select_images is None else select_images
+            if (
+                imgs is not None
+                and imgs.shape[0]
+                and (self.comm.world_size == 1 or self.comm.rank == 0)
+            ):
+                sel = SelectionSet.build(train_images, imgs, self.t.seed + 31 * self.scale)
+            if self.epoch == 0 and not self.candidates and self.t.epochs > 0:
+                self._consider(self._detect(sel), mode)  # epoch 0: the untrained encoder
         epochs = range(self.epoch, self.t.epochs)
         bar = tqdm(
             epochs,
@@ -357,39 +300,83 @@ class ScaleTrainer:
             if self.t.max_steps and self.steps >= self.t.max_steps:
                 break
             t0 = time.perf_counter()
-            if "kmeans" in self.t.losses and (
-                self.centers is None or epoch % self.t.center_update_every == 0
+            if (
+                "kmeans" in self.t.losses
+                and epoch >= self.t.kmeans_warmup
+                and (
+                    self.centers is None
+                    or (epoch - self.t.kmeans_warmup) % self.t.center_update_every == 0
+                )
             ):
                 self.update_centers(train, epoch)
             metrics = self.train_epoch(train, epoch, progress=progress)
             if use_val:
                 metrics.update(self.validate(val))
+            if mode == "synthetic":
+                metrics.update({f"sel_{k}": v for k, v in self._detect(sel).items()})
             metrics["epoch"] = epoch + 1
             metrics["seconds"] = time.perf_counter() - t0
             self.epoch = epoch + 1
-            score = metrics.get("val_score", math.nan)
-            if not use_val or score < self.best_val:
-                self.best_val = score if use_val else math.inf
-                self.best_epoch = self.epoch
-                self.best_state = _cpu_copy(self.core.state_dict())
+            self._consider(metrics, mode)
             metrics["best_val_score"] = self.best_val
             metrics["best_epoch"] = self.best_epoch
             self.history.append(metrics)
             if self.comm.rank == 0:
-                log.info("scale %d epoch %d: %s", self.scale, self.epoch, _summary(metrics))
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", val=f"{score:.4f}")
+                log.info("scale %d epoch %d: %s", self.scale, self.epoch, log_line(metrics))
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", best=self.best_epoch)
             if on_epoch_end is not None:
                 on_epoch_end(self, metrics)
             if metrics["stopped_at_max_steps"]:
                 if self.comm.rank == 0:
-                    log.info(
-                        "scale %d: train.max_steps=%d reached in epoch %d",
-                        self.scale,
-                        self.t.max_steps,
-                        epoch + 1,
-                    )
+                    log.info("scale %d: max_steps reached in epoch %d", self.scale, epoch + 1)
                 break
+        if mode == "synthetic" and self.comm.rank == 0:
+            log.info(
+                "scale %d: epoch %d selected on synthetic anomalies: %s",
+                self.scale,
+                self.best_epoch,
+                "; ".join(
+                    f"{int(c['epoch'])}: image {c['image_auroc']:.3f} pixel {c['pixel_auroc']:.3f}"
+                    for c in self.candidates
+                ),
+            )
         return self.history
+
+    def _consider(self, m: dict[str, float], mode: str) -> None:
+        """Keep the current weights if they beat the best so far (ties keep the earlier)."""
+        if mode == "synthetic":
+            row = {k.removeprefix("sel_"): v for k, v in m.items() if k.startswith("sel_")}
+            row = row or m
+            self.candidates.append({"epoch": float(self.epoch), **row})
+            crit = -row["score"] if math.isfinite(row["score"]) else math.inf
+        elif mode == "loss":
+            crit = m.get("val_score", math.nan)
+            crit = crit if math.isfinite(crit) else math.inf
+        else:
+            crit = -float(self.epoch)
+        if crit < self.best_val or self.best_state is None:
+            self.best_val = crit
+            self.best_epoch = self.epoch
+            self.best_state = _cpu_copy(self.core.state_dict())
+
+    def _detect(self, sel: SelectionSet | None) -> dict[str, float]:
+        """Synthetic-anomaly detection metrics of the current encoder, computed where
+        ``sel`` is (rank 0) and summed to every rank. Collective."""
+        v = torch.zeros(4, dtype=torch.float64)
+        if sel is not None:
+            scales = self.cfg.model.scales
+            stride = self.cfg.stride_for(self.scale) if self.scale in scales else None
+            stride = stride or self.core.encoder.stride
+            maps = scale_maps(self.core.encoder, sel, stride, self.device)
+            m = detection_metrics(maps, sel, self.cfg)
+            v = torch.tensor(
+                [1.0, m["image_auroc"], m["pixel_auroc"], m["score"]], dtype=torch.float64
+            )
+        v = reduce_sum(self.comm, v)
+        if v[0] < 1:
+            return {"image_auroc": math.nan, "pixel_auroc": math.nan, "score": math.nan}
+        v = v / v[0]
+        return {"image_auroc": float(v[1]), "pixel_auroc": float(v[2]), "score": float(v[3])}
 
     def best_model_state(self) -> dict[str, torch.Tensor]:
         """Weights of the selected epoch (the current ones if no epoch has run)."""
@@ -410,6 +397,7 @@ class ScaleTrainer:
             "best_epoch": self.best_epoch,
             "best_state": self.best_state,
             "history": self.history,
+            "candidates": self.candidates,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -422,35 +410,11 @@ class ScaleTrainer:
         self.best_epoch = int(state.get("best_epoch", 0))
         self.best_state = state["best_state"]
         self.history = list(state["history"])
+        self.candidates = list(state.get("candidates", []))
 
 
 def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in copy.copy(state).items()}
-
-
-def run_summary(history: list[dict[str, float]], cfg: MSPrayConfig) -> dict[str, Any]:
-    """Where a scale's training stopped and why, and its per-epoch history, for
-    ``meta.json`` (non-finite numbers become None so the file is strict JSON)."""
-
-    def clean(v: float) -> float | None:
-        return float(v) if math.isfinite(v) else None
-
-    last = history[-1] if history else {}
-    stopped = bool(last.get("stopped_at_max_steps"))
-    return {
-        "epochs": int(last.get("epoch", 0)),
-        "steps": int(last.get("steps", 0)),
-        "stopped_by": "max_steps" if stopped else "epochs",
-        "max_steps": cfg.train.max_steps,
-        "selected_epoch": int(last.get("best_epoch", 0)),
-        "history": [{k: clean(v) for k, v in h.items()} for h in history],
-    }
-
-
-def _summary(m: dict[str, float]) -> str:
-    keys = ("loss", "svdd", "cos", "ssl", "ssl_acc", "kmeans", "spread", "val_score")
-    keys += ("val_ssl_acc", "val_spread", "steps")
-    return " ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
 
 
 def build_scale_model(cfg: MSPrayConfig, scale: int, vgg_state: dict | None) -> ScaleModel:
@@ -458,8 +422,9 @@ def build_scale_model(cfg: MSPrayConfig, scale: int, vgg_state: dict | None) -> 
     angle head exists only when ``train.losses`` has ``ssl``."""
     torch.manual_seed(cfg.train.seed + scale)  # heads' random init is reproducible
     d = cfg.model.embed_dim
-    head = AngleHead(d) if "ssl" in cfg.train.losses else None
-    return ScaleModel(PatchEncoder(scale, d, vgg_state), head)
+    m = cfg.model
+    head = AngleHead(d, angle_input=m.angle_input) if "ssl" in cfg.train.losses else None
+    return ScaleModel(PatchEncoder(scale, d, vgg_state, output_tanh=m.output_tanh), head)
 
 
 def train_scale(
@@ -478,5 +443,5 @@ def train_scale(
     history = trainer.fit(train_images, val_images, progress=progress)
     best = build_scale_model(cfg, scale, None)
     best.load_state_dict(trainer.best_model_state())
-    best.train_summary = run_summary(history, cfg)  # read by fit_detector for meta.json
+    best.train_summary = run_summary(history, cfg, trainer.candidates)  # for meta.json
     return best, history

@@ -154,6 +154,22 @@ def sample_patches(img: torch.Tensor, h: int, w: int, p: int, g: torch.Generator
     return Samples(img, (_corners(img.numel(), h, w, p, g),))
 
 
+def jitter_colour(
+    patches: torch.Tensor, g: torch.Generator, shift: float = 0.1, noise: float = 0.02
+) -> torch.Tensor:
+    """SSL augmentation of the authors' code: a random shift of each channel (±``shift``)
+    and Gaussian noise (std ``noise``), per patch, in [0, 1] image units (the patches are
+    ImageNet-normalised, so both are divided by the channel std). Each patch of a pair gets
+    its own draw, so colour fringes cannot tell the angle."""
+    from mspray.model.backbone import IMAGENET_STD
+
+    n, c = patches.shape[:2]
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[None, :, None, None]
+    d = (torch.rand(n, c, 1, 1, generator=g) * 2 - 1) * shift
+    d = d + torch.randn(patches.shape, generator=g) * noise
+    return patches + (d / std).to(patches.device, patches.dtype)
+
+
 def crop(images: torch.Tensor, img: torch.Tensor, pos: torch.Tensor, p: int) -> torch.Tensor:
     """Gather ``n`` patches ``n×C×p×p`` from ``images`` (B×C×H×W) in one indexing op."""
     ar = torch.arange(p, device=images.device)

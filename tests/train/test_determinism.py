@@ -19,4 +19,5 @@ def test_two_single_process_runs_write_bit_identical_weights(tiny_cfg, synthetic
     meta = read_meta(str(tmp_path / "a"))
     run = meta["training"]["16"]
     assert run["stopped_by"] == "epochs" and run["epochs"] == 2 and run["steps"] > 0
-    assert 1 <= run["selected_epoch"] <= 2 and len(run["history"]) == 2
+    assert 0 <= run["selected_epoch"] <= 2 and len(run["history"]) == 2
+    assert [c["epoch"] for c in run["candidates"]] == [0, 1, 2]  # the selection table

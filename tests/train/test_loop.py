@@ -31,7 +31,7 @@ def _images(n=6, seed=0):
 
 
 def test_training_updates_every_parameter_and_selects_by_validation_score():
-    cfg = _cfg()
+    cfg = _cfg(**{"train.selection": "loss"})
     model = build_scale_model(cfg, 16, None)
     before = copy.deepcopy(model.state_dict())
     tr = ScaleTrainer(cfg, 16, model)
@@ -75,7 +75,7 @@ class _ScriptedScore(ScaleTrainer):
 
 
 def test_fit_keeps_the_last_weights_for_resuming_and_the_selected_ones_apart():
-    cfg = _cfg(**{"train.epochs": 3})
+    cfg = _cfg(**{"train.epochs": 3, "train.selection": "loss"})
     tr = _ScriptedScore(cfg, 16, build_scale_model(cfg, 16, None))
     seen = {}
     tr.fit(
@@ -91,6 +91,30 @@ def test_fit_keeps_the_last_weights_for_resuming_and_the_selected_ones_apart():
         assert torch.equal(v, seen[3][k]), k
     for k, v in tr.best_model_state().items():
         assert torch.equal(v, seen[1][k]), k
+
+
+def test_synthetic_selection_ranks_every_epoch_the_untrained_one_included():
+    cfg = _cfg(**{"train.epochs": 2})
+    model = build_scale_model(cfg, 16, None)
+    start = copy.deepcopy(model.state_dict())
+    tr = ScaleTrainer(cfg, 16, model)
+    hist = tr.fit(_images(), _images(2, seed=1), progress=False)
+    table = tr.candidates
+    assert [c["epoch"] for c in table] == [0, 1, 2]
+    for c in table:
+        assert 0 <= c["image_auroc"] <= 1 and 0 <= c["pixel_auroc"] <= 1
+        assert c["score"] == pytest.approx((c["image_auroc"] + c["pixel_auroc"]) / 2)
+    best = max(table, key=lambda c: c["score"])  # max() keeps the first of equal scores
+    assert tr.best_epoch == best["epoch"] == hist[-1]["best_epoch"]
+    summary = run_summary(hist, cfg, table)
+    assert summary["selection"] == "synthetic" and len(summary["candidates"]) == 3
+    # A destructive learning rate: the untrained encoder must win and come back unchanged.
+    cfg = _cfg(**{"train.epochs": 2, "train.lr": 10.0})
+    tr = ScaleTrainer(cfg, 16, build_scale_model(cfg, 16, None))
+    tr.fit(_images(), _images(2, seed=1), progress=False)
+    assert tr.best_epoch == 0, tr.candidates
+    for k, v in tr.best_model_state().items():
+        assert torch.equal(v, start[k]), k
 
 
 def test_ablation_trains_without_a_loss_and_without_its_head():
