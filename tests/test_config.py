@@ -110,3 +110,25 @@ def test_scale_table_is_the_one_source_of_per_scale_facts():
         scale_spec(48)
     with pytest.raises(ValueError, match="unsupported patch size"):
         default_strides((64, 48))
+
+
+def test_tiny_config_is_one_definition_with_overrides():
+    from mspray.config import TINY, tiny_config
+
+    cfg = tiny_config()
+    assert cfg.model.scales == (32, 16) and cfg.model.image_size == 64
+    assert not cfg.model.pretrained and cfg.train.epochs == 1
+    assert tiny_config(**{"train.epochs": 0}).train.epochs == 0
+    assert TINY["model.embed_dim"] == 16 and cfg.model.embed_dim == 16
+
+
+def test_scales_flag_takes_each_scales_default_stride_and_names_an_unknown_scale(capsys):
+    from mspray.cli import build_parser, config_from_args, main
+    from mspray.model.scales import SCALES
+
+    argv = ["train", "--data", "folder:x", "--out", "b", "--scales", "64,16"]
+    cfg = config_from_args(build_parser().parse_args(argv))
+    assert cfg.model.strides == (SCALES[64].default_stride, SCALES[16].default_stride)
+    # an unknown scale is a clear usage error, not a stride silently equal to the patch size
+    assert main([*argv[:-1], "64,48"]) == 2
+    assert "unsupported patch size 48" in capsys.readouterr().err

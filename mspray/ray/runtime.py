@@ -47,6 +47,16 @@ def init_ray(address: str | None = None, progress: bool = True, min_cpus: int = 
     return started
 
 
+def ray_dashboard_url(address: str | None = None) -> str:
+    """The dashboard address of the Ray that ``address`` names (joined as :func:`init_ray`
+    does), ``""`` when that cluster runs without a dashboard."""
+    import ray
+
+    init_ray(address, progress=False)
+    # Once connected, ray.init returns the context of the existing connection.
+    return ray.init(ignore_reinit_error=True).dashboard_url or ""
+
+
 def gpus_per_actor(pool: PoolConfig, cfg: MSPrayConfig) -> float:
     """GPUs per actor: the pool's setting, else one when the config asks for GPU work."""
     if pool.gpus_per_worker is not None:

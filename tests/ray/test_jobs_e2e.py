@@ -376,6 +376,13 @@ def test_deploy_job_serves_the_bundle_and_updates_in_place(
     assert _predict(port, image)["model_version"] == trained.meta["version"]
 
 
+def _deploy_main(argv: list[str]) -> int:
+    """``mspray deploy`` with the repository's serve_config.yaml, as ray_jobs/deploy.py runs it."""
+    from mspray.cli import main
+
+    return main(["deploy", "--config", str(REPO / "serve_config.yaml"), *argv])
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_deploy_failure_reports_the_deployment_message(
@@ -384,12 +391,10 @@ def test_deploy_failure_reports_the_deployment_message(
     """A bundle the replicas cannot load (past the skipped pre-check): the job library waits
     for DEPLOY_FAILED and exits 2 with the replica's own error. Runs last on the cluster:
     the PUT replaces every application there."""
-    from mspray.ray.serve.deploy import build_parser, run_deploy
-
     missing = tmp_path / "no-such-bundle"
     argv = ["--address", ray_cluster.dashboard_url, "--bundle", str(missing), "--no-bundle-check",
             "--device", "cpu", "--replicas", "1", "--timeout", "240"]  # fmt: skip
-    code = run_deploy(build_parser(str(REPO / "serve_config.yaml")).parse_args(argv))
+    code = _deploy_main(argv)
     err = capsys.readouterr().err
     assert code == 2, err
     assert "DEPLOY_FAILED" in err and "no-such-bundle" in err and "no such bundle" in err
@@ -398,18 +403,9 @@ def test_deploy_failure_reports_the_deployment_message(
 def test_deploy_dry_run_applies_overrides(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """No Ray: reloadable overrides land in the detector's user_config, the others in the
     application's args, and the result validates; bad settings fail before any network."""
-    from mspray.ray.serve.deploy import (
-        DeployError,
-        apply_overrides,
-        build_parser,
-        check_config,
-        load_config,
-        run_deploy,
-    )
+    from mspray.ray.serve.deploy import DeployError, apply_overrides, check_config, load_config
 
-    def deploy_main(argv: list[str]) -> int:
-        return run_deploy(build_parser(str(REPO / "serve_config.yaml")).parse_args(argv))
-
+    deploy_main = _deploy_main
     argv = ["--dry-run", "--bundle", "s3://bucket/bundles/v9", "--num-gpus", "1",
             "--max-replicas", "7", "--max-batch-size", "32", "--http-port", "8123"]  # fmt: skip
     assert deploy_main(argv) == 0

@@ -16,12 +16,10 @@ job submit``), else a ``ray start --head`` on this machine (``http://127.0.0.1:8
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
 import os
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -49,25 +47,6 @@ SHADOWED_BY = {
     "num_cpus": ("ray_actor_options",),  # replaced as a whole, not merged, by Serve
     "num_gpus": ("ray_actor_options",),
 }
-
-DESCRIPTION = """\
-Deploy or update the mspray Ray Serve application of a Serve config (serve_config.yaml)
-on a running Ray cluster through the Serve REST API, and wait until it is RUNNING. Setting
-flags override the file: reloadable ones (--bundle, --device, batching, limits) go to the
-detector's user_config, so a new --bundle swaps the model in place without a restart;
-replica and resource ones go to the application's args.
-
-Where: --address (dashboard URL http://HOST:8265, or a Ray address), else
-$RAY_DASHBOARD_ADDRESS, else the cluster of $RAY_ADDRESS (set by `ray job submit`), else
-http://127.0.0.1:8265 (`ray start --head` on this machine).
-"""
-EPILOG = """\
-examples:
-  python ray_jobs/deploy.py --address http://head:8265 --bundle s3://models/screws/v4
-  ray job submit --working-dir . -- python ray_jobs/deploy.py \\
-      --bundle s3://models/screws/v4 --num-gpus 1 --max-replicas 8
-  python ray_jobs/deploy.py --dry-run --bundle runs/bottle   # print the final config
-"""
 
 
 class DeployError(RuntimeError):
@@ -217,12 +196,9 @@ def dashboard_url(address: str | None = None) -> str:
     if not (address or os.environ.get("RAY_ADDRESS")):
         return LOCAL_DASHBOARD
     # A Ray address (e.g. inside `ray job submit`): join the cluster, ask for its dashboard.
-    import ray
+    from mspray.ray.runtime import ray_dashboard_url
 
-    from mspray.ray.runtime import init_ray
-
-    init_ray(address, progress=False)
-    url = ray.init(ignore_reinit_error=True).dashboard_url  # the context of the connection
+    url = ray_dashboard_url(address)
     if not url:
         raise DeployError("this Ray cluster runs without a dashboard (the Serve REST API)")
     return url if "://" in url else f"http://{url}"
@@ -384,75 +360,3 @@ def deploy(
             http=f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}",
         )
     return result
-
-
-# ---------------------------------------------------------------------------- command line
-def build_parser(
-    default_config: str | None = None, prog: str = "deploy.py"
-) -> argparse.ArgumentParser:
-    """The deploy job's arguments; the setting overrides derive from :class:`ServeConfig`."""
-    from mspray.cli import SERVE_BUNDLE_HELP, add_bundle_flag, add_config_flags
-
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--config",
-        default=default_config,
-        required=default_config is None,
-        help=f"Serve config YAML (default: {default_config})",
-    )
-    p.add_argument("--app", help=f"application to change (default: the one using {IMPORT_PATH})")
-    p.add_argument(
-        "--address",
-        help="Ray dashboard URL (http://HOST:8265) or Ray address (default: "
-        f"$RAY_DASHBOARD_ADDRESS, the cluster of $RAY_ADDRESS, else {LOCAL_DASHBOARD})",
-    )
-    p.add_argument("--http-host", help="HTTP proxy host (only takes effect when Serve starts)")
-    p.add_argument("--http-port", type=int, help="HTTP proxy port (only when Serve starts)")
-    p.add_argument(
-        "--timeout", type=float, default=600.0, help="seconds to wait for RUNNING (%(default)s)"
-    )
-    p.add_argument("--no-wait", action="store_true", help="return once the config is accepted")
-    p.add_argument(
-        "--no-bundle-check", action="store_true", help="do not check the bundle's meta.json"
-    )
-    p.add_argument("--dry-run", action="store_true", help="print the final config and exit")
-    g = p.add_argument_group("settings (mspray.config.ServeConfig; override the config file)")
-    # bundle_uri and models share the repeatable --bundle [NAME=]URI flag
-    derived = [f for f in ServeConfig.model_fields if f not in ("bundle_uri", "models")]
-    add_config_flags(g, "serve", ServeConfig, derived)
-    add_bundle_flag(g, "serve", SERVE_BUNDLE_HELP)
-    return p
-
-
-def run_deploy(args: argparse.Namespace) -> int:
-    """Deploy as the parsed ``args`` say; prints a JSON summary. Returns the exit code."""
-    from mspray.cli import flag_values
-
-    try:
-        overrides = flag_values(args, "serve")  # typed by argparse, checked in check_config
-        overrides.pop("bundle", None)  # the --bundle action's own dest
-        config = apply_overrides(
-            load_config(args.config),
-            overrides,
-            app=args.app,
-            http_host=args.http_host,
-            http_port=args.http_port,
-        )
-        settings = check_config(config, check_bundle=not (args.no_bundle_check or args.dry_run))
-        if args.dry_run:
-            print(json.dumps(config, indent=2), flush=True)
-            return 0
-        url = dashboard_url(args.address)
-        bundles = ", ".join(str(s.named_models() or "?") for s in settings.values())
-        log.info("deploying %s (bundle %s) through %s", args.config, bundles, url)
-        result = deploy(config, url, wait=not args.no_wait, timeout=args.timeout, settings=settings)
-    except DeployError as e:
-        print(f"deploy: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2), flush=True)
-    return 0

@@ -2,11 +2,13 @@
 
 Sized to finish in a few minutes on 2 CPU cores: 128×128 synthetic texture images, a few
 epochs with fewer samples per image than the paper (the paper's values are the config
-defaults for real data). With ``use_ray`` the Ray layers run on an embedded local Ray.
+defaults for real data). With ``use_ray`` the Ray layers run on a local Ray
+(:mod:`mspray.ray.demo`).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -74,7 +76,9 @@ def run_demo(
     uris, samples = train_paths(spec, "synthetic"), test_samples(spec, "synthetic")
     bundle, maps = str(root / "bundle"), str(root / "maps")
     if use_ray:
-        metrics, extra = _demo_ray(cfg, uris, samples, root, bundle, maps, progress)
+        from mspray.ray.demo import run_ray_demo
+
+        metrics, extra = run_ray_demo(cfg, uris, samples, root, bundle, maps, progress)
     else:
         metrics, extra = _demo_local(cfg, uris, samples, bundle, maps, progress), []
     (root / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -105,69 +109,23 @@ def _demo_local(cfg: MSPrayConfig, uris, samples, bundle: str, maps: str, progre
     return evaluate(load_bundle(bundle), samples, maps_dir=maps, progress=progress)
 
 
-def _demo_ray(cfg: MSPrayConfig, uris, samples, root: Path, bundle: str, maps: str, progress: bool):
-    """Train (Ray Train) -> banks (Ray Data) -> batch scoring + evaluation (Ray Data) ->
-    one request to a Ray Serve endpoint."""
-    import ray
-
-    from mspray.config import PoolConfig
-    from mspray.fit import fit_detector
-    from mspray.ray.data.banks import build_banks
-    from mspray.ray.data.evaluation import evaluate_ray
-    from mspray.ray.data.scoring import score_prefix
-    from mspray.ray.runtime import init_ray
-    from mspray.ray.train import ray_scale_trainer
-
-    init_ray(progress=progress)  # >= 4 logical CPUs: see README "Things worth knowing"
-    try:
-        cfg = cfg.replace(**{"train.workers": 1})
-        trainer = ray_scale_trainer(storage=str(root / "ray_runs"), progress=progress)
-        fit_detector(cfg, uris, out=bundle, trainer=trainer, progress=progress, build_banks=False)
-        pool = PoolConfig(workers=2)
-        build_banks(bundle, uris, pool=pool, progress=progress)
-        summary = score_prefix(
-            bundle,
-            str(root / "data" / "synthetic" / "test"),
-            str(root / "scores"),
-            pool=pool,
-            maps=True,
-            progress=progress,
-        )
-        metrics = evaluate_ray(bundle, samples, maps_dir=maps, pool=pool, progress=progress)
-        served = _serve_one(bundle, samples[-1].path)
-    finally:
-        ray.shutdown()
-    extra = [
-        ("batch scoring", summary.line()),
-        ("serve request", json.dumps(served)),
-    ]
-    return metrics, extra
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="synthetic data -> train -> evaluate, end to end",
+        description="Make a synthetic dataset, train all three scales, build banks, "
+        "evaluate, print a metrics table and write heatmap overlays.",
+    )
+    p.add_argument("--out", default="mspray-demo", help="working folder (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per scale (demo default 3)")
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="skip the Ray layers: plain single-process training and scoring",
+    )
+    p.set_defaults(func=cmd_demo)
 
 
-def _serve_one(bundle: str, image: str) -> dict:
-    """Deploy the Serve app on a free loopback port, POST one image, tear it down."""
-    import socket
-    import urllib.request
-
-    from ray import serve
-
-    from mspray.ray.serve.app import build_app
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(
-            build_app({"bundle": bundle, "replicas": 1}), name="mspray-demo", route_prefix="/"
-        )
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/predict",
-            data=Path(image).read_bytes(),
-            headers={"Content-Type": "image/png"},
-            method="POST",
-        )
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return json.loads(resp.read())
-    finally:
-        serve.shutdown()
+def cmd_demo(args: argparse.Namespace) -> int:
+    run_demo(args.out, epochs=args.epochs, use_ray=not args.local, progress=not args.quiet)
+    return 0

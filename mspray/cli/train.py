@@ -1,0 +1,223 @@
+"""``mspray train`` and ``mspray build-bank``: encoders, then patch banks and threshold."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import asdict
+
+from mspray.cli.flags import (
+    DATA_HELP,
+    add_address_flag,
+    add_config_flags,
+    add_model_config_args,
+    add_pool_args,
+    config_from_args,
+    flag_values,
+    pool_from_args,
+    print_json,
+)
+from mspray.config import MSPrayConfig
+from mspray.train.recipes import RECIPES
+
+log = logging.getLogger("mspray")
+
+TRAIN_KEYS = (
+    "model.image_size",
+    "model.scales",
+    "model.strides",
+    "model.pretrained",
+    "model.weights_path",
+    "model.fusion",
+    "train.epochs",
+    "train.max_steps",
+    "train.batch_size",
+    "train.samples_per_image",
+    "train.lr",
+    "train.losses",
+    "train.seed",
+    "train.device",
+    "train.workers",
+    "train.use_gpu",
+    "train.storage",
+    "bank.coreset_ratio",
+    "bank.use_gpu",
+    "score.target_fpr",
+    "score.calibration",
+)
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train all scales on normal images and write a bundle",
+        description="Train the per-scale encoders on the normal training images, build the "
+        "patch banks, calibrate the threshold on held-out normal images and write a model "
+        "bundle. With --workers N the encoders train on Ray Train (DDP) and the banks and "
+        "the threshold are then built on a Ray Data actor pool (as build-bank does).",
+    )
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--category", help="category (sub-folder) of an mvtec/btad dataset")
+    p.add_argument("--out", required=True, help="bundle directory (local path or s3://)")
+    p.add_argument(
+        "--run-name",
+        help="Ray Train run name; rerunning with the same name and storage resumes from its "
+        "last checkpoint (default: a new name, logged)",
+    )
+    add_address_flag(p)
+    p.add_argument(
+        "--no-banks",
+        action="store_true",
+        help="only train and save the encoders; build the banks and the threshold afterwards "
+        "on Ray Data with `mspray build-bank --bundle OUT --data ...`",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        help="training preset applied before --set and the flags below (which override it): "
+        "paper (the defaults: ImageNet weights, lr 1e-5) or random-init (from scratch: lr 1e-3, "
+        "128 px; see mspray/train/recipes.py)",
+    )
+    add_model_config_args(p, TRAIN_KEYS)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mspray.bundle import version_uri
+    from mspray.data.datasets import train_paths
+    from mspray.fit import fit_detector
+
+    cfg = config_from_args(args)
+    uris = train_paths(args.data, args.category)
+    log.info("training on %d normal images from %s", len(uris), args.data)
+    trainer = None
+    if cfg.train.workers > 0:
+        from mspray.ray.train import default_storage_for, ray_scale_trainer
+
+        trainer = ray_scale_trainer(
+            address=args.address,
+            run_name=args.run_name,
+            storage=cfg.train.storage or default_storage_for(args.out),
+            progress=not args.quiet,
+        )
+    # On Ray the banks and the threshold are built on a Ray Data actor pool afterwards (as
+    # `build-bank` does), so the job's driver never holds the training images.
+    det = fit_detector(
+        cfg,
+        uris,
+        out=args.out,
+        trainer=trainer,
+        progress=not args.quiet,
+        build_banks=trainer is None and not args.no_banks,
+    )
+    summary = {
+        "bundle": args.out,
+        "version": det.version,
+        "version_uri": version_uri(args.out, det.version),
+        "threshold": det.threshold,
+        "bank_sizes": {str(s): b.ntotal for s, b in det.banks.items()},
+        "pretrained_loaded": det.meta.get("pretrained_loaded"),
+    }
+    if trainer is not None and not args.no_banks:
+        from mspray.ray.data.banks import build_banks
+
+        result = build_banks(args.out, uris, progress=not args.quiet, address=args.address)
+        summary.update(
+            version=result.version,
+            version_uri=result.version_uri,
+            threshold=result.threshold,
+            bank_sizes={str(s): n for s, n in result.bank_sizes.items()},
+        )
+    print_json(summary)
+    return 0
+
+
+BUILD_BANK_EPILOG = """\
+Without --append the images are split like training does (train.val_fraction held out,
+train.seed): the bank is built from the rest and the threshold is recalibrated on the
+held-out images. With --append the images are added to the existing banks without
+retraining (coreset-reduced against the existing bank, or all patches with --append-all);
+the threshold is kept.
+
+examples:
+  mspray build-bank --bundle s3://models/screws/v3 --data mvtec:s3://data/mvtec \\
+      --category screw --workers 4
+  mspray build-bank --bundle ./bundle --data folder:./new_good_images --append
+"""
+
+
+def add_build_bank(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "build-bank",
+        help="build or extend a bundle's patch banks on Ray Data",
+        description="Build the per-scale patch banks of a model bundle from normal images on "
+        "a Ray Data actor pool: every actor loads the bundle's encoders once and embeds "
+        "batches of images; large banks are coreset-reduced per shard on the actors and "
+        "globally on the driver. The result is saved as a NEW version of the bundle "
+        "(ROOT/versions/<id>/, every file checksummed) and ROOT/latest moves to it once it is "
+        "complete; the version it started from (e.g. the one being served) is never modified.",
+        epilog=BUILD_BANK_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--bundle", required=True, help="model bundle with trained encoders (local or s3://)"
+    )
+    p.add_argument("--data", required=True, help=DATA_HELP + " (the training split is used)")
+    p.add_argument("--category", help="category of an mvtec/btad dataset")
+    p.add_argument(
+        "--out",
+        help="bundle root to save the new version under (default: the root of --bundle); its "
+        "`latest` pointer is moved to the new version",
+    )
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add the images to the existing banks instead of rebuilding them",
+    )
+    p.add_argument(
+        "--append-all", action="store_true", help="with --append: add every patch, no coreset"
+    )
+    p.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="keep the bundle's threshold instead of recalibrating it on the held-out images",
+    )
+    g = p.add_argument_group("bank")
+    add_config_flags(
+        g,
+        "cfg",
+        MSPrayConfig,
+        [
+            "bank.coreset_ratio",
+            "bank.coreset_max_candidates",
+            "bank.index",
+            "bank.use_gpu",
+            "score.batch_size",
+        ],
+    )
+    add_pool_args(p)
+    p.set_defaults(func=cmd_build_bank)
+
+
+def cmd_build_bank(args: argparse.Namespace) -> int:
+    from mspray.data.datasets import train_paths
+    from mspray.ray.data.banks import build_banks
+
+    if args.append_all and not args.append:
+        raise ValueError("--append-all needs --append")
+    uris = train_paths(args.data, args.category)
+    log.info("%d images from %s", len(uris), args.data)
+    result = build_banks(
+        args.bundle,
+        uris,
+        out=args.out,
+        append=args.append,
+        append_all=args.append_all,
+        calibrate=not args.no_calibrate,
+        pool=pool_from_args(args),
+        overrides=flag_values(args, "cfg"),
+        progress=not args.quiet,
+        address=args.address,
+    )
+    print_json(asdict(result))
+    return 0
