@@ -36,9 +36,10 @@ from mspray.config import MSPrayConfig, PoolConfig
 from mspray.data.datasets import train_paths
 from mspray.data.synthetic import make_synthetic_dataset
 from mspray.fit import fit_detector
+from mspray.ray.data.plan import DEFAULT, ScoringPlan
 from mspray.ray.data.reading import UNIT_SCHEMA, decode_unit, decode_units
-from mspray.ray.data.scoring import UnitScorer
-from mspray.ray.runtime import map_with_detector
+from mspray.ray.data.scorer import UnitScorer
+from mspray.ray.runtime import init_ray, map_with_detector
 
 
 class DecodingUnitScorer(UnitScorer):
@@ -52,20 +53,24 @@ class DecodingUnitScorer(UnitScorer):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cfg = self.det.cfg
+        size = cfg.model.image_size
         rows = [
-            {**decode_unit(p, cfg.model.image_size, cfg.score, self.pool), "decoder": self.node}
+            {**decode_unit(p, size, cfg.score, self.pool), "decoder": self.node, "model": DEFAULT}
             for p in batch.column("paths").to_pylist()
         ]
         return super().__call__(pa.Table.from_pylist(rows, schema=UNIT_SCHEMA))
 
 
-def run(mode: str, tasks: int, units: list[list[str]], bundle: str, cfg, out: str) -> float:
-    """One pipeline over ``units`` with one actor; returns the steady images/s."""
+def run(mode: str, tasks: int, paths: list[str], src: str, part_size: int, bundle: str, cfg,
+        out: str) -> float:  # fmt: skip
+    """One pipeline over ``paths`` in units of ``part_size``, one actor; the steady images/s."""
     import ray
 
-    ds = ray.data.from_items([{"paths": u} for u in units], override_num_blocks=len(units))
     pool = PoolConfig(workers=1, min_workers=1, gpus_per_worker=0)
-    kw = {"input_root": "", "output": out, "maps": False}
+    plan = ScoringPlan.build(bundle, src, out, part_size=part_size, pool=pool)
+    units = plan.units(paths, dict.fromkeys(paths, DEFAULT))
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    kw: dict[str, Any] = {"plan": plan}
     if mode == "split":
         ds = ds.map_batches(
             decode_units,
@@ -75,6 +80,7 @@ def run(mode: str, tasks: int, units: list[list[str]], bundle: str, cfg, out: st
                 "size": cfg.model.image_size,
                 "cfg_json": cfg.score.model_dump_json(),
                 "io_threads": 4,
+                "input_root": plan.input_root,
             },
             num_cpus=1,
             concurrency=tasks,
@@ -122,19 +128,18 @@ def main() -> None:
     make_synthetic_dataset(src, n_train=args.n, n_test_good=0, n_test_defect=0,
                            size=args.source_size)  # fmt: skip
     paths = sorted(str(p) for p in Path(src).rglob("*.png"))[: args.n]
-    units = [paths[i : i + args.part_size] for i in range(0, len(paths), args.part_size)]
     tasks = [int(t) for t in args.tasks.split(",")]
 
     import ray
 
-    ray.init(num_cpus=1 + max(tasks), include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray(progress=False, min_cpus=1 + max(tasks))
     load = os.getloadavg()[0]
     best: dict[str, float] = {}
     for r in range(args.repeats):
         for name, mode, t in [("in-actor", "actor", 0), *[(f"split, {t} tasks", "split", t)
                                                           for t in tasks]]:  # fmt: skip
-            rate = run(mode, t, units, bundle, cfg, str(work / f"out_{mode}{t}_{r}"))
+            out = str(work / f"out_{mode}{t}_{r}")
+            rate = run(mode, t, paths, src, args.part_size, bundle, cfg, out)
             best[name] = max(best.get(name, 0.0), rate)
     ray.shutdown()
     print(f"\n{len(paths)} PNGs {args.source_size}px -> model {args.image_size}px, "

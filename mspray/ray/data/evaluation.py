@@ -16,7 +16,7 @@ import numpy as np
 from mspray.config import PoolConfig
 from mspray.data.datasets import Sample
 from mspray.evaluate import EvalGather, has_masks, score_chunk
-from mspray.ray.runtime import DetectorActor, bundle_config, init_ray, map_with_detector
+from mspray.ray.runtime import DetectorActor, init_ray, map_with_detector
 
 
 class EvalScorer(DetectorActor):
@@ -56,12 +56,12 @@ def evaluate_ray(
     :func:`mspray.evaluate.evaluate`."""
     import ray
 
-    from mspray.bundle import read_meta, resolve_bundle
+    from mspray.bundle import load_config, read_meta, resolve_bundle
 
     if not samples:
         raise ValueError("no test images")
     bundle = resolve_bundle(bundle)  # every actor loads the same version
-    cfg = bundle_config(bundle, overrides)
+    cfg = load_config(bundle, overrides)
     meta = read_meta(bundle)
     init_ray(address, progress)
     rows = [

@@ -1,4 +1,4 @@
-"""Which bundle scores which image in a multi-model scoring run (issue 12).
+"""Which bundle scores which image in a multi-model scoring run.
 
 Two ways to say it:
 
@@ -37,10 +37,11 @@ def route_regex(route: str, input_root: str) -> re.Pattern[str]:
     if head:
         # the literal prefix in canonical form (absolute local path / s3://bucket/key)
         canonical = storage.normalize(head)
-        sep = "/" if storage.is_remote(canonical) else os.sep
-        head = canonical + sep if head.endswith(("/", os.sep)) else canonical
+        sep = storage.separator(canonical)
+        head = canonical + sep if head.endswith(("/", sep)) else canonical
     else:
-        head = input_root.rstrip("/" + os.sep) + ("/" if storage.is_remote(input_root) else os.sep)
+        sep = storage.separator(input_root)
+        head = input_root.rstrip("/" + sep) + sep
     seg = r"[^/\\]"
     pattern = re.escape(head)
     for token in re.split(r"(\{model\}|\*\*|\*)", tail):

@@ -20,10 +20,11 @@ from faulty_s3 import FaultyS3Proxy
 from mspray import storage
 from mspray.cli import main
 from mspray.config import ScoreConfig
+from mspray.output import list_parts, read_results
 from mspray.ray.data import reading
+from mspray.ray.data.plan import ScoringPlan
 from mspray.ray.data.reading import UNIT_SCHEMA, decode_unit, load_checked
-from mspray.ray.data.results import list_parts, read_results
-from mspray.ray.data.scoring import UnitScorer
+from mspray.ray.data.scorer import UnitScorer
 
 pytestmark = pytest.mark.ray
 
@@ -168,14 +169,14 @@ class _FailingModel:
 def _unit(uris: list[str], size: int) -> dict:
     with ThreadPoolExecutor(2) as pool:
         row = decode_unit(uris, size, ScoreConfig(), pool)
-    return pa.Table.from_pylist([{**row, "decoder": "local"}], schema=UNIT_SCHEMA).to_pylist()[0]
+    row = {**row, "decoder": "local", "model": "default"}
+    return pa.Table.from_pylist([row], schema=UNIT_SCHEMA).to_pylist()[0]
 
 
 def test_model_failures_are_retried_then_fail_the_unit_without_error_rows(
     ray_local, tiny_bundle, tmp_path, png_bytes, monkeypatch
 ):
-    from mspray.ray.data import scoring
-    from mspray.ray.runtime import bundle_config
+    from mspray.ray.data import scorer as scoring
 
     bundle, _ = tiny_bundle
     uris = []
@@ -184,12 +185,10 @@ def test_model_failures_are_retried_then_fail_the_unit_without_error_rows(
         (tmp_path / "in" / f"{i}.png").write_bytes(png_bytes((40, 30), seed=i))
         uris.append(str(tmp_path / "in" / f"{i}.png"))
     monkeypatch.setattr(scoring, "MODEL_BACKOFF_S", 0.01)
-    cfg = bundle_config(bundle)
     out = tmp_path / "out"
-    scorer = UnitScorer(
-        str(tmp_path / "in"), str(out), False,
-        bundle=bundle, config_json=cfg.to_json(), cpus=1, gpus=0,
-    )  # fmt: skip
+    plan = ScoringPlan.build(bundle, str(tmp_path / "in"), str(out))
+    cfg = plan.first.cfg
+    scorer = UnitScorer(plan, bundle=plan.first.uri, config_json=cfg.to_json(), cpus=1, gpus=0)
     unit = _unit(uris, cfg.model.image_size)
     det = scorer.det
     det.predict_unwrapped = det.predict
