@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from mspray.calibration import calibrate_normal_images, recalibrate, score_images
-from mspray.config import MSPrayConfig
+from mspray.config import tiny_config
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
 from mspray.data.synthetic import make_strip_dataset, make_synthetic_dataset
@@ -39,13 +39,11 @@ from mspray.evaluate import evaluate
 from mspray.fit import fit_detector, split_holdout
 from mspray.storage import list_files
 
+# the test suite's tiny detector, untrained, with exact banks and a wider embedding
 BASE = {
-    "model.image_size": 64,
-    "model.scales": (32, 16),
-    "model.strides": (4, 4),
     "model.embed_dim": 32,
-    "model.pretrained": False,
     "train.epochs": 0,
+    "train.val_fraction": 0.1,
     "bank.coreset_ratio": 1.0,
 }
 
@@ -93,7 +91,7 @@ def run_scenario(root: str, name: str, spec: dict, target: float) -> list[dict]:
     data = f"mvtec:{root}"
     samples = test_samples(data, spec["category"])
     uris = train_paths(data, spec["category"])
-    cfg = MSPrayConfig().replace(**BASE, **{"score.target_fpr": target})
+    cfg = tiny_config(**BASE, **{"score.target_fpr": target})
     rows = []
     # one detector (banks from the 90 % training split), recalibrated four ways
     det = fit_detector(cfg.replace(**{"score.calibration": "holdout"}), uris, progress=False)

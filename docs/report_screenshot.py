@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from mspray.config import MSPrayConfig
+from mspray.config import tiny_config
 from mspray.data.datasets import train_paths
 from mspray.data.synthetic import make_synthetic_dataset
 from mspray.fit import fit_detector
@@ -36,22 +36,7 @@ def main() -> None:
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     # the test suite's tiny detector (64 px, random init): minutes on 2 CPU cores
-    cfg = MSPrayConfig().replace(
-        **{
-            "model.image_size": 64,
-            "model.scales": (32, 16),
-            "model.strides": (4, 4),
-            "model.embed_dim": 16,
-            "model.pretrained": False,
-            "train.epochs": 1,
-            "train.samples_per_image": 4,
-            "train.batch_size": 16,
-            "train.n_centers": 4,
-            "train.val_fraction": 0.25,  # 10 held-out images: the drift check's reference
-            "bank.coreset_ratio": 0.5,
-            "score.batch_size": 8,
-        }
-    )
+    cfg = tiny_config(**{"score.batch_size": 8})
     data = work / "data"
     make_synthetic_dataset(str(data), "synthetic", 40, 24, 12, size=64, seed=0)
     bundle = str(work / "bundle")

@@ -76,30 +76,13 @@ def s3_bucket(s3_server):
     yield f"s3://{name}"
 
 
-#: Overrides of a tiny-but-complete detector (two scales, all losses) that trains in seconds
-#: on ``synthetic_root``; the tests of every layer start from it.
-TINY_OVERRIDES = {
-    "model.image_size": 64,
-    "model.scales": (32, 16),
-    "model.strides": (4, 4),
-    "model.embed_dim": 16,
-    "model.pretrained": False,
-    "train.epochs": 1,
-    "train.samples_per_image": 4,
-    "train.batch_size": 16,
-    "train.n_centers": 4,
-    "train.val_fraction": 0.25,
-    "bank.coreset_ratio": 0.5,
-    "score.batch_size": 4,
-}
-
-
 @pytest.fixture(scope="session")
 def tiny_cfg():
-    """The tiny detector config (:data:`TINY_OVERRIDES`); ``tiny_cfg.replace(...)`` varies it."""
-    from mspray.config import MSPrayConfig
+    """The tiny detector config (:func:`mspray.config.tiny_config`); vary it with
+    ``tiny_cfg.replace(...)``."""
+    from mspray.config import tiny_config
 
-    return MSPrayConfig().replace(**TINY_OVERRIDES)
+    return tiny_config()
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from mspray.calibration import (
     score_images,
 )
 from mspray.cli import main
-from mspray.config import MSPrayConfig
+from mspray.config import tiny_config
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
 from mspray.data.synthetic import make_strip_dataset
@@ -30,12 +30,8 @@ from mspray.storage import list_files
 
 # untrained (random init) encoders: the decision, not the features, is under test
 STRIP_CFG = {
-    "model.image_size": 64,
-    "model.scales": (32, 16),
-    "model.strides": (4, 4),
-    "model.embed_dim": 16,
-    "model.pretrained": False,
     "train.epochs": 0,
+    "train.val_fraction": 0.1,
     "bank.coreset_ratio": 1.0,  # exact banks: cheap to build five times
     "score.target_fpr": 0.03,
 }
@@ -64,7 +60,7 @@ def strip(tmp_path_factory) -> str:
 
 
 def _fit(root: str, category: str, calibration: str):
-    cfg = MSPrayConfig().replace(**STRIP_CFG, **{"score.calibration": calibration})
+    cfg = tiny_config(**STRIP_CFG, **{"score.calibration": calibration})
     return fit_detector(cfg, train_paths(f"mvtec:{root}", category), progress=False)
 
 
@@ -128,7 +124,7 @@ def test_recalibration_on_drifted_production_images(strip: str, tmp_path) -> Non
 
 def test_calibrate_cli_writes_a_new_bundle_version(strip: str, tmp_path, capsys) -> None:
     bundle = str(tmp_path / "b")
-    cfg = MSPrayConfig().replace(**STRIP_CFG, **{"score.calibration": "holdout"})
+    cfg = tiny_config(**STRIP_CFG, **{"score.calibration": "holdout"})
     fit_detector(cfg, train_paths(f"mvtec:{strip}", "drift"), out=bundle, progress=False)
     old = resolve_bundle(bundle)
     before = read_meta(old)

@@ -75,3 +75,46 @@ def scale_spec(patch_size: int) -> ScaleSpec:
 def default_strides(scales: tuple[int, ...] | list[int]) -> tuple[int, ...]:
     """The paper's inference stride of each of ``scales`` (raises for an unknown scale)."""
     return tuple(scale_spec(s).default_stride for s in scales)
+
+
+def _check(ok: bool, name: str, value: object, why: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r}: {why}")
+
+
+def check_geometry(image_size: int, scales: tuple[int, ...], strides: tuple[int, ...]) -> None:
+    """ValueError naming the config field unless every scale is supported, fits the image,
+    appears once, and has a stride that is a multiple of its network stride and tiles
+    the image."""
+    _check(len(scales) >= 1, "model.scales", scales, "needs at least one scale")
+    for p in scales:
+        _check(p in SCALES, "model.scales", scales, f"each in {SUPPORTED_SCALES}")
+        _check(p <= image_size, "model.scales", scales, "patch larger than image")
+    _check(len(set(scales)) == len(scales), "model.scales", scales, "repeats")
+    _check(len(strides) == len(scales), "model.strides", strides, "one a scale")
+    for p, st in zip(scales, strides, strict=True):
+        ns = SCALES[p].network_stride
+        _check(
+            st > 0 and st % ns == 0,
+            "model.strides",
+            strides,
+            f"stride for patch {p} must be a positive multiple of {ns}",
+        )
+        _check(
+            (image_size - p) % st == 0,
+            "model.image_size",
+            image_size,
+            f"(image_size - {p}) must be a multiple of the stride {st} so patches tile it",
+        )
+
+
+def check_bank_stride(bank_stride: int, scales: tuple[int, ...]) -> None:
+    """ValueError unless ``bank_stride`` is 0 or a multiple of every scale's network stride."""
+    for p in scales:
+        ns = scale_spec(p).network_stride
+        _check(
+            bank_stride % ns == 0,
+            "bank.bank_stride",
+            bank_stride,
+            f"must be 0 or a multiple of {ns} (patch {p})",
+        )
