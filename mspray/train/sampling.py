@@ -132,19 +132,22 @@ def sample_angles(
     img: torch.Tensor, h: int, w: int, p: int, g: torch.Generator, jitter: float = 0.125
 ) -> Samples:
     """SSL pairs (m, n) with n about one patch size (p·(1±jitter)) from m at one of 12
-    angles; the far end of the range shrinks to fit small images (never below 0.75·p).
+    angles; no patch is ever clipped, so every label is correct by construction.
 
-    The angle and offset are drawn first, then m is drawn only where both patches fit, so
-    no patch is ever clipped and every label is correct by construction."""
-    d_hi = min(p * (1 + jitter), min(h, w) - p)
-    _check(h, w, p, int(math.ceil(1.75 * p)))
+    m is drawn uniformly from the box where the pair fits *at every angle*, independently
+    of the label: m's position carries no information about the angle (drawing m only where
+    its own angle fits made the label predictable from m's position, ~2x chance). On images
+    smaller than p + 2·p·(1+jitter) the distance shrinks to fit that box (never below p/2).
+    n's position is m's plus the offset, so it cannot also be independent of the label
+    inside a bounded image."""
+    d_hi = min(p * (1 + jitter), (min(h, w) - p) / 2)
+    _check(h, w, p, 2 * p)
     d_lo = min(p * (1 - jitter), d_hi)
     n = img.numel()
     labels = torch.randint(0, N_ANGLES, (n,), generator=g)
     off = angle_offsets(labels, d_lo, d_hi, g)
-    lo = (-off).clamp(min=0)
-    hi = torch.tensor([h - p, w - p]) - off.clamp(min=0)
-    m = torch.stack([_uniform(n, lo[:, 0], hi[:, 0], g), _uniform(n, lo[:, 1], hi[:, 1], g)], 1)
+    r = int(math.ceil(d_hi))  # every rounded offset of every angle is within ±r
+    m = _corners(n, h, w, p, g, margin=r)
     return Samples(img, (m, m + off), labels)
 
 

@@ -17,7 +17,7 @@ def _inside(pos, h, w, p):
 
 @pytest.mark.parametrize("p", [64, 32, 16])
 def test_angle_labels_are_correct_by_construction(p):
-    h, w = 2 * p + 8, 3 * p
+    h, w = 4 * p, 5 * p
     img = torch.zeros(20000, dtype=torch.long)
     s = sampling.sample_angles(img, h, w, p, _gen(p))
     m, n = s.pos
@@ -82,6 +82,32 @@ def test_small_images_shrink_the_angle_distance_but_keep_labels_exact():
     s = sampling.sample_angles(img, 128, 128, 64, _gen())
     off = s.pos[1] - s.pos[0]
     assert torch.equal(sampling.offset_angle_class(off), s.labels)
-    assert off.abs().max() <= 64 and _inside(s.pos[1], 128, 128, 64)
+    assert off.abs().max() <= 32 and _inside(s.pos[1], 128, 128, 64)
     with pytest.raises(ValueError, match="too small"):
         sampling.sample_angles(img[:3], 100, 100, 64, _gen())
+
+
+def _binned_classifier_accuracy(pos, labels, cell=8):
+    """Accuracy on the second half of a majority-label-per-cell classifier fitted on the
+    first half (features: the positions only)."""
+    key = (pos[:, 0] // cell) * 10_000 + pos[:, 1] // cell
+    half = len(key) // 2
+    counts = {}
+    for k, y in zip(key[:half].tolist(), labels[:half].tolist(), strict=True):
+        counts.setdefault(k, torch.zeros(N_ANGLES))[y] += 1
+    pred = torch.tensor(
+        [int(counts[k].argmax()) if k in counts else 0 for k in key[half:].tolist()]
+    )
+    return float((pred == labels[half:]).float().mean()), len(key) - half
+
+
+@pytest.mark.parametrize(("size", "p"), [(256, 64), (256, 32), (128, 32), (64, 16)])
+def test_the_first_patchs_position_alone_does_not_tell_the_angle(size, p):
+    # A classifier on m's position only must be at chance (1/12) within a 99.9% interval;
+    # drawing m only where its own angle fits made it ~2x chance.
+    img = torch.zeros(40_000, dtype=torch.long)
+    s = sampling.sample_angles(img, size, size, p, _gen(size + p))
+    acc, n = _binned_classifier_accuracy(s.pos[0], s.labels)
+    chance = 1 / N_ANGLES
+    half_width = 3.3 * math.sqrt(chance * (1 - chance) / n)
+    assert acc < chance + half_width, (acc, chance + half_width)
