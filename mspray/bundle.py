@@ -46,8 +46,9 @@ from mspray.model.multiscale import MultiScaleEncoder
 
 log = logging.getLogger(__name__)
 
-#: 3: the 64-px encoder's head reads conv3_3 (7×7 kernel, stride 2) instead of pool3
-#: (every pixel of the patch reaches its embedding); layout as in 2. 2: versioned layout with per-file sha256 in meta.json.
+#: 3: the 64-px encoder's head reads conv3_3 (7×7 kernel, stride 2) instead of pool3, so
+#: every pixel of the patch reaches its embedding; layout as in 2. 2: versioned layout with
+#: per-file sha256 in meta.json.
 #: 1: flat, unverified.
 FORMAT = 3
 READABLE_FORMATS = (1, 2, 3)
