@@ -243,6 +243,12 @@ class ScoreConfig(Section):
     runtime: Literal["torch", "onnx"] = flag(
         "torch", "encoder runtime: torch, or onnx (ONNX Runtime on CPU, needs the export extra)"
     )
+    device: Literal["auto", "cpu", "cuda"] = flag(
+        "auto",
+        "where Ray scoring actors run the model, whatever the bundle was trained on: cuda "
+        "reserves a GPU per actor (waits for GPU nodes), cpu never does, auto does when the "
+        "cluster has GPUs when the run starts",
+    )
 
 
 class MSPrayConfig(Section):
@@ -319,9 +325,14 @@ class PoolConfig(Section):
     )
     min_workers: int = flag(1, "actors kept while the pool is idle", ge=1)
     gpus_per_worker: float | None = flag(
-        None, "GPUs per actor (default: 1 if the config's bank.use_gpu or train.use_gpu)", ge=0
+        None, "GPUs per actor (default: from score.device, 1 or 0)", ge=0
     )
-    cpus_per_worker: float = flag(1.0, "CPUs per actor, also its torch threads", gt=0)
+    cpus_per_worker: float = flag(
+        1.0,
+        "CPUs per actor, also its torch threads; a GPU actor takes at least half of its "
+        "node's CPUs per GPU (up to 8), for the threads that feed the GPU",
+        gt=0,
+    )
     io_threads: int = flag(
         4, "reader threads per decode task (or actor), overlapping S3 latency", ge=1
     )
