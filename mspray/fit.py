@@ -22,6 +22,7 @@ from mspray.device import resolve_device
 from mspray.model.backbone import PretrainedWeightsError, load_vgg16_state
 from mspray.model.multiscale import MultiScaleEncoder, ScaleModel
 from mspray.train.loop import train_scale
+from mspray.train.recipes import no_imagenet_defaults
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ def fit_detector(
     train_uris, val_uris = split_holdout(image_uris, cfg.train.val_fraction, cfg.train.seed)
     size = cfg.model.image_size
     state, loaded = backbone_state(cfg)
+    cfg = no_imagenet_defaults(cfg, loaded)  # a random-init trunk trains with its own lr
     local = trainer is None or build_banks
     train = (
         load_images(train_uris, size, progress=progress, desc="loading train images")
