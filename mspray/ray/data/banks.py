@@ -3,10 +3,12 @@
 Actors (detector loaded once each) read and embed a batch of training images at every
 scale. When a scale's patches would not fit the global coreset's candidate budget
 (``bank.coreset_max_candidates``), each batch is first reduced on its actor by a greedy
-k-center coreset (per shard); the driver then runs the global coreset over the union
-(:meth:`PatchBank.build`) with the ratio adjusted so the bank ends up with
-``coreset_ratio`` × (all patches) rows. Small banks skip the per-shard step, which makes the
-result identical to the core's :meth:`Detector.build_banks` on the same images.
+k-center coreset (per shard); the global coreset over the union (:meth:`PatchBank.build`,
+up to that budget of candidates per scale) then runs as a Ray task per scale on a worker,
+not in the driver (often a head node with no CPU to spare), with the ratio adjusted so the
+bank ends up with ``coreset_ratio`` × (all patches) rows. Small banks skip the per-shard
+step, which makes the result identical to the core's :meth:`Detector.build_banks` on the
+same images.
 
 ``append=True`` adds new normal images to a bundle's existing banks without retraining:
 their patches go through the same coreset (picks start from the existing bank's coverage,
@@ -25,10 +27,17 @@ import numpy as np
 import torch
 
 from mspray import storage
-from mspray.bank import PatchBank, greedy_coreset
+from mspray.bank import PatchBank
 from mspray.config import BankConfig, MSPrayConfig, PoolConfig
+from mspray.coreset import greedy_coreset
 from mspray.ray.data.reading import iter_loaded
-from mspray.ray.runtime import DetectorActor, bundle_config, init_ray, map_with_detector
+from mspray.ray.runtime import (
+    DetectorActor,
+    bundle_config,
+    gpus_per_actor,
+    init_ray,
+    map_with_detector,
+)
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +225,73 @@ def _calibrate(
     )
 
 
+def _bank_on_worker(
+    emb: np.ndarray,
+    bank_cfg: BankConfig,
+    seed: int,
+    existing: tuple[bytes, BankConfig] | None,
+    threads: int,
+) -> tuple[bytes, int]:
+    """Ray task: one scale's global coreset and index, on a worker. Builds a bank from
+    ``emb`` or, with ``existing`` (a serialized bank and its config), extends that one
+    (:meth:`PatchBank.add`); returns the serialized bank and how many rows it got."""
+    torch.set_num_threads(threads)
+    if existing is None:
+        bank = PatchBank.build(emb, bank_cfg, seed=seed)
+        return bank.to_bytes(), bank.ntotal
+    bank = PatchBank.from_bytes(*existing)
+    added = bank.add(emb, bank_cfg)
+    return bank.to_bytes(), added
+
+
+def global_coreset(
+    det,
+    embs: dict[int, np.ndarray],
+    totals: dict[int, int],
+    pool: PoolConfig,
+    *,
+    append: bool,
+    append_all: bool,
+) -> None:
+    """Replace (or, with ``append``, extend) ``det``'s bank of every scale with the global
+    coreset of the shards' rows ``embs`` (``totals``: the patches they came from). The
+    coreset runs in one Ray task per scale, with the resources of one pool actor; the
+    driver only ships the rows and loads the finished banks. ``append_all`` adds every row
+    (no coreset: a plain index add, on the driver)."""
+    import ray
+
+    cfg = det.cfg
+    gpus = gpus_per_actor(pool, cfg)
+    resources: dict[str, Any] = {"num_cpus": pool.cpus_per_worker}
+    if gpus > 0:
+        resources["num_gpus"] = gpus
+    task = ray.remote(_bank_on_worker).options(**resources)
+    threads = max(1, int(pool.cpus_per_worker))
+    pending = {}
+    for s in det.scales:
+        if append and append_all:
+            added = det.banks[s].add(embs[s])
+            log.info("scale %d: added %d patches (bank now %d)", s, added, det.banks[s].ntotal)
+            continue
+        bank_cfg = global_bank_config(cfg.bank, totals[s], len(embs[s]))
+        existing = (det.banks[s].to_bytes(), det.banks[s].cfg) if append else None
+        pending[s] = (task.remote(embs[s], bank_cfg, cfg.train.seed, existing, threads), bank_cfg)
+    for s, (ref, bank_cfg) in pending.items():
+        data, rows = ray.get(ref)
+        if append:
+            det.banks[s] = PatchBank.from_bytes(data, det.banks[s].cfg)
+            log.info(
+                "scale %d: added %d of %d patches (bank now %d)",
+                s,
+                rows,
+                totals[s],
+                det.banks[s].ntotal,
+            )
+        else:
+            det.banks[s] = PatchBank.from_bytes(data, bank_cfg)
+            log.info("scale %d: bank of %d from %d patches", s, rows, totals[s])
+
+
 def build_banks(
     bundle: str,
     uris: list[str],
@@ -273,23 +349,8 @@ def build_banks(
     n_good = len(bank_uris) - len(errors)
     if n_good == 0:
         raise ValueError(f"none of the {len(bank_uris)} images could be read: {errors[0]}")
-    for s in det.scales:
-        emb = embs[s]
-        total = per_image[s] * n_good
-        if append:
-            bank_cfg = None if append_all else global_bank_config(cfg.bank, total, len(emb))
-            added = det.banks[s].add(emb, bank_cfg)
-            log.info(
-                "scale %d: added %d of %d patches (bank now %d)",
-                s,
-                added,
-                total,
-                det.banks[s].ntotal,
-            )
-        else:
-            bank_cfg = global_bank_config(cfg.bank, total, len(emb))
-            det.banks[s] = PatchBank.build(emb, bank_cfg, seed=cfg.train.seed)
-            log.info("scale %d: bank of %d from %d patches", s, det.banks[s].ntotal, total)
+    patches = {s: per_image[s] * n_good for s in det.scales}
+    global_coreset(det, embs, patches, pool, append=append, append_all=append_all)
     if not append and calibrate:
         cal = _calibrate(det, bundle, bank_uris, val_uris, embs, owners, per_image, pool)
         if cal is None:
