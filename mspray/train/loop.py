@@ -3,7 +3,9 @@
 One step embeds every patch the four losses need in a single forward pass, then computes
 L = λ(L_SVDD + L_Cos) + L_SSL + L_Kmeans. Sampling is seeded by (seed, rank, epoch), so a
 resumed run draws the same patches it would have drawn, and nothing depends on wall-clock
-time: one seed and config give bit-identical weights (a budget, if any, is ``max_steps``).
+time: the same seed, config, device kind and torch thread count give bit-identical weights
+(a budget, if any, is ``max_steps``; on CUDA the kernels are made deterministic, see
+:func:`deterministic_cuda`). Another thread count or device kind rounds differently.
 
 Model selection (``train.selection``). ``synthetic`` (the default): every candidate epoch,
 epoch 0 (the encoders as they start) included, is ranked by how well it detects synthetic
@@ -33,6 +35,7 @@ from mspray.device import resolve_device
 from mspray.model.encoder import AngleHead, PatchEncoder
 from mspray.model.multiscale import ScaleModel, normalize
 from mspray.train import losses, sampling
+from mspray.train.determinism import deterministic_cuda
 from mspray.train.kmeans import Comm, LocalComm, fit_centers, reduce_sum
 from mspray.train.selection import SelectionSet, detection_metrics, scale_maps
 from mspray.train.summary import log_line, run_summary
@@ -63,6 +66,8 @@ class ScaleTrainer:
         self.device = torch.device(device)
         self.comm = comm or LocalComm()
         self.core: ScaleModel = getattr(model, "module", model)
+        if self.device.type == "cuda":
+            deterministic_cuda()
         # Every parameter, the angle head's last layer included, is optimised.
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.t.lr)
         self.centers: torch.Tensor | None = None
@@ -331,15 +336,11 @@ class ScaleTrainer:
                     log.info("scale %d: max_steps reached in epoch %d", self.scale, epoch + 1)
                 break
         if mode == "synthetic" and self.comm.rank == 0:
-            log.info(
-                "scale %d: epoch %d selected on synthetic anomalies: %s",
-                self.scale,
-                self.best_epoch,
-                "; ".join(
-                    f"{int(c['epoch'])}: image {c['image_auroc']:.3f} pixel {c['pixel_auroc']:.3f}"
-                    for c in self.candidates
-                ),
+            table = "; ".join(
+                f"{c['epoch']:.0f}: image {c['image_auroc']:.3f} pixel {c['pixel_auroc']:.3f}"
+                for c in self.candidates
             )
+            log.info("scale %d: epoch %d selected (%s)", self.scale, self.best_epoch, table)
         return self.history
 
     def _consider(self, m: dict[str, float], mode: str) -> None:
