@@ -18,13 +18,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from mspray.config import tiny_config
+from mspray.config import PoolConfig, tiny_config
 from mspray.data.datasets import train_paths
 from mspray.data.synthetic import make_synthetic_dataset
 from mspray.fit import fit_detector
 from mspray.ray.data.scoring import score_prefix
-from mspray.ray.runtime import PoolOptions
-from mspray.report import REPORT_NAME
+from mspray.report import REPORT_NAME, build_report
 
 
 def main() -> None:
@@ -46,9 +45,7 @@ def main() -> None:
     (night / "good" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (night / "good" / "empty.png").write_bytes(b"")
     out = str(work / "scores" / "2024-03-07")
-    score_prefix(bundle, str(night), out, pool=PoolOptions(workers=1), maps=True, progress=False)
-    from mspray.report import build_report
-
+    score_prefix(bundle, str(night), out, pool=PoolConfig(workers=1), maps=True, progress=False)
     report = build_report(out, top_k=args.top_k)  # the run wrote one; fewer images here
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run(
