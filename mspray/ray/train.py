@@ -16,10 +16,9 @@ per-epoch checkpoints through ``ray.train.report``, and restarts after worker fa
   it; a restarted worker group, or a rerun with the same run name and storage, continues
   from the latest one. The state holds only
   tensors and plain Python values, so it loads with ``torch.load(weights_only=True)``.
-- Fault injection for tests and drills lives here, never in the core loop:
-  ``MSPRAY_FAIL_AT_EPOCH=N`` (read on the driver) makes the last rank fail once, after
-  finishing epoch N and before its checkpoint is reported; ``MSPRAY_FAIL_MODE=exit`` kills
-  the worker process instead of raising. A marker file in the run folder makes it fire once.
+- ``epoch_hook``: a picklable callable every worker calls after finishing an epoch and
+  before its checkpoint is reported, ``hook(epoch=, rank=, world_size=)``. The tests'
+  fault injection (``tests/ray/fault_hooks.py``) goes through it; production passes none.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,9 +46,6 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 RUN_FILE = "mspray_run.json"
-FAIL_MARKER = "injected_failure.marker"
-FAIL_AT_ENV = "MSPRAY_FAIL_AT_EPOCH"
-FAIL_MODE_ENV = "MSPRAY_FAIL_MODE"
 
 # Fields that may change between a run and its resumption: they do not change what the
 # saved state means (more epochs continue training; worker count only changes the draws).
@@ -64,10 +60,6 @@ _RESUMABLE_CHANGES = {
     # A step budget only says where to stop: raising it continues the same run.
     "train.max_steps",
 }
-
-
-class InjectedFailure(RuntimeError):
-    """Raised by the fault-injection hook (``MSPRAY_FAIL_AT_EPOCH``)."""
 
 
 def torch_backend(use_gpu: bool) -> str:
@@ -113,19 +105,6 @@ def load_state(checkpoint: Any) -> dict[str, Any]:
     """The trainer state stored in a Ray ``Checkpoint`` (local or remote storage)."""
     with checkpoint.as_directory() as d:
         return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-
-
-def _maybe_fail(fault: dict[str, Any] | None, epoch: int, rank: int, world: int) -> None:
-    """Fault injection: the last rank fails once after finishing ``fault['epoch']``."""
-    if not fault or epoch != fault["epoch"] or rank != world - 1:
-        return
-    if store.exists(fault["marker"]):
-        return  # already failed once in this run
-    store.write_text(fault["marker"], f"failed after epoch {epoch} on rank {rank}\n")
-    log.warning("injected failure after epoch %d on rank %d (%s)", epoch, rank, fault["mode"])
-    if fault["mode"] == "exit":
-        os._exit(1)  # a hard crash: no exception, no clean-up, like a killed process
-    raise InjectedFailure(f"injected failure after epoch {epoch} on rank {rank}")
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -175,7 +154,9 @@ def train_worker(config: dict[str, Any]) -> None:
         # ``metrics`` is also the history entry: recording the attempt's first epoch there
         # shows in the final state which epochs were redone after a restart.
         metrics["start_epoch"] = start_epoch
-        _maybe_fail(config.get("fault"), t.epoch, rank, world)
+        hook = config.get("epoch_hook")
+        if hook is not None:
+            hook(epoch=t.epoch, rank=rank, world_size=world)
         report = {**metrics, "scale": scale, "world_size": world}
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
@@ -228,6 +209,8 @@ class RayScaleTrainer:
     keep_checkpoints: int | None = 2
     #: Progress bars (epochs, steps) from rank 0 only, forwarded by Ray to the driver's log.
     progress: bool = True
+    #: Called on every worker after each epoch, before its checkpoint (see module docstring).
+    epoch_hook: Callable[..., None] | None = None
     results: dict[int, Any] = field(default_factory=dict)
 
     def __call__(
@@ -312,13 +295,6 @@ class RayScaleTrainer:
         max_failures = t.max_failures if self.max_failures is None else self.max_failures
         run_dir = self.run_dir(root, scale)
         self._check_run(cfg, run_dir)
-        fault = None
-        if os.environ.get(FAIL_AT_ENV):
-            fault = {
-                "epoch": int(os.environ[FAIL_AT_ENV]),
-                "mode": os.environ.get(FAIL_MODE_ENV, "raise"),
-                "marker": store.join(run_dir, FAIL_MARKER),
-            }
         name = f"{self.run_name}-s{scale}"
         if store.is_local(root):
             location: dict[str, Any] = {"storage_path": root}
@@ -333,7 +309,7 @@ class RayScaleTrainer:
                 "train_uris": train_uris,
                 "val_uris": val_uris,
                 "vgg_ref": vgg_ref,
-                "fault": fault,
+                "epoch_hook": self.epoch_hook,
                 "threads": self.cpus_per_worker,
                 "progress": self.progress,
             },

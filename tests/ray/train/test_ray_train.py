@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import ray.cloudpickle
 import torch
+from fault_hooks import FailOnce
 
 from mspray.bundle import resolve_bundle
 from mspray.config import MSPrayConfig
@@ -251,16 +252,19 @@ def split(synthetic_root):
     return split_holdout(uris, 0.2, 0)
 
 
-def test_injected_failure_resumes_from_the_last_checkpoint(ray_local, split, tmp_path, monkeypatch):
-    monkeypatch.setenv(ray_train.FAIL_AT_ENV, "2")
-    monkeypatch.setenv(ray_train.FAIL_MODE_ENV, "raise")
+def test_injected_failure_resumes_from_the_last_checkpoint(ray_local, split, tmp_path):
+    marker = str(tmp_path / "failed.marker")
     rt = ray_train.ray_scale_trainer(
-        run_name="fault", storage=str(tmp_path), workers=2, max_failures=1, keep_checkpoints=None
+        run_name="fault",
+        storage=str(tmp_path),
+        workers=2,
+        max_failures=1,
+        keep_checkpoints=None,
+        epoch_hook=FailOnce(epoch=2, marker=marker, mode="raise"),
     )
     models = rt(_cfg(), *split)
 
-    run_dir = rt.run_dir(str(tmp_path), SCALE)
-    assert os.path.exists(os.path.join(run_dir, ray_train.FAIL_MARKER))  # it did fail once
+    assert os.path.exists(marker)  # it did fail once
     result = rt.results[SCALE]
     state = ray_train.load_state(result.checkpoint)
     assert state["epoch"] == 3 and result.metrics["epoch"] == 3
@@ -280,7 +284,7 @@ def test_injected_failure_resumes_from_the_last_checkpoint(ray_local, split, tmp
         assert torch.equal(v, state["best_state"][k])
 
 
-def test_killed_run_resumes_with_the_same_name(ray_local, split, s3_bucket, monkeypatch):
+def test_killed_run_resumes_with_the_same_name(ray_local, split, s3_bucket):
     # Checkpoints in S3 (the local moto server). The worker process is killed (os._exit)
     # after epoch 2, before its checkpoint, and no retries are allowed: the run dies the way
     # a killed job does, with only epoch 1 saved.
@@ -288,15 +292,16 @@ def test_killed_run_resumes_with_the_same_name(ray_local, split, s3_bucket, monk
 
     storage = f"{s3_bucket}/runs"
     cfg = _cfg(**{"train.epochs": 2})
-    monkeypatch.setenv(ray_train.FAIL_AT_ENV, "2")
-    monkeypatch.setenv(ray_train.FAIL_MODE_ENV, "exit")
     killed = ray_train.ray_scale_trainer(
-        run_name="killed", storage=storage, workers=1, max_failures=0
+        run_name="killed",
+        storage=storage,
+        workers=1,
+        max_failures=0,
+        epoch_hook=FailOnce(epoch=2, marker=f"{storage}/failed.marker", mode="exit"),
     )
     with pytest.raises(TrainingFailedError):
         killed(cfg, *split)
 
-    monkeypatch.delenv(ray_train.FAIL_AT_ENV)
     rerun = ray_train.ray_scale_trainer(run_name="killed", storage=storage, workers=1)
     rerun(cfg, *split)
     state = ray_train.load_state(rerun.results[SCALE].checkpoint)
