@@ -39,7 +39,9 @@ SCORE_BUNDLE_HELP = (
     "with its own bundle (with --route or --manifest)"
 )
 ADDRESS_HELP = (
-    "Ray cluster address (default: $RAY_ADDRESS, else a local Ray with at least 4 logical CPUs)"
+    "Ray cluster to join: its address, or 'auto' for the one `ray start` runs on this machine "
+    "(default: $RAY_ADDRESS, as set by `ray job submit`; else a private local Ray with at "
+    "least 4 logical CPUs, whatever else runs on the machine)"
 )
 POOL_KEYS = ("workers", "min_workers", "gpus_per_worker", "cpus_per_worker", "io_threads")
 SCORE_POOL_KEYS = (*POOL_KEYS, "decode_cpus")

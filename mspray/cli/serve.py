@@ -52,7 +52,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         description="Serve a model bundle over HTTP with Ray Serve: concurrent requests are "
         "batched into one forward pass and one bank search, and bad input gets a 4xx JSON "
         "error. Blocks until Ctrl-C (or SIGTERM), then removes the endpoint. Without "
-        "--address a local Ray is started with at least 4 logical CPUs. For a cluster and "
+        "--address a private local Ray is started with at least 4 logical CPUs. For a cluster and "
         "zero-downtime model swaps, use serve_config.yaml with `serve deploy` instead.",
         epilog=SERVE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

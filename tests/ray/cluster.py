@@ -5,6 +5,8 @@
   "GPU" worker nodes (raylets that declare ``num_gpus=1`` and one CPU; CUDA is absent
   here, so model code on them falls back to the CPU, see
   :func:`mspray.device.resolve_device`).
+- :func:`ray_start_head`: a ``ray start --head`` as a user runs it, in its own
+  ``RAY_TMPDIR`` (so its address file never reaches the machine's ``/tmp/ray``).
 - :func:`autoscaling_cluster`: the same head with Ray's real autoscaler (v1 monitor) over
   its fake multi-node provider, which starts and stops raylets on this machine. It starts
   with zero worker nodes; the node types mirror ``cluster.yaml`` (``cpu_worker``,
@@ -24,9 +26,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -217,3 +224,72 @@ def worker_nodes() -> list[dict]:
     import ray
 
     return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+
+
+def _ray_executable() -> str:
+    exe = Path(sys.executable).parent / "ray"
+    return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
+
+
+def private_ray_env(tmp_root: Path) -> dict[str, str]:
+    """This process's environment with Ray's temp root (and so its address file,
+    ``<tmp_root>/ray/ray_current_cluster``) moved to ``tmp_root`` and no cluster named."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Token auth turns on whenever ~/.ray/auth_token exists: off, for these processes only.
+    env.update(RAY_TMPDIR=str(tmp_root), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    return env
+
+
+@contextmanager
+def ray_start_head(tmp_root: Path, num_cpus: int = 2) -> Iterator[str]:
+    """``ray start --head`` (no dashboard, free ports) with ``RAY_TMPDIR=tmp_root``, as a user
+    starts a small local cluster; yields its GCS address. Stopped by signalling the ``ray
+    start --block`` process and killing, by pid, what is left of its process group; never
+    ``ray stop``, which would stop every Ray on the machine."""
+    ports = sorted({_free_port() for _ in range(8)})[:6]
+    gcs, agent_http, agent_grpc, rt_env, metrics, nm = ports
+    cmd = [
+        _ray_executable(), "start", "--head", "--block", "--disable-usage-stats",
+        f"--port={gcs}", "--include-dashboard=false", f"--num-cpus={num_cpus}", "--num-gpus=0",
+        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
+        f"--node-manager-port={nm}", f"--object-store-memory={OBJECT_STORE_BYTES}",
+    ]  # fmt: skip
+    log = open(tmp_root / "ray-start.log", "w")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=private_ray_env(tmp_root),
+        start_new_session=True,  # its own process group: ours to clean up
+    )  # fmt: skip
+    address_file = tmp_root / "ray" / "ray_current_cluster"
+    try:
+        deadline = time.monotonic() + 120
+        while not address_file.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start failed:\n{(tmp_root / 'ray-start.log').read_text()}")
+            time.sleep(0.5)
+        yield address_file.read_text().strip()
+    finally:
+        ours = _ours(proc.pid, str(tmp_root))
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=45)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for pid in {*ours, *_ours(proc.pid, str(tmp_root))}:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
+
+
+def _ours(pgid: int, marker: str) -> list[int]:
+    """Live processes in process group ``pgid`` or naming ``marker`` on their command line
+    (from /proc; Linux)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with suppress(OSError):
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if os.getpgid(int(entry.name)) == pgid or marker in cmdline:
+                found.append(int(entry.name))
+    return found
