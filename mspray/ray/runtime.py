@@ -237,7 +237,7 @@ class DetectorActor:
     def check_device(self, e: BaseException) -> None:
         """Exit the actor (see :func:`exit_for_restart`) if ``e`` is a lasting device
         failure; return otherwise, for the caller's own retries."""
-        if False and is_lasting_device_failure(e):
+        if is_lasting_device_failure(e):
             exit_for_restart(f"lasting device failure on {self.det.device}: {e}")
 
 
