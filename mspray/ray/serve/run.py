@@ -18,8 +18,10 @@ from mspray.config import ServeConfig
 
 log = logging.getLogger("mspray")
 
-#: Name of the Serve application (also in serve_config.yaml).
-APP_NAME = "mspray"
+#: Name of this command's Serve application. Not serve_config.yaml's production name
+#: ``mspray``: on a shared cluster (``--address``), starting or stopping ``mspray serve``
+#: must never replace or delete that application.
+APP_NAME = "mspray-serve"
 
 
 def endpoint_urls(

@@ -77,10 +77,19 @@ def _free_port() -> int:
 
 @pytest.mark.ray
 def test_serve_forever_serves_until_stopped(serve_down, tiny_bundle, capsys):
+    """On a Ray it did not start (as with --address), the endpoint is an application of its
+    own: the production application ``mspray`` of serve_config.yaml is left as it was."""
     from ray import serve
 
-    bundle = tiny_bundle[0]
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Production:
+        def __call__(self, request) -> str:
+            return "production"
+
     port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(Production.bind(), name="mspray", route_prefix="/production")
+    bundle = tiny_bundle[0]
     stop = threading.Event()
     result: list[int] = []
     cfg = ServeConfig(bundle=bundle, max_batch_size=4)
@@ -99,6 +108,7 @@ def test_serve_forever_serves_until_stopped(serve_down, tiny_bundle, capsys):
                 except httpx.TransportError:
                     pass
                 time.sleep(0.5)
+            assert set(serve.status().applications) == {"mspray", APP_NAME}
             info = client.get("/v1/model").json()
             # a bundle root is served pinned to its current version
             assert info["bundle_uri"] == resolve_bundle(bundle)
@@ -113,4 +123,6 @@ def test_serve_forever_serves_until_stopped(serve_down, tiny_bundle, capsys):
     assert result == [0]
     printed = json.loads(capsys.readouterr().out)
     assert printed["predict"] == f"http://127.0.0.1:{port}/v1/predict"
-    assert APP_NAME not in serve.status().applications  # removed on the way out
+    # removed on the way out; the production application still runs
+    assert set(serve.status().applications) == {"mspray"}
+    assert serve.status().applications["mspray"].status == "RUNNING"
