@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from mspray import storage
-from mspray.report import ALL, REPORT_NAME, build_report, error_reason
+from mspray.report import ALL, REPORT_NAME, build_report, calibration_from_bundle, error_reason
+from mspray.threshold import promise
 
 VERSION = "abc123def456"
 QUANTILE = 0.99
@@ -259,6 +260,36 @@ def test_calibration_from_a_bundle_overrides_the_run_summary(tmp_path):
     (bundle / "meta.json").write_text(json.dumps({**meta, "version": "other"}))
     page = parse(Path(build_report(out, bundles=[str(bundle)])).read_text())
     assert page.one("expected_rate", ALL) == "unknown" and page.drift == {}
+
+
+def test_expected_rate_is_the_false_alarm_rate_the_bundle_promises(tmp_path):
+    """A bundle's ``meta["calibration"]`` (the core Calibration) is what the page states, also
+    after a recalibration left an older ``threshold_quantile`` behind; the block a scoring
+    run copies into its summary carries it, so the page rebuilt from the output agrees."""
+    out = str(tmp_path / "scores")
+    facts = make_output(out, with_calibration=False)
+    calib = np.random.default_rng(1).normal(1.0, 0.1, 400)
+    promised = promise(calib, facts["threshold"], target_fpr=0.03, source="production")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "meta.json").write_text(
+        json.dumps({"format": 1, "version": VERSION, "threshold": facts["threshold"],
+                    "threshold_quantile": 0.95, "calibration": promised.to_dict(),
+                    "calibration_scores": calib.tolist()})
+    )  # fmt: skip
+    rate = f"{100 * promised.promised_fpr:.1f} %"
+    assert rate != "5.0 %"  # not 1 - the stale quantile
+    page = parse(Path(build_report(out, bundles=[str(bundle)])).read_text())
+    assert page.one("expected_rate", ALL) == rate
+    block = calibration_from_bundle(str(bundle)).to_dict()
+    assert block["calibration"] == json.loads(json.dumps(promised.to_dict()))
+    runs = Path(out, "_runs")
+    summary = json.loads(next(runs.iterdir()).read_text())
+    (runs / "20240309T023000Z-bbbbbb.json").write_text(
+        json.dumps({**summary, "calibration": block})
+    )
+    page = parse(Path(build_report(out)).read_text())
+    assert page.one("expected_rate", ALL) == rate and page.drift == {ALL: "no"}
 
 
 def test_rows_are_grouped_by_the_model_column(tmp_path):
