@@ -162,6 +162,13 @@ FOOTER_THREADS = 16
 
 
 def _unified_schema(fs, paths: list[str], columns: list[str] | None) -> pa.Schema:
+    """The schema of all parts together. The first part's footer is enough when it has
+    every requested column (parts of one output differ only in ``score_<scale>`` columns
+    and, for older ones, ``model``): one request instead of one per part on S3."""
+    if columns is not None:
+        first = pq.read_schema(paths[0], filesystem=fs)
+        if all(c in first.names for c in columns):
+            return first
     with ThreadPoolExecutor(min(FOOTER_THREADS, len(paths))) as pool:
         schemas = list(pool.map(lambda p: pq.read_schema(p, filesystem=fs), paths))
     schema = pa.unify_schemas(schemas)
