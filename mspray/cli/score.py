@@ -113,9 +113,10 @@ def add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--part-size",
         type=int,
-        default=256,
+        default=None,
         metavar="N",
-        help="images per work unit = rows per Parquet part (default: %(default)s)",
+        help="images per work unit = rows per Parquet part (default: sized for the cluster, "
+        "several units per actor, at most 256)",
     )
     p.add_argument(
         "--summary-json", metavar="FILE", help="also write the run summary (counts, timing) here"
@@ -145,7 +146,7 @@ def add_score(sub: argparse._SubParsersAction) -> None:
         p,
         "cfg",
         MSPrayConfig,
-        ["score.batch_size", "score.runtime", "score.precision", "bank.use_gpu"],
+        ["score.batch_size", "score.runtime", "score.precision", "score.device", "bank.use_gpu"],
     )
     add_pool_args(p, SCORE_POOL_KEYS)
     p.set_defaults(func=cmd_score)

@@ -7,11 +7,14 @@ long argument lists. Only named fleets (``--bundle NAME=URI``) write the name in
 ``model`` column; a single bundle leaves it null, as it always did.
 
 The plan also cuts the pending images into work units: one model per unit, units grouped
-by model (so an actor rarely switches bundles), at most ``part_size`` images each.
+by model (so an actor rarely switches bundles), at most ``part_size`` images each. Without
+a ``part_size`` the units are sized for the cluster (:meth:`ScoringPlan.unit_size`): enough
+of them that every actor that can run at once gets several, at most :data:`MAX_PART`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +26,10 @@ from mspray.ray.data.routing import read_manifest, route_paths
 
 #: Name of the model of a single-bundle run (a fleet of one).
 DEFAULT = "default"
+#: Unit sizes picked when none is given: at most MAX_PART images (the output's part size of
+#: a large run), at least MIN_PART, and UNITS_PER_ACTOR units per concurrent actor when
+#: there are fewer images (so the last units do not leave most actors idle).
+MAX_PART, MIN_PART, UNITS_PER_ACTOR = 256, 8, 4
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,7 @@ class ScoringPlan:
     models: dict[str, ModelPlan]
     named: bool = False  # named fleet: rows carry the model name
     maps: bool = False
-    part_size: int = 256
+    part_size: int | None = None  # images per unit; None: sized for the cluster
     pool: PoolConfig = field(default_factory=PoolConfig)
 
     @classmethod
@@ -128,32 +135,43 @@ class ScoringPlan:
             "(--route 'PREFIX/{model}/**') or a manifest (--manifest FILE)"
         )
 
+    def unit_size(self, images: int, actors: int) -> int:
+        """Images per unit: ``part_size`` when given, else sized so that ``images`` make
+        :data:`UNITS_PER_ACTOR` units per concurrent actor, within the bounds."""
+        if self.part_size:
+            return self.part_size
+        per_unit = math.ceil(images / (UNITS_PER_ACTOR * max(1, actors)))
+        return max(MIN_PART, min(MAX_PART, per_unit))
+
     def units(
         self,
         pending: list[str],
         assignment: dict[str, str | None],
         redo: list[tuple[list[str], str | None]] = (),  # type: ignore[assignment]
+        size: int | None = None,
     ) -> list[dict[str, Any]]:
         """Work units: the ``redo`` parts as they are (same paths, so the same part name),
-        then ``pending`` grouped by model, ``part_size`` paths each. A unit's ``size`` is
-        its model's image size, 0 for a unit of no (known) model, which is never read."""
+        then ``pending`` grouped by model, ``size`` paths each (default ``part_size``, else
+        :data:`MAX_PART`). A unit's ``size`` is its model's image size, 0 for a unit of no
+        (known) model, which is never read."""
+        size = size or self.part_size or MAX_PART
         groups: dict[str, list[str]] = {}
         for p in pending:
             groups.setdefault(assignment.get(p) or "", []).append(p)
         chunks = [
             *((paths, model if self.named else DEFAULT) for paths, model in redo),
             *(
-                (group[i : i + self.part_size], name)
+                (group[i : i + size], name)
                 for name, group in groups.items()
-                for i in range(0, len(group), self.part_size)
+                for i in range(0, len(group), size)
             ),
         ]
         return [
-            {"paths": paths, "model": name or None, "size": self._size(name)}
+            {"paths": paths, "model": name or None, "size": self._image_size(name)}
             for paths, name in chunks
         ]
 
-    def _size(self, name: str | None) -> int:
+    def _image_size(self, name: str | None) -> int:
         model = self.models.get(name or "")
         return model.image_size if model is not None else 0
 

@@ -11,7 +11,8 @@ Reads are bounded (an oversized object is never downloaded whole) and overlap on
 threads, so S3 latency hides behind decoding.
 
 :func:`decode_units` is the CPU stage of batch scoring: it turns one work unit (a list of
-paths) into one row holding the unit's decoded images, for the model actors.
+paths) into one row holding the unit's decoded images as uint8 (a quarter of float32 in the
+object store and on the network), for the model actors.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class DecodedBatch:
     """One batch of inputs: the good images stacked, and an error per input (None = ok)."""
 
     uris: list[str]
-    images: torch.Tensor  # G×3×S×S, G = number of good inputs, in input order
+    images: torch.Tensor  # G×3×S×S in [0, 1] (uint8: 0..255), G good inputs, in input order
     errors: list[str | None]
 
     @property
@@ -170,7 +171,7 @@ UNIT_SCHEMA = pa.schema(
     [
         ("paths", pa.list_(pa.string())),
         ("errors", pa.list_(pa.string())),  # null where the image is good
-        ("images", pa.large_binary()),  # the good images, G×3×S×S float32, C order
+        ("images", pa.large_binary()),  # the good images, G×3×S×S uint8, C order
         ("failure", pa.string()),  # set when the unit could not be read (transient)
         ("decoder", pa.string()),  # Ray node id of the task that decoded it
         ("model", pa.string()),  # the unit's bundle name in a multi-model run (else null)
@@ -193,12 +194,12 @@ def decode_unit(
         results = list(pool.map(lambda u: rejected.get(u) or load_or_error(u, size, cfg), paths))
     except TransientError as e:
         return {"paths": paths, "errors": [None] * len(paths), "images": b"", "failure": str(e)}
-    good = [r.numpy() for r in results if isinstance(r, torch.Tensor)]
-    images = np.stack(good) if good else np.empty((0, 3, size, size), np.float32)
+    good = [to_uint8(r).numpy() for r in results if isinstance(r, torch.Tensor)]
+    images = np.stack(good) if good else np.empty((0, 3, size, size), np.uint8)
     return {
         "paths": paths,
         "errors": [r if isinstance(r, str) else None for r in results],
-        "images": np.ascontiguousarray(images, np.float32).tobytes(),
+        "images": np.ascontiguousarray(images, np.uint8).tobytes(),
         "failure": None,
     }
 
@@ -230,8 +231,15 @@ def decode_units(
     return pa.Table.from_pylist(rows, schema=UNIT_SCHEMA)
 
 
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """A ``[0, 1]`` float image as uint8 (``round(x * 255)``): exact for images decoded at
+    the model's size, within half a grey level for resized ones."""
+    return image.mul(255.0).round_().to(torch.uint8)
+
+
 def unpack_unit(row: dict, size: int) -> DecodedBatch:
-    """A row of :func:`decode_units` back as a :class:`DecodedBatch`."""
+    """A row of :func:`decode_units` back as a :class:`DecodedBatch` of uint8 images (the
+    model stage scales them to ``[0, 1]`` on its device)."""
     buf = row["images"]
-    images = torch.from_numpy(np.frombuffer(buf, np.float32).reshape(-1, 3, size, size).copy())
+    images = torch.from_numpy(np.frombuffer(buf, np.uint8).reshape(-1, 3, size, size).copy())
     return DecodedBatch(list(row["paths"]), images, list(row["errors"]))

@@ -2,9 +2,16 @@
 decoded work units (see :func:`mspray.ray.data.reading.decode_units`) and writes one
 Parquet part per unit; it never reads or decodes images itself.
 
+Units arrive as uint8 images; the actor scales them to ``[0, 1]`` on its device. Heatmap
+panels are encoded and written on the actor's small I/O pool while the model goes on with
+the next batch; the part is written once every panel of its unit is out.
+
 Faults: a model failure (e.g. CUDA out of memory) falls back to one image at a time and
 the unit is retried :data:`MODEL_ATTEMPTS` times; if it still fails, the unit fails: no
-part is written and the summary row says why (a rerun scores it again).
+part is written and the summary row says why (a rerun scores it again). A lasting CUDA
+failure (illegal memory access, ECC, ...) ends the actor's process instead
+(:meth:`~mspray.ray.runtime.DetectorActor.check_device`): Ray starts a fresh one and retries
+the unit there, instead of a broken actor failing every unit it pulls.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from concurrent.futures import Future, wait
 from typing import Any
 
 import pyarrow as pa
@@ -121,24 +129,33 @@ class UnitScorer(DetectorActor):
         det = self.models.get(name)
         loaded = unpack_unit(unit, det.cfg.model.image_size)
         for attempt in range(MODEL_ATTEMPTS):
+            writes: list[Future] = []
             try:
-                return [
+                rows = [
                     row
                     for chunk in loaded.chunks(det.cfg.score.batch_size)
-                    for row in self._score_batch(det, chunk, name)
+                    for row in self._score_batch(det, chunk, name, writes)
                 ]
             except TransientError:
+                wait(writes)  # the retry writes the same panels again
                 if attempt + 1 == MODEL_ATTEMPTS:
                     raise
                 self._free_memory()
                 time.sleep(MODEL_BACKOFF_S * 2**attempt)
+            else:
+                for f in writes:
+                    f.result()  # a panel that could not be written fails the unit
+                return rows
         raise AssertionError("unreachable")
 
     def _free_memory(self) -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _score_batch(self, det: Any, loaded: DecodedBatch, name: str | None) -> list[dict]:
+    def _score_batch(
+        self, det: Any, loaded: DecodedBatch, name: str | None, writes: list[Future]
+    ) -> list[dict]:
+        """Rows of one forward pass; its heatmap writes are added to ``writes``."""
         now = dt.datetime.now(dt.timezone.utc)
         base = {
             "threshold": det.threshold,
@@ -152,7 +169,8 @@ class UnitScorer(DetectorActor):
         if ok:
             try:
                 results, maps = self._predict(det, loaded.images, ok)
-            except Exception:  # e.g. out of memory on a big batch: one image at a time
+            except Exception as e:  # e.g. out of memory on a big batch: one image at a time
+                self.check_device(e)  # a broken CUDA context: this process exits here
                 log.warning(
                     "batch failed; scoring its %d images one by one", len(ok), exc_info=True
                 )
@@ -161,6 +179,7 @@ class UnitScorer(DetectorActor):
                     try:
                         r, m = self._predict(det, loaded.images[j : j + 1], [i])
                     except Exception as e:  # the model, not the image: fail, retry the unit
+                        self.check_device(e)
                         raise TransientError(
                             f"model failed on one image ({loaded.uris[i]}): {type(e).__name__}: {e}"
                         ) from e
@@ -170,8 +189,11 @@ class UnitScorer(DetectorActor):
             # an output that cannot be written fails the unit (a rerun scores it again)
             # instead of turning a good image into an error row
             for j, i in enumerate(ok):
-                results[i]["map_path"] = self._write_map(
-                    det, loaded.uris[i], loaded.images[j], maps[i]
+                uri = map_uri(self.plan.output, self.plan.input_root, loaded.uris[i])
+                results[i]["map_path"] = uri
+                job = (uri, det.threshold, loaded.images[j], maps[i])
+                writes.append(
+                    self.io.submit(write_map, *job) if self.io else _done(write_map, *job)
                 )
         rows = []
         for i, uri in enumerate(loaded.uris):
@@ -187,7 +209,8 @@ class UnitScorer(DetectorActor):
         self, det: Any, images: torch.Tensor, positions: list[int]
     ) -> tuple[dict[int, dict], dict[int, torch.Tensor]]:
         """Result columns and fused maps of the good images, keyed by batch position."""
-        pred = det.predict(images)
+        x = images.to(det.device, non_blocking=True)
+        pred = det.predict(x.float().div_(255.0) if x.dtype == torch.uint8 else x)
         rows, maps = {}, {}
         for j, i in enumerate(positions):
             row: dict[str, Any] = {"image_score": float(pred.image_scores[j])}
@@ -199,10 +222,20 @@ class UnitScorer(DetectorActor):
             maps[i] = pred.maps[j]
         return rows, maps
 
-    def _write_map(self, det: Any, uri: str, image: torch.Tensor, amap: torch.Tensor) -> str:
-        """The heatmap panel (image | overlay) of one image; returns where it went."""
-        lo, hi = viz.color_range(amap, det.threshold)
-        panel = viz.overlay(viz.tensor_to_rgb(image), amap.numpy(), lo, hi)
-        out = map_uri(self.plan.output, self.plan.input_root, uri)
-        write_output(out, viz.to_png(panel))
-        return out
+
+def write_map(uri: str, threshold: float | None, image: torch.Tensor, amap: torch.Tensor) -> None:
+    """Write the heatmap panel (image | overlay) of one image (``3×S×S``, uint8 or in
+    ``[0, 1]``) to ``uri``."""
+    lo, hi = viz.color_range(amap, threshold)
+    rgb = image.permute(1, 2, 0).numpy() if image.dtype == torch.uint8 else viz.tensor_to_rgb(image)
+    write_output(uri, viz.to_png(viz.overlay(rgb, amap.numpy(), lo, hi)))
+
+
+def _done(fn: Any, *args: Any) -> Future:
+    """``fn(*args)`` run now, as a finished future (an actor without an I/O pool)."""
+    f: Future = Future()
+    try:
+        f.set_result(fn(*args))
+    except Exception as e:
+        f.set_exception(e)
+    return f

@@ -46,10 +46,22 @@ from mspray.ray.data.plan import ScoringPlan, list_inputs
 from mspray.ray.data.reading import decode_units, unsafe_key_error
 from mspray.ray.data.scorer import UnitScorer
 from mspray.ray.data.summary import ScoreSummary
-from mspray.ray.runtime import init_ray, map_with_detector
+from mspray.ray.runtime import (
+    ActorResources,
+    actor_resources,
+    concurrent_actors,
+    init_ray,
+    map_with_detector,
+)
 from mspray.report import build_report, calibration_from_bundle
 
 log = logging.getLogger(__name__)
+
+#: Decode tasks running at once, per actor that can score at once.
+DECODE_AHEAD = 2
+#: Memory per reader thread of a decode task: one large source image (8 MP) decoded to RGB
+#: and converted to float (15 bytes a pixel) before it is resized.
+SOURCE_IMAGE_BYTES = 8_000_000 * 15
 
 #: Part of the scoring rules, importable from here as before the split into modules.
 __all__ = ["ScoreSummary", "UnitScorer", "list_inputs", "score_prefix", "unsafe_key_error"]
@@ -64,7 +76,7 @@ def score_prefix(
     manifest: str | None = None,
     pool: PoolConfig | None = None,
     maps: bool = False,
-    part_size: int = 256,
+    part_size: int | None = None,
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
     address: str | None = None,
@@ -87,7 +99,8 @@ def score_prefix(
             output layout.
         pool: actor pool (size bounds, GPUs and CPUs per actor, reader threads).
         maps: also write a heatmap PNG per good image under ``output/_maps/``.
-        part_size: images per work unit = rows per Parquet part.
+        part_size: images per work unit = rows per Parquet part (default: sized for the
+            cluster, at most 256; see :meth:`ScoringPlan.unit_size`).
         overrides: dotted config overrides of runtime settings (``score.batch_size``,
             ``bank.use_gpu``, ...); the model itself always comes from the bundle.
         progress: Ray Data progress bars and an images progress bar.
@@ -99,7 +112,7 @@ def score_prefix(
         retry_errors: also rescore the images that have an error row: every part holding
             one is scored again as a whole and rewritten under its own name.
     """
-    if part_size < 1:
+    if part_size is not None and part_size < 1:
         raise ValueError(f"part_size must be >= 1, got {part_size}")
     t0 = time.perf_counter()
     plan = ScoringPlan.build(
@@ -176,10 +189,14 @@ def _score_pending(
         "%d images under %s: %d already scored, %d to score, %d in %d parts with errors to rescore",
         len(assignment), plan.input_root, len(done), len(pending), len(in_redo), len(redo),
     )  # fmt: skip
-    units = plan.units(pending, assignment, redo)
-    if units:
+    if pending or redo:
         init_ray(address, progress)
-        _run_units(plan, units, progress, summary, lease)
+        res = actor_resources(plan.pool, plan.first.cfg)
+        actors = concurrent_actors(plan.pool, res, spare_cpus=plan.pool.decode_cpus)
+        size = plan.unit_size(len(pending), actors)
+        log.info("%d actors (%s) can score at once: units of %d images", actors, res, size)
+        units = plan.units(pending, assignment, redo, size)
+        _run_units(plan, units, res, actors, progress, summary, lease)
     after = Counter(
         p for p in read_results(output, ["path"]).column("path").to_pylist() if p in assignment
     )
@@ -189,20 +206,31 @@ def _score_pending(
     return summary
 
 
+def decode_memory(unit: int, size: int, io_threads: int) -> int:
+    """Bytes a decode task reserves: its unit as uint8 four times over (the images, their
+    stack, its bytes and the Arrow row) and, per reader thread, a source image of up to
+    :data:`SOURCE_IMAGE_BYTES` decoded with its float copy and resize."""
+    return 4 * unit * 3 * size * size + io_threads * SOURCE_IMAGE_BYTES
+
+
 def _run_units(
     plan: ScoringPlan,
     units: list[dict[str, Any]],
+    res: ActorResources,
+    actors: int,
     progress: bool,
     summary: ScoreSummary,
     lease: Lease,
 ) -> None:
-    """The two-stage pipeline (decode tasks -> scoring actors) over ``units``; adds its
-    counts to ``summary``."""
+    """The two-stage pipeline (decode tasks -> scoring actors) over ``units``, with up to
+    ``actors`` actors reserving ``res``; adds its counts to ``summary``."""
     import ray
     from tqdm.auto import tqdm
 
     t_pipe = time.perf_counter()
     first, pool = plan.first, plan.pool
+    largest = max(len(u["paths"]) for u in units)
+    image_size = max(m.image_size for m in plan.models.values())
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(
         decode_units,
@@ -215,6 +243,10 @@ def _run_units(
             "input_root": plan.input_root,
         },
         num_cpus=pool.decode_cpus,
+        # a few units decoded ahead of each actor: memory for them is reserved, and the
+        # cap keeps a cluster of many CPUs from decoding far ahead of the model
+        memory=decode_memory(largest, image_size, pool.io_threads),
+        concurrency=min(DECODE_AHEAD * actors, len(units)),
     )
     ds = map_with_detector(
         ds,
@@ -225,6 +257,8 @@ def _run_units(
         n_items=len(units),
         batch_size=1,  # one unit (= one part file) per call
         batch_format="pyarrow",
+        io_threads=pool.io_threads,  # heatmap panels are encoded and written there
+        resources=res,
         plan=plan,
     )
     actors, nodes, decoders, modes = set(), set(), set(), set()

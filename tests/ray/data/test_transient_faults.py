@@ -23,7 +23,7 @@ from mspray.config import ScoreConfig
 from mspray.output import list_parts, read_results
 from mspray.ray.data import reading
 from mspray.ray.data.plan import ScoringPlan
-from mspray.ray.data.reading import UNIT_SCHEMA, decode_unit, load_checked
+from mspray.ray.data.reading import UNIT_SCHEMA, decode_unit, load_checked, to_uint8
 from mspray.ray.data.scorer import UnitScorer
 
 pytestmark = pytest.mark.ray
@@ -86,9 +86,11 @@ def test_reads_through_s3_faults_are_retried_and_bad_files_stay_bad(
     for name, text in BAD_ERRORS.items():
         assert text in errors.pop(f"{inp}/{name}")  # bad files: their own error, still
     assert all(e is None for e in errors.values())  # good files: never marked bad
-    images = np.frombuffer(ok["images"], np.float32).reshape(-1, 3, 32, 32)
+    images = np.frombuffer(ok["images"], np.uint8).reshape(-1, 3, 32, 32)
     good = [u for u in ok["paths"] if "/good" in u]
-    assert torch.equal(torch.from_numpy(images.copy()), torch.stack([want[u] for u in good]))
+    assert torch.equal(
+        torch.from_numpy(images.copy()), to_uint8(torch.stack([want[u] for u in good]))
+    )
     # a key that never recovers fails its whole unit (no error row), naming the file
     assert stuck["failure"] is not None and "good05.png" in stuck["failure"]
     assert "503" in stuck["failure"] and stuck["images"] == b""

@@ -1,0 +1,61 @@
+"""A GPU actor whose CUDA context breaks (illegal memory access, ECC/Xid) exits, so Ray
+replaces it with a fresh process and retries its unit there, instead of the broken actor
+failing every unit it pulls. The fault is injected on a simulated "GPU" node by
+``tests/ray/data/gpu_fault/sitecustomize.py`` on its workers' ``PYTHONPATH``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from cluster import multi_node_cluster
+
+from mspray import storage
+from mspray.config import PoolConfig
+from mspray.output import read_results
+from mspray.ray.data.scoring import score_prefix
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+HOOKS = str(Path(__file__).parent / "gpu_fault")
+
+
+def test_a_gpu_actor_with_a_broken_cuda_context_is_replaced_and_its_unit_retried(
+    ray_exclusive, tiny_bundle, tmp_path
+):
+    bundle, spec = tiny_bundle
+    src = storage.list_files(os.path.join(spec.split(":", 1)[1], "synthetic", "test"))
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i in range(12):
+        shutil.copy(src[i % len(src)], inp / f"{i:03d}.png")
+    state = tmp_path / "fault"
+    state.mkdir()
+    env = {
+        "PYTHONPATH": os.pathsep.join(p for p in (HOOKS, os.environ.get("PYTHONPATH")) if p),
+        "MSPRAY_TEST_GPU_FAULT": str(state),
+    }
+    out = str(tmp_path / "out")
+    with multi_node_cluster(cpu_nodes=1, gpu_nodes=1, env=env):
+        s = score_prefix(
+            bundle,
+            str(inp),
+            out,
+            pool=PoolConfig(workers=1),
+            part_size=4,
+            overrides={"score.device": "cuda"},  # the model actor on the "GPU" node
+            progress=False,
+        )
+    calls = [line.split() for line in (state / "calls.log").read_text().splitlines()]
+    failed = [pid for pid, outcome in calls if outcome == "fail"]
+    # the broken process made one model call and no other (no retries, no further units)
+    assert len(failed) == 1, calls
+    assert Counter(pid for pid, _ in calls)[failed[0]] == 1, calls
+    assert any(pid != failed[0] for pid, outcome in calls if outcome == "ok"), calls
+    # its unit was retried by the fresh process: every image scored once, nothing failed
+    assert (s.scored, s.errors, s.failed_units, s.missing, s.duplicates) == (12, 0, 0, 0, 0)
+    paths = read_results(out, ["path"]).column("path").to_pylist()
+    assert sorted(paths) == sorted(str(p) for p in inp.iterdir())
