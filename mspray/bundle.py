@@ -11,16 +11,22 @@ Layout::
         meta.json                threshold, per-scale normalisation stats, ImageNet
                                  normalisation, provenance and the sha256 and size of every
                                  other file; written last and only once, so its presence
-                                 marks a complete version
+                                 marks a fully written version
 
 A version is never rewritten: its id is a hash of its content (files, threshold, fusion
 stats), so saving the same model again names the same version, and every other save
 (``build-bank``, ``--append``) makes a new one and then moves ``latest``, which is written
-in one atomic step after the version is complete. Loading resolves a root (or the
-``latest`` object itself) to a version with :func:`resolve_bundle` and checks every file it
-reads against meta.json, so a corrupted, truncated or half-written bundle fails with a
-:class:`BundleError` naming the file. A folder with ``meta.json`` directly in it (a bundle of
-the earlier flat layout, or a version folder) is itself a version.
+in one atomic step after the version is complete. Only a *complete* version (encoders, a
+bank and fusion statistics for every scale, and a threshold; :func:`missing_parts`) ever
+becomes ``latest``: an encoders-only version (``train --no-banks``, or training on Ray
+before its banks are built) is saved beside it and named by its version URI, so every
+consumer of the root keeps the previous complete version until the banks are built.
+
+Loading resolves a root (or the ``latest`` object itself) to a version with
+:func:`resolve_bundle` and checks every file it reads against meta.json, so a corrupted,
+truncated or half-written bundle fails with a :class:`BundleError` naming the file. A folder
+with ``meta.json`` directly in it (a bundle of the earlier flat layout, or a version folder)
+is itself a version.
 
 Loading reads JSON, safetensors and faiss buffers only: no pickled code is ever executed.
 """
@@ -110,6 +116,12 @@ def resolve_bundle(uri: str) -> str:
         raise BundleError(
             f"{uri}: incomplete bundle version (no {META}): its save never finished; "
             f"load the bundle root or another version"
+        )
+    if storage.is_dir(storage.join(uri, VERSIONS_DIR)):
+        raise BundleError(
+            f"{uri}: no complete version yet (no {POINTER} pointer: it names only versions "
+            f"with banks, fusion statistics and a threshold); build the banks of a version "
+            f"(build-bank --bundle {storage.join(uri, VERSIONS_DIR)}/<id>) or load it by its URI"
         )
     if storage.exists(uri):
         raise BundleError(f"{uri}: not an mspray bundle (no {POINTER} pointer, no {META})")
@@ -204,9 +216,21 @@ def _version_id(hashes: dict[str, str], meta: dict) -> str:
     return _sha256(json.dumps(content, sort_keys=True).encode())[:12]
 
 
+def missing_parts(det: Detector) -> list[str]:
+    """What ``det`` lacks to score on its own: a bank or fusion statistics of a scale, or
+    the threshold (empty when complete)."""
+    missing = [bank_name(s) for s in det.scales if s not in det.banks]
+    missing += [f"stats of scale {s}" for s in det.scales if s not in det.stats]
+    if det.threshold is None:
+        missing.append("threshold")
+    return missing
+
+
 def save_bundle(det: Detector, uri: str) -> str:
-    """Save ``det`` as a new version under bundle root ``uri`` and point ``latest`` at it;
-    returns the version URI (``uri/versions/<id>``; ``det.version`` is the id).
+    """Save ``det`` as a new version under bundle root ``uri``; returns the version URI
+    (``uri/versions/<id>``; ``det.version`` is the id). ``latest`` is pointed at it only if
+    the version is complete (see :func:`missing_parts`); an incomplete one is reachable by
+    its version URI alone.
 
     Files go first, meta.json (with their checksums) last and only if absent, then the
     pointer: a crash at any point leaves the previous version current and intact. If the
@@ -258,7 +282,17 @@ def save_bundle(det: Detector, uri: str) -> str:
         if not wrote:
             log.info("version %s was completed by another writer at the same time", version)
     det.meta = meta if wrote else _read_meta(out)
-    _move_pointer(root, version, parent)
+    missing = missing_parts(det)
+    if missing:
+        log.info(
+            "version %s is incomplete (no %s): saved as %s, %s not moved",
+            version,
+            ", ".join(missing),
+            out,
+            POINTER,
+        )
+    else:
+        _move_pointer(root, version, parent)
     return out
 
 

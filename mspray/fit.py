@@ -98,9 +98,11 @@ def fit_detector(
     threshold (``score.calibration``: cross-fitted over all images, or the held-out split);
     save a bundle to ``out`` when given.
 
-    With ``build_banks=False`` only the encoders are trained and saved (a bundle without
-    banks): the Ray Data bank builder (``mspray build-bank``) then embeds the images on an
-    actor pool, builds the banks and calibrates.
+    With ``build_banks=False`` only the encoders are trained and saved: a version without
+    banks, which ``latest`` never names (consumers of ``out`` keep its previous complete
+    version). The Ray Data bank builder (``mspray build-bank --bundle <version URI>``) then
+    embeds the images on an actor pool, builds the banks, calibrates and saves a complete
+    version, which becomes ``latest``.
     """
     if not image_uris:
         raise ValueError("no training images")

@@ -182,3 +182,41 @@ def test_bundles_from_before_the_enc64_change_are_refused_only_with_a_64px_scale
     v = save_bundle(det, str(tmp_path / "enc32-16"))
     _set_format(v, 2)
     assert torch.equal(load_bundle(v).predict(images).maps, det.predict(images).maps)
+
+
+def test_a_version_without_banks_never_becomes_latest(trained, root, synthetic_root, tiny_cfg):
+    """Training saves an encoders-only version before its banks are built (``--no-banks``,
+    training on Ray): consumers of the root keep the previous complete version during that
+    build and for good when it fails; the pointer moves once a complete version is saved."""
+    from mspray.fit import fit_detector
+
+    det, images = trained
+    complete = save_bundle(det, root)
+    want = load_bundle(root).predict(images).image_scores
+
+    uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
+    cfg = tiny_cfg.replace(**{"train.epochs": 0, "train.seed": 7})
+    encoders = fit_detector(cfg, uris, out=root, build_banks=False, progress=False)
+    new = storage.join(storage.normalize(root), "versions", encoders.version)
+    assert new != complete and storage.is_file(storage.join(new, "meta.json"))
+    # during (and after a failed) bank build: still the complete version
+    assert resolve_bundle(root) == complete
+    assert torch.equal(load_bundle(root).predict(images).image_scores, want)
+    # the banks built from the new version (as build-bank does): now it is current
+    built = load_bundle(new, with_banks=False)
+    train = load_images(uris, 64, progress=False)
+    built.build_banks(train, progress=False)
+    built.calibrate(train, source="bank")
+    assert resolve_bundle(save_bundle(built, root)) == resolve_bundle(root) != complete
+
+
+def test_a_root_with_only_incomplete_versions_names_the_problem(trained, tmp_path):
+    det, _ = trained
+    bare = load_bundle(save_bundle(det, str(tmp_path / "full")), with_banks=False)
+    bare.threshold = None
+    root = str(tmp_path / "enc")
+    version = save_bundle(bare, root)
+    assert not storage.exists(storage.join(root, "latest"))
+    with pytest.raises(BundleError, match="no complete version yet"):
+        load_bundle(root)
+    assert load_bundle(version, with_banks=False).version == bare.version

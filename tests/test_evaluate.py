@@ -172,11 +172,11 @@ def test_cli_train_no_banks_saves_encoders_only(synthetic_root, tmp_path, capsys
     assert rc == 0
     assert not list(out.rglob("bank_*.faiss")) and list(out.glob("versions/*/meta.json"))
     printed = json.loads(capsys.readouterr().out)
-    assert (
-        printed["version_uri"]
-        == resolve_bundle(str(out))
-        == str(out / "versions" / printed["version"])
-    )
-    assert load_bundle(str(out), with_banks=False).threshold is None
+    version = printed["version_uri"]
+    assert version == resolve_bundle(version) == str(out / "versions" / printed["version"])
+    # an encoders-only version never becomes `latest`: the root has no complete version
+    with pytest.raises(BundleError, match="no complete version yet"):
+        resolve_bundle(str(out))
+    assert load_bundle(version, with_banks=False).threshold is None
     with pytest.raises(BundleError, match="bank_16"):
-        load_bundle(str(out))
+        load_bundle(version)

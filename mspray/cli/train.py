@@ -12,10 +12,13 @@ from mspray.cli.flags import (
     add_config_flags,
     add_model_config_args,
     add_pool_args,
+    add_shared_fs_flag,
     config_from_args,
+    dataset_root,
     flag_values,
     pool_from_args,
     print_json,
+    refuse_node_local,
 )
 from mspray.config import MSPrayConfig
 from mspray.train.recipes import RECIPES
@@ -65,6 +68,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "last checkpoint (default: a new name, logged)",
     )
     add_address_flag(p)
+    add_shared_fs_flag(p)
     p.add_argument(
         "--no-banks",
         action="store_true",
@@ -94,10 +98,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.train.workers > 0:
         from mspray.ray.train import default_storage_for, ray_scale_trainer
 
+        storage = cfg.train.storage or default_storage_for(args.out)
+        refuse_node_local(
+            args,
+            [("--data", dataset_root(args.data)), ("--out", args.out), ("--storage", storage)],
+        )
         trainer = ray_scale_trainer(
             address=args.address,
             run_name=args.run_name,
-            storage=cfg.train.storage or default_storage_for(args.out),
+            storage=storage,
             progress=not args.quiet,
         )
     # On Ray the banks and the threshold are built on a Ray Data actor pool afterwards (as
@@ -121,7 +130,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if trainer is not None and not args.no_banks:
         from mspray.ray.data.banks import build_banks
 
-        result = build_banks(args.out, uris, progress=not args.quiet, address=args.address)
+        # from the encoders-only version just saved (not yet `latest`), into the same root
+        result = build_banks(
+            summary["version_uri"],
+            uris,
+            out=args.out,
+            progress=not args.quiet,
+            address=args.address,
+        )
         summary.update(
             version=result.version,
             version_uri=result.version_uri,
@@ -196,6 +212,7 @@ def add_build_bank(sub: argparse._SubParsersAction) -> None:
         ],
     )
     add_pool_args(p)
+    add_shared_fs_flag(p)
     p.set_defaults(func=cmd_build_bank)
 
 
@@ -205,6 +222,7 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
 
     if args.append_all and not args.append:
         raise ValueError("--append-all needs --append")
+    refuse_node_local(args, [("--data", dataset_root(args.data)), ("--bundle", args.bundle)])
     uris = train_paths(args.data, args.category)
     log.info("%d images from %s", len(uris), args.data)
     result = build_banks(

@@ -19,6 +19,7 @@ def run_ray_demo(
     one request to a Ray Serve endpoint."""
     import ray
 
+    from mspray.bundle import version_uri
     from mspray.config import PoolConfig
     from mspray.fit import fit_detector
     from mspray.ray.data.banks import build_banks
@@ -31,9 +32,14 @@ def run_ray_demo(
     try:
         cfg = cfg.replace(**{"train.workers": 1})
         trainer = ray_scale_trainer(storage=str(root / "ray_runs"), progress=progress)
-        fit_detector(cfg, uris, out=bundle, trainer=trainer, progress=progress, build_banks=False)
+        det = fit_detector(
+            cfg, uris, out=bundle, trainer=trainer, progress=progress, build_banks=False
+        )
         pool = PoolConfig(workers=2)
-        build_banks(bundle, uris, pool=pool, progress=progress)
+        # the encoders-only version is not `latest` until its banks are built
+        build_banks(
+            version_uri(bundle, det.version), uris, out=bundle, pool=pool, progress=progress
+        )
         summary = score_prefix(
             bundle,
             str(root / "data" / "synthetic" / "test"),
