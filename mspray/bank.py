@@ -20,7 +20,7 @@ import torch
 
 from mspray.config import BankConfig
 from mspray.coreset import greedy_coreset
-from mspray.search import sync_faiss_threads
+from mspray.search import TorchSearch, sync_faiss_threads
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class PatchBank:
     def __init__(self, index: faiss.Index, cfg: BankConfig) -> None:
         self.index = index
         self.cfg = cfg
+        self._searchers: dict[tuple[str, str, int], TorchSearch] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -138,6 +139,7 @@ class PatchBank:
             x = _as_f32(embeddings)
         sync_faiss_threads()
         self._locked(self.index.add, x)
+        self._searchers.clear()
         return x.shape[0]
 
     # ------------------------------------------------------------------ queries
@@ -159,6 +161,16 @@ class PatchBank:
         # faiss returns squared distances; the expansion ||x||²+||y||²-2x·y can round below 0.
         np.maximum(out, 0.0, out=out)
         return np.sqrt(out, out=out)
+
+    def searcher(
+        self, device: str | torch.device = "cpu", precision: str = "fp32", candidates: int = 8
+    ) -> TorchSearch:
+        """The exact torch search of this bank's vectors on ``device`` (built once per
+        device, precision and candidate count; rebuilt after :meth:`add`)."""
+        key = (str(torch.device(device)), precision, int(candidates))
+        if key not in self._searchers:
+            self._searchers[key] = TorchSearch(self.vectors(), device, precision, candidates)
+        return self._searchers[key]
 
     @property
     def ntotal(self) -> int:

@@ -180,6 +180,19 @@ class BankConfig(Section):
     ivf_nlist: int = setting(1024, "IVF lists", ge=1)
     ivf_nprobe: int = setting(16, "IVF lists probed per query", ge=1)
     search_chunk: int = setting(16384, "queries per faiss search call (bounds memory)", ge=1)
+    search: Literal["torch", "faiss"] = setting(
+        "torch",
+        "scoring search of a flat bank: torch (exact, tiled matrix products on the scoring "
+        "device; see mspray/search.py) or faiss (the index; an ivf bank always uses faiss)",
+    )
+    search_precision: Literal["auto", "fp32", "bf16", "fp16"] = setting(
+        "auto",
+        "pre-selection precision of the torch search (results stay exact fp32): auto is fp16 "
+        "on CUDA, fp32 on CPU",
+    )
+    search_candidates: int = setting(
+        8, "candidates per query the torch search re-ranks exactly", ge=1
+    )
     use_gpu: bool = flag(
         False, "faiss search on GPU when one is present (needs the gpu extra)", cli="--bank-gpu"
     )

@@ -54,6 +54,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def resolve_search_precision(precision: str, device: torch.device) -> str:
+    """``bank.search_precision`` -> the torch search's pre-selection precision.
+
+    "auto" is fp16 on CUDA and fp32 on CPU (torch's CPU reductions over bf16 scores cost
+    more than the faster bf16 product saves; see benchmarks/bench_bank.py)."""
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("bank.search_precision='fp16' needs a GPU; use 'bf16' or 'fp32' on CPU")
+    return precision
+
+
 class _Timer:
     """Adds wall seconds per stage into ``timings`` (a no-op when it is None)."""
 
@@ -110,6 +122,7 @@ class Detector:
         if self.channels_last:
             # same values, NHWC storage: oneDNN's convolutions are faster in this layout
             self.model.to(memory_format=torch.channels_last)
+        self.search_precision = resolve_search_precision(cfg.bank.search_precision, self.device)
         self.runtime = cfg.score.runtime
         self._onnx = None
         if self.runtime == "onnx":
@@ -207,12 +220,23 @@ class Detector:
                 torch.cuda.synchronize()
         b, h, w, d = grid.shape
         with timer(f"search_{scale}"):
-            dist = bank.search(grid.reshape(-1, d))
+            scores = self.search(bank, grid.reshape(-1, d)).view(b, h, w)
+            if timings is not None and scores.is_cuda:
+                torch.cuda.synchronize()
         with timer("maps"):
-            scores = torch.from_numpy(np.asarray(dist, dtype=np.float32)).view(b, h, w)
+            scores = scores.cpu()
             return M.patch_scores_to_map(
                 scores, scale, self.cfg.stride_for(scale), tuple(images.shape[-2:])
             )
+
+    def search(self, bank: PatchBank, queries: torch.Tensor) -> torch.Tensor:
+        """Min distance of each query (``M×D``) to ``bank``, float32 on the detector's device
+        for the torch search (``bank.search``), on CPU for faiss (always for an IVF bank)."""
+        c = self.cfg.bank
+        if c.search == "torch" and c.index == "flat":
+            searcher = bank.searcher(self.device, self.search_precision, c.search_candidates)
+            return searcher.search(queries)
+        return torch.from_numpy(bank.search(queries))
 
     def raw_scale_maps(
         self, images: torch.Tensor, timings: dict[str, float] | None = None
