@@ -143,8 +143,10 @@ def read_results(
         return pa.table({c: pa.array([], pa.string()) for c in names})
     fs, _ = storage.filesystem(output)
     paths = [storage.filesystem(p)[1] for p in parts]
-    schema = _unified_schema(fs, paths, columns)
-    dataset = pads.dataset(paths, filesystem=fs, format="parquet", schema=schema)
+    parquet = pads.ParquetFileFormat()
+    fragments = [parquet.make_fragment(p, fs) for p in paths]
+    schema = _unified_schema(fragments, columns)
+    dataset = pads.FileSystemDataset(fragments, schema, parquet, fs)
     scanner = dataset.scanner(columns=columns, use_threads=True)
     if not with_part:
         return scanner.to_table()
@@ -154,24 +156,30 @@ def read_results(
     names = [storage.basename(t.fragment.path) for t in tagged]
     runs = np.repeat(np.arange(len(tagged)), [t.record_batch.num_rows for t in tagged])
     return table.append_column(PART_COLUMN, pa.array(names, pa.string()).take(runs))
-    return table
 
 
 #: Threads that read the parts' footers (one request each on S3) for the unified schema.
 FOOTER_THREADS = 16
 
 
-def _unified_schema(fs, paths: list[str], columns: list[str] | None) -> pa.Schema:
+def _footer(fragment: pads.ParquetFileFragment) -> pa.Schema:
+    # the footer stays cached on the fragment, so the scan does not read it again
+    fragment.ensure_complete_metadata()
+    return fragment.physical_schema
+
+
+def _unified_schema(
+    fragments: list[pads.ParquetFileFragment], columns: list[str] | None
+) -> pa.Schema:
     """The schema of all parts together. The first part's footer is enough when it has
     every requested column (parts of one output differ only in ``score_<scale>`` columns
-    and, for older ones, ``model``): one request instead of one per part on S3."""
+    and, for older ones, ``model``); else every footer, read by threads."""
     if columns is not None:
-        first = pq.read_schema(paths[0], filesystem=fs)
+        first = _footer(fragments[0])
         if all(c in first.names for c in columns):
             return first
-    with ThreadPoolExecutor(min(FOOTER_THREADS, len(paths))) as pool:
-        schemas = list(pool.map(lambda p: pq.read_schema(p, filesystem=fs), paths))
-    schema = pa.unify_schemas(schemas)
+    with ThreadPoolExecutor(min(FOOTER_THREADS, len(fragments))) as pool:
+        schema = pa.unify_schemas(list(pool.map(_footer, fragments)))
     for c in columns or []:
         if c not in schema.names:
             schema = schema.append(pa.field(c, pa.string()))
