@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from mspray.cli.flags import add_config_flags, add_pool_args, flag_values, pool_from_args
+from mspray.cli.flags import (
+    add_config_flags,
+    add_pool_args,
+    add_shared_fs_flag,
+    dataset_root,
+    flag_values,
+    pool_from_args,
+    refuse_node_local,
+)
 from mspray.config import MSPrayConfig
 
 
@@ -32,6 +40,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="load and score the images on a Ray Data actor pool (same JSON); implied by --workers",
     )
     add_pool_args(p, ("workers", "gpus_per_worker"))
+    add_shared_fs_flag(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -45,6 +54,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.ray or pool.workers:
         from mspray.ray.data.evaluation import evaluate_ray
 
+        refuse_node_local(
+            args,
+            [("--data", dataset_root(args.data)), ("--maps", args.maps), ("--bundle", args.bundle)],
+        )
         metrics = evaluate_ray(
             args.bundle,
             samples,

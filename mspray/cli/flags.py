@@ -158,6 +158,47 @@ def add_pool_args(p: argparse.ArgumentParser, keys: Iterable[str] = POOL_KEYS) -
     add_address_flag(g)
 
 
+def add_shared_fs_flag(p: argparse.ArgumentParser | Any) -> None:
+    """``--shared-fs``: local paths are shared by every node (see :func:`refuse_node_local`)."""
+    p.add_argument(
+        "--shared-fs",
+        action="store_true",
+        help="the local paths given are on a filesystem every node of the cluster mounts at "
+        "the same path (NFS, EFS): use them on a multi-node cluster (default: refused there)",
+    )
+
+
+def refuse_node_local(args: argparse.Namespace, paths: Iterable[tuple[str, str | None]]) -> None:
+    """A :class:`ConfigError` when one of ``paths`` ((flag, URI) pairs) is on this machine's disk
+    while the Ray cluster the command uses has more than one node, unless ``--shared-fs``:
+    workers elsewhere could not read it (every image would become an error row) or would
+    write to their own disks (the driver would report the images missing)."""
+    if getattr(args, "shared_fs", False):
+        return
+    from mspray import storage
+
+    local = [f"{flag} {uri}" for flag, uri in paths if uri and storage.is_local(uri)]
+    if not local:
+        return
+    from mspray.ray.runtime import alive_nodes
+
+    nodes = alive_nodes(getattr(args, "address", None))
+    if nodes > 1:
+        raise ConfigError(
+            f"{', '.join(local)}: on this machine's disk, but the Ray cluster has {nodes} "
+            "nodes, whose workers cannot see it. Use storage every node reaches (s3://...), "
+            "or pass --shared-fs if it is on a filesystem every node mounts at the same path "
+            "(NFS, EFS)."
+        )
+
+
+def dataset_root(spec: str) -> str:
+    """The folder or prefix of a dataset spec (``mvtec:ROOT`` -> ``ROOT``)."""
+    from mspray.data.datasets import parse_spec
+
+    return parse_spec(spec).root
+
+
 def pool_from_args(args: argparse.Namespace) -> PoolConfig:
     """The actor pool the flags ask for."""
     return validate(PoolConfig, flag_values(args, "pool"))

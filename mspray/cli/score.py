@@ -14,9 +14,11 @@ from mspray.cli.flags import (
     add_bundle_flag,
     add_config_flags,
     add_pool_args,
+    add_shared_fs_flag,
     flag_values,
     pool_from_args,
     print_json,
+    refuse_node_local,
 )
 from mspray.config import ConfigError, MSPrayConfig
 
@@ -149,6 +151,7 @@ def add_score(sub: argparse._SubParsersAction) -> None:
         ["score.batch_size", "score.runtime", "score.precision", "score.device", "bank.use_gpu"],
     )
     add_pool_args(p, SCORE_POOL_KEYS)
+    add_shared_fs_flag(p)
     p.set_defaults(func=cmd_score)
 
 
@@ -167,11 +170,16 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise ConfigError("--bundle is required")
     if named and getattr(args, "score:bundle_uri", None):
         raise ConfigError("--bundle: name every bundle (NAME=URI) when giving several")
+    source, dest = expand_date(args.input, args.date), expand_date(args.output, args.date)
+    bundles = list(named.values()) if named else [bundle]
+    refuse_node_local(
+        args, [("--input", source), ("--output", dest), *(("--bundle", b) for b in bundles)]
+    )
     try:
         summary = score_prefix(
             bundle,
-            expand_date(args.input, args.date),
-            expand_date(args.output, args.date),
+            source,
+            dest,
             route=expand_date(args.route, args.date) if args.route else None,
             manifest=args.manifest,
             pool=pool_from_args(args),

@@ -45,8 +45,8 @@ def init_ray(address: str | None = None, progress: bool = True, min_cpus: int = 
 
     started = False
     if not ray.is_initialized():
-        join = address or os.environ.get("RAY_ADDRESS")
-        if join and join != "local":
+        join = _address_to_join(address)
+        if join:
             ray.init(address=join)
         else:
             cpus = max(LOCAL_MIN_CPUS, min_cpus, os.cpu_count() or 1)
@@ -56,6 +56,25 @@ def init_ray(address: str | None = None, progress: bool = True, min_cpus: int = 
             started = True
     DataContext.get_current().enable_progress_bars = progress
     return started
+
+
+def _address_to_join(address: str | None) -> str | None:
+    """The cluster :func:`init_ray` joins for ``address``; None for a private local Ray."""
+    join = address or os.environ.get("RAY_ADDRESS")
+    return join if join and join != "local" else None
+
+
+def alive_nodes(address: str | None = None) -> int:
+    """Alive nodes of the Ray that :func:`init_ray` (``address``) uses: the connected one,
+    else the cluster it would join (joined here), else 1 (a private local Ray, not started
+    for the question)."""
+    import ray
+
+    if not ray.is_initialized():
+        if _address_to_join(address) is None:
+            return 1
+        init_ray(address, progress=False)
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
 def ray_dashboard_url(address: str | None = None) -> str:
