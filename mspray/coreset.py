@@ -30,7 +30,8 @@ def greedy_coreset(
 
     Starts from a random point (or, with ``init_dist``, from the point farthest from an
     existing set), then repeatedly adds the point farthest from everything selected so far,
-    keeping a running min-distance vector. The plain loop updates it with one N×D
+    keeping a running min-distance vector. Distances are taken on the centred (float32)
+    data, so points far from the origin keep their precision. The plain loop updates it with one N×D
     matrix-vector product per pick (memory-bound); on CPU the default skips, per cell of
     nearby points, the updates the triangle inequality proves useless (:func:`_greedy_cells`).
 
@@ -71,8 +72,16 @@ def greedy_coreset(
     for s in range(0, n, chunk):
         block = x[s : s + chunk].float()
         work[s : s + chunk] = block @ proj if proj is not None else block
+    # Centred: the loop's ||x||² - 2x·c + ||c||² cancels catastrophically in float32 when
+    # the points lie far from the origin relative to their spread (near-duplicate patches);
+    # distances do not change under the shift.
+    mean = torch.zeros(width, dtype=torch.float64, device=device)
+    for s in range(0, n, chunk):
+        mean += work[s : s + chunk].sum(0, dtype=torch.float64)
+    mean = (mean / n).float()
     sq_norms = torch.empty(n, dtype=torch.float32, device=device)
     for s in range(0, n, chunk):
+        work[s : s + chunk] -= mean
         sq_norms[s : s + chunk] = work[s : s + chunk].square().sum(1)
 
     if init_dist is not None:

@@ -204,3 +204,35 @@ def test_greedy_coreset_leaves_the_thread_counts_as_they_were() -> None:
         assert torch.get_num_threads() == 2 and faiss.omp_get_max_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _farthest_first_f64(x: torch.Tensor, start: int, k: int) -> list[int]:
+    """Farthest-first picks in float64 with direct distances, from ``start``."""
+    x64 = x.double().numpy()
+    near = np.full(len(x), np.inf)
+    picks = [start]
+    for _ in range(k - 1):
+        np.minimum(near, np.linalg.norm(x64 - x64[picks[-1]], axis=1), out=near)
+        near[picks] = -np.inf
+        picks.append(int(near.argmax()))
+    return picks
+
+
+@pytest.mark.parametrize("prune", [False, True])
+@pytest.mark.parametrize(("offset", "spread"), [(10.0, 1e-3), (100.0, 1e-2)])
+def test_near_duplicate_data_far_from_origin_equals_float64_farthest_first(
+    prune: bool, offset: float, spread: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Near-duplicates far from the origin: uncentred, the float32 expansion's rounding
+    # (~1e-7·|x|²) is larger than the distances themselves and the picks go wrong at once.
+    monkeypatch.setattr(coreset_mod, "_CELLS_MIN_SIZE", 0)  # small data takes the cell loop
+    x = offset + spread * _manifold(4000, 16, seed=9)
+    sel = greedy_coreset(x, 800, seed=2, prune=prune).tolist()
+    assert sel == _farthest_first_f64(x, sel[0], 800)
+    # Not vacuous: the plain loop on the uncentred data misses already at the second pick.
+    work = x.clone()
+    min_dist = torch.full((len(x),), float("inf"))
+    raw, _ = coreset_mod._greedy_plain(
+        work, work.square().sum(1), min_dist, torch.tensor(sel[0]), 50
+    )
+    assert raw.tolist() != sel[:50]
