@@ -11,11 +11,17 @@
 2. The same queries against a greedy coreset bank (``--ratio`` of N, PatchBank.build) and an
    IVF bank: search speed-up over the full exact bank, and for IVF the share of queries whose
    distance equals the exact one.
+3. The scoring search at the bank sizes scoring sees (``--search-banks``, coreset-sized):
+   faiss ``IndexFlatL2`` next to the exact torch search (:class:`mspray.search.TorchSearch`,
+   fp32 and bf16/fp16 pre-selection) and the tiled sgemm ceiling of the same FLOPs, as a ratio
+   table (x faiss, % of sgemm); every torch row is checked equal to the fp32 exact search.
+   ``--search-only`` runs only this part.
 
 Times are the median of ``--repeats`` runs. ``--use-gpu`` runs the same on faiss-gpu (and
 torch CUDA for sgemm) when present. ``--tune`` also sweeps faiss's BLAS block sizes.
 
     python benchmarks/bench_bank.py [--bank-n 200000] [--dim 64] [--images 4] [--use-gpu]
+    python benchmarks/bench_bank.py --search-only [--search-banks 6000,20000] [--threads 1]
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import torch
 
 from mspray.bank import PatchBank
 from mspray.config import BankConfig
+from mspray.detector import cpu_has_native_bf16
+from mspray.search import TorchSearch
 
 
 def median_times(fns: list[Callable[[], object]], repeats: int, sync: bool = False) -> list[float]:
@@ -152,6 +160,45 @@ def run(args: argparse.Namespace, gpu: bool) -> None:
     print(f"coreset {args.ratio:g} speed-up {t_all2 / t_core:.1f}x (target >= 8x)")
 
 
+def search_table(args: argparse.Namespace, gpu: bool) -> None:
+    """Part 3: faiss flat vs the torch search vs the sgemm ceiling, per bank size."""
+    device = "cuda" if gpu else "cpu"
+    sync = gpu
+    rng = np.random.default_rng(args.seed + 1)
+    m, d = args.grid**2 * args.images, args.dim
+    # clustered like patch embeddings (a Gaussian bank has no near neighbours to speak of)
+    centers = rng.standard_normal((256, d), dtype=np.float32)
+    precisions = ["fp32"] + (["fp16"] if gpu else ["bf16"] if cpu_has_native_bf16() else [])
+    where = "cuda" if gpu else f"cpu, {torch.get_num_threads()} threads"
+    print(f"\n[search, {where}] {m} queries ({args.images} images), D={d}, clustered data")
+    cols = (
+        f"{'bank N':>7} {'what':<22} {'ms (med)':>9} {'GFLOP/s':>8} {'x faiss':>8} {'% sgemm':>8}"
+    )
+    print("  " + cols + "\n  " + "-" * len(cols))
+    for n in (int(v) for v in args.search_banks.split(",")):
+        lab_b, lab_q = rng.integers(0, 256, n), rng.integers(0, 256, m)
+        bank_x = centers[lab_b] + 0.3 * rng.standard_normal((n, d), dtype=np.float32)
+        queries = centers[lab_q] + 0.3 * rng.standard_normal((m, d), dtype=np.float32)
+        flops = 2.0 * m * n * d
+        bank = PatchBank.build(bank_x, BankConfig(coreset_ratio=1.0, search_chunk=m, use_gpu=gpu))
+        qt = torch.from_numpy(queries).to(device)
+        bt = torch.from_numpy(bank_x).to(device)
+        searchers = {p: TorchSearch(bank_x, device, p, 8) for p in precisions}
+        fns = [sgemm_tiled(qt, bt, 4096, 1024), lambda b=bank, q=queries: b.search(q)]
+        fns += [lambda s=s, q=qt: s.search(q) for s in searchers.values()]
+        t_sgemm, t_faiss, *t_torch = median_times(fns, args.repeats, sync)
+        exact = searchers["fp32"].search(qt).cpu()
+        names = ["sgemm 4096x1024 tiles", "faiss IndexFlatL2"] + [f"torch {p}" for p in searchers]
+        for name, t in zip(names, [t_sgemm, t_faiss, *t_torch], strict=True):
+            print(
+                f"  {n:>7} {name:<22} {t * 1e3:>9.1f} {flops / t / 1e9:>8.1f} "
+                f"{t_faiss / t:>8.2f} {t_sgemm / t:>8.0%}"
+            )
+        for p, s in searchers.items():
+            if not torch.equal(s.search(qt).cpu(), exact):
+                print(f"  !! torch {p} differs from the exact fp32 search")
+
+
 def tune(bank: PatchBank, queries: np.ndarray, flops: float, t_sgemm: float, reps: int) -> None:
     """Sweep faiss's BLAS block sizes (process-global knobs); restore the defaults after."""
     cv = faiss.cvar
@@ -179,13 +226,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tune", action="store_true", help="sweep faiss BLAS block sizes")
     ap.add_argument("--use-gpu", action="store_true", help="also run on faiss-gpu if present")
+    ap.add_argument("--search-banks", default="6000,20000", help="bank sizes of part 3")
+    ap.add_argument("--search-only", action="store_true", help="run only part 3")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)  # PatchBank passes this on to faiss
     print(f"faiss {faiss.__version__}, torch {torch.__version__}, ", end="")
     print(f"blas threshold (nx·d) {faiss.cvar.distance_compute_blas_threshold}")
-    run(args, gpu=False)
-    if args.use_gpu:
+    if not args.search_only:
+        run(args, gpu=False)
+    search_table(args, gpu=False)
+    if args.use_gpu and torch.cuda.is_available():
+        search_table(args, gpu=True)
+    if args.use_gpu and not args.search_only:
         if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             run(args, gpu=True)
         else:
