@@ -16,7 +16,7 @@ import ray.cloudpickle
 import torch
 from fault_hooks import FailOnce
 
-from mspray.bundle import resolve_bundle
+from mspray.bundle import read_meta, resolve_bundle
 from mspray.config import MSPrayConfig
 from mspray.data.datasets import train_paths
 from mspray.fit import split_holdout
@@ -243,6 +243,10 @@ def test_two_gloo_runs_with_one_seed_write_bit_identical_weights(
         fit_detector(cfg, uris, out=str(tmp_path / name), trainer=rt, progress=False)
     a, b = (Path(resolve_bundle(str(tmp_path / n)), "model.safetensors") for n in "ab")
     assert a.read_bytes() == b.read_bytes()
+    # rank 0 ranked every epoch, the untrained one included, on synthetic anomalies
+    run = read_meta(str(tmp_path / "a"))["training"][str(SCALE)]
+    assert [c["epoch"] for c in run["candidates"]] == [0, 1, 2]
+    assert run["selection"] == "synthetic" and 0 <= run["selected_epoch"] <= 2
 
 
 # ---------------------------------------------------------------------------- fault tolerance
