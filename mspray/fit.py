@@ -21,8 +21,9 @@ from mspray.detector import Detector
 from mspray.device import resolve_device
 from mspray.model.backbone import PretrainedWeightsError, load_vgg16_state
 from mspray.model.multiscale import MultiScaleEncoder, ScaleModel
-from mspray.train.loop import train_scale
+from mspray.train.loop import build_scale_model, train_scale
 from mspray.train.recipes import no_imagenet_defaults
+from mspray.train.selection import fused_choice
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,23 @@ def fit_detector(
         models = local_scale_trainer(cfg, train, val, state, progress)
     else:
         models = trainer(cfg, train_uris, val_uris)
+    selection = None
+    if cfg.train.selection == "synthetic" and val is not None and cfg.train.epochs > 0:
+        # the fused detector must not lose to the untrained encoders either (per-scale
+        # choices need not add up); the untrained ones are rebuilt from the same seed
+        untrained = {s: build_scale_model(cfg, s, state) for s in cfg.model.scales}
+        pick, table = fused_choice(
+            cfg,
+            {"selected": {s: m.encoder for s, m in models.items()},
+             "untrained": {s: m.encoder for s, m in untrained.items()}},
+            train, val, resolve_device(cfg.train.device),
+        )  # fmt: skip
+        selection = {"fused": table, "choice": pick}
+        log.info("fused synthetic-anomaly check: %s kept (%s)", pick, table[pick]["score"])
+        if pick == "untrained":
+            for s, m in untrained.items():
+                m.train_summary = getattr(models[s], "train_summary", None)
+            models = untrained
     det = Detector(cfg, MultiScaleEncoder(cfg, models), device=resolve_device(cfg.train.device))
     if build_banks:
         det.build_banks(train, progress=progress)
@@ -142,6 +160,7 @@ def fit_detector(
         n_holdout_images=len(val_uris),
         # Per scale: epochs and steps run, why training stopped, the selected epoch, history.
         training={str(s): getattr(m, "train_summary", None) for s, m in models.items()},
+        selection=selection,  # fused: selected vs untrained encoders on synthetic anomalies
     )
     if out:
         from mspray.bundle import save_bundle

@@ -116,3 +116,24 @@ def fused_metrics(
     }
     use = stats if cfg.model.fusion == "zscore" else None
     return detection_metrics(M.fuse_maps(per_scale, use), sel, cfg)
+
+
+def fused_choice(
+    cfg: MSPrayConfig,
+    candidates: dict[str, dict[int, PatchEncoder]],
+    train_images: torch.Tensor,
+    val_images: torch.Tensor,
+    device: torch.device | str = "cpu",
+) -> tuple[str, dict[str, dict]]:
+    """Rank whole detectors (``{name: {scale: encoder}}``, e.g. the selected encoders and
+    the untrained ones) by the fused map's synthetic-anomaly score; per-scale metrics ride
+    along. Returns the best name (the first on ties) and the table."""
+    sel = SelectionSet.build(train_images, val_images, cfg.train.seed + 7)
+    table: dict[str, dict] = {}
+    for name, encoders in candidates.items():
+        per = {s: scale_maps(e, sel, cfg.stride_for(s), device) for s, e in encoders.items()}
+        row = fused_metrics(per, sel, cfg)
+        row["per_scale"] = {str(s): detection_metrics(m, sel, cfg) for s, m in per.items()}
+        table[name] = row
+    best = max(table, key=lambda n: table[n]["score"])  # max keeps the first of equals
+    return best, table

@@ -21,6 +21,10 @@ def test_two_single_process_runs_write_bit_identical_weights(tiny_cfg, synthetic
     assert run["stopped_by"] == "epochs" and run["epochs"] == 2 and run["steps"] > 0
     assert 0 <= run["selected_epoch"] <= 2 and len(run["history"]) == 2
     assert [c["epoch"] for c in run["candidates"]] == [0, 1, 2]  # the selection table
+    fused = meta["selection"]  # the fused detector checked against the untrained encoders
+    assert fused["choice"] in ("selected", "untrained")
+    for row in fused["fused"].values():
+        assert 0 <= row["image_auroc"] <= 1 and set(row["per_scale"]) == {"16"}
 
 
 def test_same_thread_count_gives_identical_weights():
