@@ -66,6 +66,23 @@ def resolve_search_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def stage_order(scales: tuple[int, ...]) -> list[str]:
+    """The scoring stages in pipeline order, as :meth:`Detector.predict` (and ``decode``, the
+    image loading its callers time) name them."""
+    per_scale = [f"{stage}_{s}" for s in scales for stage in ("encoder", "search")]
+    return ["decode", *per_scale, "maps", "score"]
+
+
+def stage_seconds_per_image(
+    timings: dict[str, float], n_images: int, scales: tuple[int, ...]
+) -> dict[str, float]:
+    """Summed stage ``timings`` as seconds per image, in pipeline order (the table that
+    ``mspray evaluate --json`` and the scoring run summary record)."""
+    order = [k for k in stage_order(scales) if k in timings]
+    order += sorted(set(timings) - set(order))
+    return {k: timings[k] / max(n_images, 1) for k in order}
+
+
 class _Timer:
     """Adds wall seconds per stage into ``timings`` (a no-op when it is None)."""
 
@@ -255,14 +272,17 @@ class Detector:
         """Maps and scores of ``B×3×H×W`` images in [0, 1] (already at the config's size).
 
         With ``timings``, per-stage seconds are added to it (see :meth:`raw_scale_maps`;
-        fusion, smoothing and image scores count under ``maps``)."""
+        fusion and smoothing count under ``maps``, the image scores under ``score``)."""
         raw = self.raw_scale_maps(images, timings)
-        with _Timer(timings)("maps"):
+        timer = _Timer(timings)
+        with timer("maps"):
             stats = self.stats if self.cfg.model.fusion == "zscore" and self.stats else None
             fused = self._finish(M.fuse_maps(raw, stats))
+            smoothed = {s: self._finish(m) for s, m in raw.items()}
+        with timer("score"):
             win, st = self.cfg.model.score_window, self.cfg.model.score_window_stride
             scores = M.image_scores(fused, win, st)
-            scale_scores = {s: M.image_scores(self._finish(m), win, st) for s, m in raw.items()}
+            scale_scores = {s: M.image_scores(m, win, st) for s, m in smoothed.items()}
         flags = None if self.threshold is None else scores > self.threshold
         return Prediction(scores, fused, scale_scores, raw, flags)
 

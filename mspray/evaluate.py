@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from mspray import storage, viz
 from mspray.data.datasets import Sample
 from mspray.data.images import load_image, load_mask
-from mspray.detector import Detector
+from mspray.detector import Detector, stage_seconds_per_image
 from mspray.metrics import compute_metrics, image_auroc
 from mspray.threshold import expected_flags
 
@@ -23,15 +23,18 @@ def score_chunk(
     """Load and score one chunk of test samples (the unit of both evaluation paths).
 
     Returns ``score``, ``score_<scale>``, ``seconds`` (the chunk's model time spread over its
-    images) and, when ``with_masks``, ``map`` (float16: halves memory, metrics only rank
-    values) and ``mask``. Writes overlay panels to ``maps_dir`` when given.
+    images), ``stage_<name>`` (seconds per stage, decode included, spread likewise) and, when
+    ``with_masks``, ``map`` (float16: halves memory, metrics only rank values) and ``mask``.
+    Writes overlay panels to ``maps_dir`` when given.
     """
     size = det.cfg.model.image_size
+    t0 = time.perf_counter()
     images = torch.stack(
         [load_image(s.path, size, det.cfg.score.max_image_pixels) for s in samples]
     )
+    timings = {"decode": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    pred = det.predict(images)
+    pred = det.predict(images, timings)
     seconds = time.perf_counter() - t0
     masks = [load_mask(s.mask_path if s.label else None, size) for s in samples]
     if maps_dir:
@@ -42,6 +45,8 @@ def score_chunk(
     }
     for s in det.scales:
         out[f"score_{s}"] = pred.scale_scores[s].numpy().astype(np.float32)
+    for stage, v in timings.items():
+        out[f"stage_{stage}"] = np.full(len(samples), v / len(samples))
     if with_masks:
         out["map"] = pred.maps.half().numpy()
         out["mask"] = torch.stack(masks).numpy()
@@ -62,6 +67,8 @@ class EvalGather:
         self.masks = np.zeros((n, size, size), np.uint8) if self.with_masks else None
         self.seen = np.zeros(n, bool)
         self.seconds = 0.0
+        self.scales = tuple(scales)
+        self.stages: dict[str, float] = {}
 
     def add(self, idx: np.ndarray, chunk: dict[str, np.ndarray]) -> None:
         self.seen[idx] = True
@@ -72,13 +79,16 @@ class EvalGather:
             self.maps[idx] = chunk["map"]
             self.masks[idx] = chunk["mask"]
         self.seconds += float(np.sum(chunk["seconds"]))
+        for key, v in chunk.items():
+            if key.startswith("stage_"):
+                self.stages[key[6:]] = self.stages.get(key[6:], 0.0) + float(np.sum(v))
 
     def report(
         self, threshold: float | None, version: str | None, calibration: dict | None = None
     ) -> dict:
         if not self.seen.all():
             raise RuntimeError(f"{int((~self.seen).sum())} test images got no score")
-        return metrics_report(
+        report = metrics_report(
             np.array([s.label for s in self.samples]),
             self.scores,
             self.scale_scores,
@@ -89,6 +99,11 @@ class EvalGather:
             model_seconds=self.seconds,
             calibration=calibration,
         )
+        # where the time goes, decode included (seconds_per_image counts the model only)
+        report["stage_seconds_per_image"] = stage_seconds_per_image(
+            self.stages, len(self.samples), self.scales
+        )
+        return report
 
 
 def has_masks(samples: list[Sample]) -> bool:
@@ -108,6 +123,7 @@ def evaluate(
     Returns a JSON-ready dict with ``image_auroc``, ``pixel_auroc``, ``pixel_aupro``,
     ``f1_max``, ``threshold`` (the bundle's calibrated threshold), ``n_images`` and
     ``seconds_per_image`` (model time: forward + search + maps, excluding image decoding),
+    ``stage_seconds_per_image`` (decode, encoder and search per scale, maps, score),
     plus per-scale image AUROC, the confusion counts at the calibrated threshold, the
     bundle's ``calibration`` (promised false-alarm rate) and ``false_alarms`` (the rate
     observed on the test normals, checked against the promise).

@@ -179,3 +179,30 @@ def test_map_summaries_give_predict_scores_under_any_stats(tiny):
             det.stats = det_stats
         got = det.summary_scores(summary.pooled, stats)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_and_faiss_search_give_the_same_maps(tiny):
+    from mspray.detector import Detector
+
+    det, _, spec = tiny
+    images = load_images([s.path for s in test_samples(spec, "synthetic")[:3]], 64, progress=False)
+    assert det.cfg.bank.search == "torch"  # the default
+    other = det.cfg.replace(**{"bank.search": "faiss"})
+    faiss_det = Detector(other, det.model, det.banks, det.stats, det.threshold, det.meta)
+    a, b = det.predict(images), faiss_det.predict(images)
+    for s in det.scales:  # faiss's expansion rounds; the torch search is the exact one
+        torch.testing.assert_close(a.scale_maps[s], b.scale_maps[s], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a.image_scores, b.image_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_evaluate_records_where_the_time_goes(tiny):
+    from mspray.detector import stage_order
+    from mspray.evaluate import evaluate
+
+    det, _, spec = tiny
+    report = evaluate(det, test_samples(spec, "synthetic")[:5], batch_size=2, progress=False)
+    stages = report["stage_seconds_per_image"]
+    assert list(stages) == stage_order(det.scales)
+    assert all(v > 0 for v in stages.values())
+    model = sum(v for k, v in stages.items() if k != "decode")
+    assert model == pytest.approx(report["seconds_per_image"], rel=0.2)
