@@ -4,7 +4,7 @@ The same synthetic test images (with masks) are scored by every mode, batch by b
 round-robin (every mode scores batch k before any scores batch k+1), so load from other
 processes hits all modes alike and the ratios stay meaningful on a shared machine. Printed
 per mode: seconds per image for each stage (decode, each scale's encoder and bank search,
-maps + fusion + smoothing + image score), total s/img including decode, the speed ratio to
+maps (fusion + smoothing), image score), total s/img including decode, the speed ratio to
 the baseline, and image / pixel AUROC.
 
 mspray modes (one detector: encoders, banks, stats and threshold shared; only
@@ -12,7 +12,9 @@ mspray modes (one detector: encoders, banks, stats and threshold shared; only
 
 - ``fp32-nchw``: fp32, contiguous NCHW, the unoptimised baseline;
 - ``fp32``: fp32 + channels_last (the reference the reduced-precision modes are held to);
-- ``default``: the default config (``precision="auto"`` resolves per device; channels_last);
+- ``default``: the default config (``precision="auto"`` resolves per device; channels_last;
+  the exact torch bank search on the scoring device);
+- ``default-faiss``: the default with the bank search on faiss (``bank.search="faiss"``);
 - ``bf16``: bf16 autocast + channels_last (only fast on CPUs with AVX512-BF16 / AMX);
 - ``fp16``: fp16 autocast (CUDA only);
 - ``onnx``: encoders on ONNX Runtime (``score.runtime="onnx"``);
@@ -150,15 +152,21 @@ class Padim:
 
 
 # ---------------------------------------------------------------------- mspray modes
+#: the shipped scoring defaults, whatever the base detector was fitted with
+DEFAULTS = {
+    **{f"score.{k}": getattr(MSPrayConfig().score, k) for k in ("precision", "channels_last")},
+    "score.runtime": MSPrayConfig().score.runtime,
+    **{f"bank.{k}": getattr(MSPrayConfig().bank, k) for k in ("search", "search_precision")},
+}
+
+
 def mode_detector(base: Detector, mode: str) -> Detector:
     """A detector sharing ``base``'s weights, banks and calibration, in ``mode``."""
     over = {
         "fp32-nchw": {"score.precision": "fp32", "score.channels_last": False},
         "fp32": {"score.precision": "fp32"},
-        "default": {  # the shipped defaults, whatever the base detector was fitted with
-            f"score.{k}": getattr(MSPrayConfig().score, k)
-            for k in ("precision", "channels_last", "runtime")
-        },
+        "default": DEFAULTS,
+        "default-faiss": {**DEFAULTS, "bank.search": "faiss"},
         "bf16": {"score.precision": "bf16"},
         "fp16": {"score.precision": "fp16"},
         "onnx": {"score.runtime": "onnx"},
@@ -188,14 +196,15 @@ def main() -> None:
     ap.add_argument(
         "--modes",
         default="auto",
-        help="comma-separated subset of fp32-nchw,fp32,default,bf16,fp16,onnx,compile,padim,"
+        help="comma-separated subset of fp32-nchw,fp32,default,default-faiss,bf16,fp16,onnx,"
+        "compile,padim,"
         "padim-onnx; 'auto': those that can be fast on this device",
     )
     ap.add_argument("--repeats", type=int, default=1, help="passes over the test set (median)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.modes == "auto":
-        modes = ["fp32-nchw", "fp32", "default"]
+        modes = ["fp32-nchw", "fp32", "default", "default-faiss"]
         if device.type == "cpu":
             modes += (["bf16"] if cpu_has_native_bf16() else []) + ["onnx", "padim", "padim-onnx"]
         else:
@@ -296,7 +305,7 @@ def main() -> None:
     stages = ["decode"]
     for s in base.scales:
         stages += [f"encoder_{s}", f"search_{s}"]
-    stages += ["encoder", "gaussian", "maps"]
+    stages += ["encoder", "gaussian", "maps", "score"]
     med = {
         m: {
             k: statistics.median(t[k] for t in timings[m]) / n
