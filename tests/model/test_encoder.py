@@ -118,3 +118,16 @@ def test_map_spreads_a_patch_score_over_exactly_the_pixels_its_embedding_sees(p)
     assert torch.equal(spread.any(1), seen_rows)
     assert torch.equal(spread.any(0), seen_cols)
     assert int(seen_rows.sum()) == p
+
+
+def test_authors_choices_tanh_output_and_difference_angle_input():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 48, 48) * 50  # large inputs: a linear output would leave [-1, 1]
+    enc = PatchEncoder(16, 8, output_tanh=True)
+    assert enc(x).abs().max() <= 1 and PatchEncoder(16, 8)(x).abs().max() > 1
+    head = AngleHead(8, angle_input="diff")
+    a, b = torch.randn(5, 8), torch.randn(5, 8)
+    assert head.net[0].in_features == 8  # reads h1 - h2 only
+    assert torch.allclose(head(a, b), head(a + 3.0, b + 3.0))  # a shift of both cancels
+    with pytest.raises(ValueError, match="angle_input"):
+        AngleHead(8, angle_input="sum")
