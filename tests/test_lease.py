@@ -24,8 +24,16 @@ def folder(request, tmp_path):
 
 def _write_record(folder: str, gen: int, **fields) -> None:
     rec = {"owner": "crashed-host:4242:dead", "acquired_at": 0.0, "expires_at": 1.0}
-    rec.update(ttl_s=60.0, purpose="an old run", released=False, **fields)
+    rec.update(ttl_s=600.0, purpose="an old run", released=False)
+    rec.update(fields)
     storage.write_text(storage.join(folder, "_lease", f"{gen:012d}.json"), json.dumps(rec))
+
+
+def _write_stale_record(folder: str, gen: int, **fields) -> None:
+    """A record its holder stopped renewing: written with a 1 s TTL, then left alone for
+    longer than that by the storage's clock (S3 times have a 1 s resolution)."""
+    _write_record(folder, gen, ttl_s=1.0, **fields)
+    time.sleep(2.2)
 
 
 def _until(cond, what: str, limit_s: float = 60.0) -> None:
@@ -65,12 +73,12 @@ def test_a_waiting_run_starts_when_the_holder_releases(folder):
 
 
 def test_stale_lease_of_a_crashed_run_is_taken_over(folder):
-    _write_record(folder, 0, expires_at=time.time() - 5)  # its holder stopped renewing
+    _write_stale_record(folder, 0)  # its holder stopped renewing
     with Lease(folder, purpose="rerun") as lease:
         gen, rec = lease.current()
         assert gen == 1 and rec.owner == lease.owner and not rec.released
     # a live record of another run is not taken over
-    _write_record(folder, 2, expires_at=time.time() + 600)
+    _write_record(folder, 2)
     with pytest.raises(LeaseHeld, match="crashed-host:4242"):
         Lease(folder).acquire()
 
@@ -78,7 +86,7 @@ def test_stale_lease_of_a_crashed_run_is_taken_over(folder):
 @pytest.mark.parametrize("stale", [False, True])
 def test_racing_runs_get_exactly_one_lease(folder, stale):
     if stale:
-        _write_record(folder, 0, expires_at=time.time() - 5)
+        _write_stale_record(folder, 0)
     barrier = threading.Barrier(6)
 
     def attempt(_: int) -> Lease | None:
@@ -118,3 +126,38 @@ def test_bad_arguments():
         Lease("/tmp/x", ttl_s=0)
     with pytest.raises(ValueError, match="wait"):
         Lease("/tmp/x", wait_s=-1)
+
+
+def test_expiry_goes_by_the_storage_clock_not_the_machines_clocks(folder):
+    """Two clocks: a holder whose clock runs an hour behind writes records that look long
+    expired to a machine whose clock runs an hour ahead; neither decides expiry. A crashed
+    holder whose clock ran ahead is still taken over once its TTL has passed."""
+    hour = 3600.0
+    holder = Lease(folder, ttl_s=600, clock=lambda: time.time() - hour).acquire()
+    try:
+        assert holder.current()[1].expires_at < time.time()  # "expired" by wall clocks
+        with pytest.raises(LeaseHeld, match=holder.owner):
+            Lease(folder, clock=lambda: time.time() + hour).acquire()
+        holder.assert_held()
+    finally:
+        holder.release()
+    _write_stale_record(folder, 2, expires_at=time.time() + 10 * hour)  # clock far ahead
+    with Lease(folder, clock=lambda: time.time() - hour) as taker:
+        assert taker.gen == 3
+
+
+def test_the_fence_stops_writers_of_a_taken_over_lease(folder):
+    """Workers check the fence before each write: once another run took the lease over,
+    even a worker whose driver has not noticed yet (no heartbeat since) stops."""
+    import pickle
+
+    lease = Lease(folder, ttl_s=600).acquire()  # next heartbeat in 200 s
+    fence = pickle.loads(pickle.dumps(lease.fence()))  # as shipped to an actor
+    fence.assert_held()
+    _write_record(folder, lease.gen + 1, owner="other:2:y")  # the takeover
+    assert not lease.lost  # the driver does not know yet
+    with pytest.raises(LeaseLost, match="no longer current"):
+        fence.assert_held()
+    with pytest.raises(LeaseLost):
+        lease.assert_held()
+    lease.release()

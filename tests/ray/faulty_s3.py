@@ -2,9 +2,11 @@
 
 Clients pointed at it (``AWS_ENDPOINT_URL``) talk to the real S3 server through it, except
 that :attr:`FaultyS3Proxy.faults` may answer a request with a fault instead: the S3
-throttling reply (``503 SlowDown``), a reset connection, or a response cut off after half
-its body (a truncated download). Faults are chosen by a function of (method, key, n) where
-n counts the requests for that key, so they are deterministic: no randomness, no timing.
+throttling reply (``503 SlowDown``), a reset connection, a response cut off after half
+its body (a truncated download), or a lost response (the request reached the server and
+took effect, the reply never reaches the client). Faults are chosen by a function of
+(method, key, n) where n counts the requests for that key, so they are deterministic: no
+randomness, no timing.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 #: A fault: None (forward), "slowdown" (503 SlowDown), "reset" (connection reset before
-#: any reply), "truncate" (the real headers and half the body, then a reset).
+#: any reply), "truncate" (the real headers and half the body, then a reset), "drop" (the
+#: request is forwarded and answered by the server, then the connection is reset before
+#: any of the reply is sent: the client cannot tell whether it took effect).
 Fault = str | None
 FaultRule = Callable[[str, str, int], Fault]
 
@@ -103,6 +107,10 @@ class FaultyS3Proxy:
                     conn.request(self.command, self.path, body=body, headers=headers)
                     resp = conn.getresponse()
                     data = resp.read()
+                    if fault == "drop":
+                        self.close_connection = True
+                        _reset(self.connection)
+                        return
                     self.send_response(resp.status, resp.reason)
                     for k, v in resp.getheaders():
                         if k.lower() not in _HOP and k.lower() != "content-length":

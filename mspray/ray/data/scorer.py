@@ -28,6 +28,7 @@ import torch
 from mspray import viz
 from mspray.bundle import load_bundle
 from mspray.detector_cache import DetectorCache
+from mspray.lease import LeaseFence, LeaseLost
 from mspray.output import map_uri, result_schema, write_output, write_part
 from mspray.ray.data.plan import ScoringPlan
 from mspray.ray.data.reading import DecodedBatch, TransientError, unpack_unit
@@ -74,9 +75,10 @@ class UnitScorer(DetectorActor):
     keeping the :data:`MODELS_PER_ACTOR` most recently used (units come grouped by model,
     so an actor mostly scores a run of units of one model)."""
 
-    def __init__(self, plan: ScoringPlan, **actor: Any) -> None:
+    def __init__(self, plan: ScoringPlan, fence: LeaseFence | None = None, **actor: Any) -> None:
         super().__init__(**actor)
         self.plan = plan
+        self.fence = fence  # the run's hold on the output's lease
         self.schema = result_schema(plan.scales)
         self.models = DetectorCache(MODELS_PER_ACTOR, self._load)
         self.models.put(plan.first.name, self.det)
@@ -104,8 +106,10 @@ class UnitScorer(DetectorActor):
         if unit["failure"] is None:
             try:
                 rows = self._unit_rows(unit, name)
+                if self.fence is not None:
+                    self.fence.assert_held()  # taken over: write nothing beside the new holder
                 part = write_part(self.plan.output, pa.Table.from_pylist(rows, schema=self.schema))
-            except (TransientError, OSError) as e:  # model, or writes after their retries
+            except (TransientError, OSError, LeaseLost) as e:  # model, writes, lease
                 summary["failure"] = f"{type(e).__name__}: {e}"
             else:
                 summary.update(part=part, images=len(rows))

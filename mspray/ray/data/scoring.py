@@ -260,12 +260,15 @@ def _run_units(
         io_threads=pool.io_threads,  # heatmap panels are encoded and written there
         resources=res,
         plan=plan,
+        fence=lease.fence(),  # actors check it before writing each part
     )
     actors, nodes, decoders, modes = set(), set(), set(), set()
     total = sum(len(u["paths"]) for u in units)
     with tqdm(total=total, desc="scored", unit="img", disable=not progress) as bar:
         for row in ds.iter_rows():
             lease.check()  # taken over (we were presumed dead): stop, do not race it
+            if (row["failure"] or "").startswith("LeaseLost"):
+                lease.assert_held()  # an actor saw the takeover first: stop now
             if row["failure"] is not None:
                 summary.failed_units += 1
                 log.error("a unit failed and has no part (a rerun retries it): %s",

@@ -115,7 +115,10 @@ def test_stale_lease_of_a_crashed_run_is_taken_over(ray_local, tiny_bundle, tmp_
                "expires_at": time.time() - 600, "ttl_s": 300.0,
                "purpose": "killed run", "released": False}  # fmt: skip
     (out / "_lease").mkdir(parents=True)
-    (out / "_lease" / f"{0:012d}.json").write_text(json.dumps(crashed))
+    record = out / "_lease" / f"{0:012d}.json"
+    record.write_text(json.dumps(crashed))
+    # last renewed 600 s ago by the storage's clock (the file's mtime), which decides expiry
+    os.utime(record, (time.time() - 600, time.time() - 600))
     s = score_prefix(bundle, str(tmp_path / "in"), str(out), pool=PoolConfig(workers=1),
                      progress=False)  # fmt: skip
     assert s.scored == len(images) and s.duplicates == 0
