@@ -152,8 +152,12 @@ def main() -> None:
                 if keeper is not None:
                     t0 = time.perf_counter()
                     last_models = keeper.last
+                    # selection=last: no fused fallback to the untrained encoders here
                     last = fit_detector(
-                        cfg, uris, trainer=lambda *a, m=last_models: m, progress=False
+                        cfg.replace(**{"train.selection": "last"}),
+                        uris,
+                        trainer=lambda *a, m=last_models: m,
+                        progress=False,
                     )
                     got["last epoch"] = _record(last, samples, t0, scales)
                     got["last epoch"]["val_ssl_acc"] = got[name]["val_ssl_acc"]
