@@ -176,14 +176,37 @@ def test_kmeans_seeding_runs_on_rank_0_and_is_broadcast(ray_local, tmp_path):
     assert torch.allclose(every[0], fit_centers(union, 6, 3, LocalComm(), seed=7), atol=1e-4)
 
 
-def test_ray_train_backend_serves_cpu_and_cuda_tensors():
-    assert ray_train.torch_backend(use_gpu=False) == "gloo"
-    backend = ray_train.torch_backend(use_gpu=True)
-    assert backend == "cpu:gloo,cuda:nccl"
-    # Ray Train passes mixed backends through (it checks for nccl by containment).
+def test_ray_train_backend_serves_cpu_and_cuda_tensors(tmp_path):
+    """A real process group made from the backend Ray Train gets takes the collectives the
+    K-means comm sends: CPU tensors (gloo) without GPUs; with GPUs, CUDA tensors (NCCL) and
+    still CPU ones (gloo). The GPU cases run where CUDA and NCCL are present."""
+    import torch.distributed as dist
     from ray.train.torch.config import _is_backend_nccl
 
-    assert _is_backend_nccl(backend)
+    from mspray.train.kmeans import collective_device
+
+    cases = [(False, "cpu")]
+    if torch.cuda.is_available() and dist.is_nccl_available():
+        cases += [(True, "cpu"), (True, "cuda")]
+    for i, (use_gpu, device) in enumerate(cases):
+        backend = ray_train.torch_backend(use_gpu)
+        store = f"file://{tmp_path / f'pg{i}'}"
+        dist.init_process_group(backend, init_method=store, rank=0, world_size=1)
+        try:
+            comm = TorchDistComm(device)
+            assert comm.device.type == device
+            x = torch.arange(4.0, device=device)
+            assert torch.equal(comm.all_reduce_sum(x), x)
+            assert torch.equal(comm.broadcast(x + 1), x + 1)
+        finally:
+            dist.destroy_process_group()
+    # with GPUs a worker's collectives follow its model's device: no host copy on CUDA, and
+    # a CPU-only tensor never goes to NCCL (also checked on machines without CUDA)
+    mixed = ray_train.torch_backend(use_gpu=True)
+    assert collective_device(mixed, "cuda:0") == torch.device("cuda:0")
+    assert collective_device(mixed, "cpu") == torch.device("cpu")
+    assert collective_device(ray_train.torch_backend(use_gpu=False), "cpu").type == "cpu"
+    assert _is_backend_nccl(mixed)  # so Ray Train sets up NCCL for the group
 
 
 # ---------------------------------------------------------------------------- ablation subsets
