@@ -28,6 +28,7 @@ false``); relu2_2 (average-pooled 2x), relu3_3 and relu4_3 (upsampled 2x) concat
 score. ``padim-onnx`` runs the same VGG on ONNX Runtime.
 
     nice python benchmarks/bench_e2e.py [--image-size 256] [--n-train 20] [--modes ...]
+    python benchmarks/bench_e2e.py --bundle /tmp/e2e-bundle   # reruns skip the fit
     python benchmarks/bench_e2e.py --device cuda          # GPU: images/s, same breakdown
 """
 
@@ -39,6 +40,7 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mspray import maps as M
+from mspray.bundle import load_bundle
 from mspray.config import MSPrayConfig
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_image, load_images, load_mask
@@ -201,6 +204,9 @@ def main() -> None:
         "padim-onnx; 'auto': those that can be fast on this device",
     )
     ap.add_argument("--repeats", type=int, default=1, help="passes over the test set (median)")
+    ap.add_argument(
+        "--bundle", help="save the fitted detector here, or load it when it exists (reruns)"
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.modes == "auto":
@@ -236,7 +242,10 @@ def main() -> None:
     )
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    base = fit_detector(cfg, train_paths(spec, "synthetic"), progress=False)
+    if args.bundle and Path(args.bundle).exists():  # the same data (seeded) fitted before
+        base = load_bundle(args.bundle, config=cfg)
+    else:
+        base = fit_detector(cfg, train_paths(spec, "synthetic"), out=args.bundle, progress=False)
     base_fit = time.perf_counter() - t0
     base = Detector(base.cfg, base.model, base.banks, base.stats, base.threshold, base.meta, device)
 
