@@ -121,6 +121,13 @@ def add_deploy(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--http-host", help="HTTP proxy host (only takes effect when Serve starts)")
     p.add_argument("--http-port", type=int, help="HTTP proxy port (only when Serve starts)")
     p.add_argument(
+        "--http-address",
+        help="the Serve HTTP proxy as this machine reaches it (e.g. a load balancer or a "
+        "port-forward of 8000), to confirm the rollout replica by replica; default: the "
+        "dashboard host's proxy port if it is reachable, else a check job on the head node "
+        "submitted through the dashboard",
+    )
+    p.add_argument(
         "--timeout", type=float, default=600.0, help="seconds to wait for RUNNING (%(default)s)"
     )
     p.add_argument("--no-wait", action="store_true", help="return once the config is accepted")
@@ -156,7 +163,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         bundles = ", ".join(str(s.named_models() or "?") for s in settings.values())
         log.info("deploying %s (bundle %s) through %s", args.config, bundles, url)
         result = serve_deploy.deploy(
-            config, url, wait=not args.no_wait, timeout=args.timeout, settings=settings
+            config,
+            url,
+            wait=not args.no_wait,
+            timeout=args.timeout,
+            settings=settings,
+            http_address=args.http_address,
         )
     except serve_deploy.DeployError as e:
         print(f"mspray deploy: error: {e}", file=sys.stderr)

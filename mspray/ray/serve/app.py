@@ -39,6 +39,7 @@ import asyncio
 import collections
 import logging
 import time
+import uuid
 from typing import Any
 
 import torch
@@ -51,13 +52,14 @@ from ray.serve import Application
 from mspray.config import BATCH_WAIT_S, ConfigError, ServeConfig, validate
 from mspray.ray.metrics import ServeMetrics
 from mspray.ray.serve import request as inputs
+from mspray.ray.serve.loading import ServingModel
+from mspray.ray.serve.pins import ServePins
 from mspray.ray.serve.predict import ItemResult, decode_resized, map_png_base64, score_batch
 from mspray.ray.serve.slots import (
     ModelLoadError,
     ModelSlot,
     ModelSlots,
     NoModel,
-    ServingModel,
     apply_user_config,
     pick_model,
 )
@@ -104,12 +106,14 @@ class MSPrayDetector:
     """One replica: named models in an LRU (Serve model multiplexing), a batch queue and
     counters."""
 
-    def __init__(self, args: dict[str, Any] | None = None):
+    def __init__(self, args: dict[str, Any] | None = None, build_id: str | None = None):
         # Nothing is loaded here: Serve calls reconfigure(user_config) right after
         # __init__, and that is the one place settings (and a single model) are loaded.
         self._args = validate(ServeConfig, args or {}, where="args")
         self._metrics = ServeMetrics()
-        self._models = ModelSlots(self._args, self._metrics)
+        app = serve.get_replica_context().app_name
+        self._models = ModelSlots(self._args, self._metrics, pins=ServePins(app, build_id))
+        self._refresh: asyncio.Task | None = None
         self._batch_sizes: collections.Counter[int] = collections.Counter()
         self._rejections: collections.Counter[int] = collections.Counter()
         self._n_predictions = 0
@@ -133,10 +137,22 @@ class MSPrayDetector:
         self._predict_batch.set_max_batch_size(settings.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 
-    def check_health(self) -> None:
-        """Serve's health check: a replica without valid settings is not healthy."""
+    async def check_health(self) -> None:
+        """Serve's health check: the replica has valid settings and every loaded model
+        answers a small prediction, so Serve replaces a replica whose device failed for
+        good (e.g. a dead CUDA context). It also starts, in the background, a retry of a
+        failed change of models or the re-resolution of bundle roots after a new deploy."""
         if self._models.settings is None:
             raise RuntimeError("not configured: set user_config.bundle_uri or models")
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.create_task(self._refreshed())
+        await self._models.check_health()
+
+    async def _refreshed(self) -> None:
+        try:
+            await self._models.refresh(self._get_model, self._apply)
+        except Exception:  # logged, never raised into the health check
+            log.exception("refreshing the models failed")
 
     async def _serving(self, query: str | None) -> ServingModel:
         """The loaded model a request names (raises :class:`NoModel`, :class:`ModelLoadError`)."""
@@ -243,6 +259,8 @@ class MSPrayDetector:
             "status": "degraded" if models.reload_error else "ok",
             "replica": replica,
             "loaded": loaded,
+            # the version of each served name on every replica of this deploy
+            "pinned": models.pinned_versions(),
             "models": models.settings.named_models(),
             "requested": models.requested,
             "last_reload_error": models.reload_error,
@@ -345,7 +363,12 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
     ``args`` are :class:`~mspray.config.ServeConfig` fields (``args:`` of serve_config.yaml);
     the bundle may also come only from the config's ``user_config.bundle_uri``. A config
     file's ``deployments:`` section overrides the options derived here.
+
+    Bundle roots are not resolved here: Serve runs the builder only when ``args`` or the
+    code change, not for a redeploy of the same file, so the replicas pin them per deploy
+    (:mod:`mspray.ray.serve.pins`). The id drawn here tells apart two imperative
+    ``serve.run`` deploys, which share Serve's deploy time.
     """
     cfg = args if isinstance(args, ServeConfig) else validate(ServeConfig, args or {}, "args")
     options = deployment_options(cfg)  # validates before anything is bound
-    return MSPrayDetector.options(**options).bind(cfg.model_dump())
+    return MSPrayDetector.options(**options).bind(cfg.model_dump(), uuid.uuid4().hex[:12])

@@ -28,6 +28,12 @@ from typing import Any
 from mspray.config import ConfigError, ServeConfig, validate
 from mspray.ray.serve.app import DEPLOYMENT_NAME as DEPLOYMENT
 from mspray.ray.serve.app import apply_user_config, deployment_options
+from mspray.ray.serve.verify import (
+    VerifyError,
+    reachable,
+    verify_replicas,
+    verify_through_dashboard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -276,45 +282,6 @@ def running_replicas(app: dict[str, Any]) -> int:
     return sum(r.get("state") == "RUNNING" for r in dep.get("replicas") or [])
 
 
-def verify_replicas(
-    endpoint: str,
-    n_replicas: int,
-    models: dict[str, str],
-    timeout: float,
-    poll_s: float = 0.1,
-) -> dict[str, dict[str, Any]]:
-    """Poll ``GET endpoint/healthz`` (each call reaches one replica, as routed by the proxy)
-    until ``n_replicas`` distinct replicas report serving ``models`` (name -> bundle URI). A
-    replica whose change to them failed (it still serves its previous models) raises
-    :class:`DeployError` naming what still serves and the error. Returns replica id -> its
-    answer."""
-    import requests
-
-    seen: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            health = requests.get(endpoint.rstrip("/") + "/healthz", timeout=10).json()
-        except (requests.RequestException, ValueError) as e:
-            health = {"status": f"unreachable: {e}"}
-        if health.get("last_reload_error") and health.get("requested") == models:
-            raise DeployError(
-                f"replica {health.get('replica')} failed to swap to {models}: "
-                f"{health['last_reload_error']}; it still serves {health.get('models')} "
-                f"(versions {health.get('loaded')})"
-            )
-        if health.get("status") == "ok" and health.get("models") == models:
-            seen[str(health["replica"])] = health
-            if len(seen) >= n_replicas:
-                return seen
-        if time.monotonic() > deadline:
-            raise DeployError(
-                f"after {timeout:.0f}s {len(seen)} of {n_replicas} replicas serve {models} "
-                f"(last answer: {health})"
-            )
-        time.sleep(poll_s)
-
-
 def endpoint_url(config: dict[str, Any], dashboard: str, route_prefix: str | None) -> str:
     """Where the application answers HTTP: the proxy of the dashboard's host (or of this
     machine) at the config's port, under the application's route prefix."""
@@ -324,7 +291,59 @@ def endpoint_url(config: dict[str, Any], dashboard: str, route_prefix: str | Non
     host = http.get("host", "127.0.0.1")
     if host in ("0.0.0.0", "::"):
         host = urlsplit(dashboard).hostname or "127.0.0.1"
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
     return f"http://{host}:{http.get('port', 8000)}{(route_prefix or '/').rstrip('/')}"
+
+
+def head_endpoint_url(config: dict[str, Any], route_prefix: str | None) -> str:
+    """Where the application answers HTTP as seen from the head node (its own proxy)."""
+    http = config.get("http_options") or {}
+    host = http.get("host", "127.0.0.1")
+    if host in ("0.0.0.0", "::", "localhost"):
+        host = "127.0.0.1"
+    return f"http://{host}:{http.get('port', 8000)}{(route_prefix or '/').rstrip('/')}"
+
+
+def confirm_rollout(
+    config: dict[str, Any],
+    dashboard: str,
+    app: dict[str, Any],
+    name: str,
+    models: dict[str, str],
+    timeout: float,
+    http_address: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Confirm that every RUNNING replica of application ``name`` (its REST details
+    ``app``) serves ``models``, through what this caller reaches: ``http_address`` (the
+    proxy as the caller sees it, e.g. a load balancer or a port-forward of 8000) when given,
+    else the proxy of the dashboard's host when a connection to it opens, else a job on the
+    head node submitted through the dashboard (from outside the cluster, often the one
+    port open). Raises :class:`DeployError`."""
+    prefix = (app.get("route_prefix") or "/").rstrip("/")
+    n = running_replicas(app)
+    try:
+        if http_address:
+            return verify_replicas(http_address.rstrip("/") + prefix, n, models, timeout)
+        endpoint = endpoint_url(config, dashboard, app.get("route_prefix"))
+        if reachable(endpoint):
+            return verify_replicas(endpoint, n, models, timeout)
+        log.info(
+            "%s is not reachable from here: verifying the replicas through a job on the head "
+            "node (pass --http-address to verify through another address)",
+            endpoint,
+        )
+        spec = next((a for a in config["applications"] if a.get("name", "default") == name), {})
+        return verify_through_dashboard(
+            dashboard,
+            head_endpoint_url(config, app.get("route_prefix")),
+            n,
+            models,
+            timeout,
+            runtime_env=spec.get("runtime_env"),
+        )
+    except VerifyError as e:
+        raise DeployError(str(e)) from None
 
 
 def deploy(
@@ -334,11 +353,13 @@ def deploy(
     wait: bool = True,
     timeout: float = 600.0,
     settings: dict[str, ServeConfig] | None = None,
+    http_address: str | None = None,
 ) -> dict[str, Any]:
     """Send ``config`` to the Serve REST API at ``url``; with ``wait``, return once every
     application in it is RUNNING and, for the mspray applications of ``settings``, every
-    replica serves the requested bundle (a failed hot swap raises :class:`DeployError`).
-    Returns a summary (dashboard, application states, replicas checked)."""
+    replica serves the requested bundle versions (a failed hot swap raises
+    :class:`DeployError`; see :func:`confirm_rollout` for ``http_address``). Returns a
+    summary (dashboard, application states, replicas checked)."""
     names = [a.get("name", "default") for a in config["applications"]]
     before = applications(url)
     since = {n: before.get(n, {}).get("last_deployed_time_s") for n in names}
@@ -348,9 +369,9 @@ def deploy(
         apps = wait_running(url, names, timeout, since)
         checked = {}
         for name, cfg in (settings or {}).items():
-            endpoint = endpoint_url(config, url, apps[name].get("route_prefix"))
-            n = running_replicas(apps[name])
-            replicas = verify_replicas(endpoint, n, cfg.named_models(), timeout)
+            replicas = confirm_rollout(
+                config, url, apps[name], name, cfg.named_models(), timeout, http_address
+            )
             checked[name] = {r: h.get("loaded") for r, h in replicas.items()}
         result["replicas"] = checked
         http = config.get("http_options") or {}

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mspray.ray.serve import request as inputs
-from mspray.ray.serve.slots import ServingModel
+from mspray.ray.serve.loading import ServingModel
 
 
 @dataclass

@@ -6,7 +6,16 @@ model-id header to the replica holding the model); each entry it holds is a
 :class:`ModelSlot`, whose ``current`` :class:`ServingModel` is replaced in place by a hot
 swap, so the LRU entry survives it. The detectors themselves live in a
 :class:`~mspray.detector_cache.DetectorCache` keyed by the name and what a load depends on
-(bundle URI, device, GPU bank search), so an unchanged model is never loaded twice.
+(bundle version, device, GPU bank search), so an unchanged model is never loaded twice.
+
+Three rules keep every replica on the intended version:
+
+- a configured bundle *root* serves the version pinned for the current deploy
+  (:mod:`mspray.ray.serve.pins`), the same on every replica, also on ones started later;
+- a first load of a name waits while a change of settings is applied, and loads again if
+  the settings changed under it, so no slot keeps a bundle of replaced settings;
+- a change that failed (the new bundle could not be loaded) keeps the old models serving
+  and is tried again, with a growing pause, from the health check (:meth:`ModelSlots.refresh`).
 
 No Serve import here: the deployment (:mod:`mspray.ray.serve.app`) passes in Serve's
 multiplexed getter and applies the batching settings.
@@ -18,62 +27,20 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from mspray.config import ConfigError, ServeConfig, validate
 from mspray.detector_cache import DetectorCache
+from mspray.ray.serve.loading import ServingModel, load_detector, probe, serving_model
 
 # Serve's replica logger: lines land in the replica log with the request id.
 log = logging.getLogger("ray.serve")
 
 #: Seconds a failed model load is answered from memory before the next attempt.
 LOAD_RETRY_S = 30.0
-
-
-@dataclass(frozen=True)
-class ServingModel:
-    """A loaded detector with the settings it serves under; swapped as one reference."""
-
-    name: str
-    uri: str
-    detector: Any  # mspray.detector.Detector
-    settings: ServeConfig
-    max_image_bytes: int
-    max_image_pixels: int
-    loaded_at: float
-
-    @property
-    def key(self) -> tuple:
-        """The :class:`DetectorCache` key of this model's detector."""
-        return (self.name, *self.settings.model_key(self.uri))
-
-    def describe(self) -> dict[str, Any]:
-        """What ``GET /v1/model`` shows: version, scales, banks, threshold, settings."""
-        import torch
-
-        det = self.detector
-        return {
-            "model": self.name,
-            "model_version": det.version,
-            "bundle_uri": self.uri,
-            "scales": list(det.scales),
-            "strides": list(det.cfg.model.strides),
-            "image_size": det.cfg.model.image_size,
-            "bank_sizes": {str(s): b.ntotal for s, b in det.banks.items()},
-            "threshold": det.threshold,
-            # promised false-alarm rate (+ production check after `mspray calibrate`)
-            "calibration": det.meta.get("calibration"),
-            "device": str(det.device),
-            "torch_threads": torch.get_num_threads(),
-            "config": det.cfg.to_dict(),
-            "serving": self.settings.model_dump(),
-            "limits": {
-                "max_image_bytes": self.max_image_bytes,
-                "max_image_pixels": self.max_image_pixels,
-            },
-            "loaded_at": self.loaded_at,
-        }
+#: First and longest wait before a failed change of models is tried again (doubling).
+RETRY_MIN_S = 2.0
+RETRY_MAX_S = 120.0
 
 
 class ModelSlot:
@@ -104,49 +71,6 @@ class NoModel(Exception):
     def __init__(self, status: int, message: str, models: list[str]):
         super().__init__(message)
         self.status, self.message, self.models = status, message, models
-
-
-def serve_device(setting: str, gpu_ids: list) -> str:
-    """The torch device of a replica: ``auto`` means CUDA only when this replica reserved
-    a GPU (``num_gpus``); one without a reservation stays on the CPU even on a GPU node,
-    where another actor owns the GPU."""
-    if setting == "auto":
-        return "cuda" if gpu_ids else "cpu"
-    return setting
-
-
-def load_detector(uri: str, device: str, bank_gpu: bool) -> Any:
-    """Load the bundle at ``uri`` on ``device`` (a :class:`ServeConfig` device setting) and
-    run one warm-up batch (lazy init off the request path)."""
-    import ray
-    import torch
-
-    from mspray.bundle import load_bundle, load_config, resolve_bundle
-    from mspray.device import resolve_device
-
-    uri = resolve_bundle(uri)  # a root: its latest version now; both reads use that one
-    # The bundle's own runtime settings, with the faiss search moved to the GPU if asked.
-    config = load_config(uri, {"bank.use_gpu": True}) if bank_gpu else None
-    det = load_bundle(
-        uri, device=resolve_device(serve_device(device, ray.get_gpu_ids())), config=config
-    )
-    size = det.cfg.model.image_size
-    det.predict(torch.zeros(1, 3, size, size))
-    return det
-
-
-def serving_model(name: str, uri: str, settings: ServeConfig, det: Any) -> ServingModel:
-    """``det`` serving ``name`` from ``uri`` with the limits ``settings`` give it."""
-    score_cfg = det.cfg.score
-    return ServingModel(
-        name=name,
-        uri=uri,
-        detector=det,
-        settings=settings,
-        max_image_bytes=settings.max_image_bytes or score_cfg.max_image_bytes,
-        max_image_pixels=settings.max_image_pixels or score_cfg.max_image_pixels,
-        loaded_at=time.time(),
-    )
 
 
 def pick_model(models: dict[str, str], query: str | None, header: str | None) -> str:
@@ -191,64 +115,105 @@ def apply_user_config(args: ServeConfig, user_config: dict[str, Any] | None) -> 
 
 
 GetModel = Callable[[str], Awaitable[ModelSlot]]
+Apply = Callable[[ServeConfig], None]
 
 
 class ModelSlots:
     """The settings and loaded models of one replica.
 
-    ``metrics`` is the replica's :class:`~mspray.ray.metrics.ServeMetrics`. The deployment
-    calls :meth:`load` from its ``@serve.multiplexed`` loader and :meth:`reconfigure` from
-    its own ``reconfigure``.
+    ``metrics`` is the replica's :class:`~mspray.ray.metrics.ServeMetrics`; ``pins`` resolves
+    configured bundle URIs to the versions of the current deploy
+    (:class:`~mspray.ray.serve.pins.ServePins` in a replica); ``loader(version_uri, device,
+    bank_gpu)`` loads a detector. The deployment calls :meth:`load` from its
+    ``@serve.multiplexed`` loader, :meth:`reconfigure` from its own ``reconfigure`` and
+    :meth:`refresh` from its health check.
     """
 
-    def __init__(self, args: ServeConfig, metrics: Any) -> None:
+    def __init__(
+        self,
+        args: ServeConfig,
+        metrics: Any,
+        pins: Any = None,
+        loader: Callable[[str, str, bool], Any] = load_detector,
+    ) -> None:
+        from mspray.ray.serve.pins import LocalPins
+
         self.args = args
         self.settings: ServeConfig | None = None
         self.slots: dict[str, ModelSlot] = {}  # what Serve's LRU holds on this replica
         self.requested: dict[str, str] | None = None  # the models of the last user_config
         self.reload_error: str | None = None
+        self.pinned: dict[str, str | Exception] = {}  # configured URI -> its version URI
+        self.deploy_id: str | None = None
+        self._pins = pins or LocalPins()
+        self._user_config: dict[str, Any] | None = None
         self._load_errors: dict[tuple, tuple[str, float]] = {}  # key -> (reason, when)
         self._reload_lock = asyncio.Lock()
+        # Set while no reconfigure runs: a first load waits for it, so it never loads a
+        # bundle of the settings being replaced.
+        self._settled = asyncio.Event()
+        self._settled.set()
+        self._generation = 0  # counts applied settings
+        self._retry_at: float | None = None  # when a failed change is tried again
+        self._retry_s = RETRY_MIN_S
         self._metrics = metrics
         # Room for an old and a new detector of every loaded name during a swap; the old
         # one is dropped right after it.
         self._cache = DetectorCache(
-            2 * args.max_num_models_per_replica, lambda key: load_detector(*key[1:])
+            2 * args.max_num_models_per_replica, lambda key: loader(*key[1:])
         )
-
-    def model_key(self, name: str, uri: str, settings: ServeConfig) -> tuple:
-        return (name, *settings.model_key(uri))
 
     # ------------------------------------------------------------------ loading
     async def _loaded(self, name: str, uri: str, settings: ServeConfig) -> ServingModel:
-        """``name`` served from ``uri`` under ``settings``, loaded off the event loop unless
-        the cache holds it."""
-        key = self.model_key(name, uri, settings)
+        """``name`` served from ``uri`` (its pinned version) under ``settings``, loaded off
+        the event loop unless the cache holds it."""
+        version_uri = self.pinned.get(uri)
+        if version_uri is None or isinstance(version_uri, Exception):
+            # not pinned yet (a new URI), or its resolution failed before: try now
+            self.pinned.update(await self._pins.pin(self.deploy_id, [uri]))
+            version_uri = self.pinned[uri]
+        if isinstance(version_uri, Exception):
+            raise version_uri
+        key = (name, *settings.model_key(version_uri))
         det = self._cache.peek(key)
         if det is None:
-            log.info("loading model %s from %s", name, uri)
+            log.info("loading model %s from %s", name, version_uri)
             det = await asyncio.to_thread(self._cache.get, key)
-        return serving_model(name, uri, settings, det)
+        return serving_model(name, uri, version_uri, settings, det)
 
     async def load(self, name: str) -> ModelSlot:
         """The ``@serve.multiplexed`` loader: load ``name``'s bundle into a new slot.
 
+        Waits while a change of settings is applied, and loads again if the settings
+        changed during its own load, so a slot never keeps a bundle of replaced settings.
         A failed load is remembered for :data:`LOAD_RETRY_S`, so a broken bundle answers
         503 quickly instead of being reloaded by every request (Serve loads one model at a
         time per replica)."""
-        settings = self.settings
-        assert settings is not None
-        uri = settings.named_models()[name]
-        key = self.model_key(name, uri, settings)
-        failed = self._load_errors.get(key)
-        if failed is not None and time.monotonic() - failed[1] < LOAD_RETRY_S:
-            raise ModelLoadError(failed[0])
-        try:
-            current = await self._loaded(name, uri, settings)
-        except Exception as e:
-            reason = f"model {name!r} ({uri}) could not be loaded: {type(e).__name__}: {e}"
-            self._load_errors[key] = (reason, time.monotonic())
-            raise ModelLoadError(reason) from e
+        while True:
+            await self._settled.wait()
+            settings, generation = self.settings, self._generation
+            if settings is None:
+                raise ModelLoadError("not configured")
+            uri = settings.named_models().get(name)
+            if uri is None:
+                raise ModelLoadError(f"model {name!r} is no longer served")
+            key = (name, *settings.model_key(uri))
+            failed = self._load_errors.get(key)
+            if failed is not None and time.monotonic() - failed[1] < LOAD_RETRY_S:
+                raise ModelLoadError(failed[0])
+            try:
+                current = await self._loaded(name, uri, settings)
+            except Exception as e:
+                reason = f"model {name!r} ({uri}) could not be loaded: {type(e).__name__}: {e}"
+                if generation == self._generation:
+                    self._load_errors[key] = (reason, time.monotonic())
+                    raise ModelLoadError(reason) from e
+                continue
+            if generation == self._generation:
+                break
+            log.info("settings changed while model %s loaded: loading it again", name)
+            if all(s.current.detector is not current.detector for s in self.slots.values()):
+                self._cache.pop(current.key)
         slot = ModelSlot(current, self._unloaded)
         self.slots[name] = slot
         self._metrics.loaded(name, current.detector.version)
@@ -274,35 +239,61 @@ class ModelSlots:
         """Name -> version of every model loaded on this replica."""
         return {n: s.current.detector.version for n, s in sorted(self.slots.items())}
 
+    def pinned_versions(self) -> dict[str, str | None]:
+        """Name -> the version id every replica of this deploy serves for it (None where the
+        bundle could not be resolved)."""
+        from mspray import storage
+
+        out: dict[str, str | None] = {}
+        for name, uri in (self.settings.named_models() if self.settings else {}).items():
+            version = self.pinned.get(uri)
+            out[name] = storage.basename(version) if isinstance(version, str) else None
+        return out
+
+    async def check_health(self) -> None:
+        """Run :func:`probe` on every loaded detector; raises if one fails."""
+        for name, slot in list(self.slots.items()):
+            try:
+                await asyncio.to_thread(probe, slot.current.detector)
+            except Exception as e:
+                raise RuntimeError(
+                    f"model {name!r} failed its health-check prediction: {type(e).__name__}: {e}"
+                ) from e
+
     # ------------------------------------------------------------------ hot swap
     async def reconfigure(
-        self,
-        user_config: dict[str, Any] | None,
-        get_model: GetModel,
-        apply: Callable[[ServeConfig], None],
+        self, user_config: dict[str, Any] | None, get_model: GetModel, apply: Apply
     ) -> None:
-        """Apply a new ``user_config``: load every changed bundle of a loaded name first,
-        then swap them; ``apply(settings)`` sets what the deployment applies itself.
+        """Apply a new ``user_config``: pin its bundles for this deploy, load every changed
+        bundle of a loaded name first, then swap them; ``apply(settings)`` sets what the
+        deployment applies itself.
 
         At start-up a bad config (or, with a single model, a bundle that cannot be loaded)
         raises, which fails the replica (Serve reports it). Later, a bundle that cannot be
-        loaded keeps the current models serving; the error is logged and kept in
-        :attr:`reload_error`, since failing here would take every replica down.
+        loaded keeps the current models serving; the error is kept in
+        :attr:`reload_error` (failing here would take every replica down) and the change is
+        tried again by :meth:`refresh`, after 2, 4, 8 ... up to :data:`RETRY_MAX_S` seconds.
         """
+        first = self.settings is None
         async with self._reload_lock:
-            first = self.settings is None
+            self._settled.clear()
+            self._user_config = user_config
             self.requested = None
             swaps: dict[str, ServingModel] = {}
+            previous = self.pinned
             try:
                 settings = apply_user_config(self.args, user_config)
                 models = settings.named_models()
                 self.requested = models
                 if not models:
                     raise ConfigError("no model: set user_config.bundle_uri or user_config.models")
-                for name in list(self.slots):
-                    uri = models.get(name)
-                    if uri is not None:  # else no longer served: 404 from now; the LRU drops it
-                        swaps[name] = await self._loaded(name, uri, settings)
+                self.deploy_id = await self._pins.deploy_id()
+                self.pinned = await self._pins.pin(self.deploy_id, sorted(set(models.values())))
+                # until every loaded name has its new detector; a first load that finished
+                # meanwhile added a slot, which is swapped too
+                while pending := [n for n in self.slots if n in models and n not in swaps]:
+                    for name in pending:
+                        swaps[name] = await self._loaded(name, models[name], settings)
                 apply(settings)
                 for name, new in swaps.items():  # the swaps: one reference assignment each
                     old = self.slots[name].current
@@ -310,14 +301,13 @@ class ModelSlots:
                         self._metrics.loaded(name, old.detector.version, 0)
                         self._metrics.loaded(name, new.detector.version)
                         self._cache.pop(old.key)
+                        log.info("model %s now serves %s", name, new.version_uri)
                     self.slots[name].current = new
                 self.settings = settings
+                self._generation += 1
                 self._load_errors.clear()
-                self.reload_error = None
-                if first and len(models) == 1:
-                    # one model: load it now, so a bad bundle fails the deployment at start
-                    await get_model(next(iter(models)))
-                log.info("serving models %s", models)
+                self.reload_error, self._retry_at, self._retry_s = None, None, RETRY_MIN_S
+                log.info("serving models %s (versions %s)", models, self.pinned_versions())
             except Exception as e:
                 # detectors loaded for a swap that did not happen: nothing serves them
                 serving = {id(s.current.detector) for s in self.slots.values()}
@@ -327,5 +317,32 @@ class ModelSlots:
                 if first:
                     self.settings = None
                     raise
+                self.pinned = previous  # what the models still served were loaded from
                 self.reload_error = f"{type(e).__name__}: {e}"
+                self._retry_at = time.monotonic() + self._retry_s
+                self._retry_s = min(2 * self._retry_s, RETRY_MAX_S)
                 log.exception("reconfigure failed; still serving the previous settings")
+            finally:
+                self._settled.set()
+        if first and len(models) == 1:
+            # one model: load it now, so a bad bundle fails the deployment at start
+            try:
+                await get_model(next(iter(models)))
+            except Exception:
+                self.settings = None
+                raise
+
+    async def refresh(self, get_model: GetModel, apply: Apply) -> None:
+        """Apply the last ``user_config`` again when the application was deployed again
+        (its roots may name new versions now) or a failed change is due for a retry."""
+        if self.settings is None or self._reload_lock.locked():
+            return
+        due = self._retry_at is not None and time.monotonic() >= self._retry_at
+        if not due:
+            deploy_id = await self._pins.deploy_id()
+            if deploy_id is None or deploy_id == self.deploy_id:
+                return
+            log.info("new deploy %s: resolving the bundles again", deploy_id)
+        else:
+            log.info("trying the failed change of models again")
+        await self.reconfigure(self._user_config, get_model, apply)

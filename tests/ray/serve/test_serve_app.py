@@ -175,33 +175,57 @@ def test_model_info(endpoint, bundles):
     assert endpoint.client.get("/healthz").json()["model_version"] == det.version
 
 
-def test_concurrent_requests_are_batched(endpoint, images):
-    before = endpoint.stats()
-    n_clients, per_client = 16, 2
-    barrier = threading.Barrier(n_clients)
+def _batching(endpoint: Endpoint, bundle: str, **settings) -> None:
+    """Apply batching ``settings`` through user_config (in place) and wait until served."""
+    raw = _config(endpoint.port, bundle)
+    raw["applications"][0]["deployments"][0]["user_config"].update(settings)
+    _deploy(raw, blocking=True)
+    deadline = time.time() + 60
+    while any(endpoint.model()["serving"][k] != v for k, v in settings.items()):
+        assert time.time() < deadline, "the batching settings were never applied"
+        time.sleep(0.2)
 
-    def client(_: int) -> list[httpx.Response]:
-        with httpx.Client(base_url=endpoint.url, timeout=60) as c:
-            barrier.wait()  # all 16 start together, so requests overlap
-            return [
-                c.post("/v1/predict", content=images["good"], headers={"content-type": "image/png"})
-                for _ in range(per_client)
-            ]
 
-    with ThreadPoolExecutor(n_clients) as pool:
-        responses = [r for rs in pool.map(client, range(n_clients)) for r in rs]
-    assert len(responses) == n_clients * per_client
+def test_concurrent_requests_are_batched(endpoint, bundles, images):
+    """Rounds of 4 requests released together into batches of at most 4 that wait up to
+    2 s to fill: each round shares one forward pass however slowly the requests arrive
+    (no 20 ms window to hit), and scores equal in any batch."""
+    n_clients, rounds = 4, 3
+    _batching(endpoint, bundles["a"], max_batch_size=n_clients, batch_wait_timeout_s=2.0)
+    try:
+        before = endpoint.stats()
+        barrier = threading.Barrier(n_clients)
+
+        def client(_: int) -> list[httpx.Response]:
+            out = []
+            with httpx.Client(base_url=endpoint.url, timeout=60) as c:
+                for _ in range(rounds):
+                    barrier.wait()  # a round starts when every client is done with the last
+                    out.append(
+                        c.post(
+                            "/v1/predict",
+                            content=images["good"],
+                            headers={"content-type": "image/png"},
+                        )
+                    )
+            return out
+
+        with ThreadPoolExecutor(n_clients) as pool:
+            responses = [r for rs in pool.map(client, range(n_clients)) for r in rs]
+        after = endpoint.stats()
+    finally:
+        _batching(endpoint, bundles["a"], max_batch_size=16, batch_wait_timeout_s=0.02)
+    assert len(responses) == n_clients * rounds
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     scores = {round(r.json()["image_score"], 4) for r in responses}
     assert len(scores) == 1  # the same image scores the same in any batch
-    assert max(r.json()["batch_size"] for r in responses) > 1
-    after = endpoint.stats()
-    assert after["predictions"] - before["predictions"] == n_clients * per_client
+    assert max(r.json()["batch_size"] for r in responses) == n_clients
+    assert after["predictions"] - before["predictions"] == n_clients * rounds
     executed = {
         int(k): v - before["batch_sizes"].get(k, 0) for k, v in after["batch_sizes"].items()
     }
-    assert sum(k * v for k, v in executed.items()) == n_clients * per_client
-    assert max(k for k, v in executed.items() if v > 0) > 1
+    assert sum(k * v for k, v in executed.items()) == n_clients * rounds
+    assert executed.get(n_clients, 0) >= 1, executed
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -73,6 +73,7 @@ def client(ray_local, named):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     _deploy(raw)
     c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    c.serve_config = raw  # type: ignore[attr-defined]  # what the batching test changes
     deadline = time.time() + 60
     while c.get("/healthz").status_code != 200:
         assert time.time() < deadline, "endpoint did not become healthy"
@@ -179,24 +180,47 @@ def test_more_models_than_the_lru_rotate_without_errors(client, named, images):
         assert name in loaded and len(loaded) <= LRU
 
 
+def _set_batch_wait(c: httpx.Client, seconds: float) -> None:
+    """Redeploy with another batch_wait_timeout_s (user_config: in place) and wait for it."""
+    import copy
+
+    raw = copy.deepcopy(c.serve_config)  # type: ignore[attr-defined]
+    raw["applications"][0]["deployments"][0]["user_config"]["batch_wait_timeout_s"] = seconds
+    _deploy(raw)
+    deadline = time.time() + 60
+    while c.get("/v1/model", params={"model": "nut"}).json()["serving"][
+        "batch_wait_timeout_s"
+    ] != pytest.approx(seconds):
+        assert time.time() < deadline, "batch_wait_timeout_s was never applied"
+        time.sleep(0.2)
+
+
 def test_concurrent_requests_batch_per_model(client, named, images):
     """16 clients on two models at once: every answer has its own model's score (a batch
     never mixes models), and requests of one model shared forward passes. All name their
     model with ``?model=``: Serve's batcher only splits batches by the header, so here the
-    app's own grouping is what keeps the models apart."""
+    app's own grouping is what keeps the models apart. Batches wait up to 2 s to fill, so
+    the requests need not arrive within the shipped 20 ms to share one."""
     expected = {n: _core_score(named[n], images[n]) for n in ("fabric", "nut")}
-    with ThreadPoolExecutor(16) as pool:
-        out = list(
-            pool.map(
-                lambda name: (name, _predict(client, images[name], model=name)),
-                ["fabric", "nut"] * 16,
+    for name in expected:  # both loaded first: no load inside the measured batches
+        assert _predict(client, images[name], model=name).status_code == 200
+    _set_batch_wait(client, 2.0)
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            out = list(
+                pool.map(
+                    lambda name: (name, _predict(client, images[name], model=name)),
+                    ["fabric", "nut"] * 16,
+                )
             )
-        )
+    finally:
+        _set_batch_wait(client, 0.02)
     for name, r in out:
         assert r.status_code == 200, r.text
         assert r.json()["model"] == name
         assert r.json()["image_score"] == pytest.approx(expected[name], rel=1e-4)
-    assert max(r.json()["batch_size"] for _, r in out) > 1
+    for name in expected:  # each model shared a forward pass
+        assert max(r.json()["batch_size"] for n, r in out if n == name) > 1
 
 
 def test_live_metrics_reach_rays_prometheus_endpoint(client, prometheus, named, images):

@@ -18,7 +18,7 @@ import yaml
 from mspray.bundle import read_meta
 from mspray.data.datasets import train_paths
 from mspray.fit import fit_detector
-from mspray.ray.serve.deploy import DeployError, verify_replicas
+from mspray.ray.serve.verify import VerifyError, verify_replicas
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -106,7 +106,7 @@ def test_rollout_is_confirmed_per_replica_and_a_failed_swap_is_reported(
         assert [h["loaded"] for h in swapped.values()] == [{"default": version_b}] * 2
 
         _deploy(_config(serve_port, bundles["bad"], replicas=2), blocking=False)
-        with pytest.raises(DeployError, match="failed to swap") as failed:
+        with pytest.raises(VerifyError, match="failed to swap") as failed:
             verify_replicas(url, 2, {"default": bundles["bad"]}, timeout=120)
         assert version_b in str(failed.value)  # names the version that still serves
         n_before = len(results)
