@@ -219,16 +219,16 @@ class Detector:
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
-    def scale_map(
+    def patch_scores(
         self,
         images: torch.Tensor,
         scale: int,
         bank: PatchBank | None = None,
         timings: dict[str, float] | None = None,
     ) -> torch.Tensor:
-        """Pixel map of nearest-neighbour distances at one scale (``B×H×W``, on CPU),
-        against ``bank`` (default: the detector's bank of that scale). With ``timings``,
-        adds seconds per stage under ``encoder_<scale>``, ``search_<scale>`` and ``maps``."""
+        """Nearest-neighbour distance of every patch at one scale (``B×h×w``, on CPU), against
+        ``bank`` (default: the detector's bank of that scale). With ``timings``, adds seconds
+        under ``encoder_<scale>`` and ``search_<scale>``."""
         bank = bank if bank is not None else self.banks[scale]
         timer = _Timer(timings)
         with timer(f"encoder_{scale}"):
@@ -237,11 +237,20 @@ class Detector:
                 torch.cuda.synchronize()
         b, h, w, d = grid.shape
         with timer(f"search_{scale}"):
-            scores = self.search(bank, grid.reshape(-1, d)).view(b, h, w)
-            if timings is not None and scores.is_cuda:
-                torch.cuda.synchronize()
-        with timer("maps"):
-            scores = scores.cpu()
+            scores = self.search(bank, grid.reshape(-1, d)).view(b, h, w).cpu()
+        return scores
+
+    def scale_map(
+        self,
+        images: torch.Tensor,
+        scale: int,
+        bank: PatchBank | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> torch.Tensor:
+        """Pixel map of nearest-neighbour distances at one scale (``B×H×W``, on CPU); with
+        ``timings`` as :meth:`patch_scores`, plus ``maps``."""
+        scores = self.patch_scores(images, scale, bank, timings)
+        with _Timer(timings)("maps"):
             return M.patch_scores_to_map(
                 scores, scale, self.cfg.stride_for(scale), tuple(images.shape[-2:])
             )
@@ -271,14 +280,25 @@ class Detector:
     def predict(self, images: torch.Tensor, timings: dict[str, float] | None = None) -> Prediction:
         """Maps and scores of ``B×3×H×W`` images in [0, 1] (already at the config's size).
 
-        With ``timings``, per-stage seconds are added to it (see :meth:`raw_scale_maps`;
-        fusion and smoothing count under ``maps``, the image scores under ``score``)."""
-        raw = self.raw_scale_maps(images, timings)
+        With ``timings``, per-stage seconds are added to it (see :meth:`patch_scores`; the
+        pixel maps, smoothing and fusion count under ``maps``, the image scores under
+        ``score``)."""
+        missing = [s for s in self.scales if s not in self.banks]
+        if missing:
+            raise RuntimeError(f"no bank for scale(s) {missing}; build or load banks first")
+        grids = {s: self.patch_scores(images, s, timings=timings) for s in self.scales}
         timer = _Timer(timings)
         with timer("maps"):
+            size, sigma = tuple(images.shape[-2:]), self.cfg.model.smoothing_sigma
+            raw, smoothed = {}, {}
+            for s, g in grids.items():
+                stride = self.cfg.stride_for(s)
+                raw[s] = M.patch_scores_to_map(g, s, stride, size)
+                smoothed[s] = M.smoothed_patch_map(g, s, stride, size, sigma)
             stats = self.stats if self.cfg.model.fusion == "zscore" and self.stats else None
-            fused = self._finish(M.fuse_maps(raw, stats))
-            smoothed = {s: self._finish(m) for s, m in raw.items()}
+            # smoothing is linear and keeps constants (its rows sum to one), so the smoothed
+            # fusion is the fusion of the smoothed maps
+            fused = M.fuse_maps(smoothed, stats)
         with timer("score"):
             win, st = self.cfg.model.score_window, self.cfg.model.score_window_stride
             scores = M.image_scores(fused, win, st)

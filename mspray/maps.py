@@ -5,6 +5,7 @@ All functions are batch-first (``B×H×W`` maps) and vectorised: no per-patch Py
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -34,6 +35,55 @@ def patch_scores_to_map(
     (``(H - patch_size) % stride == 0`` and ``stride <= patch_size``, likewise for W), so
     every pixel is covered; otherwise ``ValueError`` (the config enforces this too).
     """
+    hh, ww = _check_grid(scores, patch_size, stride, image_size)
+    s = _float(scores)
+    # The patch-to-pixel spreading is separable: total = A_h · S · A_wᵀ with A[y, i] = 1 when
+    # patch row i covers pixel row y; two small matrix products per image (far cheaper than
+    # a transposed convolution with a patch-sized kernel), and the count is A_h·1 ⊗ A_w·1.
+    a_h = _cover_matrix(hh, patch_size, stride, s.dtype, s.device)
+    a_w = _cover_matrix(ww, patch_size, stride, s.dtype, s.device)
+    total = a_h @ s @ a_w.T
+    count = a_h.sum(1)[:, None] * a_w.sum(1)[None, :]
+    return total / count
+
+
+def smoothed_patch_map(
+    scores: torch.Tensor,
+    patch_size: int,
+    stride: int,
+    image_size: int | tuple[int, int],
+    sigma: float,
+) -> torch.Tensor:
+    """``gaussian_smooth(patch_scores_to_map(scores, ...), sigma)`` in two small products.
+
+    Spreading (eq. 7, divided by the separable cover count) and the blur are both linear
+    and separable, so their composition is ``P_h · S · P_wᵀ`` with ``P = G · diag(1/c) · A``
+    (``side × patches``): a few times cheaper than blurring the pixel map. Equal to the
+    two-step result up to float rounding.
+    """
+    if sigma < 0 or not math.isfinite(sigma):
+        raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
+    hh, ww = _check_grid(scores, patch_size, stride, image_size)
+    s = _float(scores)
+    p_h = _spread_blur(hh, patch_size, stride, float(sigma)).to(s.dtype).to(s.device)
+    p_w = _spread_blur(ww, patch_size, stride, float(sigma)).to(s.dtype).to(s.device)
+    return p_h @ s @ p_w.T
+
+
+@functools.lru_cache(maxsize=64)
+def _spread_blur(side: int, patch: int, stride: int, sigma: float) -> torch.Tensor:
+    """``G · diag(1/c) · A`` of one side in float64 on CPU (cached: a few per config)."""
+    a = _cover_matrix(side, patch, stride, torch.float64, "cpu")
+    spread = a / a.sum(1, keepdim=True)
+    if sigma == 0:
+        return spread
+    return _blur_matrix(side, sigma, torch.float64, "cpu") @ spread
+
+
+def _check_grid(
+    scores: torch.Tensor, patch_size: int, stride: int, image_size: int | tuple[int, int]
+) -> tuple[int, int]:
+    """The image's (H, W); ``ValueError`` unless ``scores`` is the patch grid tiling it."""
     _check_maps(scores, "scores")
     hh, ww = (image_size, image_size) if isinstance(image_size, int) else image_size
     if patch_size < 1 or stride < 1:
@@ -51,15 +101,7 @@ def patch_scores_to_map(
                 f"score grid {tuple(scores.shape[1:])} does not match image {(hh, ww)} "
                 f"(expected {expected} patches along a side of {side})"
             )
-    s = _float(scores)
-    # The patch-to-pixel spreading is separable: total = A_h · S · A_wᵀ with A[y, i] = 1 when
-    # patch row i covers pixel row y; two small matrix products per image (far cheaper than
-    # a transposed convolution with a patch-sized kernel), and the count is A_h·1 ⊗ A_w·1.
-    a_h = _cover_matrix(hh, patch_size, stride, s.dtype, s.device)
-    a_w = _cover_matrix(ww, patch_size, stride, s.dtype, s.device)
-    total = a_h @ s @ a_w.T
-    count = a_h.sum(1)[:, None] * a_w.sum(1)[None, :]
-    return total / count
+    return hh, ww
 
 
 def _cover_matrix(side: int, patch: int, stride: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -100,9 +142,15 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 def _blur_matrix(side: int, sigma: float, dtype: torch.dtype, device) -> torch.Tensor:
     """``side×side`` matrix of the 1-D Gaussian blur with reflect padding; radius
     ``ceil(4σ)`` cut to ``side - 1`` (reflect padding needs pad < side), renormalised."""
+    return _blur_matrix64(side, float(sigma)).to(dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _blur_matrix64(side: int, sigma: float) -> torch.Tensor:
+    """:func:`_blur_matrix` in float64 on CPU (cached: built with a scatter per call)."""
     r = min(math.ceil(4 * sigma), side - 1)
     if r == 0:
-        return torch.eye(side, dtype=dtype, device=device)
+        return torch.eye(side, dtype=torch.float64)
     k = _gaussian_kernel(sigma, r, torch.float64, "cpu")
     src = torch.arange(side)[:, None] + torch.arange(-r, r + 1)[None, :]
     src = src.abs()  # reflect without repeating the edge: -1 -> 1, side -> side - 2
@@ -113,7 +161,7 @@ def _blur_matrix(side: int, sigma: float, dtype: torch.dtype, device) -> torch.T
         k.repeat(side),
         accumulate=True,
     )
-    return g.to(dtype=dtype, device=device)
+    return g
 
 
 def fuse_maps(

@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from mspray import maps as M
 from mspray.maps import fuse_maps, gaussian_smooth, image_scores, patch_scores_to_map
 
 
@@ -146,3 +147,19 @@ def test_image_scores_finds_the_hot_window() -> None:
     maps[1, 8:16, 12:20] = 2.0  # one aligned 8×8 window
     maps[1, 0, 0] = 50.0  # a lone outlier pixel is averaged down (64 pixels per window)
     assert torch.allclose(image_scores(maps), torch.tensor([0.0, 2.0]))
+
+
+@pytest.mark.parametrize(
+    ("patch", "stride", "size", "sigma"),
+    [(16, 4, (64, 64), 4.0), (32, 4, (64, 48), 4.0), (64, 16, (256, 256), 4.0), (16, 4, 32, 0.0)],
+)
+def test_smoothed_patch_map_is_spread_then_blur(patch, stride, size, sigma) -> None:
+    hh, ww = (size, size) if isinstance(size, int) else size
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(3, (hh - patch) // stride + 1, (ww - patch) // stride + 1, generator=g)
+    two_step = M.gaussian_smooth(M.patch_scores_to_map(scores, patch, stride, size), sigma)
+    got = M.smoothed_patch_map(scores, patch, stride, size, sigma)
+    assert got.shape == (3, hh, ww)
+    torch.testing.assert_close(got, two_step, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        M.smoothed_patch_map(scores[:, 1:], patch, stride, size, sigma)
