@@ -11,7 +11,8 @@
 2. The same queries against a greedy coreset bank (``--ratio`` of N, PatchBank.build) and an
    IVF bank: search speed-up over the full exact bank, and for IVF the share of queries whose
    distance equals the exact one.
-3. The scoring search at the bank sizes scoring sees (``--search-banks``, coreset-sized):
+3. The scoring search at the bank sizes scoring sees (``--search-banks``, coreset-sized;
+   or ``--search-data encoder``: the banks and queries of bench_e2e's encoders):
    faiss ``IndexFlatL2`` next to the exact torch search (:class:`mspray.search.TorchSearch`,
    fp32 and bf16/fp16 pre-selection) and the tiled sgemm ceiling of the same FLOPs, as a ratio
    table (x faiss, % of sgemm); every torch row is checked equal to the fp32 exact search.
@@ -22,6 +23,7 @@ torch CUDA for sgemm) when present. ``--tune`` also sweeps faiss's BLAS block si
 
     python benchmarks/bench_bank.py [--bank-n 200000] [--dim 64] [--images 4] [--use-gpu]
     python benchmarks/bench_bank.py --search-only [--search-banks 6000,20000] [--threads 1]
+    python benchmarks/bench_bank.py --search-only --search-data encoder   # patch embeddings
 """
 
 from __future__ import annotations
@@ -160,25 +162,60 @@ def run(args: argparse.Namespace, gpu: bool) -> None:
     print(f"coreset {args.ratio:g} speed-up {t_all2 / t_core:.1f}x (target >= 8x)")
 
 
-def search_table(args: argparse.Namespace, gpu: bool) -> None:
-    """Part 3: faiss flat vs the torch search vs the sgemm ceiling, per bank size."""
-    device = "cuda" if gpu else "cpu"
-    sync = gpu
+def clustered_sets(args: argparse.Namespace):
+    """(label, bank, queries) per ``--search-banks`` size: Gaussian clusters in D dimensions
+    (no low-dimensional structure: the hard case for the pre-selection)."""
     rng = np.random.default_rng(args.seed + 1)
     m, d = args.grid**2 * args.images, args.dim
-    # clustered like patch embeddings (a Gaussian bank has no near neighbours to speak of)
     centers = rng.standard_normal((256, d), dtype=np.float32)
+    for n in (int(v) for v in args.search_banks.split(",")):
+        bank_x = centers[rng.integers(0, 256, n)] + 0.3 * rng.standard_normal((n, d), np.float32)
+        queries = centers[rng.integers(0, 256, m)] + 0.3 * rng.standard_normal((m, d), np.float32)
+        yield "clustered", bank_x, queries
+
+
+def encoder_sets(args: argparse.Namespace):
+    """(label, bank, queries) of scales 32 and 16: random-init encoders (as bench_e2e) on
+    synthetic 256 px images, banks from 20 normal images (greedy coreset 0.1), queries from
+    ``--images`` test images at the inference stride."""
+    import tempfile
+
+    from mspray.config import MSPrayConfig
+    from mspray.data.datasets import test_samples, train_paths
+    from mspray.data.images import load_images
+    from mspray.data.synthetic import make_synthetic_dataset
+    from mspray.model.multiscale import MultiScaleEncoder
+
+    root = tempfile.mkdtemp(prefix="mspray-bank-")
+    make_synthetic_dataset(root, "synthetic", n_train=20, n_test_good=2, n_test_defect=2,
+                           size=256, seed=5)  # fmt: skip
+    spec = f"mvtec:{root}"
+    cfg = MSPrayConfig().replace(**{"model.image_size": 256, "model.pretrained": False})
+    torch.manual_seed(0)
+    model = MultiScaleEncoder(cfg).eval()
+    train = load_images(train_paths(spec, "synthetic"), 256, progress=False)
+    test = load_images([s.path for s in test_samples(spec, "synthetic")], 256, progress=False)
+    for scale in (32, 16):
+        with torch.inference_mode():
+            b = torch.cat([model.embed(train[i : i + 4], scale, 4) for i in range(0, 20, 4)])
+            q = model.embed(test[: args.images], scale)
+        bank = PatchBank.build(b.reshape(-1, b.shape[-1]).numpy(), BankConfig(coreset_ratio=0.1))
+        yield f"encoder {scale}", bank.vectors(), q.reshape(-1, q.shape[-1]).numpy()
+
+
+def search_table(args: argparse.Namespace, gpu: bool) -> None:
+    """Part 3: faiss flat vs the torch search vs the sgemm ceiling, per bank."""
+    device = "cuda" if gpu else "cpu"
+    sync = gpu
     precisions = ["fp32"] + (["fp16"] if gpu else ["bf16"] if cpu_has_native_bf16() else [])
     where = "cuda" if gpu else f"cpu, {torch.get_num_threads()} threads"
-    print(f"\n[search, {where}] {m} queries ({args.images} images), D={d}, clustered data")
-    cols = (
-        f"{'bank N':>7} {'what':<22} {'ms (med)':>9} {'GFLOP/s':>8} {'x faiss':>8} {'% sgemm':>8}"
-    )
+    print(f"\n[search, {where}] {args.images} images of queries, exact results checked")
+    cols = f"{'data':<11} {'bank N':>6} {'queries':>7} {'what':<22} {'ms (med)':>9} {'GFLOP/s':>8}"
+    cols += f" {'x faiss':>8} {'% sgemm':>8}"
     print("  " + cols + "\n  " + "-" * len(cols))
-    for n in (int(v) for v in args.search_banks.split(",")):
-        lab_b, lab_q = rng.integers(0, 256, n), rng.integers(0, 256, m)
-        bank_x = centers[lab_b] + 0.3 * rng.standard_normal((n, d), dtype=np.float32)
-        queries = centers[lab_q] + 0.3 * rng.standard_normal((m, d), dtype=np.float32)
+    sets = encoder_sets(args) if args.search_data == "encoder" else clustered_sets(args)
+    for label, bank_x, queries in sets:
+        (n, d), m = bank_x.shape, queries.shape[0]
         flops = 2.0 * m * n * d
         bank = PatchBank.build(bank_x, BankConfig(coreset_ratio=1.0, search_chunk=m, use_gpu=gpu))
         qt = torch.from_numpy(queries).to(device)
@@ -191,8 +228,8 @@ def search_table(args: argparse.Namespace, gpu: bool) -> None:
         names = ["sgemm 4096x1024 tiles", "faiss IndexFlatL2"] + [f"torch {p}" for p in searchers]
         for name, t in zip(names, [t_sgemm, t_faiss, *t_torch], strict=True):
             print(
-                f"  {n:>7} {name:<22} {t * 1e3:>9.1f} {flops / t / 1e9:>8.1f} "
-                f"{t_faiss / t:>8.2f} {t_sgemm / t:>8.0%}"
+                f"  {label:<11} {n:>6} {m:>7} {name:<22} {t * 1e3:>9.1f} {flops / t / 1e9:>8.1f}"
+                f" {t_faiss / t:>8.2f} {t_sgemm / t:>8.0%}"
             )
         for p, s in searchers.items():
             if not torch.equal(s.search(qt).cpu(), exact):
@@ -228,6 +265,10 @@ def main() -> None:
     ap.add_argument("--use-gpu", action="store_true", help="also run on faiss-gpu if present")
     ap.add_argument("--search-banks", default="6000,20000", help="bank sizes of part 3")
     ap.add_argument("--search-only", action="store_true", help="run only part 3")
+    ap.add_argument(
+        "--search-data", choices=("clustered", "encoder"), default="clustered",
+        help="part 3 data: Gaussian clusters, or embeddings of random-init encoders",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)  # PatchBank passes this on to faiss

@@ -188,7 +188,7 @@ class BankConfig(Section):
     search_precision: Literal["auto", "fp32", "bf16", "fp16"] = setting(
         "auto",
         "pre-selection precision of the torch search (results stay exact fp32): auto is fp16 "
-        "on CUDA, fp32 on CPU",
+        "on CUDA, bf16 on a CPU with native bf16, else fp32",
     )
     search_candidates: int = setting(
         8, "candidates per query the torch search re-ranks exactly", ge=1

@@ -57,10 +57,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def resolve_search_precision(precision: str, device: torch.device) -> str:
     """``bank.search_precision`` -> the torch search's pre-selection precision.
 
-    "auto" is fp16 on CUDA and fp32 on CPU (torch's CPU reductions over bf16 scores cost
-    more than the faster bf16 product saves; see benchmarks/bench_bank.py)."""
+    "auto" is fp16 on CUDA, bf16 on a CPU with native bf16 (AMX/AVX512-BF16 products, a few
+    candidates re-ranked in fp32), else fp32 (see benchmarks/README.md)."""
     if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
+        if device.type == "cuda":
+            return "fp16"
+        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("bank.search_precision='fp16' needs a GPU; use 'bf16' or 'fp32' on CPU")
     return precision

@@ -161,12 +161,24 @@ class TorchSearch:
         """Squared min distances of one tile of ``T`` queries (fp32, on the device)."""
         qa, qnorm = self._augment(q)
         t = q.shape[0]
+        half = self.dtype != torch.float32
+        if half:
+            # Non-negative 2-byte floats order like their bits read as int16, and integer min
+            # and top-k run several times faster than bf16 ones on CPU. An offset above every
+            # rounding error (added through the |q|² column) keeps the scores >= 0.
+            top = qnorm.max()
+            offset = 2 * self._bound(top, (top + self.radius).square() + top.square(), self.dtype)
+            qa = qa.clone()
+            qa[:, -1] += offset
         scores = (self._aug @ qa.to(self.dtype).T).view(self.groups, _GROUP, t)
-        gmin, gidx = scores.amin(1).topk(self.k_groups, dim=0, largest=False)  # kg×T
+        keys = scores.view(torch.int16) if half else scores
+        gmin, gidx = keys.amin(1).topk(self.k_groups, dim=0, largest=False)  # kg×T
         cols = torch.arange(t, device=q.device)
         # the best groups' scores, T×(kg·G) (advanced indices first: kg×T×G)
-        inner = scores[gidx, :, cols].transpose(0, 1).reshape(t, -1)
+        inner = keys[gidx, :, cols].transpose(0, 1).reshape(t, -1)
         vals, pos = inner.topk(self.k, dim=1, largest=False)
+        if half:
+            gmin, vals = gmin.view(self.dtype), vals.view(self.dtype)
         rows = gidx.T.gather(1, pos // _GROUP) * _GROUP + pos % _GROUP  # T×k bank rows
         exact = (q[:, None, :] - self.vectors[rows.clamp_max(self.ntotal - 1)]).square()
         exact = exact.sum(-1).amin(1)
@@ -179,7 +191,8 @@ class TorchSearch:
         sure = (vals - low > margin) & ((gmin - low > margin) | (self.k_groups == self.groups))
         if not bool(sure.all()):
             unsure = (~sure).nonzero().squeeze(1)
-            exact[unsure] = self._exhaustive(q[unsure], qa[unsure], qnorm[unsure])
+            qa32, _ = self._augment(q[unsure])
+            exact[unsure] = self._exhaustive(q[unsure], qa32, qnorm[unsure])
         return exact
 
     def _exhaustive(self, q: torch.Tensor, qa: torch.Tensor, qnorm: torch.Tensor) -> torch.Tensor:

@@ -127,3 +127,22 @@ def test_groups_not_taken_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     b = _clustered(2000, 16, 4, seed=8)
     q = _clustered(500, 16, 4, seed=9)
     assert torch.equal(TorchSearch(b, precision="bf16", candidates=2).search(q), _direct_fp32(q, b))
+
+
+def test_auto_search_precision_follows_the_device() -> None:
+    from mspray.detector import cpu_has_native_bf16, resolve_search_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_search_precision("auto", cpu) == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolve_search_precision("fp32", cpu) == "fp32"
+    with pytest.raises(ValueError):
+        resolve_search_precision("fp16", cpu)
+
+
+def test_half_precision_scores_stay_non_negative_for_integer_ordering() -> None:
+    # Queries on bank points: true distances 0, rounding pushes raw scores below zero, where
+    # int16 keys would order backwards without the offset.
+    g = torch.Generator().manual_seed(10)
+    b = torch.randn(3000, 16, generator=g) * 3
+    q = b[torch.randperm(3000, generator=g)[:1000]] + 1e-4 * torch.randn(1000, 16, generator=g)
+    _check(q, b, "bf16", candidates=2)
