@@ -11,7 +11,8 @@ mspray modes (one detector: encoders, banks, stats and threshold shared; only
 ``score.precision`` / ``score.channels_last`` / ``score.runtime`` differ):
 
 - ``fp32-nchw``: fp32, contiguous NCHW, the unoptimised baseline;
-- ``fp32``: fp32 + channels_last (the reference the reduced-precision modes are held to);
+- ``fp32``: fp32 + channels_last, fp32 search pre-selection (the reference the
+  reduced-precision modes are held to, and the default on a CPU without native bf16);
 - ``default``: the default config (``precision="auto"`` resolves per device; channels_last;
   the exact torch bank search on the scoring device);
 - ``default-faiss``: the default with the bank search on faiss (``bank.search="faiss"``);
@@ -167,7 +168,8 @@ def mode_detector(base: Detector, mode: str) -> Detector:
     """A detector sharing ``base``'s weights, banks and calibration, in ``mode``."""
     over = {
         "fp32-nchw": {"score.precision": "fp32", "score.channels_last": False},
-        "fp32": {"score.precision": "fp32"},
+        # what "auto" resolves to on a CPU without native bf16
+        "fp32": {"score.precision": "fp32", "bank.search_precision": "fp32"},
         "default": DEFAULTS,
         "default-faiss": {**DEFAULTS, "bank.search": "faiss"},
         "bf16": {"score.precision": "bf16"},
