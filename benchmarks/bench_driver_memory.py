@@ -7,7 +7,10 @@ loaded, just before the build, so the build's own working memory shows apart fro
 ~0.6 GB of torch and Ray every driver carries. Same bundle (random-init encoders), same
 settings, only the number of normal images differs. The candidate budget is small so that
 both sizes go through the per-shard coreset, and calibration is the default cross-fit, so
-the run shows whether anything on the driver still grows with the image count.
+the run shows whether anything on the driver still grows with the image count. The child
+also samples (every 0.2 s) the PSS of its Ray workers (``ray::`` processes: actors, decode
+and coreset tasks): the largest one and their sum, so worker memory shows next to the
+driver's.
 
     python benchmarks/bench_driver_memory.py [--n 16] [--image-size 256]
 
@@ -25,7 +28,7 @@ import sys
 import tempfile
 
 CHILD = """
-import json, resource, sys, time
+import json, os, resource, sys, threading, time
 from mspray.bundle import load_bundle
 from mspray.config import PoolConfig
 from mspray.data.datasets import train_paths
@@ -33,14 +36,55 @@ from mspray.ray.data.banks import build_banks
 from mspray.ray.runtime import init_ray
 bundle, spec, n, out, over = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 uris = sorted(train_paths(spec, "synthetic"))[:n]
+peak = {"worker": 0, "workers": 0}  # KiB: largest Ray worker's PSS, sum over Ray workers
+stop = threading.Event()
+
+def kib(pid, path, key):
+    try:
+        for line in open(f"/proc/{pid}/{path}"):
+            if line.startswith(key):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+def workers():
+    # Ray workers descend from this driver (it started the local Ray): ray::<task or actor>
+    kids = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+            cmd = open(f"/proc/{pid}/cmdline").read()
+        except OSError:
+            continue
+        kids.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append((int(pid), cmd))
+    out, todo = [], [os.getpid()]
+    while todo:
+        for pid, cmd in kids.get(todo.pop(), []):
+            todo.append(pid)
+            if cmd.startswith("ray::"):
+                out.append(pid)
+    return out
+
+def sample():
+    while not stop.wait(0.2):
+        pss = [kib(p, "smaps_rollup", "Pss:") for p in workers()]
+        peak["worker"] = max([peak["worker"], *pss])
+        peak["workers"] = max(peak["workers"], sum(pss))
+
 init_ray(progress=False)
 load_bundle(bundle, with_banks=False)  # the model, as build_banks loads it
 base = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
 t0 = time.perf_counter()
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
 r = build_banks(bundle, uris, out=out, pool=PoolConfig(workers=2), overrides=json.loads(over),
                 progress=False)
+stop.set()
+sampler.join()
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "base_rss_mb": base, "seconds": time.perf_counter() - t0,
+                  "worker_pss_mb": peak["worker"] / 1024, "workers_pss_mb": peak["workers"] / 1024,
                   "bank_sizes": r.bank_sizes, "n_images": r.n_images}))
 """
 
@@ -101,19 +145,26 @@ def main() -> None:
         + (f", mspray from {args.pythonpath}" if args.pythonpath else "")
     )
     print(
-        "| images | driver peak RSS MB | RSS before the build MB | peak - before MB | build s "
-        "| bank sizes |\n|---|---|---|---|---|---|"
+        "| images | driver peak RSS MB | RSS before the build MB | peak - before MB "
+        "| largest worker PSS MB | all workers PSS MB | build s | bank sizes |\n"
+        "|---|---|---|---|---|---|---|---|"
     )
     for n, r in rows.items():
         sizes = "/".join(str(v) for v in r["bank_sizes"].values())
         work = r["peak_rss_mb"] - r["base_rss_mb"]
         print(
             f"| {n} | {r['peak_rss_mb']:.0f} | {r['base_rss_mb']:.0f} | {work:.0f} "
+            f"| {r['worker_pss_mb']:.0f} | {r['workers_pss_mb']:.0f} "
             f"| {r['seconds']:.0f} | {sizes} |"
         )
     small, big = rows[args.n], rows[n_all]
     ratio = big["peak_rss_mb"] / small["peak_rss_mb"]
     print(f"driver peak memory 4N / N: {ratio:.2f}x (goal <= 1.10x)")
+    for key, what in (
+        ("worker_pss_mb", "largest Ray worker"),
+        ("workers_pss_mb", "all Ray workers"),
+    ):
+        print(f"{what} peak PSS 4N / N: {big[key] / max(small[key], 1e-9):.2f}x")
     grow = (big["peak_rss_mb"] - small["peak_rss_mb"]) / (n_all - args.n) * 1024
     print(f"growth of the peak per extra image: {grow:.0f} KB")
 

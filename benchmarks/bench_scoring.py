@@ -1,21 +1,25 @@
-"""Batch scoring on Ray Data: images/s with 1 vs 2 actors, and peak memory for N vs 4N images.
+"""Batch scoring on Ray Data against ``mspray evaluate`` in-process, on the same images.
 
-One local Ray (4 logical CPUs), one bundle (random-init encoders, all three scales, banks
-from synthetic normal images), synthetic test images; every run goes through the public
-``score_prefix`` into a fresh output folder. Throughput is given end to end (actor start-up
-included) and in steady state (from the first part to the last, minus the first unit of
-each actor). Memory is sampled every 0.2 s over this process and all its descendants (GCS,
-raylet, Ray workers): the sum of their PSS (shared pages split between processes, so the
-sum is not inflated), the PSS of the largest scoring actor, and the driver's own RSS; each
-run starts once the previous run's actors have exited. Prints a table and the ratios.
+One local Ray (started as ``mspray score`` starts it), one bundle (random-init encoders,
+all three scales, banks from synthetic normal images), synthetic test images; every scoring
+run goes through the public ``score_prefix`` with the defaults of ``mspray score`` (actors,
+threads and unit size chosen for the machine) into a fresh output folder, and the same
+images are scored in this process the way ``mspray evaluate`` does (``mspray.evaluate``,
+torch on every core). The two alternate ``--repeats`` times; the best of each is shown.
 
-    python benchmarks/bench_scoring.py [--n 96] [--image-size 256] [--part-size 4]
+Scoring throughput is given end to end (the pipeline, actor start-up included) and in steady
+state (from the first part to the last, minus the first unit of each actor); evaluate's as
+wall time (decoding included) and model time (its ``seconds_per_image``).
 
-Enough units per actor (N / part size) keep the steady-state estimate fine-grained; run it
-on an otherwise idle machine (the load average is printed), since the actors compete with
-everything else for the cores. Figures on the 2-core dev VM (load ~1.4): 2.47 -> 4.31
-images/s steady (1.74x), 2.21 -> 3.86 end to end (1.75x); peak memory 4N / N: 1.01x for
-the whole process tree, 1.02x for the largest actor, 1.01x for the driver.
+``--actors`` adds runs with 1 and 2 actors (units of ``--part-size``); ``--memory`` adds
+peak memory for N vs 4N images: sampled every 0.2 s over this process and its descendants
+(GCS, raylet, Ray workers): the sum of their PSS, the PSS of the largest scoring actor and
+the driver's own RSS; each run starts once the previous run's actors have exited.
+
+    python benchmarks/bench_scoring.py [--n 96] [--image-size 256] [--actors] [--memory]
+
+Run it on an otherwise idle machine (the load average is printed), since the actors compete
+with everything else for the cores.
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ import time
 from pathlib import Path
 
 from mspray import storage
+from mspray.bundle import load_bundle
 from mspray.config import MSPrayConfig, PoolConfig
-from mspray.data.datasets import train_paths
+from mspray.data.datasets import test_samples, train_paths
 from mspray.data.synthetic import make_synthetic_dataset
+from mspray.device import resolve_device
+from mspray.evaluate import evaluate
 from mspray.fit import fit_detector
 from mspray.ray.data.scoring import ScoreSummary, score_prefix
 from mspray.ray.runtime import init_ray
@@ -119,41 +126,48 @@ class MemorySampler:
         self._thread.join()
 
 
-def steady_rate(s: ScoreSummary, workers: int, part_size: int) -> float:
+def steady_rate(s: ScoreSummary) -> float:
     """Images/s from the first part to the last, without each actor's first unit (mostly
     computed before the first part arrived)."""
     window = s.score_seconds - s.first_part_seconds
-    return max(s.scored - workers * part_size, 0) / window if window > 0 else float("nan")
+    unit = s.scored / max(1, s.parts)
+    return max(s.scored - s.actors * unit, 0) / window if window > 0 else float("nan")
 
 
-def run(bundle: str, inp: str, out: str, workers: int, part_size: int, sample: bool):
+def run(bundle: str, inp: str, out: str, pool: PoolConfig, part_size: int | None, sample: bool):
     """One scoring run into a fresh ``out``; memory is sampled only when asked, since
     reading /proc costs CPU that a timed run on 2 cores would feel."""
     wait_for_no_actors()
     with MemorySampler() if sample else contextlib.nullcontext() as mem:
-        s = score_prefix(
-            bundle,
-            inp,
-            out,
-            pool=PoolConfig(workers=workers),
-            part_size=part_size,
-            progress=False,
-        )
+        s = score_prefix(bundle, inp, out, pool=pool, part_size=part_size, progress=False)
     assert s.missing == 0 and s.duplicates == 0 and s.errors == 0, s.line()
     return s, mem
 
 
+def run_evaluate(bundle: str, inp: str) -> tuple[float, dict]:
+    """``mspray evaluate`` in this process on the images of ``inp``: (wall s, metrics)."""
+    det = load_bundle(bundle, device=resolve_device("auto"))
+    samples = test_samples(f"folder:{inp}")
+    t0 = time.perf_counter()
+    metrics = evaluate(det, samples, progress=False)
+    return time.perf_counter() - t0, metrics
+
+
+def _row(label: str, s: ScoreSummary) -> str:
+    return (
+        f"{label:<34}{s.scored:>7}{s.score_seconds:>8.1f}{s.scored / s.score_seconds:>11.2f}"
+        f"{steady_rate(s):>14.2f}{s.first_part_seconds:>12.1f}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=96, help="images of the small set (N)")
+    ap.add_argument("--n", type=int, default=96, help="images of the set (N)")
     ap.add_argument("--image-size", type=int, default=256)
-    ap.add_argument("--part-size", type=int, default=4)
-    ap.add_argument(
-        "--repeats",
-        type=int,
-        default=2,
-        help="alternating 1/2-actor runs on N; the best of each is reported",
-    )
+    ap.add_argument("--part-size", type=int, default=4, help="unit size of the --actors runs")
+    ap.add_argument("--repeats", type=int, default=2, help="alternations; the best is shown")
+    ap.add_argument("--actors", action="store_true", help="also 1 vs 2 actors")
+    ap.add_argument("--memory", action="store_true", help="also peak memory, N vs 4N")
     ap.add_argument("--workdir", help="default: a temp folder")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -185,45 +199,70 @@ def main() -> None:
 
     cpus = int(ray.cluster_resources().get("CPU", 0))
     load = os.getloadavg()[0]
-    best: dict[int, ScoreSummary] = {}
-    # Alternate 1 and 2 actors, so a burst of load from other processes hits both alike.
+    best: dict[str, ScoreSummary] = {}
+    best_eval: tuple[float, dict] | None = None
+
+    def keep(key: str, s: ScoreSummary) -> None:
+        if key not in best or steady_rate(s) > steady_rate(best[key]):
+            best[key] = s
+
+    # Alternate the contenders, so a burst of load from other processes hits all alike.
     for r in range(args.repeats):
-        for workers in (1, 2):
-            s, _ = run(bundle, str(small), str(work / f"out_n_{workers}_{r}"), workers, ps, False)
-            if workers not in best or steady_rate(s, workers, ps) > steady_rate(
-                best[workers], workers, ps
-            ):
-                best[workers] = s
-    s1, mem1 = run(bundle, str(small), str(work / "out_n_mem"), 2, ps, True)
-    s4, mem4 = run(bundle, str(large), str(work / "out_4n_mem"), 2, ps, True)
+        wall, metrics = run_evaluate(bundle, str(small))
+        if best_eval is None or wall < best_eval[0]:
+            best_eval = (wall, metrics)
+        s, _ = run(bundle, str(small), str(work / f"out_default_{r}"), PoolConfig(), None, False)
+        keep("default", s)
+        if args.actors:
+            for w in (1, 2):
+                out = str(work / f"out_n_{w}_{r}")
+                keep(f"{w}", run(bundle, str(small), out, PoolConfig(workers=w), ps, False)[0])
 
     print(
-        f"\n{size}x{size} images, scales {cfg.model.scales}, part size {ps}, "
-        f"local Ray with {cpus} logical CPUs on {os.cpu_count()} cores; load average "
-        f"{load:.1f} at start, {os.getloadavg()[0]:.1f} at end; best of {args.repeats} for N"
+        f"\n{size}x{size} images, scales {cfg.model.scales}, local Ray with {cpus} logical "
+        f"CPUs on {os.cpu_count()} cores; load average {load:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end; best of {args.repeats}"
     )
-    head = f"{'run':<14}{'images':>7}{'wall s':>8}{'img/s e2e':>11}{'img/s steady':>14}"
+    head = f"{'run':<34}{'images':>7}{'wall s':>8}{'img/s e2e':>11}{'img/s steady':>14}"
     head += f"{'start-up s':>12}"
     print(head)
     print("-" * len(head))
-    for label, w in (("N, 1 actor", 1), ("N, 2 actors", 2)):
-        s = best[w]
-        print(
-            f"{label:<14}{s.scored:>7}{s.score_seconds:>8.1f}{s.scored / s.score_seconds:>11.2f}"
-            f"{steady_rate(s, w, ps):>14.2f}{s.first_part_seconds:>12.1f}"
-        )
-    one, two = best[1], best[2]
-    e2e = (two.scored / two.score_seconds) / (one.scored / one.score_seconds)
-    steady = steady_rate(two, 2, ps) / steady_rate(one, 1, ps)
-    print(f"speed-up 2 vs 1 actors: steady {steady:.2f}x, end to end {e2e:.2f}x (target >= 1.7x)")
+    wall, metrics = best_eval
+    model_rate = 1.0 / metrics["seconds_per_image"]
+    print(
+        f"{'evaluate, in-process':<34}{metrics['n_images']:>7}{wall:>8.1f}"
+        f"{metrics['n_images'] / wall:>11.2f}{model_rate:>14.2f}{'':>12}"
+    )
+    d = best["default"]
+    unit = round(d.scored / max(1, d.parts))
+    print(_row(f"score, defaults ({d.actors} actors, ~{unit}/unit)", d))
+    for w in (1, 2) if args.actors else ():
+        print(_row(f"score, {w} actor(s), units of {ps}", best[f"{w}"]))
+    print(
+        f"score / evaluate per image: end to end {d.scored / d.score_seconds * wall / n:.2f}x, "
+        f"steady {steady_rate(d) / model_rate:.2f}x of evaluate's model time "
+        f"(evaluate's steady column: 1 / seconds_per_image, decoding excluded)"
+    )
+    if args.actors:
+        one, two = best["1"], best["2"]
+        e2e = (two.scored / two.score_seconds) / (one.scored / one.score_seconds)
+        print(f"speed-up 2 vs 1 actors: steady {steady_rate(two) / steady_rate(one):.2f}x, "
+              f"end to end {e2e:.2f}x")  # fmt: skip
+    if args.memory:
+        memory(bundle, small, large, work)
 
-    head = f"\n{'run (memory)':<14}{'images':>7}{'wall s':>8}{'tree PSS MiB':>14}"
+
+def memory(bundle: str, small: Path, large: Path, work: Path) -> None:
+    """Peak memory of a default scoring run over N and over 4N images."""
+    s1, mem1 = run(bundle, str(small), str(work / "out_n_mem"), PoolConfig(), None, True)
+    s4, mem4 = run(bundle, str(large), str(work / "out_4n_mem"), PoolConfig(), None, True)
+    head = f"\n{'run (memory, defaults)':<24}{'images':>7}{'wall s':>8}{'tree PSS MiB':>14}"
     head += f"{'actor PSS MiB':>15}{'driver RSS MiB':>16}"
     print(head)
     print("-" * (len(head) - 1))
-    for label, s, m in (("N, 2 actors", s1, mem1), ("4N, 2 actors", s4, mem4)):
+    for label, s, m in (("N", s1, mem1), ("4N", s4, mem4)):
         print(
-            f"{label:<14}{s.scored:>7}{s.score_seconds:>8.1f}{m.peak_tree / 1024:>14.0f}"
+            f"{label:<24}{s.scored:>7}{s.score_seconds:>8.1f}{m.peak_tree / 1024:>14.0f}"
             f"{m.peak_actor / 1024:>15.0f}{m.peak_driver / 1024:>16.0f}"
         )
     print(

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 #: Failures that are the file's own (empty, corrupt, truncated, unsupported, too large, not
 #: found): an error row, never retried. Everything else is transient or environmental.
 BAD_INPUT: tuple[type[BaseException], ...] = (ImageDecodeError, FileNotFoundError)
+#: Memory per reader thread of a decode task: one large source image (8 MP) decoded to RGB
+#: and converted to float (15 bytes a pixel) before it is resized.
+SOURCE_IMAGE_BYTES = 8_000_000 * 15
 #: Attempts per image read on other errors (each after the S3 client's own retries), and
 #: the first backoff in seconds (doubling).
 READ_ATTEMPTS = 3
@@ -190,11 +193,19 @@ def decode_unit(
     failure (see :func:`load_or_error`) gives a row with ``failure`` set and no images.
     ``rejected`` paths are never read: their error is given."""
     rejected = rejected or {}
+
+    def load(uri: str) -> torch.Tensor | str:
+        if uri in rejected:
+            return rejected[uri]
+        image = load_or_error(uri, size, cfg)
+        # uint8 on the reader thread: the unit never holds its images as float
+        return to_uint8(image) if isinstance(image, torch.Tensor) else image
+
     try:
-        results = list(pool.map(lambda u: rejected.get(u) or load_or_error(u, size, cfg), paths))
+        results = list(pool.map(load, paths))
     except TransientError as e:
         return {"paths": paths, "errors": [None] * len(paths), "images": b"", "failure": str(e)}
-    good = [to_uint8(r).numpy() for r in results if isinstance(r, torch.Tensor)]
+    good = [r.numpy() for r in results if isinstance(r, torch.Tensor)]
     images = np.stack(good) if good else np.empty((0, 3, size, size), np.uint8)
     return {
         "paths": paths,
@@ -202,6 +213,13 @@ def decode_unit(
         "images": np.ascontiguousarray(images, np.uint8).tobytes(),
         "failure": None,
     }
+
+
+def decode_memory(unit: int, size: int, io_threads: int) -> int:
+    """Bytes a decode task reserves: its unit as uint8 four times over (the images, their
+    stack, its bytes and the Arrow row) and, per reader thread, a source image of up to
+    :data:`SOURCE_IMAGE_BYTES` decoded with its float copy and resize."""
+    return 4 * unit * 3 * size * size + io_threads * SOURCE_IMAGE_BYTES
 
 
 def decode_units(

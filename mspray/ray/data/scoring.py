@@ -43,7 +43,7 @@ from mspray.config import PoolConfig
 from mspray.lease import DEFAULT_TTL_S, Lease
 from mspray.output import error_units, read_results, write_run_summary
 from mspray.ray.data.plan import ScoringPlan, list_inputs
-from mspray.ray.data.reading import decode_units, unsafe_key_error
+from mspray.ray.data.reading import decode_memory, decode_units, unsafe_key_error
 from mspray.ray.data.scorer import UnitScorer
 from mspray.ray.data.summary import ScoreSummary
 from mspray.ray.runtime import (
@@ -52,16 +52,14 @@ from mspray.ray.runtime import (
     concurrent_actors,
     init_ray,
     map_with_detector,
+    one_local_node,
 )
 from mspray.report import build_report, calibration_from_bundle
 
 log = logging.getLogger(__name__)
 
-#: Decode tasks running at once, per actor that can score at once.
+#: Decode tasks running at once, per actor of a pool of known size.
 DECODE_AHEAD = 2
-#: Memory per reader thread of a decode task: one large source image (8 MP) decoded to RGB
-#: and converted to float (15 bytes a pixel) before it is resized.
-SOURCE_IMAGE_BYTES = 8_000_000 * 15
 
 #: Part of the scoring rules, importable from here as before the split into modules.
 __all__ = ["ScoreSummary", "UnitScorer", "list_inputs", "score_prefix", "unsafe_key_error"]
@@ -193,10 +191,14 @@ def _score_pending(
         init_ray(address, progress)
         res = actor_resources(plan.pool, plan.first.cfg)
         actors = concurrent_actors(plan.pool, res, spare_cpus=plan.pool.decode_cpus)
+        if plan.pool.workers is None and one_local_node():
+            # a node that cannot grow: no more actors than its cores hold (each loads the
+            # model, and more of them than cores only share the cores)
+            plan.pool = plan.pool.model_copy(update={"workers": actors})
         size = plan.unit_size(len(pending), actors)
         log.info("%d actors (%s) can score at once: units of %d images", actors, res, size)
         units = plan.units(pending, assignment, redo, size)
-        _run_units(plan, units, res, actors, progress, summary, lease)
+        _run_units(plan, units, res, progress, summary, lease)
     after = Counter(
         p for p in read_results(output, ["path"]).column("path").to_pylist() if p in assignment
     )
@@ -206,24 +208,16 @@ def _score_pending(
     return summary
 
 
-def decode_memory(unit: int, size: int, io_threads: int) -> int:
-    """Bytes a decode task reserves: its unit as uint8 four times over (the images, their
-    stack, its bytes and the Arrow row) and, per reader thread, a source image of up to
-    :data:`SOURCE_IMAGE_BYTES` decoded with its float copy and resize."""
-    return 4 * unit * 3 * size * size + io_threads * SOURCE_IMAGE_BYTES
-
-
 def _run_units(
     plan: ScoringPlan,
     units: list[dict[str, Any]],
     res: ActorResources,
-    actors: int,
     progress: bool,
     summary: ScoreSummary,
     lease: Lease,
 ) -> None:
-    """The two-stage pipeline (decode tasks -> scoring actors) over ``units``, with up to
-    ``actors`` actors reserving ``res``; adds its counts to ``summary``."""
+    """The two-stage pipeline (decode tasks -> scoring actors reserving ``res``) over
+    ``units``; adds its counts to ``summary``."""
     import ray
     from tqdm.auto import tqdm
 
@@ -243,10 +237,15 @@ def _run_units(
             "input_root": plan.input_root,
         },
         num_cpus=pool.decode_cpus,
-        # a few units decoded ahead of each actor: memory for them is reserved, and the
-        # cap keeps a cluster of many CPUs from decoding far ahead of the model
+        # memory for a decoded unit is reserved, and a pool of known size gets a few units
+        # decoded ahead of each actor; a pool that grows with an autoscaling cluster is not
+        # capped by the actors of the moment (its backlog is what makes the cluster grow)
         memory=decode_memory(largest, image_size, pool.io_threads),
-        concurrency=min(DECODE_AHEAD * actors, len(units)),
+        compute=(
+            ray.data.TaskPoolStrategy(size=min(DECODE_AHEAD * pool.workers, len(units)))
+            if pool.workers
+            else None
+        ),
     )
     ds = map_with_detector(
         ds,
