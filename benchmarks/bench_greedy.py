@@ -33,8 +33,8 @@ import faiss
 import numpy as np
 import torch
 
-from mspray.coreset import greedy_coreset
 from mspray.config import MSPrayConfig
+from mspray.coreset import greedy_coreset
 from mspray.data.datasets import train_paths
 from mspray.data.images import load_images
 from mspray.data.synthetic import make_synthetic_dataset
