@@ -304,9 +304,12 @@ def test_injected_failure_resumes_from_the_last_checkpoint(ray_local, split, tmp
     assert result.metrics["world_size"] == 2
     for k in ("svdd", "cos", "ssl", "kmeans", "val_score", "ssl_acc", "spread", "samples_per_s"):
         assert k in result.metrics
-    # The driver gets the weights with the best validation score.
-    best = min(hist, key=lambda h: h["val_score"])
-    assert state["best_val"] == best["val_score"] and state["best_epoch"] == best["epoch"]
+    # The candidates survive the resume: epoch 0 (untrained) and every finished epoch once,
+    # and the driver gets the weights of the best synthetic-anomaly score (ties: earlier).
+    cands = state["candidates"]
+    assert [int(c["epoch"]) for c in cands] == [0, 1, 2, 3]
+    best = max(cands, key=lambda c: (c["score"], -c["epoch"]))
+    assert state["best_epoch"] == int(best["epoch"]) and state["best_val"] == -best["score"]
     for k, v in models[SCALE].state_dict().items():
         assert torch.equal(v, state["best_state"][k])
 
