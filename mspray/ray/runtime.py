@@ -168,12 +168,23 @@ def concurrent_actors(pool: PoolConfig, res: ActorResources, spare_cpus: float =
         n = int(total.get("GPU", 0) // res.gpus)
     else:
         n = int((total.get("CPU", 0) - spare_cpus) // res.cpus)
-        nodes = [node for node in ray.nodes() if node.get("Alive")]
-        here = ray.util.get_node_ip_address()
-        if len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == here:
+        if one_local_node():
             n = min(n, int((os.cpu_count() or 1) // res.cpus))
     n = max(1, n)
     return min(n, pool.workers) if pool.workers else n
+
+
+def one_local_node() -> bool:
+    """Whether the connected cluster is one node with CPUs on this machine (the private
+    local Ray, or a ``ray start --head`` here without workers): its logical CPUs may be more
+    than the machine's cores. A lone head without CPUs is not one: work there waits for
+    the nodes an autoscaler adds."""
+    import ray
+
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) != 1 or nodes[0]["Resources"].get("CPU", 0) <= 0:
+        return False
+    return nodes[0].get("NodeManagerAddress") == ray.util.get_node_ip_address()
 
 
 def is_lasting_device_failure(e: BaseException) -> bool:
