@@ -227,13 +227,6 @@ def where_am_i() -> tuple[str, str]:
     return ctx.get_node_id(), ctx.get_actor_id() or ""
 
 
-def bundle_config(bundle: str, overrides: dict[str, Any] | None = None) -> MSPrayConfig:
-    """Kept for callers not yet switched: :func:`mspray.bundle.load_config`."""
-    from mspray.bundle import load_config
-
-    return load_config(bundle, overrides)
-
-
 class DetectorActor:
     """Base of every Ray Data stage that runs the model: loads the bundle once per actor.
 

@@ -28,12 +28,12 @@ import torch
 
 from mspray import storage
 from mspray.bank import PatchBank
+from mspray.bundle import load_config
 from mspray.config import BankConfig, MSPrayConfig, PoolConfig
 from mspray.coreset import greedy_coreset
 from mspray.ray.data.reading import iter_loaded
 from mspray.ray.runtime import (
     DetectorActor,
-    bundle_config,
     gpus_per_actor,
     init_ray,
     map_with_detector,
@@ -327,7 +327,7 @@ def build_banks(
     pool = pool or PoolConfig()
     target = out or bundle_root(bundle)
     bundle = resolve_bundle(bundle)  # the driver and every actor use this one version
-    cfg = bundle_config(bundle, overrides)
+    cfg = load_config(bundle, overrides)
     det = load_bundle(bundle, with_banks=append, config=cfg)
     if append:
         bank_uris, val_uris = sorted(uris), []
