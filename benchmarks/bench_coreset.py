@@ -16,10 +16,10 @@ import time
 
 import torch
 
+from mspray.cli.demo import demo_config
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
 from mspray.data.synthetic import make_synthetic_dataset
-from mspray.cli.demo import demo_config
 from mspray.evaluate import evaluate
 from mspray.fit import fit_detector, split_holdout
 
