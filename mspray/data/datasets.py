@@ -52,7 +52,7 @@ def parse_spec(spec: str | DatasetSpec) -> DatasetSpec:
         return spec
     text = spec.strip()
     prefix, sep, rest = text.partition(":")
-    bare = storage.is_remote(text) or text[:7].lower() == "file://" or not sep
+    bare = storage.has_scheme(text) or not sep
     if bare:
         kind, root = None, text
     elif prefix.lower() in KINDS:

@@ -81,6 +81,12 @@ def backend(uri: str) -> Backend:
         return _BACKENDS.setdefault(scheme, ArrowBackend(scheme))
 
 
+def has_scheme(uri: str) -> bool:
+    """True when ``uri`` names its storage scheme (``s3://``, ``file://``, ...), so a colon in
+    it is not a ``kind:ROOT`` separator."""
+    return bool(_scheme(uri))
+
+
 def is_local(uri: str) -> bool:
     """True for paths on this machine's disk (plain paths and ``file://``), which other nodes
     of a cluster see only when the folder is shared."""

@@ -72,6 +72,8 @@ def test_parse_spec_infers_bare_layouts(synthetic_root, btad_root, tmp_path):
     assert parse_spec(btad_root).kind == "btad"
     _touch(str(tmp_path / "plain"), "a/x.png", "y.png")
     assert parse_spec(str(tmp_path / "plain")) == DatasetSpec("folder", str(tmp_path / "plain"))
+    # a URI's scheme is not a dataset kind: file:// is a bare path with its layout inferred
+    assert parse_spec(f"file://{synthetic_root}").kind == "mvtec"
 
 
 def test_mvtec_layout(synthetic_root):
