@@ -116,8 +116,9 @@ def test_scoring_through_s3_faults_loses_nothing_and_marks_nothing_bad_wrongly(
     faulty_proxy.faults = _burst_rule(stuck)
     # only the cluster's workers (decode tasks, scoring actors) go through the proxy
     env = {"AWS_ENDPOINT_URL": faulty_proxy.endpoint}
+    # --shared-fs: the bundle is a local folder, which the simulated nodes share
     cli = ["-q", "score", "--bundle", bundle, "--input", inp, "--output", out,
-           "--part-size", "4", "--gpus-per-worker", "1"]  # fmt: skip
+           "--part-size", "4", "--gpus-per-worker", "1", "--shared-fs"]  # fmt: skip
     summary = tmp_path / "summary.json"
     with multi_node_cluster(cpu_nodes=1, gpu_nodes=1, env=env):
         assert main([*cli, "--summary-json", str(summary)]) == 1  # a unit failed: exit 1
