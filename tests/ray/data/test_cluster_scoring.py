@@ -64,8 +64,10 @@ def test_pool_grows_from_zero_worker_nodes_to_several_gpu_nodes(
     nodes = {n["NodeID"]: n["Resources"] for n in worker_nodes()}
     print(f"autoscaling: {s.actors} model actors on {len(s.actor_nodes)} nodes; "
           f"{len(nodes)} worker nodes")  # fmt: skip
-    assert s.actors >= 2 and len(s.actor_nodes) >= 2
-    assert all(nodes[n].get("GPU", 0) == 1 for n in s.actor_nodes)  # the "GPU" node type
+    # the autoscaler launched a "GPU" node for each of the pool's (at least 2) actors; how
+    # many of them got units is timing: when decoding is the bottleneck one actor keeps up
+    assert sum(r.get("GPU", 0) == 1 for r in nodes.values()) >= 2, nodes
+    assert s.actors >= 1 and all(nodes[n].get("GPU", 0) == 1 for n in s.actor_nodes)
     paths = read_results(str(out), ["path"]).column("path").to_pylist()
     assert sorted(paths) == expected  # every image scored exactly once
     assert (s.scored, s.errors, s.failed_units, s.missing, s.duplicates) == (160, 0, 0, 0, 0)
