@@ -5,22 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_bank import _clustered, _min_dist_ref  # pytest puts tests/ on sys.path
 
 import mspray.coreset as coreset_mod
 from mspray.coreset import greedy_coreset
-
-
-def _clustered(n: int, d: int, k: int, seed: int, spread: float = 0.3) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((k, d)).astype(np.float32) * 4
-    labels = rng.integers(0, k, size=n)
-    pts = centers[labels] + spread * rng.standard_normal((n, d)).astype(np.float32)
-    return pts.astype(np.float32)
-
-
-def _min_dist_ref(q: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Brute-force reference in float64."""
-    return torch.cdist(torch.from_numpy(q).double(), torch.from_numpy(b).double()).min(1)[0].numpy()
 
 
 def test_greedy_coreset_is_farthest_first() -> None:
