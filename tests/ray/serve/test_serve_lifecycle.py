@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import httpx
 import pytest
 import yaml
 from serve_faults import FAULT_FILE
+from test_serve_rollout import _deploy, _free_port
 
 from mspray.bundle import load_bundle, read_meta, save_bundle
 from mspray.data.datasets import train_paths
@@ -25,20 +25,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[3]
 HERE = Path(__file__).resolve().parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _deploy(raw: dict, blocking: bool) -> None:
-    """What `serve deploy serve_config.yaml` does: validate, then apply the config."""
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
-
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(raw), _blocking=blocking)
 
 
 def _config(port: int, bundle: str, **args) -> dict:
