@@ -26,8 +26,8 @@ from mspray.data.images import load_images
 from mspray.data.synthetic import make_synthetic_dataset
 from mspray.evaluate import evaluate
 from mspray.fit import fit_detector
-from mspray.model.multiscale import ScaleModel
-from mspray.train.loop import ScaleTrainer, build_scale_model, run_summary
+from mspray.model.multiscale import ScaleModel, build_scale_model
+from mspray.train.loop import ScaleTrainer, run_summary
 from mspray.train.recipes import RECIPES, apply_recipe
 
 ALL = ("svdd", "cos", "ssl", "kmeans")
@@ -41,6 +41,11 @@ CHOICES: dict[str, dict] = {
     "+ SSL colour jitter": {"train.ssl_augment": True},
     "+ K-means warm-up 1 ep": {"train.kmeans_warmup": 1},
     "lr 1e-4": {"train.lr": 1e-4},
+    # not an authors' choice: the K-means term relative to the embeddings' spread
+    "kmeans / spread": {"train.kmeans_relative": True},
+    # not an authors' choice: the one stem (conv1_1..pool2) that ImageNet-initialised
+    # scales share, trained by the smallest scale, tried from random init
+    "+ shared stem": {"model.shared_stem": True},
 }
 
 
@@ -107,6 +112,7 @@ def main() -> None:
     ap.add_argument("--ablate-kinds", default="object", help="kinds that get w/o-loss runs")
     ap.add_argument("--choice-kinds", default="", help="kinds that get the authors' choices")
     ap.add_argument("--seeds", default="0,1,2,3")
+    ap.add_argument("--only", help="comma-separated run names to keep (e.g. selected,trained stem)")
     ap.add_argument("--ablate-seeds", help="seeds of the w/o-loss and choice rows (default all)")
     ap.add_argument("--scales", default="16", help="comma-separated patch sizes")
     ap.add_argument("--image-size", type=int, default=64)
@@ -142,6 +148,8 @@ def main() -> None:
         spec = f"mvtec:{root}"
         uris, samples = train_paths(spec, "synthetic"), test_samples(spec, "synthetic")
         plan = runs(kind in args.ablate_kinds.split(","), kind in args.choice_kinds.split(","))
+        if args.only:
+            plan = {k: v for k, v in plan.items() if k in args.only.split(",")}
         for name, run_over in plan.items():
             for seed in seeds if name in ("untrained", "selected") else ab_seeds:
                 cfg = base.replace(**{**run_over, "train.seed": seed})

@@ -16,6 +16,9 @@ mspray modes (one detector: encoders, banks, stats and threshold shared; only
 - ``default``: the default config (``precision="auto"`` resolves per device; channels_last;
   the exact torch bank search on the scoring device);
 - ``default-faiss``: the default with the bank search on faiss (``bank.search="faiss"``);
+- ``default-random``: the default on a second detector fitted from a random-init trunk
+  (every scale its own stem, computed per scale; the others use the ImageNet path with
+  a stand-in weights file, where the scales share one stem);
 - ``bf16``: bf16 autocast + channels_last (only fast on CPUs with AVX512-BF16 / AMX);
 - ``fp16``: fp16 autocast (CUDA only);
 - ``onnx``: encoders on ONNX Runtime (``score.runtime="onnx"``);
@@ -57,6 +60,7 @@ from mspray.data.synthetic import make_synthetic_dataset
 from mspray.detector import Detector, cpu_has_native_bf16
 from mspray.fit import fit_detector
 from mspray.metrics import image_auroc, pixel_auroc
+from mspray.model.backbone import random_stem_state
 from mspray.model.multiscale import normalize
 
 # ---------------------------------------------------------------------- PaDiM-style baseline
@@ -201,7 +205,8 @@ def main() -> None:
     ap.add_argument(
         "--modes",
         default="auto",
-        help="comma-separated subset of fp32-nchw,fp32,default,default-faiss,bf16,fp16,onnx,"
+        help="comma-separated subset of fp32-nchw,fp32,default,default-random,default-faiss,bf16,"
+        "fp16,onnx,"
         "compile,padim,"
         "padim-onnx; 'auto': those that can be fast on this device",
     )
@@ -212,7 +217,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.modes == "auto":
-        modes = ["fp32-nchw", "fp32", "default", "default-faiss"]
+        modes = ["fp32-nchw", "fp32", "default", "default-random", "default-faiss"]
         if device.type == "cpu":
             modes += (["bf16"] if cpu_has_native_bf16() else []) + ["onnx", "padim", "padim-onnx"]
         else:
@@ -231,10 +236,16 @@ def main() -> None:
         seed=5,
     )
     spec = f"mvtec:{root}"
+    # The fitted trunk is ImageNet's path: a stand-in weights file (seeded random VGG16
+    # layers; none can be downloaded here, and the cost does not depend on the values), so
+    # the scales share one stem as with real ImageNet weights. Mode ``default-random``
+    # fits a second detector from a random-init trunk (a stem per scale).
+    stand_in = Path(root) / "vgg16-stand-in.pth"
+    torch.save(random_stem_state(16, seed=0), stand_in)
     cfg = MSPrayConfig().replace(
         **{
             "model.image_size": args.image_size,
-            "model.pretrained": False,
+            "model.weights_path": str(stand_in),
             "train.epochs": args.epochs,
             "train.device": args.device,
             "score.batch_size": args.batch_size,
@@ -279,7 +290,12 @@ def main() -> None:
             pad.fit(load_images(train_paths(spec, "synthetic"), size, progress=False))
             runners[mode] = pad.predict
         else:
-            det = mode_detector(base, mode)
+            if mode == "default-random":
+                random_init = cfg.replace(**{"model.pretrained": False})
+                fitted = fit_detector(random_init, train_paths(spec, "synthetic"), progress=False)
+                det = mode_detector(fitted, "default")
+            else:
+                det = mode_detector(base, mode)
 
             def run(x, timings, det=det):
                 p = det.predict(x.to(det.device), timings)
@@ -313,7 +329,7 @@ def main() -> None:
         + "/".join(str(base.banks[s].ntotal) for s in base.scales)
         + f", fit {base_fit:.0f} s"
     )
-    stages = ["decode"]
+    stages = ["decode", "stem"]
     for s in base.scales:
         stages += [f"encoder_{s}", f"search_{s}"]
     stages += ["encoder", "gaussian", "maps", "score"]

@@ -206,7 +206,7 @@ def crossfit_summary(
     for scored, banks in fold_banks(det, plan, in_bank, embeddings, bank_config):
         for i in range(0, len(scored), bs):
             x = images[torch.from_numpy(scored[i : i + bs])]
-            parts.append(det.summarize_maps({s: det.scale_map(x, s, banks[s]) for s in det.scales}))
+            parts.append(det.summarize_maps(det.raw_scale_maps(x, banks=banks)))
     return MapSummary.concat(parts)
 
 

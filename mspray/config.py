@@ -82,6 +82,12 @@ class ModelConfig(Section):
         "concat", "what the angle classifier reads: cat(h1, h2), or h1 − h2 (authors' code)"
     )
     score_window_stride: int = setting(4, "window stride of the image score", ge=1)
+    shared_stem: bool = setting(
+        True,
+        "one VGG16 stem (conv1_1..pool2) for every scale: the smallest scale trains it, the "
+        "others keep it frozen, and inference computes it once per image instead of once "
+        "per scale (about half the encoder work); off by default for a random-init trunk",
+    )
 
     @model_validator(mode="after")
     def _scales_tile_the_image(self) -> ModelConfig:
@@ -115,6 +121,11 @@ class TrainConfig(Section):
     kmeans_iters: int = setting(20, "Lloyd iterations per center update", ge=1)
     kmeans_warmup: int = setting(
         0, "epochs trained before the K-means term is added (its centers fit then)", ge=0
+    )
+    kmeans_relative: bool = setting(
+        False,
+        "divide the K-means term by the embeddings' spread, so that collapsing them to one "
+        "point does not lower it (the paper's term is absolute)",
     )
     ssl_augment: bool = setting(
         False, "random RGB shift and Gaussian noise on SSL patches (the authors' code)"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,9 +70,9 @@ def resolve_search_precision(precision: str, device: torch.device) -> str:
 
 def stage_order(scales: tuple[int, ...]) -> list[str]:
     """The scoring stages in pipeline order, as :meth:`Detector.predict` (and ``decode``, the
-    image loading its callers time) name them."""
-    per_scale = [f"{stage}_{s}" for s in scales for stage in ("encoder", "search")]
-    return ["decode", *per_scale, "maps", "score"]
+    image loading its callers time) name them; ``stem`` only where the encoders share one."""
+    per_scale = [f"{stage}_{s}" for stage in ("encoder", "search") for s in scales]
+    return ["decode", "stem", *per_scale, "maps", "score"]
 
 
 def stage_seconds_per_image(
@@ -88,8 +88,10 @@ def stage_seconds_per_image(
 class _Timer:
     """Adds wall seconds per stage into ``timings`` (a no-op when it is None)."""
 
-    def __init__(self, timings: dict[str, float] | None):
+    def __init__(self, timings: dict[str, float] | None, device: torch.device | None = None):
         self.timings = timings
+        # CUDA kernels run asynchronously: a stage ends when the device has finished it
+        self.cuda = device is not None and device.type == "cuda"
 
     @contextlib.contextmanager
     def __call__(self, stage: str):
@@ -98,6 +100,8 @@ class _Timer:
             return
         t0 = time.perf_counter()
         yield
+        if self.cuda:
+            torch.cuda.synchronize()
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
 
 
@@ -173,18 +177,30 @@ class Detector:
     def bank_stride(self, scale: int) -> int:
         return self.cfg.bank.bank_stride or self.model.encoder(scale).stride
 
-    def embed(self, images: torch.Tensor, scale: int, stride: int | None = None) -> torch.Tensor:
-        """``B×3×H×W`` images in [0, 1] -> ``B×h×w×D`` float32 grid at ``stride`` (default:
-        the inference stride), with this detector's runtime, precision and layout."""
-        stride = stride or self.cfg.stride_for(scale)
+    def embed_scales(
+        self,
+        images: torch.Tensor,
+        strides: dict[int, int],
+        timings: dict[str, float] | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """``B×3×H×W`` images in [0, 1] -> ``{scale: B×h×w×D}`` float32 grids at the given
+        stride per scale, with this detector's runtime, precision and layout. A stem the
+        encoders share runs once (seconds under ``stem`` in ``timings``, each scale's
+        remaining layers under ``encoder_<scale>``)."""
+        timer = _Timer(timings, self.device)
         if self._onnx is not None:
-            net = self.model.encoder(scale).stride
-            if stride % net:
-                raise ValueError(f"stride {stride} is not a multiple of {net} (scale {scale})")
-            step = stride // net
+            grids = {}
             x = normalize(images.to(torch.float32)).numpy()
-            grid = torch.from_numpy(self._onnx[scale](x))[:, :, ::step, ::step]
-            return grid.permute(0, 2, 3, 1).contiguous()
+            for scale, stride in strides.items():
+                net = self.model.encoder(scale).stride
+                if stride % net:
+                    raise ValueError(f"stride {stride} is not a multiple of {net} (scale {scale})")
+                with timer(f"encoder_{scale}"):
+                    grid = torch.from_numpy(self._onnx[scale](x))[
+                        :, :, :: stride // net, :: stride // net
+                    ]
+                    grids[scale] = grid.permute(0, 2, 3, 1).contiguous()
+            return grids
         images = images.to(self.device, torch.float32)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -195,13 +211,24 @@ class Detector:
             else contextlib.nullcontext()
         )
         with torch.inference_mode(), autocast:
-            grid = self.model.embed(images, scale, stride)
-        return grid.float()
+            grids = self.model.embed_scales(images, strides, timer if timings is not None else None)
+        return {s: g.float() for s, g in grids.items()}
+
+    def embed(self, images: torch.Tensor, scale: int, stride: int | None = None) -> torch.Tensor:
+        """One scale of :meth:`embed_scales` (default stride: the inference stride)."""
+        return self.embed_scales(images, {scale: stride or self.cfg.stride_for(scale)})[scale]
 
     def bank_embeddings(self, images: torch.Tensor, scale: int) -> np.ndarray:
         """All training patch embeddings of ``images`` at the bank stride, ``N×D`` float32."""
-        grid = self.embed(images, scale, self.bank_stride(scale))
-        return grid.reshape(-1, grid.shape[-1]).cpu().numpy()
+        return self.bank_embeddings_scales(images, (scale,))[scale]
+
+    def bank_embeddings_scales(
+        self, images: torch.Tensor, scales: Iterable[int] | None = None
+    ) -> dict[int, np.ndarray]:
+        """:meth:`bank_embeddings` of several scales (default: all), the stem run once."""
+        strides = {s: self.bank_stride(s) for s in (scales or self.scales)}
+        grids = self.embed_scales(images, strides)
+        return {s: g.reshape(-1, g.shape[-1]).cpu().numpy() for s, g in grids.items()}
 
     def build_banks(
         self, images: torch.Tensor, batch_size: int | None = None, progress: bool = False
@@ -210,52 +237,38 @@ class Detector:
         from tqdm.auto import tqdm
 
         bs = batch_size or self.cfg.score.batch_size
-        for scale in tqdm(self.scales, desc="banks", disable=not progress):
-            emb = np.concatenate(
-                [
-                    self.bank_embeddings(images[i : i + bs], scale)
-                    for i in range(0, images.shape[0], bs)
-                ]
-            )
-            self.banks[scale] = PatchBank.build(emb, self.cfg.bank, seed=self.cfg.train.seed)
+        parts: dict[int, list[np.ndarray]] = {s: [] for s in self.scales}
+        for i in tqdm(range(0, images.shape[0], bs), desc="bank embeddings", disable=not progress):
+            for s, emb in self.bank_embeddings_scales(images[i : i + bs]).items():
+                parts[s].append(emb)
+        for s in self.scales:
+            emb = np.concatenate(parts.pop(s))
+            self.banks[s] = PatchBank.build(emb, self.cfg.bank, seed=self.cfg.train.seed)
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
-    def patch_scores(
+    def all_patch_scores(
         self,
         images: torch.Tensor,
-        scale: int,
-        bank: PatchBank | None = None,
         timings: dict[str, float] | None = None,
-    ) -> torch.Tensor:
-        """Nearest-neighbour distance of every patch at one scale (``B×h×w``, on CPU), against
-        ``bank`` (default: the detector's bank of that scale). With ``timings``, adds seconds
-        under ``encoder_<scale>`` and ``search_<scale>``."""
-        bank = bank if bank is not None else self.banks[scale]
-        timer = _Timer(timings)
-        with timer(f"encoder_{scale}"):
-            grid = self.embed(images, scale)  # B×h×w×D
-            if timings is not None and grid.is_cuda:
-                torch.cuda.synchronize()
-        b, h, w, d = grid.shape
-        with timer(f"search_{scale}"):
-            scores = self.search(bank, grid.reshape(-1, d)).view(b, h, w).cpu()
+        banks: dict[int, PatchBank] | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """Nearest-neighbour distance of every patch, per scale (``B×h×w`` each, on CPU),
+        against ``banks`` (default: the detector's). The encoders' shared stem runs once.
+        With ``timings``, adds seconds under ``stem``, ``encoder_<scale>``, ``search_<scale>``.
+        """
+        banks = self.banks if banks is None else banks
+        missing = [s for s in self.scales if s not in banks]
+        if missing:
+            raise RuntimeError(f"no bank for scale(s) {missing}; build or load banks first")
+        strides = {s: self.cfg.stride_for(s) for s in self.scales}
+        timer = _Timer(timings, self.device)
+        scores = {}
+        for s, grid in self.embed_scales(images, strides, timings).items():
+            b, h, w, d = grid.shape
+            with timer(f"search_{s}"):
+                scores[s] = self.search(banks[s], grid.reshape(-1, d)).view(b, h, w).cpu()
         return scores
-
-    def scale_map(
-        self,
-        images: torch.Tensor,
-        scale: int,
-        bank: PatchBank | None = None,
-        timings: dict[str, float] | None = None,
-    ) -> torch.Tensor:
-        """Pixel map of nearest-neighbour distances at one scale (``B×H×W``, on CPU); with
-        ``timings`` as :meth:`patch_scores`, plus ``maps``."""
-        scores = self.patch_scores(images, scale, bank, timings)
-        with _Timer(timings)("maps"):
-            return M.patch_scores_to_map(
-                scores, scale, self.cfg.stride_for(scale), tuple(images.shape[-2:])
-            )
 
     def search(self, bank: PatchBank, queries: torch.Tensor) -> torch.Tensor:
         """Min distance of each query (``M×D``) to ``bank``, float32 on the detector's device
@@ -267,14 +280,20 @@ class Detector:
         return torch.from_numpy(bank.search(queries))
 
     def raw_scale_maps(
-        self, images: torch.Tensor, timings: dict[str, float] | None = None
+        self,
+        images: torch.Tensor,
+        timings: dict[str, float] | None = None,
+        banks: dict[int, PatchBank] | None = None,
     ) -> dict[int, torch.Tensor]:
         """Per-scale pixel maps of nearest-neighbour distances (``B×H×W`` each, on CPU);
-        ``timings`` as in :meth:`scale_map`."""
-        missing = [s for s in self.scales if s not in self.banks]
-        if missing:
-            raise RuntimeError(f"no bank for scale(s) {missing}; build or load banks first")
-        return {s: self.scale_map(images, s, timings=timings) for s in self.scales}
+        ``timings`` as in :meth:`all_patch_scores`, plus ``maps``."""
+        size = tuple(images.shape[-2:])
+        grids = self.all_patch_scores(images, timings, banks)
+        with _Timer(timings, self.device)("maps"):
+            return {
+                s: M.patch_scores_to_map(g, s, self.cfg.stride_for(s), size)
+                for s, g in grids.items()
+            }
 
     def _finish(self, m: torch.Tensor) -> torch.Tensor:
         return M.gaussian_smooth(m, self.cfg.model.smoothing_sigma)
@@ -285,11 +304,8 @@ class Detector:
         With ``timings``, per-stage seconds are added to it (see :meth:`patch_scores`; the
         pixel maps, smoothing and fusion count under ``maps``, the image scores under
         ``score``)."""
-        missing = [s for s in self.scales if s not in self.banks]
-        if missing:
-            raise RuntimeError(f"no bank for scale(s) {missing}; build or load banks first")
-        grids = {s: self.patch_scores(images, s, timings=timings) for s in self.scales}
-        timer = _Timer(timings)
+        grids = self.all_patch_scores(images, timings)
+        timer = _Timer(timings, self.device)
         with timer("maps"):
             size, sigma = tuple(images.shape[-2:]), self.cfg.model.smoothing_sigma
             raw, smoothed = {}, {}

@@ -20,8 +20,15 @@ from mspray.data.images import load_images
 from mspray.detector import Detector
 from mspray.device import resolve_device
 from mspray.model.backbone import PretrainedWeightsError, load_vgg16_state
-from mspray.model.multiscale import MultiScaleEncoder, ScaleModel
-from mspray.train.loop import build_scale_model, train_scale
+from mspray.model.multiscale import (
+    MultiScaleEncoder,
+    ScaleModel,
+    build_scale_model,
+    stem_scale,
+    stem_state,
+    training_order,
+)
+from mspray.train.loop import train_scale
 from mspray.train.recipes import no_imagenet_defaults
 from mspray.train.selection import fused_choice
 
@@ -71,10 +78,13 @@ def local_scale_trainer(
     state: dict | None,
     progress: bool = True,
 ) -> dict[int, ScaleModel]:
-    """Train every scale one after another on this process."""
-    models = {}
-    for scale in cfg.model.scales:
-        models[scale], history = train_scale(cfg, scale, train, val, state, progress=progress)
+    """Train every scale one after another on this process (the shared stem's scale first,
+    the others from its trained stem)."""
+    models, stem = {}, None
+    for scale in training_order(cfg):
+        models[scale], history = train_scale(cfg, scale, train, val, state, progress, stem)
+        if scale == stem_scale(cfg):
+            stem = stem_state(models[scale])
         if history:
             last = history[-1]
             log.info(

@@ -106,3 +106,12 @@ def init_prefix(prefix: nn.Sequential, state: dict | None) -> None:
     if missing:
         raise PretrainedWeightsError(f"weights file lacks {missing[:3]}")
     prefix.load_state_dict({k[len("features.") :]: state[k] for k in own}, strict=True)
+
+
+def random_stem_state(n_layers: int, seed: int) -> dict:
+    """``features.*`` tensors of a seeded random init of the first ``n_layers`` modules:
+    the same for every scale built with ``seed`` (so a shared stem can be computed once)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        stem = vgg16_prefix(n_layers)
+    return {f"features.{k}": v for k, v in stem.state_dict().items()}

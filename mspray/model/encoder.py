@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mspray.model.backbone import vgg16_prefix
-from mspray.model.scales import ScaleSpec, scale_spec
+from mspray.model.scales import STEM_LAYERS, ScaleSpec, scale_spec
 
 N_ANGLES = 12
 
@@ -66,12 +66,19 @@ class PatchEncoder(nn.Module):
             init_prefix(self.features, vgg_state)
         self.head = _head(spec, embed_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``B×3×H×W`` -> ``B×D×h×w`` with ``h = (H - θ) // stride + 1``."""
-        if x.shape[-1] < self.patch_size or x.shape[-2] < self.patch_size:
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """``B×3×H×W`` -> ``B×D×h×w`` with ``h = (H - θ) // stride + 1``.
+
+        With ``start > 0``, ``x`` is the output of the trunk's first ``start`` modules
+        (a stem computed once for several scales) and only the rest runs."""
+        if start == 0 and (x.shape[-1] < self.patch_size or x.shape[-2] < self.patch_size):
             raise ValueError(f"input {tuple(x.shape[-2:])} smaller than patch {self.patch_size}")
-        out = self.head(self.features(x))
+        out = self.head(self.features[start:](x))
         return torch.tanh(out) if self.output_tanh else out
+
+    def stem(self) -> nn.Sequential:
+        """The trunk's first :data:`STEM_LAYERS` modules (conv1_1 .. pool2), not copied."""
+        return self.features[:STEM_LAYERS]
 
     def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
         """``N×3×θ×θ`` patches -> ``N×D`` embeddings."""

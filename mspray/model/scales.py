@@ -62,6 +62,12 @@ SCALES: dict[int, ScaleSpec] = {
 SUPPORTED_SCALES: tuple[int, ...] = tuple(SCALES)
 
 
+#: VGG16 ``features`` modules every scale's trunk starts with (conv1_1 .. pool2): the stem
+#: that ``model.shared_stem`` keeps frozen and identical across scales, so that inference
+#: computes it once per image for all scales (about half of the three encoders' work).
+STEM_LAYERS: int = min(s.prefix_layers for s in SCALES.values())
+
+
 def scale_spec(patch_size: int) -> ScaleSpec:
     """The row of ``patch_size``; a clear ``ValueError`` for an unsupported one."""
     try:

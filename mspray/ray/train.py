@@ -38,9 +38,15 @@ import torch
 
 import mspray.storage as store
 from mspray.config import MSPrayConfig
-from mspray.model.multiscale import ScaleModel
+from mspray.model.multiscale import (
+    ScaleModel,
+    build_scale_model,
+    stem_scale,
+    stem_state,
+    training_order,
+)
 from mspray.ray.runtime import init_ray
-from mspray.train.loop import ScaleTrainer, build_scale_model, run_summary
+from mspray.train.loop import ScaleTrainer, run_summary
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +129,12 @@ def train_worker(config: dict[str, Any]) -> None:
     # One intra-op thread per reserved CPU: workers sharing a node must not oversubscribe it.
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
 
-    vgg_state = None
-    if config.get("vgg_ref") is not None:
-        import ray as _ray
-
-        vgg_state = _ray.get(config["vgg_ref"])
+    # through the object store: ImageNet weights, and the shared stem trained by its scale
+    vgg_state, stem = (
+        None if config.get(k) is None else ray.get(config[k]) for k in ("vgg_ref", "stem_ref")
+    )
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(build_scale_model(cfg, scale, vgg_state))
+    model = ray.train.torch.prepare_model(build_scale_model(cfg, scale, vgg_state, stem))
     ddp = dist.is_available() and dist.is_initialized()
     comm = TorchDistComm(device) if ddp else LocalComm()
     tr = ScaleTrainer(cfg, scale, model, device, comm)
@@ -248,15 +253,27 @@ class RayScaleTrainer:
         if t.epochs == 0:  # nothing to train: the initial encoders, as the core does
             return {s: build_scale_model(cfg, s, vgg_state) for s in cfg.model.scales}
 
+        models: dict[int, ScaleModel] = {}
+        stem_ref = None
+        first = stem_scale(cfg)
+        if first is not None:  # the shared stem trains with its scale, before the others
+            models[first] = self._train_scale(
+                cfg, first, train_uris, val_uris, workers, root, vgg_ref, None
+            )
+            stem_ref = ray.put(stem_state(models[first]))
+
         def one(scale: int) -> tuple[int, ScaleModel]:
             return scale, self._train_scale(
-                cfg, scale, train_uris, val_uris, workers, root, vgg_ref
+                cfg, scale, train_uris, val_uris, workers, root, vgg_ref, stem_ref
             )
 
-        if n_parallel > 1:
-            with ThreadPoolExecutor(max_workers=n_parallel) as pool:
-                return dict(pool.map(one, cfg.model.scales))
-        return dict(one(s) for s in cfg.model.scales)
+        rest = [s for s in training_order(cfg) if s not in models]
+        if n_parallel > 1 and len(rest) > 1:
+            with ThreadPoolExecutor(max_workers=len(rest)) as pool:
+                models.update(pool.map(one, rest))
+        else:
+            models.update(one(s) for s in rest)
+        return models
 
     def run_dir(self, root: str, scale: int) -> str:
         return store.join(root, f"{self.run_name}-s{scale}")
@@ -286,6 +303,7 @@ class RayScaleTrainer:
         workers: int,
         root: str,
         vgg_ref: Any,
+        stem_ref: Any,
     ) -> ScaleModel:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
@@ -309,6 +327,7 @@ class RayScaleTrainer:
                 "train_uris": train_uris,
                 "val_uris": val_uris,
                 "vgg_ref": vgg_ref,
+                "stem_ref": stem_ref,
                 "epoch_hook": self.epoch_hook,
                 "threads": self.cpus_per_worker,
                 "progress": self.progress,

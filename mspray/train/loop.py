@@ -32,8 +32,7 @@ from tqdm.auto import tqdm
 
 from mspray.config import MSPrayConfig
 from mspray.device import resolve_device
-from mspray.model.encoder import AngleHead, PatchEncoder
-from mspray.model.multiscale import ScaleModel, normalize
+from mspray.model.multiscale import ScaleModel, build_scale_model, normalize
 from mspray.train import losses, sampling
 from mspray.train.determinism import deterministic_cuda
 from mspray.train.kmeans import Comm, LocalComm, fit_centers, reduce_sum
@@ -68,8 +67,10 @@ class ScaleTrainer:
         self.core: ScaleModel = getattr(model, "module", model)
         if self.device.type == "cuda":
             deterministic_cuda()
-        # Every parameter, the angle head's last layer included, is optimised.
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.t.lr)
+        # Every trainable parameter, the angle head's last layer included, is optimised
+        # (a shared stem is frozen).
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(trainable, lr=self.t.lr)
         self.centers: torch.Tensor | None = None
         self.epoch = 0  # epochs completed
         self.steps = 0  # optimiser steps completed (equal on every rank)
@@ -170,7 +171,9 @@ class ScaleTrainer:
         if "ssl" in spans:
             out["ssl"] = losses.ssl_loss(logits, s["ssl"].labels.to(emb.device))
         if "kmeans" in spans and self.centers is not None:  # None during the warm-up
-            out["kmeans"] = losses.kmeans_loss(part("kmeans", 0), self.centers)
+            out["kmeans"] = losses.kmeans_loss(
+                part("kmeans", 0), self.centers, self.t.kmeans_relative
+            )
         return out
 
     def train_step(
@@ -418,16 +421,6 @@ def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in copy.copy(state).items()}
 
 
-def build_scale_model(cfg: MSPrayConfig, scale: int, vgg_state: dict | None) -> ScaleModel:
-    """A fresh :class:`ScaleModel` for ``scale`` (ImageNet prefix when ``vgg_state``); the
-    angle head exists only when ``train.losses`` has ``ssl``."""
-    torch.manual_seed(cfg.train.seed + scale)  # heads' random init is reproducible
-    d = cfg.model.embed_dim
-    m = cfg.model
-    head = AngleHead(d, angle_input=m.angle_input) if "ssl" in cfg.train.losses else None
-    return ScaleModel(PatchEncoder(scale, d, vgg_state, output_tanh=m.output_tanh), head)
-
-
 def train_scale(
     cfg: MSPrayConfig,
     scale: int,
@@ -435,11 +428,12 @@ def train_scale(
     val_images: torch.Tensor | None,
     vgg_state: dict | None = None,
     progress: bool = True,
+    stem: dict[str, torch.Tensor] | None = None,
 ) -> tuple[ScaleModel, list[dict[str, float]]]:
-    """Train one scale on one process; returns the selected model (lowest validation score)
-    and the per-epoch history."""
+    """Train one scale on one process (from the shared ``stem`` when given); returns the
+    selected model (lowest validation score) and the per-epoch history."""
     device = resolve_device(cfg.train.device)
-    model = build_scale_model(cfg, scale, vgg_state).to(device)
+    model = build_scale_model(cfg, scale, vgg_state, stem).to(device)
     trainer = ScaleTrainer(cfg, scale, model, device)
     history = trainer.fit(train_images, val_images, progress=progress)
     best = build_scale_model(cfg, scale, None)

@@ -27,14 +27,18 @@ def ssl_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
-def kmeans_loss(emb: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+def kmeans_loss(emb: torch.Tensor, centers: torch.Tensor, relative: bool = False) -> torch.Tensor:
     """Eq. 4: mean distance of each embedding to its nearest (fixed) center.
 
     Centers are constants between updates; the gradient flows into the embeddings, pulling
     each one towards its nearest center (the public code detached both, so this term never
-    trained anything).
+    trained anything). ``relative`` divides by the embeddings' RMS spread about their mean,
+    so that shrinking every embedding towards one point no longer lowers the term.
     """
-    return _l2_from_sq(sq_dists(emb, centers.to(emb.dtype).detach()).amin(dim=1)).mean()
+    loss = _l2_from_sq(sq_dists(emb, centers.to(emb.dtype).detach()).amin(dim=1)).mean()
+    if relative:
+        loss = loss / (_l2((emb - emb.mean(0)).float()).pow(2).mean().sqrt() + _EPS)
+    return loss
 
 
 def total_loss(terms: dict[str, torch.Tensor], lam: float) -> torch.Tensor:

@@ -29,6 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+
+from mspray.model.backbone import random_stem_state
+from mspray.model.scales import STEM_LAYERS
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_CPUS = 4  # logical CPUs: Train worker + Data actors on a 2-core machine
@@ -259,17 +263,26 @@ def trained(ray_cluster: LocalCluster) -> Trained:
     config.write_text(
         json.dumps(
             {
-                "train": {"n_centers": 4, "center_update_every": 1, "val_fraction": 0.25},
+                # the last epoch's weights: the shared stem is then surely a trained one
+                "train": {
+                    "n_centers": 4,
+                    "center_update_every": 1,
+                    "val_fraction": 0.25,
+                    "selection": "last",
+                },
                 "bank": {"coreset_ratio": 0.5},
             }
         )
     )
     bundle = work / "bundle"
+    # a stand-in for the ImageNet file (none can be downloaded here): the path a user with
+    # weights takes, where the scales share one stem
+    torch.save(random_stem_state(STEM_LAYERS, seed=7), work / "vgg16-stand-in.pth")
     _, logs = ray_cluster.run_job(
         f"python ray_jobs/train.py -q --data mvtec:{work / 'data'} --category synthetic "
         f"--out {bundle} --storage {work / 'ray_runs'} --workers 1 --config {config} "
         "--epochs 1 --image-size 64 --scales 32,16 --samples-per-image 4 --batch-size 8 "
-        "--no-pretrained --device cpu"
+        f"--weights {work / 'vgg16-stand-in.pth'} --device cpu"
     )
     version = bundle / "versions" / (bundle / "latest").read_text().strip()
     for name in ("config.json", "model.safetensors", "bank_32.faiss", "bank_16.faiss"):
@@ -282,13 +295,23 @@ def trained(ray_cluster: LocalCluster) -> Trained:
 @pytest.mark.ray
 def test_train_job_writes_bundle(trained: Trained) -> None:
     meta = trained.meta
-    assert meta["threshold"] is not None and meta["pretrained_loaded"] is False
+    assert meta["threshold"] is not None and meta["pretrained_loaded"] is True
     assert set(meta["bank_sizes"]) == {"32", "16"} and all(meta["bank_sizes"].values())
     version = trained.bundle / "versions" / trained.meta["version"]
     cfg = json.loads((version / "config.json").read_text())
     assert cfg["model"]["scales"] == [32, 16] and cfg["model"]["image_size"] == 64
     assert cfg["train"]["epochs"] == 1 and cfg["train"]["n_centers"] == 4
     assert cfg["train"]["workers"] == 1
+    # scale 16 trained the shared stem on Ray Train and scale 32 was trained from it
+    from safetensors.torch import load_file
+
+    assert cfg["model"]["shared_stem"] is True
+    weights = load_file(version / "model.safetensors")
+    initial = torch.load(trained.bundle.parent / "vgg16-stand-in.pth", weights_only=True)
+    for key, init in initial.items():
+        stem16 = weights[f"scales.16.encoder.{key}"]
+        assert torch.equal(weights[f"scales.32.encoder.{key}"], stem16), key
+        assert not torch.equal(stem16, init), key
     # the banks and the threshold were built on the Ray Data actor pool, not on the driver
     assert [b["append"] for b in meta["bank_builds"]] == [False]
     assert meta["calibration"]["n"] == 8

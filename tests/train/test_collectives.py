@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from mspray.config import MSPrayConfig
+from mspray.model.multiscale import build_scale_model
 from mspray.train.kmeans import LocalComm, collective_device, fit_centers
-from mspray.train.loop import ScaleTrainer, build_scale_model
+from mspray.train.loop import ScaleTrainer
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,8 @@ def test_same_thread_count_gives_identical_weights():
     import torch
 
     from mspray.config import MSPrayConfig
-    from mspray.train.loop import ScaleTrainer, build_scale_model
+    from mspray.model.multiscale import build_scale_model
+    from mspray.train.loop import ScaleTrainer
 
     cfg = MSPrayConfig().replace(
         **{

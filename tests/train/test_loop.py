@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from mspray.config import MSPrayConfig
-from mspray.model.multiscale import normalize
-from mspray.train.loop import ScaleTrainer, build_scale_model, run_summary
+from mspray.model.multiscale import build_scale_model, normalize
+from mspray.train.loop import ScaleTrainer, run_summary
 
 
 def _cfg(**kw):
@@ -175,3 +175,29 @@ def test_step_budget_stops_at_the_same_step_every_time():
 def test_default_config_has_no_budget():
     assert MSPrayConfig().train.max_steps == 0
     assert not hasattr(MSPrayConfig().train, "max_minutes")
+
+
+def test_the_smallest_scale_trains_the_shared_stem_and_the_others_keep_it_frozen():
+    from mspray.fit import local_scale_trainer
+    from mspray.model.backbone import random_stem_state
+    from mspray.model.scales import STEM_LAYERS
+
+    cfg = _cfg(
+        **{
+            "model.scales": (32, 16),
+            "model.strides": (4, 4),
+            "train.epochs": 1,
+            "train.selection": "last",
+        }
+    )
+    models = local_scale_trainer(cfg, _images(), _images(2, seed=1), None, progress=False)
+    initial = random_stem_state(STEM_LAYERS, cfg.train.seed)
+    for key, init in initial.items():
+        k = key.removeprefix("features.")
+        stem16 = models[16].encoder.stem().state_dict()[k]
+        assert not torch.equal(stem16, init), key  # trained with scale 16
+        assert torch.equal(models[32].encoder.stem().state_dict()[k], stem16), key
+    # scale 32 trained the rest of its trunk and its head
+    fresh = build_scale_model(cfg, 32, None).encoder.state_dict()
+    rest = models[32].encoder.state_dict()
+    assert not torch.equal(rest["head.0.weight"], fresh["head.0.weight"])

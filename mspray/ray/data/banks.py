@@ -86,8 +86,8 @@ class Embedder(DetectorActor):
                 embs.append(np.zeros((1, dim), np.float32))
                 errors.append(err)
         good = [idx[k] for k in loaded.ok]
-        for s in self.scales if good else ():
-            emb = self.det.bank_embeddings(loaded.images, s)
+        per_scale = self.det.bank_embeddings_scales(loaded.images, self.scales) if good else {}
+        for s, emb in per_scale.items():
             per_image = emb.shape[0] // len(good)
             rows = np.repeat(np.asarray(good, np.int64), per_image)
             keep = self.keep.get(s, 1.0)

@@ -87,7 +87,7 @@ class FoldScorer(DetectorActor):
             rows = np.flatnonzero(folds == fold)
             banks = self._banks(int(fold))
             x = loaded.images[torch.from_numpy(rows)]
-            summary = det.summarize_maps({s: det.scale_map(x, s, banks[s]) for s in det.scales})
+            summary = det.summarize_maps(det.raw_scale_maps(x, banks=banks))
             for s in det.scales:
                 out[f"moments_{s}"][ok[rows]] = summary.moments[s]
                 out[f"pooled_{s}"][ok[rows]] = summary.pooled[s].flatten(1).numpy()

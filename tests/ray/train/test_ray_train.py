@@ -20,10 +20,10 @@ from mspray.bundle import read_meta, resolve_bundle
 from mspray.config import MSPrayConfig
 from mspray.data.datasets import train_paths
 from mspray.fit import split_holdout
-from mspray.model.multiscale import normalize
+from mspray.model.multiscale import build_scale_model, normalize
 from mspray.ray import train as ray_train
 from mspray.train.kmeans import LocalComm, TorchDistComm, fit_centers
-from mspray.train.loop import ScaleTrainer, build_scale_model
+from mspray.train.loop import ScaleTrainer
 
 pytestmark = pytest.mark.ray
 
