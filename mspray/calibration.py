@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from mspray import near_duplicates as ND
 from mspray.bank import PatchBank
 from mspray.config import BankConfig
 from mspray.detector import Detector, MapSummary
@@ -56,8 +57,9 @@ def fold_plan(n_images: int, folds: int, gap: int = 0) -> list[tuple[np.ndarray,
 
 #: The near-duplicate gap is measured on all images of a set up to this size, and on this
 #: many (in :data:`GAP_RUNS` evenly spaced runs of consecutive names) of a larger one, so
-#: its cost and memory stay bounded however many normal images there are.
-GAP_SAMPLE = 256
+#: its cost and memory stay bounded however many normal images there are. Near-duplicates
+#: by content (:mod:`mspray.near_duplicates`) are looked for when all images are sampled.
+GAP_SAMPLE = 512
 GAP_RUNS = 4
 
 
@@ -124,6 +126,34 @@ def near_duplicate_gap(
     return gap
 
 
+def plan_folds(
+    emb: torch.Tensor, positions: np.ndarray, n_images: int, folds: int, gap: int | None
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
+    """The cross-calibration folds of ``n_images`` (sorted names) and what decided them.
+
+    ``emb`` (``S×P×D``) embeds the images at ``positions`` (:func:`gap_sample`). ``gap``
+    (None: measured, :func:`near_duplicate_gap`) leaves name-order neighbours out of a
+    fold's bank. When every image was sampled, near-duplicates are also found by content;
+    if some lie further apart in name order than the gap, the folds follow the content
+    (:func:`mspray.near_duplicates.content_fold_plan`)."""
+    if gap is None:
+        gap = near_duplicate_gap(emb, positions, n_images)
+        log.info("cross-calibration: images up to %d apart look like near-duplicates", gap)
+    info: dict = {"folds": folds, "gap": gap, "fold_order": "names"}
+    if len(positions) == n_images and n_images > 2:
+        dup = ND.near_duplicate_pairs(ND.closeness_matrix(emb))
+        info["near_duplicate_pairs"] = int(dup.sum() // 2)
+        if ND.needs_content_folds(dup, gap):
+            log.info(
+                "cross-calibration: %d near-duplicate pairs found by content, apart in name "
+                "order; folds follow the content",
+                info["near_duplicate_pairs"],
+            )
+            info["fold_order"] = "content"
+            return ND.content_fold_plan(dup, folds, gap), info
+    return fold_plan(n_images, folds, gap), info
+
+
 def image_embeddings(
     det: Detector, images: torch.Tensor, scale: int, batch_size: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -171,14 +201,14 @@ def crossfit_summary(
     det: Detector,
     images: torch.Tensor,
     in_bank: np.ndarray,
-    gap: int,
+    plan: list[tuple[np.ndarray, np.ndarray]],
     embeddings: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
     bank_config: FoldBankConfig | None = None,
     batch_size: int | None = None,
 ) -> MapSummary:
     """Summaries (:class:`~mspray.detector.MapSummary`, image order) of the raw maps of
-    every normal image, each scored against banks built from the bank images outside its
-    fold and ``gap`` images either side of it (see :func:`fold_plan`).
+    every normal image, each scored against banks built from the bank images its fold does
+    not exclude (``plan``: :func:`plan_folds`).
 
     Args:
         images: all normal images, ``N×3×H×W``, in sorted-name order.
@@ -192,7 +222,6 @@ def crossfit_summary(
     in_bank = np.asarray(in_bank, bool)
     if in_bank.shape != (len(images),):
         raise ValueError(f"in_bank: expected {len(images)} flags, got shape {in_bank.shape}")
-    plan = fold_plan(len(images), det.cfg.score.calibration_folds, gap)
     check_fold_plan(plan, in_bank)
     bs = batch_size or det.cfg.score.batch_size
     if embeddings is None:
@@ -201,13 +230,14 @@ def crossfit_summary(
         for scale in det.scales:
             emb, local = image_embeddings(det, images[bank_index], scale, bs)
             embeddings[scale] = (emb, bank_index[local])
-    parts = []
-    # folds are contiguous blocks in order, so the parts come in image order
+    parts, order = [], []
     for scored, banks in fold_banks(det, plan, in_bank, embeddings, bank_config):
+        order.append(scored)
         for i in range(0, len(scored), bs):
             x = images[torch.from_numpy(scored[i : i + bs])]
             parts.append(det.summarize_maps(det.raw_scale_maps(x, banks=banks)))
-    return MapSummary.concat(parts)
+    # back to image order (content folds are not contiguous in it)
+    return MapSummary.concat(parts).take(np.argsort(np.concatenate(order), kind="stable"))
 
 
 def crossfit_calibrate(
@@ -220,19 +250,19 @@ def crossfit_calibrate(
 ) -> Calibration:
     """Stats and threshold of ``det`` from cross-fitted maps of all its normal images (see
     :func:`crossfit_summary` for the arguments); the deployed banks are not touched."""
-    gap = det.cfg.score.calibration_gap
-    if gap is None:
-        sample = gap_sample(len(images))
-        coarsest = max(det.scales)
-        flat, _ = image_embeddings(det, images[torch.from_numpy(sample)], coarsest, batch_size)
-        emb = torch.from_numpy(flat).view(len(sample), -1, flat.shape[-1])
-        gap = near_duplicate_gap(emb, sample, len(images))
-        log.info("cross-calibration: images up to %d apart look like near-duplicates", gap)
-    summary = crossfit_summary(det, images, in_bank, gap, embeddings, bank_config, batch_size)
+    sample = gap_sample(len(images))
+    coarsest = max(det.scales)
+    flat, _ = image_embeddings(det, images[torch.from_numpy(sample)], coarsest, batch_size)
+    emb = torch.from_numpy(flat).view(len(sample), -1, flat.shape[-1])
+    score = det.cfg.score
+    plan, info = plan_folds(
+        emb, sample, len(images), score.calibration_folds, score.calibration_gap
+    )
+    summary = crossfit_summary(det, images, in_bank, plan, embeddings, bank_config, batch_size)
     cal = det.calibrate_from_summary(
         summary.moments, lambda stats: det.summary_scores(summary.pooled, stats), "crossfit"
     )
-    det.meta["calibration"].update(folds=det.cfg.score.calibration_folds, gap=gap)
+    det.meta["calibration"].update(info)
     return cal
 
 

@@ -416,6 +416,14 @@ class MapSummary:
     moments: dict[int, np.ndarray]
     pooled: dict[int, torch.Tensor]
 
+    def take(self, index: np.ndarray) -> MapSummary:
+        """The summaries of images ``index`` (in that order)."""
+        idx = torch.from_numpy(np.asarray(index, np.int64))
+        return MapSummary(
+            {s: m[idx.numpy()] for s, m in self.moments.items()},
+            {s: p[idx] for s, p in self.pooled.items()},
+        )
+
     @staticmethod
     def concat(parts: list[MapSummary]) -> MapSummary:
         scales = parts[0].moments

@@ -7,8 +7,9 @@ import torch
 from mspray.bundle import BundleError, load_bundle, read_meta, save_bundle
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
-from mspray.detector import quantile_sketch
+from mspray.detector import Detector, quantile_sketch, stage_seconds_per_image
 from mspray.fit import fit_detector, split_holdout
+from mspray.model.multiscale import MultiScaleEncoder
 from mspray.threshold import stats_from_moments
 
 
@@ -202,7 +203,16 @@ def test_evaluate_records_where_the_time_goes(tiny):
     det, _, spec = tiny
     report = evaluate(det, test_samples(spec, "synthetic")[:5], batch_size=2, progress=False)
     stages = report["stage_seconds_per_image"]
-    assert list(stages) == stage_order(det.scales)
+    # a random-init trunk has a stem per scale: no shared "stem" stage
+    assert det.model.shared_stem(det.scales) is None
+    assert list(stages) == [k for k in stage_order(det.scales) if k != "stem"]
     assert all(v > 0 for v in stages.values())
+    # encoders sharing a stem time it once, apart from the rest of each encoder
+    shared = Detector(det.cfg, MultiScaleEncoder(det.cfg.replace(**{"model.shared_stem": True})))
+    shared.banks, shared.stats = det.banks, det.stats
+    timings: dict[str, float] = {}
+    paths = [s.path for s in test_samples(spec, "synthetic")[:2]]
+    shared.predict(load_images(paths, det.cfg.model.image_size, progress=False), timings)
+    assert list(stage_seconds_per_image(timings, 2, det.scales)) == stage_order(det.scales)[1:]
     model = sum(v for k, v in stages.items() if k != "decode")
     assert model == pytest.approx(report["seconds_per_image"], rel=0.2)

@@ -3,8 +3,9 @@
 The same steps as the core's :func:`mspray.calibration.crossfit_calibrate` (or the held-out
 calibration), split by where the data is:
 
-- the near-duplicate gap is measured on a bounded sample of the images
-  (:func:`~mspray.calibration.gap_sample`), embedded by the actors;
+- the folds are planned from a bounded sample of the images
+  (:func:`~mspray.calibration.gap_sample`, embedded by the actors): the name-order
+  near-duplicate gap, and near-duplicates by content (:mod:`mspray.near_duplicates`);
 - the driver builds one fold's banks at a time from the embeddings it already holds (at most
   the candidate budget per scale) and puts them in the object store;
 - :class:`FoldScorer` actors read each normal image, score it against its fold's banks and
@@ -28,9 +29,8 @@ from mspray.calibration import (
     FoldBankConfig,
     check_fold_plan,
     fold_banks,
-    fold_plan,
     gap_sample,
-    near_duplicate_gap,
+    plan_folds,
 )
 from mspray.config import PoolConfig
 from mspray.detector import Detector
@@ -94,16 +94,20 @@ class FoldScorer(DetectorActor):
         return out
 
 
-def measure_gap(det: Detector, names: list[str], embed: Embed) -> int:
-    """The near-duplicate gap of the sorted ``names``, from coarsest-scale embeddings of a
-    bounded sample of them, computed on the actor pool by ``embed``."""
+def plan_on_pool(
+    det: Detector, names: list[str], embed: Embed
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
+    """The cross-calibration folds of the sorted ``names``
+    (:func:`~mspray.calibration.plan_folds`), from coarsest-scale embeddings of a bounded
+    sample of them, computed on the actor pool by ``embed``."""
     sample = gap_sample(len(names))
     coarsest = max(det.scales)
     embs, _, errors = embed([names[p] for p in sample], {coarsest: 1.0}, (coarsest,))
     if errors:
         raise ValueError(f"{len(errors)} sampled images are unreadable, e.g. {errors[0]}")
     emb = torch.from_numpy(embs[coarsest]).view(len(sample), -1, det.cfg.model.embed_dim)
-    return near_duplicate_gap(emb, sample, len(names))
+    score = det.cfg.score
+    return plan_folds(emb, sample, len(names), score.calibration_folds, score.calibration_gap)
 
 
 def calibrate_on_pool(
@@ -125,14 +129,10 @@ def calibrate_on_pool(
 
     cfg = det.cfg
     in_bank = np.asarray(in_bank, bool)
-    plan, gap = None, None
+    plan, info = None, {}
     if cfg.score.calibration == "crossfit":
         try:
-            gap = cfg.score.calibration_gap
-            if gap is None:
-                gap = measure_gap(det, names, embed)
-                log.info("cross-calibration: images up to %d apart look like near-duplicates", gap)
-            plan = fold_plan(len(names), cfg.score.calibration_folds, gap)
+            plan, info = plan_on_pool(det, names, embed)
             check_fold_plan(plan, in_bank)
         except ValueError as e:
             log.warning("cross-calibration not possible (%s); using the held-out images", e)
@@ -198,5 +198,5 @@ def calibrate_on_pool(
         moments, scores_for, "crossfit" if plan is not None else "holdout"
     )
     if plan is not None:
-        det.meta["calibration"].update(folds=cfg.score.calibration_folds, gap=gap)
+        det.meta["calibration"].update(info)
     return cal
