@@ -39,12 +39,15 @@ def closeness_matrix(emb: torch.Tensor, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     q = emb[:, torch.randperm(p, generator=g)[: min(p, QUERY_PATCHES)]].float()  # S×Q×D
     flat = emb.reshape(s * p, d).float()
+    sq = flat.square().sum(1)
     rows = max(1, _BLOCK // (q.shape[1] * s * p))
     out = torch.empty(s, s)
     for i in range(0, s, rows):
-        part = q[i : i + rows]
-        dist = torch.cdist(part.reshape(-1, d), flat).view(len(part), -1, s, p).amin(-1)
-        out[i : i + rows] = torch.quantile(dist, QUANTILE, dim=1)
+        part = q[i : i + rows].reshape(-1, d)
+        # |q - b|² = |q|² + |b|² - 2 q·b: one product; |q|² and the root after the min
+        near = torch.addmm(sq, part, flat.T, alpha=-2).view(-1, s, p).amin(-1)
+        dist = (near + part.square().sum(1, keepdim=True)).clamp_min(0).sqrt()
+        out[i : i + rows] = torch.quantile(dist.view(-1, q.shape[1], s), QUANTILE, dim=1)
     out.fill_diagonal_(float("inf"))
     return out
 
