@@ -39,7 +39,7 @@ CHOICES: dict[str, dict] = {
     "+ tanh output": {"model.output_tanh": True},
     "+ h1-h2 angle input": {"model.angle_input": "diff"},
     "+ SSL colour jitter": {"train.ssl_augment": True},
-    "+ K-means warm-up 1 ep": {"train.kmeans_warmup": 1},
+    "no K-means warm-up": {"train.kmeans_warmup": 0},
     "lr 1e-4": {"train.lr": 1e-4},
     # not an authors' choice: the K-means term relative to the embeddings' spread
     "kmeans / spread": {"train.kmeans_relative": True},

@@ -6,7 +6,8 @@ embeddings collapse, so a loss-based score can improve while detection gets wors
 selection signal here is detection itself, on anomalies whose masks are known: synthetic
 anomalies (:mod:`mspray.data.anomalies`) pasted into the held-out normal images, scored
 exactly as at inference (nearest-neighbour distance to a bank of training patches, eq. 7
-maps, eq. 9 window-max image score). The held-out images serve as their own normal class.
+maps, eq. 9 window-max image score). The held-out images, and the training images left out
+of the selection bank, are the normal class.
 
 Every candidate epoch is scored, **epoch 0 (the encoders as they start) included**, so
 training can never hand back encoders that detect worse than the untrained ones on this
@@ -30,8 +31,10 @@ from mspray.model.multiscale import normalize
 COPIES = 4
 #: rows of the selection bank (a random subset of the training patches, fixed per run)
 MAX_BANK = 20_000
-#: training images embedded into the selection bank
+#: training images embedded into the selection bank (at most half of them)
 MAX_BANK_IMAGES = 32
+#: training images outside the selection bank that join the held-out ones as normals
+MAX_EXTRA_NORMALS = 32
 
 
 @dataclass
@@ -47,14 +50,22 @@ class SelectionSet:
 
     @classmethod
     def build(cls, train_images: torch.Tensor, val_images: torch.Tensor, seed: int) -> SelectionSet:
-        """Paste :data:`COPIES` anomalies into each of ``val_images``; the bank comes from
-        (at most :data:`MAX_BANK_IMAGES` of) ``train_images``."""
-        val = val_images.detach().float().cpu()
-        anomalous, masks = paste_anomalies(val, COPIES, seed)
+        """The bank comes from half of ``train_images`` (at most :data:`MAX_BANK_IMAGES`);
+        the normals are ``val_images`` and (at most :data:`MAX_EXTRA_NORMALS` of) the other
+        training images; :data:`COPIES` anomalies are pasted into each normal."""
+        clean = val_images.detach().float().cpu()
         g = torch.Generator().manual_seed(seed + 1)
         n = train_images.shape[0]
-        keep = torch.randperm(n, generator=g)[: min(n, MAX_BANK_IMAGES)].sort().values
-        return cls(val, anomalous, masks, train_images[keep].detach().float().cpu(), seed)
+        order = torch.randperm(n, generator=g)
+        bank = order[: min(n - n // 2, MAX_BANK_IMAGES)]
+        # The training images outside the selection bank are normals too: with a handful
+        # of held-out images alone, one image moves the AUROC by a large step and the
+        # ranking of epochs is mostly noise.
+        extra = order[len(bank) :][:MAX_EXTRA_NORMALS]
+        clean = torch.cat([clean, train_images[extra.sort().values].detach().float().cpu()])
+        anomalous, masks = paste_anomalies(clean, COPIES, seed)
+        bank_images = train_images[bank.sort().values].detach().float().cpu()
+        return cls(clean, anomalous, masks, bank_images, seed)
 
 
 @torch.no_grad()
