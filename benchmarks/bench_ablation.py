@@ -26,7 +26,13 @@ from mspray.data.images import load_images
 from mspray.data.synthetic import make_synthetic_dataset
 from mspray.evaluate import evaluate
 from mspray.fit import fit_detector
-from mspray.model.multiscale import ScaleModel, build_scale_model
+from mspray.model.multiscale import (
+    ScaleModel,
+    build_scale_model,
+    stem_scale,
+    stem_state,
+    training_order,
+)
 from mspray.train.loop import ScaleTrainer, run_summary
 from mspray.train.recipes import RECIPES, apply_recipe
 
@@ -60,27 +66,37 @@ def runs(ablate: bool, choices: bool) -> dict[str, dict]:
     return out
 
 
+#: rows whose values equal the paper defaults, which the no-ImageNet switch would replace
+#: again: applied to the config the trainer receives, after that switch
+AFTER_SWITCH = ("no K-means warm-up", "+ shared stem")
+
+
 class LastKeeper:
     """A scale trainer for :func:`fit_detector` that also keeps each scale's last-epoch
-    weights, so one training gives both the ``selected`` and the ``last epoch`` rows."""
+    weights, so one training gives both the ``selected`` and the ``last epoch`` rows;
+    ``after``: config overrides applied after the no-ImageNet switch."""
 
-    def __init__(self) -> None:
+    def __init__(self, after: dict | None = None) -> None:
         self.last: dict[int, ScaleModel] = {}
+        self.after = after or {}
 
     def __call__(self, cfg: MSPrayConfig, train_uris: list[str], val_uris: list[str]):
+        cfg = cfg.replace(**self.after) if self.after else cfg
         size = cfg.model.image_size
         train = load_images(train_uris, size, progress=False)
         val = load_images(val_uris, size, progress=False) if val_uris else None
-        models = {}
-        for scale in cfg.model.scales:
-            model = build_scale_model(cfg, scale, None)
+        models, stem = {}, None
+        for scale in training_order(cfg):
+            model = build_scale_model(cfg, scale, None, stem)
             tr = ScaleTrainer(cfg, scale, model)
             hist = tr.fit(train, val, progress=False)
-            best = build_scale_model(cfg, scale, None)
+            best = build_scale_model(cfg, scale, None, stem)
             best.load_state_dict(tr.best_model_state())
             best.train_summary = run_summary(hist, cfg, tr.candidates)
             models[scale] = best
             self.last[scale] = tr.core
+            if scale == stem_scale(cfg):
+                stem = stem_state(best)
         return models
 
 
@@ -154,10 +170,11 @@ def main() -> None:
             for seed in seeds if name in ("untrained", "selected") else ab_seeds:
                 cfg = base.replace(**{**run_over, "train.seed": seed})
                 t0 = time.perf_counter()
-                keeper = LastKeeper() if name == "selected" else None
+                after = run_over if name in AFTER_SWITCH else None
+                keeper = LastKeeper(after) if name == "selected" or after else None
                 det = fit_detector(cfg, uris, trainer=keeper, progress=False)
                 got = {name: _record(det, samples, t0, scales)}
-                if keeper is not None:
+                if name == "selected":
                     t0 = time.perf_counter()
                     last_models = keeper.last
                     # selection=last: no fused fallback to the untrained encoders here
