@@ -18,6 +18,7 @@ at 8 (conv3_3 is at stride 4). No weights are lost: pool3 has none, so the Image
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mspray.model.backbone import vgg16_prefix
@@ -66,14 +67,23 @@ class PatchEncoder(nn.Module):
             init_prefix(self.features, vgg_state)
         self.head = _head(spec, embed_dim)
 
-    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int = 0, step: int = 1) -> torch.Tensor:
         """``B×3×H×W`` -> ``B×D×h×w`` with ``h = (H - θ) // stride + 1``.
 
         With ``start > 0``, ``x`` is the output of the trunk's first ``start`` modules
-        (a stem computed once for several scales) and only the rest runs."""
+        (a stem computed once for several scales) and only the rest runs. With ``step > 1``
+        only every ``step``-th embedding per axis is returned (``[..., ::step, ::step]`` of
+        the full grid); a head whose second convolution is 1×1 then computes only those."""
         if start == 0 and (x.shape[-1] < self.patch_size or x.shape[-2] < self.patch_size):
             raise ValueError(f"input {tuple(x.shape[-2:])} smaller than patch {self.patch_size}")
-        out = self.head(self.features[start:](x))
+        h = self.features[start:](x)
+        first, rest = self.head[0], self.head[1:]
+        if step > 1 and rest[-1].kernel_size == (1, 1):
+            # the first head convolution at step × its stride: the skipped outputs are never
+            # computed (for Enc64 at the paper's stride 16, three quarters of its head)
+            out = rest(F.conv2d(h, first.weight, first.bias, stride=first.stride[0] * step))
+        else:
+            out = self.head(h)[:, :, ::step, ::step]
         return torch.tanh(out) if self.output_tanh else out
 
     def stem(self) -> nn.Sequential:

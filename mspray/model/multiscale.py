@@ -156,8 +156,7 @@ class MultiScaleEncoder(nn.Module):
         for scale, stride in strides.items():
             enc = self.encoder(scale)
             with timer(f"encoder_{scale}"):
-                step = stride // enc.stride
-                grid = enc(x, start)[:, :, ::step, ::step]
+                grid = enc(x, start, step=stride // enc.stride)
                 grids[scale] = grid.permute(0, 2, 3, 1).contiguous()
         return grids
 

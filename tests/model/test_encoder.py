@@ -131,3 +131,13 @@ def test_authors_choices_tanh_output_and_difference_angle_input():
     assert torch.allclose(head(a, b), head(a + 3.0, b + 3.0))  # a shift of both cancels
     with pytest.raises(ValueError, match="angle_input"):
         AngleHead(8, angle_input="sum")
+
+
+@pytest.mark.parametrize("patch", [64, 32, 16])
+def test_a_strided_grid_equals_every_step_th_embedding_of_the_full_grid(patch):
+    enc = PatchEncoder(patch).eval()
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(patch))
+    with torch.no_grad():
+        full = enc(x)
+        for step in (2, 3):
+            torch.testing.assert_close(enc(x, step=step), full[:, :, ::step, ::step])
