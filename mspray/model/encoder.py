@@ -83,7 +83,9 @@ class PatchEncoder(nn.Module):
             # computed (for Enc64 at the paper's stride 16, three quarters of its head)
             out = rest(F.conv2d(h, first.weight, first.bias, stride=first.stride[0] * step))
         else:
-            out = self.head(h)[:, :, ::step, ::step]
+            out = self.head(h)
+            if step > 1:  # (no slice at step 1: the ONNX tracer would make its bounds inputs)
+                out = out[:, :, ::step, ::step]
         return torch.tanh(out) if self.output_tanh else out
 
     def stem(self) -> nn.Sequential:
