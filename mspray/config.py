@@ -200,11 +200,8 @@ class BankConfig(Section):
         "pre-selection precision of the torch search (results stay exact fp32): auto is fp16 "
         "on CUDA, bf16 on a CPU with native bf16, else fp32",
     )
-    search_candidates: int | None = setting(
-        None,
-        "candidates per query the torch search re-ranks exactly (null: 16 after a bf16/fp16 "
-        "pre-selection, where 8 left 15 % of the queries unsure on dense banks, else 8)",
-        ge=1,
+    search_candidates: int = setting(
+        8, "candidates per query the torch search re-ranks exactly", ge=1
     )
     use_gpu: bool = flag(
         False, "faiss search on GPU when one is present (needs the gpu extra)", cli="--bank-gpu"

@@ -275,8 +275,7 @@ class Detector:
         for the torch search (``bank.search``), on CPU for faiss (always for an IVF bank)."""
         c = self.cfg.bank
         if c.search == "torch" and c.index == "flat":
-            k = c.search_candidates or (8 if self.search_precision == "fp32" else 16)
-            searcher = bank.searcher(self.device, self.search_precision, k)
+            searcher = bank.searcher(self.device, self.search_precision, c.search_candidates)
             return searcher.search(queries)
         return torch.from_numpy(bank.search(queries))
 

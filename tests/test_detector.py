@@ -216,14 +216,3 @@ def test_evaluate_records_where_the_time_goes(tiny):
     assert list(stage_seconds_per_image(timings, 2, det.scales)) == stage_order(det.scales)[1:]
     model = sum(v for k, v in stages.items() if k != "decode")
     assert model == pytest.approx(report["seconds_per_image"], rel=0.2)
-
-
-@pytest.mark.parametrize(("precision", "k"), [("bf16", 16), ("fp32", 8)])
-def test_reduced_precision_search_re_ranks_more_candidates_by_default(tiny, precision, k):
-    det, _, _ = tiny
-    cfg = det.cfg.replace(**{"bank.search_precision": precision})
-    d = Detector(cfg, det.model, det.banks, det.stats, det.threshold, det.meta)
-    bank = d.banks[d.scales[0]]
-    bank._searchers.clear()
-    d.search(bank, torch.zeros(3, cfg.model.embed_dim))
-    assert [key[2] for key in bank._searchers] == [k]
