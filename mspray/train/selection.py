@@ -31,10 +31,10 @@ from mspray.model.multiscale import normalize
 COPIES = 4
 #: rows of the selection bank (a random subset of the training patches, fixed per run)
 MAX_BANK = 20_000
-#: training images embedded into the selection bank (at most half of them)
+#: training images embedded into the selection bank
 MAX_BANK_IMAGES = 32
-#: training images outside the selection bank that join the held-out ones as normals
-MAX_EXTRA_NORMALS = 32
+#: normals wanted: held-out images, topped up with training images outside the bank
+MIN_NORMALS = 32
 
 
 @dataclass
@@ -50,18 +50,19 @@ class SelectionSet:
 
     @classmethod
     def build(cls, train_images: torch.Tensor, val_images: torch.Tensor, seed: int) -> SelectionSet:
-        """The bank comes from half of ``train_images`` (at most :data:`MAX_BANK_IMAGES`);
-        the normals are ``val_images`` and (at most :data:`MAX_EXTRA_NORMALS` of) the other
-        training images; :data:`COPIES` anomalies are pasted into each normal."""
+        """The normals are ``val_images``, topped up to :data:`MIN_NORMALS` with up to half
+        of ``train_images``; the bank comes from (at most :data:`MAX_BANK_IMAGES` of) the
+        other training images; :data:`COPIES` anomalies are pasted into each normal."""
         clean = val_images.detach().float().cpu()
         g = torch.Generator().manual_seed(seed + 1)
         n = train_images.shape[0]
         order = torch.randperm(n, generator=g)
-        bank = order[: min(n - n // 2, MAX_BANK_IMAGES)]
-        # The training images outside the selection bank are normals too: with a handful
-        # of held-out images alone, one image moves the AUROC by a large step and the
-        # ranking of epochs is mostly noise.
-        extra = order[len(bank) :][:MAX_EXTRA_NORMALS]
+        # With a handful of held-out images one image moves the AUROC by a large step and
+        # the ranking of epochs is mostly noise: up to half of the training images, left
+        # out of the selection bank, then join them as normals (up to MIN_NORMALS in all).
+        n_extra = min(max(0, MIN_NORMALS - clean.shape[0]), n // 2)
+        bank = order[: min(n - n_extra, MAX_BANK_IMAGES)]
+        extra = order[n - n_extra :]
         clean = torch.cat([clean, train_images[extra.sort().values].detach().float().cpu()])
         anomalous, masks = paste_anomalies(clean, COPIES, seed)
         bank_images = train_images[bank.sort().values].detach().float().cpu()

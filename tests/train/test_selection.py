@@ -20,3 +20,10 @@ def test_training_images_outside_the_selection_bank_join_the_normals():
     assert bank_rows | extra_rows == train_rows and not bank_rows & extra_rows
     assert sel.anomalous.shape[0] == sel.masks.shape[0] == 7 * COPIES
     assert sel.masks.any()
+
+
+def test_enough_held_out_images_need_no_training_images_as_normals():
+    g = torch.Generator().manual_seed(1)
+    train, val = torch.rand(40, 3, 16, 16, generator=g), torch.rand(32, 3, 16, 16, generator=g)
+    sel = SelectionSet.build(train, val, seed=3)
+    assert torch.equal(sel.clean, val) and sel.bank_images.shape[0] == 32
