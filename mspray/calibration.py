@@ -126,16 +126,26 @@ def near_duplicate_gap(
     return gap
 
 
+#: (positions in sorted-name order, scale) -> their bank embeddings at that scale, the
+#: rows of each image together (``S·P×D``)
+EmbedSample = Callable[[np.ndarray, int], np.ndarray]
+
+
 def plan_folds(
-    emb: torch.Tensor, positions: np.ndarray, n_images: int, folds: int, gap: int | None
+    det: Detector, n_images: int, embed: EmbedSample
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
     """The cross-calibration folds of ``n_images`` (sorted names) and what decided them.
 
-    ``emb`` (``S×P×D``) embeds the images at ``positions`` (:func:`gap_sample`). ``gap``
-    (None: measured, :func:`near_duplicate_gap`) leaves name-order neighbours out of a
-    fold's bank. When every image was sampled, near-duplicates are also found by content;
-    if some lie further apart in name order than the gap, the folds follow the content
+    ``embed`` gives the coarsest-scale embeddings of the :func:`gap_sample` images. The gap
+    (``score.calibration_gap``; None: measured, :func:`near_duplicate_gap`) leaves
+    name-order neighbours out of a fold's bank. When every image was sampled,
+    near-duplicates are also found by content; if some lie further apart in name order
+    than the gap, the folds follow the content
     (:func:`mspray.near_duplicates.content_fold_plan`)."""
+    positions = gap_sample(n_images)
+    flat = embed(positions, max(det.scales))
+    emb = torch.from_numpy(flat).view(len(positions), -1, flat.shape[-1])
+    folds, gap = det.cfg.score.calibration_folds, det.cfg.score.calibration_gap
     if gap is None:
         gap = near_duplicate_gap(emb, positions, n_images)
         log.info("cross-calibration: images up to %d apart look like near-duplicates", gap)
@@ -155,14 +165,23 @@ def plan_folds(
 
 
 def image_embeddings(
-    det: Detector, images: torch.Tensor, scale: int, batch_size: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Bank embeddings of ``images`` at ``scale`` and the index of the image of each row."""
+    det: Detector,
+    images: torch.Tensor,
+    scales: tuple[int, ...],
+    batch_size: int | None = None,
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per scale: the bank embeddings of ``images`` and the index of the image of each row
+    (a stem the encoders share runs once per batch)."""
     bs = batch_size or det.cfg.score.batch_size
-    emb = np.concatenate(
-        [det.bank_embeddings(images[i : i + bs], scale) for i in range(0, len(images), bs)]
-    )
-    return emb, np.repeat(np.arange(len(images)), emb.shape[0] // max(len(images), 1))
+    parts: dict[int, list[np.ndarray]] = {s: [] for s in scales}
+    for i in range(0, len(images), bs):
+        for s, emb in det.bank_embeddings_scales(images[i : i + bs], scales).items():
+            parts[s].append(emb)
+    out = {}
+    for s in scales:
+        emb = np.concatenate(parts[s])
+        out[s] = (emb, np.repeat(np.arange(len(images)), emb.shape[0] // max(len(images), 1)))
+    return out
 
 
 def check_fold_plan(plan: list[tuple[np.ndarray, np.ndarray]], in_bank: np.ndarray) -> None:
@@ -226,10 +245,8 @@ def crossfit_summary(
     bs = batch_size or det.cfg.score.batch_size
     if embeddings is None:
         bank_index = np.flatnonzero(in_bank)
-        embeddings = {}
-        for scale in det.scales:
-            emb, local = image_embeddings(det, images[bank_index], scale, bs)
-            embeddings[scale] = (emb, bank_index[local])
+        per_scale = image_embeddings(det, images[bank_index], det.scales, bs)
+        embeddings = {s: (emb, bank_index[local]) for s, (emb, local) in per_scale.items()}
     parts, order = [], []
     for scored, banks in fold_banks(det, plan, in_bank, embeddings, bank_config):
         order.append(scored)
@@ -250,14 +267,12 @@ def crossfit_calibrate(
 ) -> Calibration:
     """Stats and threshold of ``det`` from cross-fitted maps of all its normal images (see
     :func:`crossfit_summary` for the arguments); the deployed banks are not touched."""
-    sample = gap_sample(len(images))
-    coarsest = max(det.scales)
-    flat, _ = image_embeddings(det, images[torch.from_numpy(sample)], coarsest, batch_size)
-    emb = torch.from_numpy(flat).view(len(sample), -1, flat.shape[-1])
-    score = det.cfg.score
-    plan, info = plan_folds(
-        emb, sample, len(images), score.calibration_folds, score.calibration_gap
-    )
+
+    def embed(positions: np.ndarray, scale: int) -> np.ndarray:
+        picked = images[torch.from_numpy(positions)]
+        return image_embeddings(det, picked, (scale,), batch_size)[scale][0]
+
+    plan, info = plan_folds(det, len(images), embed)
     summary = crossfit_summary(det, images, in_bank, plan, embeddings, bank_config, batch_size)
     cal = det.calibrate_from_summary(
         summary.moments, lambda stats: det.summary_scores(summary.pooled, stats), "crossfit"

@@ -191,14 +191,9 @@ class Detector:
         if self._onnx is not None:
             grids = {}
             x = normalize(images.to(torch.float32)).numpy()
-            for scale, stride in strides.items():
-                net = self.model.encoder(scale).stride
-                if stride % net:
-                    raise ValueError(f"stride {stride} is not a multiple of {net} (scale {scale})")
+            for scale, step in self.model.grid_steps(strides).items():
                 with timer(f"encoder_{scale}"):
-                    grid = torch.from_numpy(self._onnx[scale](x))[
-                        :, :, :: stride // net, :: stride // net
-                    ]
+                    grid = torch.from_numpy(self._onnx[scale](x))[:, :, ::step, ::step]
                     grids[scale] = grid.permute(0, 2, 3, 1).contiguous()
             return grids
         images = images.to(self.device, torch.float32)
@@ -211,7 +206,7 @@ class Detector:
             else contextlib.nullcontext()
         )
         with torch.inference_mode(), autocast:
-            grids = self.model.embed_scales(images, strides, timer if timings is not None else None)
+            grids = self.model.embed_scales(images, strides, timer)
         return {s: g.float() for s, g in grids.items()}
 
     def embed(self, images: torch.Tensor, scale: int, stride: int | None = None) -> torch.Tensor:
@@ -418,10 +413,10 @@ class MapSummary:
 
     def take(self, index: np.ndarray) -> MapSummary:
         """The summaries of images ``index`` (in that order)."""
-        idx = torch.from_numpy(np.asarray(index, np.int64))
+        idx = np.asarray(index, np.int64)
         return MapSummary(
-            {s: m[idx.numpy()] for s, m in self.moments.items()},
-            {s: p[idx] for s, p in self.pooled.items()},
+            {s: m[idx] for s, m in self.moments.items()},
+            {s: p[torch.from_numpy(idx)] for s, p in self.pooled.items()},
         )
 
     @staticmethod

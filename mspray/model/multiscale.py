@@ -129,6 +129,17 @@ class MultiScaleEncoder(nn.Module):
             self._stem_check = (key, same)
         return stems[0] if self._stem_check[1] else None
 
+    def grid_steps(self, strides: dict[int, int]) -> dict[int, int]:
+        """Per scale, how many network-stride steps its ``stride`` spans (ValueError unless
+        it is a multiple of the encoder's network stride)."""
+        steps = {}
+        for scale, stride in strides.items():
+            net = self.encoder(scale).stride
+            if stride % net:
+                raise ValueError(f"stride {stride} is not a multiple of {net} (scale {scale})")
+            steps[scale] = stride // net
+        return steps
+
     @torch.no_grad()
     def embed_scales(
         self,
@@ -140,10 +151,7 @@ class MultiScaleEncoder(nn.Module):
         given stride per scale. A stem shared by those scales runs once; ``timer(stage)``
         (optional) times ``stem`` and each ``encoder_<scale>``."""
         timer = timer or (lambda stage: contextlib.nullcontext())
-        for scale, stride in strides.items():
-            net = self.encoder(scale).stride
-            if stride % net:
-                raise ValueError(f"stride {stride} is not a multiple of {net} (scale {scale})")
+        steps = self.grid_steps(strides)
         x = normalize(images)
         stem, start = self.shared_stem(strides), 0
         if stem is not None:
@@ -153,10 +161,9 @@ class MultiScaleEncoder(nn.Module):
             with timer("stem"):
                 x, start = stem(x), STEM_LAYERS
         grids = {}
-        for scale, stride in strides.items():
-            enc = self.encoder(scale)
+        for scale, step in steps.items():
             with timer(f"encoder_{scale}"):
-                grid = enc(x, start, step=stride // enc.stride)
+                grid = self.encoder(scale)(x, start, step=step)
                 grids[scale] = grid.permute(0, 2, 3, 1).contiguous()
         return grids
 

@@ -160,8 +160,7 @@ class ScaleTrainer:
         # Monitoring only (no gradient): angle accuracy and the embeddings' RMS distance to
         # their mean, which falls towards 0 when the encoder collapses.
         with torch.no_grad():
-            e = emb.detach().float()
-            out["spread"] = (e - e.mean(0)).pow(2).sum(1).mean().sqrt()
+            out["spread"] = losses.spread(emb.detach())
             if logits is not None:
                 out["ssl_acc"] = (logits.argmax(1) == s["ssl"].labels.to(emb.device)).float().mean()
         if "svdd" in self.t.losses:

@@ -36,9 +36,14 @@ def kmeans_loss(emb: torch.Tensor, centers: torch.Tensor, relative: bool = False
     so that shrinking every embedding towards one point no longer lowers the term.
     """
     loss = _l2_from_sq(sq_dists(emb, centers.to(emb.dtype).detach()).amin(dim=1)).mean()
-    if relative:
-        loss = loss / (_l2((emb - emb.mean(0)).float()).pow(2).mean().sqrt() + _EPS)
-    return loss
+    return loss / (spread(emb) + _EPS) if relative else loss
+
+
+def spread(emb: torch.Tensor) -> torch.Tensor:
+    """RMS distance of the embeddings ``N×D`` to their mean (falls towards 0 when the
+    encoder collapses them to one point)."""
+    e = emb.float()
+    return (e - e.mean(0)).pow(2).sum(1).mean().sqrt()
 
 
 def total_loss(terms: dict[str, torch.Tensor], lam: float) -> torch.Tensor:

@@ -29,7 +29,6 @@ from mspray.calibration import (
     FoldBankConfig,
     check_fold_plan,
     fold_banks,
-    gap_sample,
     plan_folds,
 )
 from mspray.config import PoolConfig
@@ -98,16 +97,16 @@ def plan_on_pool(
     det: Detector, names: list[str], embed: Embed
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
     """The cross-calibration folds of the sorted ``names``
-    (:func:`~mspray.calibration.plan_folds`), from coarsest-scale embeddings of a bounded
-    sample of them, computed on the actor pool by ``embed``."""
-    sample = gap_sample(len(names))
-    coarsest = max(det.scales)
-    embs, _, errors = embed([names[p] for p in sample], {coarsest: 1.0}, (coarsest,))
-    if errors:
-        raise ValueError(f"{len(errors)} sampled images are unreadable, e.g. {errors[0]}")
-    emb = torch.from_numpy(embs[coarsest]).view(len(sample), -1, det.cfg.model.embed_dim)
-    score = det.cfg.score
-    return plan_folds(emb, sample, len(names), score.calibration_folds, score.calibration_gap)
+    (:func:`~mspray.calibration.plan_folds`), the sampled images embedded on the actor
+    pool by ``embed``."""
+
+    def embed_sample(positions: np.ndarray, scale: int) -> np.ndarray:
+        embs, _, errors = embed([names[p] for p in positions], {scale: 1.0}, (scale,))
+        if errors:
+            raise ValueError(f"{len(errors)} sampled images are unreadable, e.g. {errors[0]}")
+        return embs[scale]
+
+    return plan_folds(det, len(names), embed_sample)
 
 
 def calibrate_on_pool(
