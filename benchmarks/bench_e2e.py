@@ -14,7 +14,9 @@ mspray modes (one detector: encoders, banks, stats and threshold shared; only
 - ``fp32``: fp32 + channels_last, fp32 search pre-selection (the reference the
   reduced-precision modes are held to, and the default on a CPU without native bf16);
 - ``default``: the default config (``precision="auto"`` resolves per device; channels_last;
-  the exact torch bank search on the scoring device);
+  the exact torch bank search on the scoring device: by cells on CPU, dense on CUDA);
+- ``fp32-dense`` / ``default-dense``: ``fp32`` / ``default`` with the dense torch search
+  (``bank.search_cells="off"``), the search before cells;
 - ``default-faiss``: the default with the bank search on faiss (``bank.search="faiss"``);
 - ``default-random``: the default on a second detector fitted from a random-init trunk
   (every scale its own stem, computed per scale; the others use the ImageNet path with
@@ -164,7 +166,10 @@ class Padim:
 DEFAULTS = {
     **{f"score.{k}": getattr(MSPrayConfig().score, k) for k in ("precision", "channels_last")},
     "score.runtime": MSPrayConfig().score.runtime,
-    **{f"bank.{k}": getattr(MSPrayConfig().bank, k) for k in ("search", "search_precision")},
+    **{
+        f"bank.{k}": getattr(MSPrayConfig().bank, k)
+        for k in ("search", "search_precision", "search_cells")
+    },
 }
 
 
@@ -174,7 +179,13 @@ def mode_detector(base: Detector, mode: str) -> Detector:
         "fp32-nchw": {"score.precision": "fp32", "score.channels_last": False},
         # what "auto" resolves to on a CPU without native bf16
         "fp32": {"score.precision": "fp32", "bank.search_precision": "fp32"},
+        "fp32-dense": {
+            "score.precision": "fp32",
+            "bank.search_precision": "fp32",
+            "bank.search_cells": "off",
+        },
         "default": DEFAULTS,
+        "default-dense": {**DEFAULTS, "bank.search_cells": "off"},
         "default-faiss": {**DEFAULTS, "bank.search": "faiss"},
         "bf16": {"score.precision": "bf16"},
         "fp16": {"score.precision": "fp16"},
@@ -205,7 +216,8 @@ def main() -> None:
     ap.add_argument(
         "--modes",
         default="auto",
-        help="comma-separated subset of fp32-nchw,fp32,default,default-random,default-faiss,bf16,"
+        help="comma-separated subset of fp32-nchw,fp32,fp32-dense,default,default-dense,"
+        "default-random,default-faiss,bf16,"
         "fp16,onnx,"
         "compile,padim,"
         "padim-onnx; 'auto': those that can be fast on this device",
@@ -366,7 +378,8 @@ def main() -> None:
         )
     if "default" in modes:
         det = mode_detector(base, "default")
-        print(f"default mode resolved to {det.inference_mode}")
+        search = "cells" if det.search_cells else f"dense, {det.search_precision} pre-selection"
+        print(f"default mode resolved to {det.inference_mode}, bank search: {search}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 
 from mspray.config import BankConfig
 from mspray.coreset import greedy_coreset
-from mspray.search import TorchSearch, sync_faiss_threads
+from mspray.search import CellSearch, TorchSearch, sync_faiss_threads
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class PatchBank:
     def __init__(self, index: faiss.Index, cfg: BankConfig) -> None:
         self.index = index
         self.cfg = cfg
-        self._searchers: dict[tuple[str, str, int], TorchSearch] = {}
+        self._searchers: dict[tuple[str, str, int, bool], TorchSearch] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -163,13 +163,21 @@ class PatchBank:
         return np.sqrt(out, out=out)
 
     def searcher(
-        self, device: str | torch.device = "cpu", precision: str = "fp32", candidates: int = 8
+        self,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        candidates: int = 8,
+        cells: bool = False,
     ) -> TorchSearch:
-        """The exact torch search of this bank's vectors on ``device`` (built once per
-        device, precision and candidate count; rebuilt after :meth:`add`)."""
-        key = (str(torch.device(device)), precision, int(candidates))
+        """The exact torch search of this bank's vectors on ``device``: the cell search with
+        ``cells`` (fp32; ``precision`` and ``candidates`` unused), else the dense one (built
+        once per setting; rebuilt after :meth:`add`)."""
+        key = (str(torch.device(device)), precision, int(candidates), bool(cells))
         if key not in self._searchers:
-            self._searchers[key] = TorchSearch(self.vectors(), device, precision, candidates)
+            if cells:
+                self._searchers[key] = CellSearch(self.vectors(), device)
+            else:
+                self._searchers[key] = TorchSearch(self.vectors(), device, precision, candidates)
         return self._searchers[key]
 
     @property

@@ -203,6 +203,13 @@ class BankConfig(Section):
     search_candidates: int = setting(
         8, "candidates per query the torch search re-ranks exactly", ge=1
     )
+    search_cells: Literal["auto", "on", "off"] = setting(
+        "auto",
+        "torch search that scores only the k-means cells of the bank that can hold a query's "
+        "nearest row (exact, fp32; a few percent of a large bank): auto is on on CPU, off on "
+        "CUDA (a dense fp16 product is faster there); search_precision and search_candidates "
+        "apply when off",
+    )
     use_gpu: bool = flag(
         False, "faiss search on GPU when one is present (needs the gpu extra)", cli="--bank-gpu"
     )

@@ -1,5 +1,6 @@
-"""Tests for mspray.search: the torch search equals the exact fp32 search (faiss flat and a
-float64 brute force agree with it), ties and duplicated rows included."""
+"""Tests for mspray.search: the torch searches (dense, with an fp32 or bf16 pre-selection, and
+by cells) equal the exact fp32 search (faiss flat and a float64 brute force agree with it),
+ties and duplicated rows included."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 
 import mspray.search as search_mod
-from mspray.search import TorchSearch
+from mspray.search import CellSearch, TorchSearch
 
-PRECISIONS = ["fp32", "bf16"]
+#: dense searches by pre-selection precision, and the cell search
+PRECISIONS = ["fp32", "bf16", "cells"]
 
 
 def _direct_fp32(q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -36,8 +38,14 @@ def _clustered(n: int, d: int, k: int, seed: int, offset: float = 0.0) -> torch.
     return centers[torch.randint(k, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g)
 
 
+def _searcher(b: torch.Tensor, precision: str, candidates: int = 8) -> TorchSearch:
+    if precision == "cells":
+        return CellSearch(b, cell_rows=32)  # small cells: many of them on these banks
+    return TorchSearch(b, precision=precision, candidates=candidates)
+
+
 def _check(q: torch.Tensor, b: torch.Tensor, precision: str, candidates: int = 8) -> None:
-    got = TorchSearch(b, precision=precision, candidates=candidates).search(q)
+    got = _searcher(b, precision, candidates).search(q)
     assert got.dtype == torch.float32 and got.shape == (len(q),)
     assert torch.equal(got, _direct_fp32(q, b))
     np.testing.assert_allclose(got.numpy(), _float64(q, b), rtol=1e-5, atol=1e-5)
@@ -67,7 +75,7 @@ def test_ties_and_duplicated_rows_equal_exact_search(precision: str) -> None:
     q = torch.cat([b[:300], mid, torch.randn(300, 16, generator=g)])
     _check(q, b, precision)
     # the points themselves are at distance exactly 0
-    assert TorchSearch(b, precision=precision).search(b[:300]).abs().max() == 0
+    assert _searcher(b, precision).search(b[:300]).abs().max() == 0
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -92,6 +100,7 @@ def test_small_banks_and_empty_queries() -> None:
     b = torch.randn(3, 8)
     _check(torch.randn(50, 8), b, "fp32")  # fewer rows than candidates: all measured
     _check(torch.randn(50, 8), b[:1], "bf16")
+    _check(torch.randn(50, 8), b, "cells")  # too few rows for cells: the dense search
     assert TorchSearch(b).search(torch.zeros(0, 8)).shape == (0,)
     with pytest.raises(ValueError):
         TorchSearch(b).search(torch.zeros(4, 7))
@@ -146,3 +155,42 @@ def test_half_precision_scores_stay_non_negative_for_integer_ordering() -> None:
     b = torch.randn(3000, 16, generator=g) * 3
     q = b[torch.randperm(3000, generator=g)[:1000]] + 1e-4 * torch.randn(1000, 16, generator=g)
     _check(q, b, "bf16", candidates=2)
+
+
+def test_cells_score_a_small_part_of_the_bank_and_their_bounds_matter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    b = _clustered(6000, 32, 60, seed=10)
+    q = _clustered(3000, 32, 60, seed=11)
+    exact = _direct_fp32(q, b)
+    searcher = CellSearch(b, cell_rows=64)
+    assert torch.equal(searcher.search(q), exact)
+    assert searcher.scored_fraction < 0.3
+    # Cells whose radius is taken as 0 are skipped wrongly: the nearest row is missed.
+    monkeypatch.setattr(searcher, "_cell_radius", torch.zeros_like(searcher._cell_radius))
+    monkeypatch.setattr(searcher, "_centre_gap", torch.full_like(searcher._centre_gap, 1e30))
+    assert not torch.equal(searcher.search(q), exact)
+
+
+def test_cells_send_near_ties_to_the_exhaustive_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(12)
+    base = torch.randn(800, 16, generator=g)
+    b = torch.cat([base, base + 1e-7 * torch.randn(800, 16, generator=g)])  # near-duplicates
+    q = base[:400] + 0.05 * torch.randn(400, 16, generator=g)
+    searcher = CellSearch(b, cell_rows=32)
+    calls: list[int] = []
+    real = searcher._exhaustive
+    monkeypatch.setattr(searcher, "_exhaustive", lambda q, *a: calls.append(len(q)) or real(q, *a))
+    assert torch.equal(searcher.search(q), _direct_fp32(q, b))
+    assert sum(calls) > 0
+
+
+def test_auto_search_cells_follow_the_device() -> None:
+    from mspray.detector import resolve_search_cells
+
+    assert resolve_search_cells("auto", torch.device("cpu"))
+    assert not resolve_search_cells("auto", torch.device("cuda"))
+    assert not resolve_search_cells("off", torch.device("cpu"))
+    assert resolve_search_cells("on", torch.device("cuda"))
+    with pytest.raises(ValueError):
+        resolve_search_cells("yes", torch.device("cpu"))
