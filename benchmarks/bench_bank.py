@@ -13,9 +13,12 @@
    distance equals the exact one.
 3. The scoring search at the bank sizes scoring sees (``--search-banks``, coreset-sized;
    or ``--search-data encoder``: the banks and queries of bench_e2e's encoders):
-   faiss ``IndexFlatL2`` next to the exact torch search (:class:`mspray.search.TorchSearch`,
-   fp32 and bf16/fp16 pre-selection) and the tiled sgemm ceiling of the same FLOPs, as a ratio
-   table (x faiss, % of sgemm); every torch row is checked equal to the fp32 exact search.
+   faiss ``IndexFlatL2`` next to the exact torch searches (:class:`mspray.search.TorchSearch`,
+   fp32 and bf16/fp16 pre-selection, and :class:`mspray.search.CellSearch`, which scores only
+   the k-means cells that can hold the nearest row: the share it scored is printed) and the
+   tiled sgemm ceiling of the same FLOPs (the dense product), as a ratio table (x faiss,
+   % of sgemm: above 100 % only by skipping work); every torch row is checked equal to the
+   fp32 exact search.
    ``--search-only`` runs only this part.
 
 Times are the median of ``--repeats`` runs. ``--use-gpu`` runs the same on faiss-gpu (and
@@ -24,6 +27,7 @@ torch CUDA for sgemm) when present. ``--tune`` also sweeps faiss's BLAS block si
     python benchmarks/bench_bank.py [--bank-n 200000] [--dim 64] [--images 4] [--use-gpu]
     python benchmarks/bench_bank.py --search-only [--search-banks 6000,20000] [--threads 1]
     python benchmarks/bench_bank.py --search-only --search-data encoder   # patch embeddings
+    python benchmarks/bench_bank.py --search-only --search-data encoder --encoder-train 80
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import torch
 from mspray.bank import PatchBank
 from mspray.config import BankConfig
 from mspray.detector import cpu_has_native_bf16
-from mspray.search import TorchSearch
+from mspray.search import CellSearch, TorchSearch
 
 
 def median_times(fns: list[Callable[[], object]], repeats: int, sync: bool = False) -> list[float]:
@@ -176,8 +180,9 @@ def clustered_sets(args: argparse.Namespace):
 
 def encoder_sets(args: argparse.Namespace):
     """(label, bank, queries) of scales 32 and 16: random-init encoders (as bench_e2e) on
-    synthetic 256 px images, banks from 20 normal images (greedy coreset 0.1), queries from
-    ``--images`` test images at the inference stride."""
+    synthetic 256 px images, banks from ``--encoder-train`` normal images (greedy coreset 0.1,
+    at most 20k rows: 80 images reach it), queries from ``--images`` test images at the
+    inference stride."""
     import tempfile
 
     from mspray.config import MSPrayConfig
@@ -187,7 +192,8 @@ def encoder_sets(args: argparse.Namespace):
     from mspray.model.multiscale import MultiScaleEncoder
 
     root = tempfile.mkdtemp(prefix="mspray-bank-")
-    make_synthetic_dataset(root, "synthetic", n_train=20, n_test_good=2, n_test_defect=2,
+    n_train = args.encoder_train
+    make_synthetic_dataset(root, "synthetic", n_train=n_train, n_test_good=2, n_test_defect=2,
                            size=256, seed=5)  # fmt: skip
     spec = f"mvtec:{root}"
     cfg = MSPrayConfig().replace(**{"model.image_size": 256, "model.pretrained": False})
@@ -197,7 +203,7 @@ def encoder_sets(args: argparse.Namespace):
     test = load_images([s.path for s in test_samples(spec, "synthetic")], 256, progress=False)
     for scale in (32, 16):
         with torch.inference_mode():
-            b = torch.cat([model.embed(train[i : i + 4], scale, 4) for i in range(0, 20, 4)])
+            b = torch.cat([model.embed(train[i : i + 4], scale, 4) for i in range(0, n_train, 4)])
             q = model.embed(test[: args.images], scale)
         bank = PatchBank.build(b.reshape(-1, b.shape[-1]).numpy(), BankConfig(coreset_ratio=0.1))
         yield f"encoder {scale}", bank.vectors(), q.reshape(-1, q.shape[-1]).numpy()
@@ -210,7 +216,7 @@ def search_table(args: argparse.Namespace, gpu: bool) -> None:
     precisions = ["fp32"] + (["fp16"] if gpu else ["bf16"] if cpu_has_native_bf16() else [])
     where = "cuda" if gpu else f"cpu, {torch.get_num_threads()} threads"
     print(f"\n[search, {where}] {args.images} images of queries, exact results checked")
-    cols = f"{'data':<11} {'bank N':>6} {'queries':>7} {'what':<22} {'ms (med)':>9} {'GFLOP/s':>8}"
+    cols = f"{'data':<11} {'bank N':>6} {'queries':>7} {'what':<29} {'ms (med)':>9} {'GFLOP/s':>8}"
     cols += f" {'x faiss':>8} {'% sgemm':>8}"
     print("  " + cols + "\n  " + "-" * len(cols))
     sets = encoder_sets(args) if args.search_data == "encoder" else clustered_sets(args)
@@ -221,14 +227,17 @@ def search_table(args: argparse.Namespace, gpu: bool) -> None:
         qt = torch.from_numpy(queries).to(device)
         bt = torch.from_numpy(bank_x).to(device)
         searchers = {p: TorchSearch(bank_x, device, p, 8) for p in precisions}
+        searchers["cells"] = cells = CellSearch(bank_x, device)
         fns = [sgemm_tiled(qt, bt, 4096, 1024), lambda b=bank, q=queries: b.search(q)]
         fns += [lambda s=s, q=qt: s.search(q) for s in searchers.values()]
         t_sgemm, t_faiss, *t_torch = median_times(fns, args.repeats, sync)
         exact = searchers["fp32"].search(qt).cpu()
-        names = ["sgemm 4096x1024 tiles", "faiss IndexFlatL2"] + [f"torch {p}" for p in searchers]
+        names = ["sgemm 4096x1024 tiles", "faiss IndexFlatL2"]
+        names += [f"torch {p}" for p in precisions]
+        names += [f"torch cells ({cells.scored_fraction:.1%} scored)"]
         for name, t in zip(names, [t_sgemm, t_faiss, *t_torch], strict=True):
             print(
-                f"  {label:<11} {n:>6} {m:>7} {name:<22} {t * 1e3:>9.1f} {flops / t / 1e9:>8.1f}"
+                f"  {label:<11} {n:>6} {m:>7} {name:<29} {t * 1e3:>9.1f} {flops / t / 1e9:>8.1f}"
                 f" {t_faiss / t:>8.2f} {t_sgemm / t:>8.0%}"
             )
         for p, s in searchers.items():
@@ -265,6 +274,9 @@ def main() -> None:
     ap.add_argument("--use-gpu", action="store_true", help="also run on faiss-gpu if present")
     ap.add_argument("--search-banks", default="6000,20000", help="bank sizes of part 3")
     ap.add_argument("--search-only", action="store_true", help="run only part 3")
+    ap.add_argument(
+        "--encoder-train", type=int, default=20, help="normal images behind the encoder banks"
+    )
     ap.add_argument(
         "--search-data", choices=("clustered", "encoder"), default="clustered",
         help="part 3 data: Gaussian clusters, or embeddings of random-init encoders",

@@ -58,7 +58,8 @@ from mspray.bundle import load_bundle
 from mspray.config import MSPrayConfig
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_image, load_images, load_mask
-from mspray.data.synthetic import make_synthetic_dataset
+from mspray.data.synthetic import DEFECTS, _add_defect, make_synthetic_dataset, write_png
+from mspray.data.tiles import _png
 from mspray.detector import Detector, cpu_has_native_bf16
 from mspray.fit import fit_detector
 from mspray.metrics import image_auroc, pixel_auroc
@@ -173,6 +174,49 @@ DEFAULTS = {
 }
 
 
+def make_photo_dataset(
+    root: str,
+    category: str,
+    n_train: int,
+    n_test_good: int,
+    n_test_defect: int,
+    size: int,
+    seed: int,
+) -> None:
+    """An MVTec-layout set of ``size``-pixel crops at seeded random places of a real photo
+    (scikit-learn's bundled ``china.jpg``, 427×640, JPEG): camera noise, JPEG blocks and an
+    image size other than the model's, which the decode stage resizes. Training crops come
+    from the left 60 % of the photo, test crops from anywhere (a third of them fall on
+    training ground, as new shots of a product would), defects drawn as in the synthetic
+    set."""
+    from sklearn.datasets import load_sample_image
+
+    photo = load_sample_image("china.jpg").astype(np.float32) / 255
+    h, w = photo.shape[:2]
+    if size > h:
+        raise ValueError(f"--photo {size}: the photo is {h}x{w}")
+    rng = np.random.default_rng(seed)
+    region = np.ones((size, size), bool)
+
+    def crop(x_max: int) -> np.ndarray:
+        y, x = rng.integers(0, h - size + 1), rng.integers(0, x_max - size + 1)
+        return photo[y : y + size, x : x + size].copy()
+
+    cat = Path(root) / category
+    for k in range(n_train):
+        write_png(str(cat / "train" / "good" / f"{k:04d}.png"), _png(crop(int(0.6 * w))))
+    for k in range(n_test_good + n_test_defect):
+        tile = crop(w)
+        if k < n_test_good:
+            write_png(str(cat / "test" / "good" / f"{k:04d}.png"), _png(tile))
+            continue
+        defect = DEFECTS["texture"][k % 3]
+        img, mask = _add_defect(tile, region, defect, rng)
+        write_png(str(cat / "test" / defect / f"{k:04d}.png"), _png(img))
+        mask_png = mask.astype(np.uint8) * 255
+        write_png(str(cat / "ground_truth" / defect / f"{k:04d}_mask.png"), mask_png)
+
+
 def mode_detector(base: Detector, mode: str) -> Detector:
     """A detector sharing ``base``'s weights, banks and calibration, in ``mode``."""
     over = {
@@ -224,6 +268,14 @@ def main() -> None:
     )
     ap.add_argument("--repeats", type=int, default=1, help="passes over the test set (median)")
     ap.add_argument(
+        "--photo",
+        type=int,
+        default=0,
+        metavar="PX",
+        help="images: PX-pixel crops of a real photo (resized to --image-size on decode) "
+        "instead of synthetic texture made at --image-size",
+    )
+    ap.add_argument(
         "--bundle", help="save the fitted detector here, or load it when it exists (reruns)"
     )
     args = ap.parse_args()
@@ -238,13 +290,14 @@ def main() -> None:
         modes = args.modes.split(",")
 
     root = tempfile.mkdtemp(prefix="mspray-e2e-")
-    make_synthetic_dataset(
+    make = make_photo_dataset if args.photo else make_synthetic_dataset
+    make(
         root,
         "synthetic",
         n_train=args.n_train,
         n_test_good=args.n_good,
         n_test_defect=args.n_defect,
-        size=args.image_size,
+        size=args.photo or args.image_size,
         seed=5,
     )
     spec = f"mvtec:{root}"
@@ -335,7 +388,8 @@ def main() -> None:
 
     n = len(samples)
     print(
-        f"synthetic {size}px, {args.n_train} bank images, {n} test images, batch {bs}, "
+        (f"photo crops {args.photo}px -> {size}px" if args.photo else f"synthetic {size}px")
+        + f", {args.n_train} bank images, {n} test images, batch {bs}, "
         f"device {args.device}, threads {torch.get_num_threads()}, native CPU bf16 "
         f"{cpu_has_native_bf16()}, bank sizes "
         + "/".join(str(base.banks[s].ntotal) for s in base.scales)
