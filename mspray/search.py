@@ -314,16 +314,18 @@ class CellSearch(TorchSearch):
             return super().search(queries)
         q = self._check_queries(queries)
         out = torch.empty(q.shape[0], dtype=torch.float32, device=self.device)
-        self._scored = 0
+        scored = 0
         with torch.inference_mode():
             for s in range(0, q.shape[0], _CELL_TILE):
                 chunk = q[s : s + _CELL_TILE].to(self.device, torch.float32)
-                out[s : s + _CELL_TILE] = self._search_cells(chunk)
-        self.scored_fraction = self._scored / max(1, q.shape[0] * self.ntotal)
+                out[s : s + _CELL_TILE], n = self._search_cells(chunk)
+                scored += n
+        self.scored_fraction = scored / max(1, q.shape[0] * self.ntotal)
         return out.clamp_min_(0).sqrt_()
 
-    def _search_cells(self, q: torch.Tensor) -> torch.Tensor:
-        """Squared min distances of ``q`` (fp32, on the device)."""
+    def _search_cells(self, q: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Squared min distances of ``q`` (fp32, on the device), and the number of query ×
+        row scores computed."""
         qa, qnorm = self._augment(q)
         m = q.shape[0]
         beta = self._bound(qnorm, (qnorm + self.radius).square(), torch.float32)[:, None]
@@ -347,7 +349,7 @@ class CellSearch(TorchSearch):
         per_cell = need.sum(1)
         query, score = self._scan(qa, (per_cell, lambda j, p0, p1: need[j].nonzero()[:, 0]))
         cell = torch.repeat_interleave(per_cell)
-        self._scored += int(sizes[near].sum() + (per_cell * sizes).sum())
+        scored = int(sizes[near].sum() + (per_cell * sizes).sum())
         best = first.scatter_reduce(0, query, score, "amin")
         # The row to measure directly: the best-scoring one, unless another row scores within
         # 2·beta of it (it could be nearer in the direct measure): then the exhaustive pass.
@@ -365,7 +367,7 @@ class CellSearch(TorchSearch):
         unsure = (close != 1).nonzero().squeeze(1)
         if unsure.numel():
             exact[unsure] = self._exhaustive(q[unsure], qa[unsure], qnorm[unsure])
-        return exact
+        return exact, scored
 
     def _grouped(self, query: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, Callable]:
         """Pairs ordered by cell as :meth:`_scan` takes them: pairs per cell, and the queries

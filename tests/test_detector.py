@@ -196,6 +196,22 @@ def test_torch_and_faiss_search_give_the_same_maps(tiny):
     torch.testing.assert_close(a.image_scores, b.image_scores, rtol=1e-4, atol=1e-4)
 
 
+def test_cell_and_dense_torch_searches_give_identical_maps(tiny):
+    from mspray.detector import Detector
+    from mspray.search import CellSearch
+
+    det, _, spec = tiny
+    images = load_images([s.path for s in test_samples(spec, "synthetic")[:3]], 64, progress=False)
+    assert det.search_cells  # auto, on CPU
+    dense_cfg = det.cfg.replace(**{"bank.search_cells": "off"})
+    dense = Detector(dense_cfg, det.model, det.banks, det.stats, det.threshold, det.meta)
+    a, b = det.predict(images), dense.predict(images)
+    searchers = [v for s in det.scales for v in det.banks[s]._searchers.values()]
+    assert max(v.cells for v in searchers if isinstance(v, CellSearch)) >= 4  # cells in use
+    for s in det.scales:  # both are the exact fp32 search
+        assert torch.equal(a.scale_maps[s], b.scale_maps[s])
+
+
 def test_evaluate_records_where_the_time_goes(tiny):
     from mspray.detector import stage_order
     from mspray.evaluate import evaluate

@@ -1,4 +1,5 @@
-"""The bank search on the GPU equals the exact fp32 search (fp32 and fp16 pre-selection)."""
+"""The bank search on the GPU equals the exact fp32 search (fp32 and fp16 pre-selection, and
+the cell search)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from mspray.bank import PatchBank
 from mspray.config import BankConfig
-from mspray.search import TorchSearch
+from mspray.search import CellSearch, TorchSearch
 
 
 def _direct_fp32(q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -23,12 +24,12 @@ def _clustered(n: int, d: int, seed: int, offset: float = 0.0) -> torch.Tensor:
     return centers[torch.randint(64, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "cells"])
 @pytest.mark.parametrize("offset", [0.0, 500.0])
 def test_gpu_search_equals_exact_fp32(precision: str, offset: float) -> None:
     b = _clustered(20000, 64, 0, offset)
     q = torch.cat([_clustered(8000, 64, 1, offset), b[:500], b[:500].repeat(2, 1)])
-    s = TorchSearch(b, "cuda", precision)
+    s = CellSearch(b, "cuda") if precision == "cells" else TorchSearch(b, "cuda", precision)
     got = s.search(q.cuda())
     assert got.is_cuda
     assert torch.equal(got, _direct_fp32(q.cuda(), b.cuda()))
