@@ -42,8 +42,9 @@ _PAD = 1.0e4
 #: 256 on 20k-row banks of patch embeddings), at most _MAX_CELLS cells.
 _CELL_ROWS = 128
 _MAX_CELLS = 1024
-#: Queries per step of the cell search (bounds its queries × cells matrices).
-_CELL_TILE = 16384
+#: Entries of the queries × cells matrices of one step of the cell search (bounds memory;
+#: larger steps spread each cell's fixed cost over more queries).
+_CELL_TILE_ENTRIES = 1 << 23
 
 
 def _in_threads(run: Callable[[list[int]], None], items: list[int], device: torch.device) -> None:
@@ -316,9 +317,10 @@ class CellSearch(TorchSearch):
         out = torch.empty(q.shape[0], dtype=torch.float32, device=self.device)
         scored = 0
         with torch.inference_mode():
-            for s in range(0, q.shape[0], _CELL_TILE):
-                chunk = q[s : s + _CELL_TILE].to(self.device, torch.float32)
-                out[s : s + _CELL_TILE], n = self._search_cells(chunk)
+            tile = max(4096, _CELL_TILE_ENTRIES // self.cells)
+            for s in range(0, q.shape[0], tile):
+                chunk = q[s : s + tile].to(self.device, torch.float32)
+                out[s : s + tile], n = self._search_cells(chunk)
                 scored += n
         self.scored_fraction = scored / max(1, q.shape[0] * self.ntotal)
         return out.clamp_min_(0).sqrt_()
