@@ -294,7 +294,8 @@ class CellSearch(TorchSearch):
         radius = torch.zeros(self.cells, dtype=torch.float64, device=self.device)
         radius.scatter_reduce_(0, assign[order], dist, "amax")
         gap = 2 * torch.cdist(centres.double(), centres.double())
-        gap[gap == 0] = float("inf")  # the diagonal (and duplicated centres) bound nothing
+        # The diagonal (and duplicated centres) bound nothing: a huge gap, not inf (inf·0 = nan).
+        gap[gap == 0] = 1e30
         # rounded up: both only ever divide or are subtracted from a lower bound
         self._cell_radius = (radius * (1 + 2**-20)).float()
         self._centre_gap = (gap * (1 + 2**-20)).float()
