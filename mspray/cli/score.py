@@ -198,6 +198,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.summary_json:
         storage.write_text(args.summary_json, json.dumps(asdict(summary), indent=2) + "\n")
     print(summary.line(), flush=True)
+    if summary.stages_line():
+        print(summary.stages_line(), flush=True)
     return 0 if summary.missing == 0 and summary.duplicates == 0 else 1
 
 

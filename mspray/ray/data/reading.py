@@ -178,6 +178,7 @@ UNIT_SCHEMA = pa.schema(
         ("failure", pa.string()),  # set when the unit could not be read (transient)
         ("decoder", pa.string()),  # Ray node id of the task that decoded it
         ("model", pa.string()),  # the unit's bundle name in a multi-model run (else null)
+        ("seconds", pa.float64()),  # wall time the decode task spent on the unit
     ]
 )
 
@@ -238,6 +239,7 @@ def decode_units(
     rows = []
     with ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="mspray-read") as pool:
         for unit in batch.to_pylist():
+            t0 = time.perf_counter()
             paths, model, unit_size = unit["paths"], unit.get("model"), unit.get("size", size)
             if unit_size == 0:  # routed to no model: the scorer writes its error rows
                 row = {"paths": paths, "errors": [None] * len(paths), "images": b""}
@@ -245,6 +247,7 @@ def decode_units(
             else:
                 rejected = {p: e for p in paths if (e := unsafe_key_error(p, input_root))}
                 row = decode_unit(paths, unit_size or size, cfg, pool, rejected)
+            row["seconds"] = time.perf_counter() - t0
             rows.append({**row, "decoder": node, "model": model})
     return pa.Table.from_pylist(rows, schema=UNIT_SCHEMA)
 

@@ -17,6 +17,7 @@ the unit there, instead of a broken actor failing every unit it pulls.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import time
 from concurrent.futures import Future, wait
@@ -59,6 +60,9 @@ UNIT_SUMMARY = pa.schema(
         ("decoder", pa.string()),  # Ray node id of the decode task
         ("failure", pa.string()),  # set when the unit failed: no part was written
         ("inference", pa.string()),  # how the encoders ran (runtime/precision/layout)
+        # JSON {stage: seconds} summed over the unit: decode, the model's stages
+        # (Detector.predict's timings), write (the part and the heatmap panels)
+        ("stage_seconds", pa.string()),
     ]
 )
 
@@ -103,12 +107,15 @@ class UnitScorer(DetectorActor):
         summary = {"part": None, "images": 0, "errors": 0, "flagged": 0, "node": self.node}
         summary.update(actor=self.actor, decoder=unit["decoder"], failure=unit["failure"])
         summary["inference"] = inference_text(self.det.inference_mode)
+        timings = {"decode": unit.get("seconds") or 0.0}
         if unit["failure"] is None:
             try:
-                rows = self._unit_rows(unit, name)
+                rows = self._unit_rows(unit, name, timings)
                 if self.fence is not None:
                     self.fence.assert_held()  # taken over: write nothing beside the new holder
+                t_write = time.perf_counter()
                 part = write_part(self.plan.output, pa.Table.from_pylist(rows, schema=self.schema))
+                timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t_write
             except (TransientError, OSError, LeaseLost) as e:  # model, writes, lease
                 summary["failure"] = f"{type(e).__name__}: {e}"
             else:
@@ -120,9 +127,10 @@ class UnitScorer(DetectorActor):
             log.error("unit of %d images failed, a rerun retries it: %s",
                       len(unit["paths"]), summary["failure"])  # fmt: skip
         summary["seconds"] = time.perf_counter() - t0
+        summary["stage_seconds"] = json.dumps(timings)
         return summary
 
-    def _unit_rows(self, unit: dict, name: str | None) -> list[dict]:
+    def _unit_rows(self, unit: dict, name: str | None, timings: dict[str, float]) -> list[dict]:
         if name not in self.plan.models:
             # the driver routed these paths to no model: an error row each
             known, now = sorted(self.plan.models), dt.datetime.now(dt.timezone.utc)
@@ -138,7 +146,7 @@ class UnitScorer(DetectorActor):
                 rows = [
                     row
                     for chunk in loaded.chunks(det.cfg.score.batch_size)
-                    for row in self._score_batch(det, chunk, name, writes)
+                    for row in self._score_batch(det, chunk, name, writes, timings)
                 ]
             except TransientError:
                 wait(writes)  # the retry writes the same panels again
@@ -147,8 +155,10 @@ class UnitScorer(DetectorActor):
                 self._free_memory()
                 time.sleep(MODEL_BACKOFF_S * 2**attempt)
             else:
+                t_write = time.perf_counter()  # panels still encoding on the I/O pool
                 for f in writes:
                     f.result()  # a panel that could not be written fails the unit
+                timings["write"] = time.perf_counter() - t_write
                 return rows
         raise AssertionError("unreachable")
 
@@ -157,9 +167,15 @@ class UnitScorer(DetectorActor):
             torch.cuda.empty_cache()
 
     def _score_batch(
-        self, det: Any, loaded: DecodedBatch, name: str | None, writes: list[Future]
+        self,
+        det: Any,
+        loaded: DecodedBatch,
+        name: str | None,
+        writes: list[Future],
+        timings: dict[str, float],
     ) -> list[dict]:
-        """Rows of one forward pass; its heatmap writes are added to ``writes``."""
+        """Rows of one forward pass; its heatmap writes are added to ``writes``, its stage
+        seconds to ``timings``."""
         now = dt.datetime.now(dt.timezone.utc)
         base = {
             "threshold": det.threshold,
@@ -172,7 +188,7 @@ class UnitScorer(DetectorActor):
         maps: dict[int, torch.Tensor] = {}
         if ok:
             try:
-                results, maps = self._predict(det, loaded.images, ok)
+                results, maps = self._predict(det, loaded.images, ok, timings)
             except Exception as e:  # e.g. out of memory on a big batch: one image at a time
                 self.check_device(e)  # a broken CUDA context: this process exits here
                 log.warning(
@@ -181,7 +197,7 @@ class UnitScorer(DetectorActor):
                 self._free_memory()
                 for j, i in enumerate(ok):
                     try:
-                        r, m = self._predict(det, loaded.images[j : j + 1], [i])
+                        r, m = self._predict(det, loaded.images[j : j + 1], [i], timings)
                     except Exception as e:  # the model, not the image: fail, retry the unit
                         self.check_device(e)
                         raise TransientError(
@@ -210,11 +226,11 @@ class UnitScorer(DetectorActor):
         return rows
 
     def _predict(
-        self, det: Any, images: torch.Tensor, positions: list[int]
+        self, det: Any, images: torch.Tensor, positions: list[int], timings: dict[str, float]
     ) -> tuple[dict[int, dict], dict[int, torch.Tensor]]:
         """Result columns and fused maps of the good images, keyed by batch position."""
         x = images.to(det.device, non_blocking=True)
-        pred = det.predict(x.float().div_(255.0) if x.dtype == torch.uint8 else x)
+        pred = det.predict(x.float().div_(255.0) if x.dtype == torch.uint8 else x, timings)
         rows, maps = {}, {}
         for j, i in enumerate(positions):
             row: dict[str, Any] = {"image_score": float(pred.image_scores[j])}

@@ -32,6 +32,7 @@ segments are never read (error rows). Several named bundles can score one run (`
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
@@ -40,6 +41,7 @@ from dataclasses import asdict
 from typing import Any
 
 from mspray.config import PoolConfig
+from mspray.detector import stage_seconds_per_image
 from mspray.lease import DEFAULT_TTL_S, Lease
 from mspray.output import error_units, read_results, write_run_summary
 from mspray.ray.data.plan import ScoringPlan, list_inputs
@@ -262,6 +264,7 @@ def _run_units(
         fence=lease.fence(),  # actors check it before writing each part
     )
     actors, nodes, decoders, modes = set(), set(), set(), set()
+    stages: dict[str, float] = {}
     total = sum(len(u["paths"]) for u in units)
     with tqdm(total=total, desc="scored", unit="img", disable=not progress) as bar:
         for row in ds.iter_rows():
@@ -283,10 +286,14 @@ def _run_units(
             nodes.add(row["node"])
             decoders.add(row["decoder"])
             modes.add(row["inference"])
+            for stage, seconds in json.loads(row["stage_seconds"]).items():
+                stages[stage] = stages.get(stage, 0.0) + seconds
             bar.update(row["images"])
     summary.actors = len(actors)
     summary.actor_nodes, summary.decode_nodes = sorted(nodes), sorted(decoders)
     summary.inference = sorted(modes)
+    good = summary.scored - summary.errors
+    summary.stage_seconds_per_image = stage_seconds_per_image(stages, good, first.cfg.model.scales)
     summary.score_seconds = time.perf_counter() - t_pipe
 
 

@@ -37,6 +37,9 @@ class ScoreSummary:
     promised_fpr: float | None = None
     promised_fpr_interval: list[float] | None = None
     model_versions: dict[str, str] | None = None  # name -> version (multi-model run)
+    #: where the actors' time went per scored image: decode, stem, encoder and search per
+    #: scale, maps, score, write (as ``mspray evaluate --json`` records it)
+    stage_seconds_per_image: dict[str, float] = field(default_factory=dict)
     bundle: str | None = None  # the bundle version the run used (a root resolves to one)
 
     def line(self) -> str:
@@ -50,6 +53,13 @@ class ScoreSummary:
             f"{self.flag_text()}in {self.seconds:.1f}s "
             f"(scoring {self.score_seconds:.1f}s, {rate:.2f} images/s) -> {self.output}"
         )
+
+    def stages_line(self) -> str:
+        """Where the actors' time went, per scored image (empty before any image)."""
+        if not self.stage_seconds_per_image:
+            return ""
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in self.stage_seconds_per_image.items())
+        return f"seconds per image: {parts}"
 
     def flag_text(self) -> str:
         """Flagged share of this run's good rows vs the promised false-alarm rate."""

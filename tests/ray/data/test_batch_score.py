@@ -79,6 +79,14 @@ def test_s3_to_s3_one_row_per_input_errors_marked_scores_equal_core(
     assert s.flagged == int(ok["is_anomalous"].sum())
     assert s.promised_fpr == det.meta["calibration"]["promised_fpr"]
     assert f"flagged={s.flagged} " in s.line() and "promised" in s.line()
+    # ... and where the actors' time went per image, in evaluate's stage names and order
+    from mspray.detector import stage_order
+
+    stages = s.stage_seconds_per_image
+    expected_order = [k for k in stage_order(det.scales) if k in stages] + ["write"]
+    assert list(stages) == expected_order
+    assert {"decode", "maps", "score"} | {f"search_{x}" for x in det.scales} <= set(stages)
+    assert all(v > 0 for v in stages.values())
     # a heatmap per good image, next to the rows, mirroring the input layout
     for path, map_path in ok["map_path"].items():
         rel = path[len(inp) + 1 :]
@@ -86,7 +94,9 @@ def test_s3_to_s3_one_row_per_input_errors_marked_scores_equal_core(
         assert storage.read_bytes(map_path)[:4] == b"\x89PNG"
     (run,) = storage.list_files(f"{out}/_runs", suffixes=(".json",))
     # the run records the bundle's calibration, and writes the report page beside the rows
-    calibration = json.loads(storage.read_text(run))["calibration"]
+    recorded = json.loads(storage.read_text(run))
+    assert recorded["stage_seconds_per_image"] == stages
+    calibration = recorded["calibration"]
     assert calibration["version"] == det.version and calibration["threshold"] == det.threshold
     assert calibration["scores"] == det.meta["calibration_scores"]
     report = storage.read_text(f"{out}/{REPORT_NAME}")
