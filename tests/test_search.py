@@ -110,6 +110,14 @@ def test_small_banks_and_empty_queries() -> None:
         TorchSearch(b, precision="int8")
 
 
+def _spy_exhaustive(monkeypatch: pytest.MonkeyPatch, searcher: TorchSearch) -> list[int]:
+    """The sizes of the query sets ``searcher`` sends to its exhaustive fp32 pass."""
+    calls: list[int] = []
+    real = searcher._exhaustive
+    monkeypatch.setattr(searcher, "_exhaustive", lambda q, *a: calls.append(len(q)) or real(q, *a))
+    return calls
+
+
 def test_unsure_rows_are_searched_again_and_the_bound_matters(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -118,9 +126,7 @@ def test_unsure_rows_are_searched_again_and_the_bound_matters(
     exact = _direct_fp32(q, b)
     # One bf16 candidate: the error bound sends the rows it cannot decide to the fp32 pass.
     searcher = TorchSearch(b, precision="bf16", candidates=1)
-    calls: list[int] = []
-    real = searcher._exhaustive
-    monkeypatch.setattr(searcher, "_exhaustive", lambda q, *a: calls.append(len(q)) or real(q, *a))
+    calls = _spy_exhaustive(monkeypatch, searcher)
     assert torch.equal(searcher.search(q), exact)
     assert sum(calls) > 0
     # Without the bound (every pre-selection trusted) the bf16 ranking errors show.
@@ -178,9 +184,7 @@ def test_cells_send_near_ties_to_the_exhaustive_pass(monkeypatch: pytest.MonkeyP
     b = torch.cat([base, base + 1e-7 * torch.randn(800, 16, generator=g)])  # near-duplicates
     q = base[:400] + 0.05 * torch.randn(400, 16, generator=g)
     searcher = CellSearch(b, cell_rows=32)
-    calls: list[int] = []
-    real = searcher._exhaustive
-    monkeypatch.setattr(searcher, "_exhaustive", lambda q, *a: calls.append(len(q)) or real(q, *a))
+    calls = _spy_exhaustive(monkeypatch, searcher)
     assert torch.equal(searcher.search(q), _direct_fp32(q, b))
     assert sum(calls) > 0
 
