@@ -161,12 +161,12 @@ class _FailingModel:
     def __init__(self, det, failures: int) -> None:
         self.det, self.left, self.calls = det, failures, 0
 
-    def __call__(self, images: torch.Tensor):
+    def __call__(self, images: torch.Tensor, timings: dict | None = None):
         self.calls += 1
         if self.left:
             self.left -= 1
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return self.det.predict_unwrapped(images)
+        return self.det.predict_unwrapped(images, timings)
 
 
 def _unit(uris: list[str], size: int) -> dict:
