@@ -172,16 +172,12 @@ def image_embeddings(
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per scale: the bank embeddings of ``images`` and the index of the image of each row
     (a stem the encoders share runs once per batch)."""
-    bs = batch_size or det.cfg.score.batch_size
-    parts: dict[int, list[np.ndarray]] = {s: [] for s in scales}
-    for i in range(0, len(images), bs):
-        for s, emb in det.bank_embeddings_scales(images[i : i + bs], scales).items():
-            parts[s].append(emb)
-    out = {}
-    for s in scales:
-        emb = np.concatenate(parts[s])
-        out[s] = (emb, np.repeat(np.arange(len(images)), emb.shape[0] // max(len(images), 1)))
-    return out
+    embeddings = det.bank_embeddings_batched(images, scales, batch_size)
+    n = len(images)
+    return {
+        s: (emb, np.repeat(np.arange(n), emb.shape[0] // max(n, 1)))
+        for s, emb in embeddings.items()
+    }
 
 
 def check_fold_plan(plan: list[tuple[np.ndarray, np.ndarray]], in_bank: np.ndarray) -> None:
