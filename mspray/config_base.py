@@ -43,16 +43,23 @@ def validate(model: type[BaseModel], data: Any, where: str = "") -> Any:
 
 
 def with_overrides(cfg: BaseModel, overrides: dict[str, Any]) -> Any:
-    """A validated copy of ``cfg`` with dotted overrides (``{"train.epochs": 3}``)."""
-    data = cfg.model_dump()
+    """A validated copy of ``cfg`` with dotted overrides (``{"train.epochs": 3}``).
+
+    Only fields set before or by ``overrides`` count as set in the copy (pydantic's
+    ``model_fields_set``), so defaults that depend on the run (e.g. the no-ImageNet training
+    settings) can tell a value the user chose from a default that happens to be equal."""
+    data = cfg.model_dump(exclude_unset=True)
     for key, value in overrides.items():
         *path, name = key.split(".")
         node: Any = data
+        model: Any = type(cfg)
         for part in path:
-            if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
+            sub = model.model_fields.get(part) if isinstance(model, type) else None
+            model = sub.annotation if sub is not None else None
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):
                 raise ConfigError(f"{key}: unknown config field")
-            node = node[part]
-        if name not in node:
+            node = node.setdefault(part, {})
+        if name not in model.model_fields:
             raise ConfigError(f"{key}: unknown config field")
         node[name] = value
     return validate(type(cfg), data)

@@ -15,8 +15,8 @@ once at inference). ``benchmarks/bench_ablation.py`` measures what it gives.
 
 Users need not know these names: when the trunk starts from random init (``--no-pretrained``
 or weights that cannot be loaded), :func:`no_imagenet_defaults` switches the training
-settings still at their paper defaults to the random-init ones (:data:`NO_IMAGENET`); a
-value set to anything else is kept.
+settings the user did not set to the random-init ones (:data:`NO_IMAGENET`); a value the
+user set is kept, even one equal to the paper default.
 """
 
 from __future__ import annotations
@@ -61,19 +61,23 @@ def apply_recipe(cfg: MSPrayConfig, name: str) -> MSPrayConfig:
     return cfg.replace(**over) if over else cfg
 
 
-def _get(cfg: MSPrayConfig, key: str) -> Any:
+def user_set(cfg: MSPrayConfig, key: str) -> bool:
+    """Whether the dotted field ``key`` was set explicitly (a flag, ``--set``, a config file
+    or a recipe), even to its default value: pydantic's ``model_fields_set``, which
+    :meth:`MSPrayConfig.replace` keeps."""
     section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
+    return section in cfg.model_fields_set and name in getattr(cfg, section).model_fields_set
 
 
 def no_imagenet_defaults(cfg: MSPrayConfig, imagenet: bool) -> MSPrayConfig:
     """``cfg`` for the trunk it will train: unchanged with ImageNet weights; from random init,
-    each :data:`NO_IMAGENET` setting still at its paper default takes the random-init
-    recipe's value (logged)."""
+    each :data:`NO_IMAGENET` setting the user did not set takes the random-init recipe's
+    value (logged). A value set explicitly is kept, even when it equals the paper default
+    (``--set train.lr=1e-5`` stays 1e-5)."""
     if imagenet:
         return cfg
-    paper, scratch = MSPrayConfig(), RECIPES["random-init"]
-    over = {k: scratch[k] for k in NO_IMAGENET if _get(cfg, k) == _get(paper, k)}
+    scratch = RECIPES["random-init"]
+    over = {k: scratch[k] for k in NO_IMAGENET if not user_set(cfg, k)}
     if over:
         log.info(
             "random-init trunk: %s (the no-ImageNet defaults; set them to override)",

@@ -20,3 +20,21 @@ def test_values_the_user_set_and_imagenet_runs_are_left_alone():
     assert no_imagenet_defaults(mine, imagenet=False).train.lr == 2e-4
     assert no_imagenet_defaults(MSPrayConfig(), imagenet=True) == MSPrayConfig()
     assert apply_recipe(MSPrayConfig(), "paper") == MSPrayConfig()
+
+
+def test_a_value_the_user_set_is_kept_even_when_it_equals_the_paper_default():
+    from mspray.cli import build_parser, config_from_args
+
+    train = ["train", "--data", "folder:x", "--out", "b"]
+    argv = [*train, "--set", "train.lr=1e-5", "--set", "model.shared_stem=true"]
+    cfg = no_imagenet_defaults(config_from_args(build_parser().parse_args(argv)), False)
+    assert cfg.train.lr == 1e-5 and cfg.model.shared_stem is True
+    # ... while the fields left alone still switch, also after other overrides
+    assert cfg.train.kmeans_warmup == RECIPES["random-init"]["train.kmeans_warmup"]
+    flag = no_imagenet_defaults(config_from_args(build_parser().parse_args(train)), False)
+    assert flag.train.lr == RECIPES["random-init"]["train.lr"]
+    assert flag.model.shared_stem is False
+    # the library path too: replace() marks exactly what it was given as set
+    mine = MSPrayConfig().replace(**{"train.lr": 1e-5}).replace(**{"train.epochs": 2})
+    kept = no_imagenet_defaults(mine, imagenet=False)
+    assert kept.train.lr == 1e-5 and kept.model.shared_stem is False
