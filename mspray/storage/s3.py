@@ -16,8 +16,12 @@ import pyarrow.fs as pafs
 
 from mspray.storage.base import Backend
 
-#: Attempts per S3 request (the SDK's standard retry mode: exponential backoff with jitter).
-S3_ATTEMPTS = 5
+#: Attempts per S3 request. Throttling (503 SlowDown) is retried by the SDKs themselves:
+#: pyarrow's standard retry strategy (exponential backoff with jitter) for reads and writes,
+#: botocore's adaptive mode (the same, plus a client-side send rate that drops on
+#: throttling) for the conditional writes. Enough attempts to ride out a burst of SlowDown
+#: when many writers share a prefix, with no retry loop of our own.
+S3_ATTEMPTS = 8
 
 
 def _s3_config() -> tuple:
@@ -81,6 +85,7 @@ class S3Backend(Backend):
             client = self._boto.get(key)
             if client is None:
                 import boto3
+                from botocore.config import Config
 
                 endpoint, region, access, secret, token = key
                 if endpoint and "://" not in endpoint:
@@ -92,6 +97,7 @@ class S3Backend(Backend):
                     aws_access_key_id=access,
                     aws_secret_access_key=secret,
                     aws_session_token=token,
+                    config=Config(retries={"mode": "adaptive", "max_attempts": S3_ATTEMPTS}),
                 )
         return client
 
