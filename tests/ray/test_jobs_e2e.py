@@ -118,13 +118,17 @@ class LocalCluster:
         return str(status), logs
 
 
-def _wait_for_dashboard(url: str, proc: subprocess.Popen, log: Path) -> None:
+def _wait_for_dashboard(
+    url: str, proc: subprocess.Popen, log: Path, token: str | None = None
+) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"ray start exited {proc.returncode}:\n{log.read_text()}")
         try:
-            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
+            req = urllib.request.Request(f"{url}/api/version", headers=auth)
+            with urllib.request.urlopen(req, timeout=2) as r:
                 if json.loads(r.read()).get("ray_version"):
                     return
         except OSError:
@@ -173,6 +177,14 @@ def _our_pids(pgid: int, marker: str) -> list[int]:
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[LocalCluster]:
     """A private Ray head (``ray start --head --block``) with the dashboard / job API on."""
+    with private_head() as cluster:
+        yield cluster
+
+
+@contextlib.contextmanager
+def private_head(auth_token: str | None = None) -> Iterator[LocalCluster]:
+    """The head of :func:`ray_cluster`; with ``auth_token``, token authentication on
+    (``RAY_AUTH_MODE=token``) with that token, as a secured cluster runs."""
     # Short path: Ray's unix sockets live under it (108-byte limit).
     temp_dir = Path(tempfile.mkdtemp(prefix="mspray-rc-", dir="/tmp"))
     work_dir = Path(tempfile.mkdtemp(prefix="mspray-e2e-"))
@@ -194,7 +206,9 @@ def ray_cluster() -> Iterator[LocalCluster]:
     # Ray >= 2.5x turns token auth on whenever ~/.ray/auth_token exists (ray.init() creates
     # one), which makes this fixture depend on the machine's history. A private loopback
     # cluster for one test: auth off, explicitly, for its processes only.
-    env["RAY_AUTH_MODE"] = "disabled"
+    env["RAY_AUTH_MODE"] = "token" if auth_token else "disabled"
+    if auth_token:
+        env["RAY_AUTH_TOKEN"] = auth_token
     # No Serve proxies to quiesce: skip the SIGTERM drain wait (30 s) at teardown.
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     log = temp_dir / "ray-start.log"
@@ -205,7 +219,7 @@ def ray_cluster() -> Iterator[LocalCluster]:
         )  # fmt: skip
     url = f"http://127.0.0.1:{dash}"
     try:
-        _wait_for_dashboard(url, proc, log)
+        _wait_for_dashboard(url, proc, log, auth_token)
         yield LocalCluster(f"127.0.0.1:{gcs}", url, temp_dir, work_dir, proc)
     finally:
         _stop_cluster(proc, temp_dir)

@@ -210,11 +210,32 @@ def dashboard_url(address: str | None = None) -> str:
     return url if "://" in url else f"http://{url}"
 
 
+def auth_headers() -> dict[str, str]:
+    """What Ray's own dashboard clients (``ray job submit``, ``serve deploy``) send to
+    authenticate: with token authentication on here (``RAY_AUTH_MODE=token``), the
+    cluster's token (from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
+    ``~/.ray/auth_token``) as a bearer header; else nothing."""
+    from ray._private.authentication.http_token_authentication import (
+        get_auth_headers_if_auth_enabled,
+    )
+    from ray.exceptions import AuthenticationError
+
+    try:
+        # Ray's helper, the one its SubmissionClient calls: both stay in step.
+        return dict(get_auth_headers_if_auth_enabled({}))
+    except AuthenticationError as e:  # token mode on, but no token where this runs
+        raise DeployError(str(e)) from None
+
+
 def rest(method: str, url: str, body: Any = None, timeout: float = 60.0) -> Any:
-    """One Serve REST API call; the JSON answer (None if empty), or :class:`DeployError`
-    with the server's message."""
+    """One Serve REST API call, authenticated like Ray's clients (:func:`auth_headers`);
+    the JSON answer (None if empty), or :class:`DeployError` with the server's message."""
+    from ray._private.authentication.http_token_authentication import (
+        format_authentication_http_error,
+    )
+
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url + API_PATH, data=data, method=method)
+    req = urllib.request.Request(url + API_PATH, data=data, method=method, headers=auth_headers())
     req.add_header("Accept", "application/json")
     if data is not None:
         req.add_header("Content-Type", "application/json")
@@ -223,6 +244,12 @@ def rest(method: str, url: str, body: Any = None, timeout: float = 60.0) -> Any:
             text = r.read().decode()
     except urllib.error.HTTPError as e:
         detail = e.read().decode(errors="replace").strip()
+        if e.code in (401, 403):
+            detail = (
+                f"{format_authentication_http_error(e.code, detail)} (set RAY_AUTH_MODE=token "
+                "and the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token, as for "
+                "`ray job submit`)"
+            )
         raise DeployError(f"{method} {url}{API_PATH}: HTTP {e.code}: {detail}") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
