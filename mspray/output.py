@@ -4,10 +4,14 @@
 
     OUTPUT/
       part-<hash>.parquet   the rows of one work unit; <hash> = sha256 of its sorted paths
-      _maps/<image path relative to the input prefix>.png    heatmap panel (with --maps)
+      _maps/<hh>/<image path relative to the input prefix>.png  heatmap panel (with --maps)
       _runs/<UTC time>-<id>.json                             summary of each run
       _report.html                                           the report page (mspray report)
       _lease/<generation>.json   who is scoring into OUTPUT now (see :mod:`mspray.lease`)
+
+``<hh>`` is the first two hex digits of a hash of the relative path: S3 serves about
+3,500 PUTs per second per prefix, so the panels of a large run are spread over 256
+prefixes instead of one; a row's ``map_path`` holds its panel's URI.
 
 A *part* is a top-level file named ``part-*.parquet`` (:func:`is_part`); nothing else in
 the folder holds result rows, and every reader (a rerun finding what is done, the report,
@@ -202,12 +206,14 @@ def error_units(output: str) -> list[tuple[list[str], str | None]]:
 
 
 def map_uri(output: str, input_root: str, path: str) -> str:
-    """Where the heatmap of input ``path`` goes: its path under the input prefix, + .png.
-    ValueError for a path that would land outside ``output/_maps/``."""
+    """Where the heatmap of input ``path`` goes: ``_maps/<hh>/`` + its path under the input
+    prefix + .png, ``<hh>`` from a hash of that path (see the module docstring). ValueError
+    for a path that would land outside ``output/_maps/``."""
     rel = storage.relative(path, input_root)
     if rel == ".." or rel.startswith("../") or rel.startswith("/"):
         raise ValueError(f"{path}: not under the input prefix {input_root}")
-    return storage.join(output, MAPS_DIR, rel + ".png")
+    spread = hashlib.sha256(rel.encode()).hexdigest()[:2]
+    return storage.join(output, MAPS_DIR, spread, rel + ".png")
 
 
 def write_run_summary(output: str, summary: dict) -> str:

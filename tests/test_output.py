@@ -15,6 +15,7 @@ from mspray.output import (
     error_units,
     is_part,
     list_parts,
+    map_uri,
     read_results,
     result_schema,
     write_part,
@@ -79,3 +80,17 @@ def test_no_output_yet_reads_as_no_rows(tmp_path):
         PART_COLUMN,
     ]
     assert error_units(str(tmp_path / "none")) == []
+
+
+def test_heatmaps_spread_over_hashed_prefixes_and_keep_the_input_path():
+    inp, out = "s3://archive/line1", "s3://scores/line1"
+    paths = [f"{inp}/2024-03-07/cam0/{i:05d}.png" for i in range(2000)]
+    maps = [map_uri(out, inp, p) for p in paths]
+    # one folder of images: 256 prefixes under _maps/, not one (S3 PUTs/s are per prefix)
+    prefixes = {m[len(f"{out}/_maps/") :].split("/", 1)[0] for m in maps}
+    assert len(prefixes) == 256 and all(len(h) == 2 for h in prefixes)
+    for p, m in zip(paths, maps, strict=True):  # the panel still names its image
+        assert m.endswith(f"/{p[len(inp) + 1 :]}.png")
+    assert map_uri(out, inp, paths[0]) == maps[0]  # the same path, the same key
+    with pytest.raises(ValueError, match="not under the input prefix"):
+        map_uri(out, inp, "s3://archive/other/x.png")

@@ -18,7 +18,7 @@ from mspray import storage
 from mspray.bundle import load_bundle, resolve_bundle, save_bundle
 from mspray.config import PoolConfig
 from mspray.data.images import load_images
-from mspray.output import read_results
+from mspray.output import map_uri, read_results
 from mspray.ray.data.scoring import score_prefix
 from mspray.report import REPORT_NAME
 
@@ -87,10 +87,10 @@ def test_s3_to_s3_one_row_per_input_errors_marked_scores_equal_core(
     assert list(stages) == expected_order
     assert {"decode", "maps", "score"} | {f"search_{x}" for x in det.scales} <= set(stages)
     assert all(v > 0 for v in stages.values())
-    # a heatmap per good image, next to the rows, mirroring the input layout
+    # a heatmap per good image, next to the rows, under a hashed prefix (see output.map_uri)
     for path, map_path in ok["map_path"].items():
-        rel = path[len(inp) + 1 :]
-        assert map_path == f"{out}/_maps/{rel}.png"
+        assert map_path == map_uri(out, inp, path)
+        assert map_path.endswith(f"/{path[len(inp) + 1 :]}.png")
         assert storage.read_bytes(map_path)[:4] == b"\x89PNG"
     (run,) = storage.list_files(f"{out}/_runs", suffixes=(".json",))
     # the run records the bundle's calibration, and writes the report page beside the rows
@@ -106,7 +106,7 @@ def test_s3_to_s3_one_row_per_input_errors_marked_scores_equal_core(
     assert f'data-stat="expected_rate" data-group="all">{expected}<' in report
     assert f"Calibration from bundle {resolve_bundle(bundle)}." in report
     top = ok["image_score"].idxmax()
-    assert f'src="_maps/{top[len(inp) + 1 :]}.png"' in report
+    assert f'src="{map_uri(out, inp, top)[len(out) + 1 :]}"' in report
 
     # same day again: nothing to do
     again = score_prefix(bundle, inp, out, pool=PoolConfig(workers=2), progress=False)

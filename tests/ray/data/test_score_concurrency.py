@@ -16,7 +16,7 @@ from mspray import storage
 from mspray.bundle import load_bundle, save_bundle
 from mspray.config import PoolConfig
 from mspray.lease import Lease, LeaseHeld
-from mspray.output import read_results
+from mspray.output import map_uri, read_results
 from mspray.ray.data.scoring import score_prefix, unsafe_key_error
 
 
@@ -167,5 +167,5 @@ def test_keys_with_dot_segments_get_error_rows_and_are_never_followed(
     # no heatmap was written outside OUTPUT/_maps/
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=name)["Contents"]]
     assert sorted(k for k in keys if k.endswith(".png.png")) == sorted(
-        f"scores/_maps/{storage.relative(g, f'{s3_bucket}/in')}.png" for g in good
+        map_uri(f"{s3_bucket}/scores", f"{s3_bucket}/in", g)[len(s3_bucket) + 1 :] for g in good
     )
