@@ -53,3 +53,39 @@ def test_actors_stop_writing_parts_when_the_lease_is_taken_over(ray_local, tiny_
     parts = list(out.glob("part-*.parquet"))
     # the first part, and at most the one being written when the takeover landed
     assert 1 <= len(parts) <= 2 < len(images)
+
+
+def test_no_heatmap_is_written_once_the_lease_is_taken_over(ray_local, tiny_bundle, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow as pa
+
+    from mspray.lease import Lease
+    from mspray.ray.data.plan import ScoringPlan
+    from mspray.ray.data.reading import UNIT_SCHEMA, decode_unit
+    from mspray.ray.data.scorer import UnitScorer
+
+    bundle, spec = tiny_bundle
+    root = spec.split(":", 1)[1]
+    images = storage.list_files(os.path.join(root, "synthetic", "test"))[:3]
+    out = tmp_path / "scores"
+    plan = ScoringPlan.build(bundle, os.path.dirname(images[0]), str(out), maps=True)
+    cfg = plan.first.cfg
+    with Lease(str(out), ttl_s=600) as lease:
+        scorer = UnitScorer(plan, fence=lease.fence(), bundle=plan.first.uri,
+                            config_json=cfg.to_json(), cpus=1, gpus=0)  # fmt: skip
+        with ThreadPoolExecutor(2) as pool:
+            row = decode_unit(images, cfg.model.image_size, cfg.score, pool)
+        unit = pa.Table.from_pylist(
+            [{**row, "decoder": "local", "model": "default"}], schema=UNIT_SCHEMA
+        ).to_pylist()[0]
+        # another run takes the output over while this unit is on its way to the actor
+        rec = {"owner": "other-run:1:x", "acquired_at": time.time(),
+               "expires_at": time.time() + 600, "ttl_s": 600.0}  # fmt: skip
+        (out / "_lease" / f"{lease.gen + 1:012d}.json").write_text(json.dumps(rec))
+        summary = scorer.score_unit(unit)
+        assert summary["part"] is None and summary["failure"].startswith("LeaseLost")
+        assert not (out / "_maps").exists()  # no panel either, not only no part
+        assert not list(out.glob("part-*.parquet"))
+        with pytest.raises(LeaseLost):
+            lease.assert_held()
