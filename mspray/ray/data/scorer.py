@@ -199,13 +199,15 @@ class UnitScorer(DetectorActor):
                     try:
                         r, m = self._predict(det, loaded.images[j : j + 1], [i], timings)
                     except Exception as e:  # the model, not the image: fail, retry the unit
-                        self.check_device(e)
+                        self.check_device(e, loaded.uris)
                         raise TransientError(
                             f"model failed on one image ({loaded.uris[i]}): {type(e).__name__}: {e}"
                         ) from e
                     results.update(r)
                     maps.update(m)
-        if self.plan.maps:
+        if self.plan.maps and ok:
+            if self.fence is not None:
+                self.fence.assert_held()  # taken over: no panels beside the new holder's
             # an output that cannot be written fails the unit (a rerun scores it again)
             # instead of turning a good image into an error row
             for j, i in enumerate(ok):
