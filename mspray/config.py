@@ -18,7 +18,9 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from mspray.config_base import (  # noqa: F401  (re-exported: the config's public helpers)
+    DEVICE_HELP,
     ConfigError,
+    Device,
     Section,
     describe,
     field_info,
@@ -146,9 +148,7 @@ class TrainConfig(Section):
         lt=1,
     )
     seed: int = flag(0, "seed of the split, sampling and initialisation")
-    device: str = flag(
-        "auto", "auto, cpu, cuda[:N] or mps", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$"
-    )
+    device: Device = flag("auto", f"training device: {DEVICE_HELP}")
     workers: int = flag(0, "Ray Train DDP workers (0 = plain single-process training)", ge=0)
     use_gpu: bool = flag(False, "one GPU per Ray Train worker", cli="--use-gpu")
     storage: str | None = flag(
@@ -273,11 +273,11 @@ class ScoreConfig(Section):
     runtime: Literal["torch", "onnx"] = flag(
         "torch", "encoder runtime: torch, or onnx (ONNX Runtime on CPU, needs the export extra)"
     )
-    device: Literal["auto", "cpu", "cuda"] = flag(
+    device: Device = flag(
         "auto",
         "where Ray scoring actors run the model, whatever the bundle was trained on: cuda "
         "reserves a GPU per actor (waits for GPU nodes), cpu never does, auto does when the "
-        "cluster has GPUs when the run starts",
+        "cluster has GPU nodes or GPU node types its autoscaler can launch",
     )
 
 

@@ -3,9 +3,15 @@ overrides, and validation errors that name the field. Holds no settings itself."
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+#: The one type of every ``device`` setting and ``--device`` flag; :mod:`mspray.device`
+#: holds the rule that turns it into a torch device (``auto``: CUDA when a GPU is there).
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
+Device = Annotated[str, Field(pattern=DEVICE_PATTERN)]
+DEVICE_HELP = "auto (CUDA when a GPU is there for the work, else the CPU), cpu, cuda[:N] or mps"
 
 
 class ConfigError(ValueError):

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from pydantic import AliasChoices, model_validator
 
-from mspray.config_base import Section, flag
+from mspray.config_base import DEVICE_HELP, Device, Section, flag
 from mspray.config_base import check as _check
 
 #: A served model's name: it travels in the serve_multiplexed_model_id header.
@@ -32,9 +32,7 @@ class ServeConfig(Section):
         cli="--bundle",
         validation_alias=AliasChoices("bundle_uri", "bundle"),
     )
-    device: str = flag(
-        "auto", "torch device: auto, cpu, cuda[:N]", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$"
-    )
+    device: Device = flag("auto", f"torch device of a replica: {DEVICE_HELP}")
     bank_gpu: bool = flag(False, "faiss bank search on the GPU", cli="--bank-gpu")
     max_batch_size: int = flag(16, "requests per forward pass", ge=1)
     batch_wait_timeout_s: float = flag(BATCH_WAIT_S, "how long a batch waits to fill up", ge=0)

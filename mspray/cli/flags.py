@@ -170,9 +170,10 @@ def add_shared_fs_flag(p: argparse.ArgumentParser | Any) -> None:
 
 def refuse_node_local(args: argparse.Namespace, paths: Iterable[tuple[str, str | None]]) -> None:
     """A :class:`ConfigError` when one of ``paths`` ((flag, URI) pairs) is on this machine's disk
-    while the Ray cluster the command uses has more than one node, unless ``--shared-fs``:
-    workers elsewhere could not read it (every image would become an error row) or would
-    write to their own disks (the driver would report the images missing)."""
+    while the Ray cluster the command uses is not this machine alone, or can grow (its
+    autoscaler has worker node types), unless ``--shared-fs``: workers elsewhere could not
+    read it (every image would become an error row) or would write to their own disks (the
+    driver would report the images missing)."""
     if getattr(args, "shared_fs", False):
         return
     from mspray import storage
@@ -180,15 +181,14 @@ def refuse_node_local(args: argparse.Namespace, paths: Iterable[tuple[str, str |
     local = [f"{flag} {uri}" for flag, uri in paths if uri and storage.is_local(uri)]
     if not local:
         return
-    from mspray.ray.runtime import alive_nodes
+    from mspray.ray.runtime import node_local_refusal
 
-    nodes = alive_nodes(getattr(args, "address", None))
-    if nodes > 1:
+    why = node_local_refusal(getattr(args, "address", None))
+    if why:
         raise ConfigError(
-            f"{', '.join(local)}: on this machine's disk, but the Ray cluster has {nodes} "
-            "nodes, whose workers cannot see it. Use storage every node reaches (s3://...), "
-            "or pass --shared-fs if it is on a filesystem every node mounts at the same path "
-            "(NFS, EFS)."
+            f"{', '.join(local)}: on this machine's disk, but {why}. Use storage every node "
+            "reaches (s3://...), or pass --shared-fs if it is on a filesystem every node "
+            "mounts at the same path (NFS, EFS)."
         )
 
 

@@ -11,14 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from typing import Any
 
+from mspray import storage
 from mspray.cli.flags import (
     add_address_flag,
     add_serve_settings,
+    add_shared_fs_flag,
+    refuse_node_local,
     serve_config_from_args,
     serve_overrides,
 )
+from mspray.config import ConfigError
 
 log = logging.getLogger("mspray")
 
@@ -62,6 +68,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     add_address_flag(p)
+    add_shared_fs_flag(p)
     add_serve_settings(p.add_argument_group("serving (mspray.config.ServeConfig)"))
     p.set_defaults(func=cmd_serve)
 
@@ -70,6 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mspray.ray.serve.run import serve_forever
 
     cfg = serve_config_from_args(args)  # validated before anything starts
+    refuse_node_local(args, [("--bundle", uri) for uri in cfg.named_models().values()])
     return serve_forever(cfg, host=args.host, port=args.port, address=args.address)
 
 
@@ -94,6 +102,22 @@ examples:
       --bundle s3://models/screws/v4 --num-gpus 1 --max-replicas 8
   python ray_jobs/deploy.py --dry-run --bundle runs/bottle   # print the final config
 """
+
+
+def write_rayservice(args: argparse.Namespace, config: dict) -> int:
+    """``deploy --rayservice FILE``: the final config into FILE's serveConfigV2."""
+    from pathlib import Path
+
+    from mspray.ray.serve.rayservice import RayServiceError
+    from mspray.ray.serve.rayservice import write_rayservice as write
+
+    try:
+        write(args.rayservice, config, source=Path(args.config).name)
+    except RayServiceError as e:
+        print(f"mspray deploy: error: {e}", file=sys.stderr)
+        return 2
+    log.info("wrote %s: apply it with `kubectl apply -f %s`", args.rayservice, args.rayservice)
+    return 0
 
 
 def add_deploy(sub: argparse._SubParsersAction) -> None:
@@ -135,6 +159,14 @@ def add_deploy(sub: argparse._SubParsersAction) -> None:
         "--no-bundle-check", action="store_true", help="do not check the bundle's meta.json"
     )
     p.add_argument("--dry-run", action="store_true", help="print the final config and exit")
+    p.add_argument(
+        "--rayservice",
+        metavar="FILE",
+        help="KubeRay: write the final config (bundle roots pinned to their current version) "
+        "as the serveConfigV2 of this RayService manifest, for `kubectl apply`, instead of "
+        "deploying (the operator would revert a change made through the dashboard)",
+    )
+    add_shared_fs_flag(p)
     add_serve_settings(
         p.add_argument_group("settings (mspray.config.ServeConfig; override the config file)")
     )
@@ -159,7 +191,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         if args.dry_run:
             print(json.dumps(config, indent=2), flush=True)
             return 0
+        if args.rayservice:
+            return write_rayservice(args, config)
         url = serve_deploy.dashboard_url(args.address)
+        refuse_node_local_bundles(args, url, settings.values())
         bundles = ", ".join(str(s.named_models() or "?") for s in settings.values())
         log.info("deploying %s (bundle %s) through %s", args.config, bundles, url)
         result = serve_deploy.deploy(
@@ -175,6 +210,32 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(result, indent=2), flush=True)
     return 0
+
+
+def refuse_node_local_bundles(args: argparse.Namespace, url: str, settings: Any) -> None:
+    """:func:`refuse_node_local` for the bundles of a deploy through the dashboard ``url``:
+    a cluster whose dashboard is on another machine never sees this machine's disk; one on
+    this machine is asked through Ray (``$RAY_ADDRESS``, else the ``ray start`` here)."""
+    local = [
+        ("--bundle", uri)
+        for s in settings
+        for uri in s.named_models().values()
+        if storage.is_local(uri)
+    ]
+    if not local or getattr(args, "shared_fs", False):
+        return
+    from urllib.parse import urlparse
+
+    from mspray.ray.runtime import this_machine
+
+    host = urlparse(url).hostname or ""
+    if not this_machine(host):
+        raise ConfigError(
+            f"{', '.join(f'{f} {u}' for f, u in local)}: on this machine's disk, but the "
+            f"cluster at {url} is another machine. Use storage every node reaches "
+            "(s3://...), or pass --shared-fs if every node mounts it at the same path."
+        )
+    refuse_node_local(argparse.Namespace(address=os.environ.get("RAY_ADDRESS") or "auto"), local)
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:

@@ -7,15 +7,27 @@ Every Ray entry point (Train, the Data pipelines, Serve, deploy) starts or joins
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 import sys
+import warnings
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from mspray.config import MSPrayConfig, PoolConfig
+from mspray.device import resolve_device, wants_gpu
+from mspray.ray.capacity import (
+    NodeKind,
+    alive_node_records,
+    autoscaler_node_types,
+    node_kinds,
+    possible_gpus,
+    requested_nodes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +76,41 @@ def _address_to_join(address: str | None) -> str | None:
     return join if join and join != "local" else None
 
 
-def alive_nodes(address: str | None = None) -> int:
-    """Alive nodes of the Ray that :func:`init_ray` (``address``) uses: the connected one,
-    else the cluster it would join (joined here), else 1 (a private local Ray, not started
-    for the question)."""
+def node_local_refusal(address: str | None = None) -> str | None:
+    """Why paths on this machine's disk cannot serve the Ray that :func:`init_ray`
+    (``address``) uses, None when they can: the cluster is this machine alone and its
+    autoscaler has no worker node types (nodes that come up later could not see them
+    either). A private local Ray (not started for the question) is this machine alone."""
     import ray
 
     if not ray.is_initialized():
         if _address_to_join(address) is None:
-            return 1
+            return None
         init_ray(address, progress=False)
-    return sum(1 for n in ray.nodes() if n.get("Alive"))
+    nodes = alive_node_records()
+    if len(nodes) > 1:
+        return f"the Ray cluster has {len(nodes)} nodes, whose workers cannot see it"
+    if nodes and nodes[0].get("NodeManagerAddress") != ray.util.get_node_ip_address():
+        return f"the Ray cluster runs on {nodes[0].get('NodeManagerAddress')}, not here"
+    types = autoscaler_node_types()
+    if types:
+        names = ", ".join(sorted(k.name for k in types))
+        return f"the Ray cluster's autoscaler can add worker nodes ({names}), which will not see it"
+    return None
+
+
+def this_machine(host: str) -> bool:
+    """Whether ``host`` (a name or IP of a URL) is this machine."""
+    import socket
+
+    import ray
+
+    if host in ("localhost", "127.0.0.1", "::1", ray.util.get_node_ip_address()):
+        return True
+    try:
+        return socket.gethostbyname(host) in ("127.0.0.1", ray.util.get_node_ip_address())
+    except OSError:
+        return False
 
 
 def ray_dashboard_url(address: str | None = None) -> str:
@@ -90,23 +126,43 @@ def ray_dashboard_url(address: str | None = None) -> str:
 #: Most CPUs a GPU actor takes by default (its torch threads, decoding of map PNGs, the
 #: host side of the search); half its node's CPUs per GPU, so decode tasks fit there too.
 GPU_ACTOR_MAX_CPUS = 8
+#: Actors a pool of GPU actors is planned for when a GPU node type has no upper bound.
+UNBOUNDED_GPU_ACTORS = 8
 
-#: Texts of CUDA failures after which the process's CUDA context is unusable (the error is
-#: sticky: every later call fails too), so only a new process recovers. Out of memory is
-#: not one of them: it passes once memory is freed.
-LASTING_DEVICE_FAILURES = (
-    "CUDA error",
+#: Texts of hardware faults of a GPU: the process's CUDA context is unusable (every later
+#: call fails too) but a new process may well succeed, so the actor exits and Ray restarts
+#: it (at most :data:`ACTOR_RESTARTS` times) to retry its unit (at most
+#: :data:`HARDWARE_RETRIES` times). Out of memory is not one: it passes once memory is freed.
+HARDWARE_FAULTS = (
     "illegal memory access",
+    "illegal address",
     "uncorrectable ECC",
     "ECC error",
     "Xid",
     "unspecified launch failure",
+)
+#: Texts of device errors that would happen again in any process (a kernel not built for
+#: this GPU, an assertion in a kernel): never restarted, the unit's images become error rows.
+DETERMINISTIC_DEVICE_ERRORS = (
+    "no kernel image is available",
     "device-side assert",
+    "CUDA error",
     "CUBLAS_STATUS_EXECUTION_FAILED",
     "CUDNN_STATUS_EXECUTION_FAILED",
 )
-#: Exit status of an actor that exits for a lasting device failure.
+#: Times a unit is retried in a fresh process after a hardware fault on it; one more fault
+#: and its images become error rows.
+HARDWARE_RETRIES = 2
+#: Restarts of one model actor (a node whose GPU keeps faulting stops getting processes);
+#: Ray Data's default is unbounded.
+ACTOR_RESTARTS = 4
+#: Exit status of an actor that exits for a hardware fault.
 DEVICE_FAILURE_EXIT = 70
+
+
+class DeviceError(RuntimeError):
+    """The device failed on a unit in a way a retry would not mend; the unit's images get
+    error rows with this reason."""
 
 
 @dataclass(frozen=True)
@@ -117,61 +173,87 @@ class ActorResources:
     gpus: float
 
 
-def _alive_nodes() -> list[dict[str, float]]:
-    """Logical resources of every alive node of the connected cluster (none without Ray)."""
-    import ray
+Nodes = list[NodeKind] | list[dict[str, float]]
 
-    if not ray.is_initialized():
-        return []
-    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+def _kinds(nodes: Nodes | None) -> list[NodeKind]:
+    """``nodes`` as node kinds (plain resource dicts are one alive node each); default: what
+    the connected cluster has and can have (:func:`mspray.ray.capacity.node_kinds`)."""
+    if nodes is None:
+        return node_kinds()
+    return [n if isinstance(n, NodeKind) else NodeKind(dict(n)) for n in nodes]
 
 
 def gpus_per_actor(
-    pool: PoolConfig, cfg: MSPrayConfig, nodes: list[dict[str, float]] | None = None
+    pool: PoolConfig, cfg: MSPrayConfig | Iterable[MSPrayConfig], nodes: Nodes | None = None
 ) -> float:
-    """GPUs per actor: the pool's setting, else from ``score.device`` (``auto``: one when a
-    node of the cluster, ``nodes`` by default the connected one, has GPUs). What the bundle
-    was trained on plays no part."""
+    """GPUs per actor: the pool's setting, else one when the ``score.device`` of a model
+    (``cfg``: one, or every model of a fleet) wants a GPU by :func:`mspray.device.wants_gpu`,
+    with "a GPU is there" meaning a node of the cluster or a node type its autoscaler can
+    launch has GPUs (``nodes``, default the connected cluster). What the bundle was trained
+    on plays no part."""
     if pool.gpus_per_worker is not None:
         return float(pool.gpus_per_worker)
-    if cfg.score.device == "auto":
-        nodes = _alive_nodes() if nodes is None else nodes
-        return 1.0 if any(n.get("GPU", 0) > 0 for n in nodes) else 0.0
-    return 1.0 if cfg.score.device == "cuda" else 0.0
+    kinds = _kinds(nodes)
+    gpu_types = sorted({k.name for k in kinds if k.name and k.gpus > 0})
+    there = any(k.gpus > 0 for k in kinds)
+    settings = {c.score.device for c in ([cfg] if isinstance(cfg, MSPrayConfig) else cfg)}
+    gpu = any(wants_gpu(s, there) for s in settings)
+    if "auto" in settings and gpu and not any(k.gpus > 0 for k in kinds if not k.name):
+        log.warning(
+            "device auto: no GPU node is up yet, but the autoscaler can launch GPU nodes "
+            "(%s): reserving a GPU per model actor, which brings them up",
+            ", ".join(gpu_types),
+        )
+    elif "auto" in settings and not gpu:
+        log.info("device auto: no node or node type of the cluster has GPUs: the CPU")
+    return 1.0 if gpu else 0.0
 
 
 def actor_resources(
-    pool: PoolConfig, cfg: MSPrayConfig, nodes: list[dict[str, float]] | None = None
+    pool: PoolConfig, cfg: MSPrayConfig | Iterable[MSPrayConfig], nodes: Nodes | None = None
 ) -> ActorResources:
-    """CPUs and GPUs of one model actor (see :func:`gpus_per_actor`). A GPU actor takes at
-    least half of its node type's CPUs per GPU (up to :data:`GPU_ACTOR_MAX_CPUS`; the
-    smallest share when GPU nodes differ), so one host thread does not starve the GPU."""
-    nodes = _alive_nodes() if nodes is None else nodes
-    gpus = gpus_per_actor(pool, cfg, nodes)
+    """CPUs and GPUs of one model actor (see :func:`gpus_per_actor`; ``cfg``: every model of
+    the pool). A GPU actor takes at least half of its node type's CPUs per GPU (up to
+    :data:`GPU_ACTOR_MAX_CPUS`; the smallest share when GPU nodes differ, counting node types
+    not launched yet), so one host thread does not starve the GPU."""
+    kinds = _kinds(nodes)
+    gpus = gpus_per_actor(pool, cfg, kinds)
     cpus = float(pool.cpus_per_worker)
-    shares = [n.get("CPU", 0) / n["GPU"] for n in nodes if n.get("GPU", 0) > 0]
+    shares = [k.resources.get("CPU", 0) / k.gpus for k in kinds if k.gpus > 0]
     if gpus > 0 and shares:
         share = math.floor(min(shares) * gpus / 2)
         cpus = max(cpus, float(min(GPU_ACTOR_MAX_CPUS, share)))
     return ActorResources(cpus, gpus)
 
 
-def concurrent_actors(pool: PoolConfig, res: ActorResources, spare_cpus: float = 0.0) -> int:
-    """How many actors reserving ``res`` the connected cluster holds at once now (at least
-    one, at most ``pool.workers``), leaving ``spare_cpus`` for other tasks. On a one-node
-    cluster on this machine (a private local Ray declares more logical CPUs than cores),
-    actors × threads never exceed the machine's cores."""
+def concurrent_actors(
+    pool: PoolConfig, res: ActorResources, spare_cpus: float = 0.0, nodes: Nodes | None = None
+) -> int:
+    """How many actors reserving ``res`` the connected cluster holds at once (at least one, at
+    most ``pool.workers``), leaving ``spare_cpus`` for other tasks. GPU actors count the
+    GPUs the cluster can have (its autoscaler's GPU node types too, see
+    :func:`mspray.ray.capacity.possible_gpus`), CPU actors the CPUs it has now. On a
+    one-node cluster on this machine (a private local Ray declares more logical CPUs than
+    cores), actors × threads never exceed the machine's cores."""
     import ray
 
-    total = ray.cluster_resources()
     if res.gpus > 0:
-        n = int(total.get("GPU", 0) // res.gpus)
+        gpus = possible_gpus(_kinds(nodes))
+        n = UNBOUNDED_GPU_ACTORS if math.isinf(gpus) else int(gpus // res.gpus)
     else:
-        n = int((total.get("CPU", 0) - spare_cpus) // res.cpus)
+        n = int((ray.cluster_resources().get("CPU", 0) - spare_cpus) // res.cpus)
         if one_local_node():
             n = min(n, int((os.cpu_count() or 1) // res.cpus))
     n = max(1, n)
     return min(n, pool.workers) if pool.workers else n
+
+
+def gpu_nodes_requested(res: ActorResources, actors: int) -> Any:
+    """A context in which the autoscaler is asked for room for ``actors`` GPU actors of
+    ``res`` (nothing for CPU actors; see :func:`mspray.ray.capacity.requested_nodes`)."""
+    bundle = {"CPU": res.cpus, "GPU": res.gpus}
+    return requested_nodes(bundle, actors if res.gpus > 0 else 0)
 
 
 def one_local_node() -> bool:
@@ -187,13 +269,37 @@ def one_local_node() -> bool:
     return nodes[0].get("NodeManagerAddress") == ray.util.get_node_ip_address()
 
 
-def is_lasting_device_failure(e: BaseException) -> bool:
-    """Whether ``e`` says the process's CUDA context is broken for good (see
-    :data:`LASTING_DEVICE_FAILURES`)."""
+def device_fault(e: BaseException) -> str | None:
+    """``"hardware"`` when ``e`` is a hardware fault of the GPU (see :data:`HARDWARE_FAULTS`:
+    a fresh process may succeed), ``"deterministic"`` for a device error that would happen
+    again anywhere (:data:`DETERMINISTIC_DEVICE_ERRORS`), None for anything else (out of
+    memory included)."""
     text = str(e)
-    if type(e).__name__ == "OutOfMemoryError" or "out of memory" in text:
-        return False
-    return isinstance(e, RuntimeError) and any(m in text for m in LASTING_DEVICE_FAILURES)
+    if not isinstance(e, RuntimeError) or "out of memory" in text:
+        return None
+    if type(e).__name__ == "OutOfMemoryError":
+        return None
+    if any(m in text for m in HARDWARE_FAULTS):
+        return "hardware"
+    if any(m in text for m in DETERMINISTIC_DEVICE_ERRORS):
+        return "deterministic"
+    return None
+
+
+def count_fault(unit: Sequence[str]) -> int:
+    """Hardware faults on ``unit`` (its paths) so far, this one included. Kept in the
+    cluster's GCS key-value store, since the process that counts them dies of each."""
+    from ray.experimental import internal_kv
+
+    key = "fault:" + hashlib.sha1("\n".join(unit).encode()).hexdigest()
+    seen = internal_kv._internal_kv_get(key, namespace=FAULTS_NAMESPACE)
+    n = int(seen or 0) + 1
+    internal_kv._internal_kv_put(key, str(n), overwrite=True, namespace=FAULTS_NAMESPACE)
+    return n
+
+
+#: Namespace of :func:`count_fault`'s records in the GCS key-value store.
+FAULTS_NAMESPACE = "mspray"
 
 
 def exit_for_restart(reason: str) -> NoReturn:
@@ -244,24 +350,38 @@ class DetectorActor:
         import torch
 
         from mspray.bundle import load_bundle
-        from mspray.device import resolve_device
 
         torch.set_num_threads(max(1, int(cpus)))
         cfg = MSPrayConfig.from_json(config_json)
-        # a GPU only where this actor reserved one and the scoring config allows it;
-        # resolve_device logs a CPU fallback ("GPU" node without CUDA)
-        on_gpu = gpus > 0 and cfg.score.device != "cpu"
-        device = resolve_device("cuda" if on_gpu else "cpu")
+        # a GPU only where this actor reserved one (Ray makes it the process's cuda:0) and
+        # the scoring config allows it; resolve_device logs a CPU fallback ("GPU" node
+        # without CUDA)
+        on_gpu = gpus > 0 and wants_gpu(cfg.score.device, gpu=True)
+        device = resolve_device("auto", gpu=on_gpu)
         self.det = load_bundle(bundle, device=device, with_banks=self.with_banks, config=cfg)
         self.io = (
             ThreadPoolExecutor(io_threads, thread_name_prefix="mspray-io") if io_threads else None
         )
 
-    def check_device(self, e: BaseException) -> None:
-        """Exit the actor (see :func:`exit_for_restart`) if ``e`` is a lasting device
-        failure; return otherwise, for the caller's own retries."""
-        if is_lasting_device_failure(e):
-            exit_for_restart(f"lasting device failure on {self.det.device}: {e}")
+    def check_device(self, e: BaseException, unit: Sequence[str] = ()) -> None:
+        """Act on a device failure ``e`` while scoring ``unit`` (its paths): a hardware
+        fault exits the actor (see :func:`exit_for_restart`) for Ray to retry the unit in a
+        fresh process, until the unit has had :data:`HARDWARE_RETRIES` retries; then, and at
+        once for a deterministic device error, :class:`DeviceError` is raised (the caller
+        gives the unit's images error rows with its reason). Returns for anything else."""
+        kind = device_fault(e)
+        if kind is None:
+            return
+        what = f"{type(e).__name__} on {self.det.device}: {e}"
+        if kind == "deterministic":
+            raise DeviceError(f"device error, not retried (it would recur): {what}") from e
+        faults = count_fault(unit)
+        if faults > HARDWARE_RETRIES:
+            raise DeviceError(
+                f"hardware fault {faults} times on this unit, given up after "
+                f"{HARDWARE_RETRIES} retries in fresh processes: {what}"
+            ) from e
+        exit_for_restart(f"hardware fault ({faults} on this unit): {what}")
 
 
 def map_with_detector(
@@ -280,23 +400,33 @@ def map_with_detector(
 ) -> Any:
     """``ds.map_batches`` with ``actor`` on an autoscaling actor pool (see :func:`actor_pool`),
     each actor reserving ``resources`` (default: :func:`actor_resources`); ``kwargs`` go to
-    the actor's constructor after the :class:`DetectorActor` ones."""
+    the actor's constructor after the :class:`DetectorActor` ones. An actor is restarted at
+    most :data:`ACTOR_RESTARTS` times and a unit retried at most once more than
+    :data:`HARDWARE_RETRIES` (Ray Data's defaults retry for ever)."""
     res = resources or actor_resources(pool, cfg)
-    reserve: dict[str, Any] = {"num_cpus": res.cpus}
+    reserve: dict[str, Any] = {
+        "num_cpus": res.cpus,
+        "max_restarts": ACTOR_RESTARTS,
+        "max_task_retries": HARDWARE_RETRIES + 1,
+    }
     if res.gpus > 0:
         reserve["num_gpus"] = res.gpus
-    return ds.map_batches(
-        actor,
-        batch_size=batch_size,
-        batch_format=batch_format,
-        fn_constructor_kwargs={
-            "bundle": bundle,
-            "config_json": cfg.to_json(),
-            "cpus": res.cpus,
-            "gpus": res.gpus,
-            "io_threads": io_threads,
-            **kwargs,
-        },
-        compute=actor_pool(pool, n_items),
-        **reserve,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates extra remote args, yet has no named parameter for the restart
+        # bounds (its own comment says to pass max_restarts this way)
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+        return ds.map_batches(
+            actor,
+            batch_size=batch_size,
+            batch_format=batch_format,
+            fn_constructor_kwargs={
+                "bundle": bundle,
+                "config_json": cfg.to_json(),
+                "cpus": res.cpus,
+                "gpus": res.gpus,
+                "io_threads": io_threads,
+                **kwargs,
+            },
+            compute=actor_pool(pool, n_items),
+            **reserve,
+        )

@@ -10,8 +10,9 @@
 - :func:`autoscaling_cluster`: the same head with Ray's real autoscaler (v1 monitor) over
   its fake multi-node provider, which starts and stops raylets on this machine. It starts
   with zero worker nodes; the node types mirror ``cluster.yaml`` (``cpu_worker``,
-  ``gpu_worker`` with ``{"CPU": 2, "GPU": 1}``, ``min_workers: 0``), scaled down to fit
-  2 cores.
+  ``gpu_worker`` with ``{"CPU": 4, "GPU": 1}``, ``min_workers: 0``), scaled down to fit
+  2 cores (the CPUs are logical). mspray finds these node types through the config file
+  its autoscaler monitor runs with, as on a ``ray up`` head.
 
 Only one Ray can be connected per process: both disconnect the driver first (the session
 ``ray_local`` is restarted afterwards by its own fixture, see the root ``conftest.py``).
@@ -37,9 +38,11 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-#: Node types (logical resources) of the simulated cluster.
+#: Node types (logical resources) of the simulated cluster. The autoscaler's "GPU" node
+#: type has 4 logical CPUs, so a GPU actor's CPU share (half of them per GPU) differs from
+#: the pool's default of one.
 CPU_NODE = {"CPU": 2}
-GPU_NODE = {"CPU": 2, "GPU": 1}
+GPU_NODE = {"CPU": 4, "GPU": 1}
 #: CPUs of the "GPU" nodes of :func:`multi_node_cluster`: just the model actor's one, so
 #: any decoding there would have to take it (the tests show it goes to the CPU node).
 FIXED_GPU_NODE_CPUS = 1

@@ -9,9 +9,10 @@ the next batch; the part is written once every panel of its unit is out.
 Faults: a model failure (e.g. CUDA out of memory) falls back to one image at a time and
 the unit is retried :data:`MODEL_ATTEMPTS` times; if it still fails, the unit fails: no
 part is written and the summary row says why (a rerun scores it again). A lasting CUDA
-failure (illegal memory access, ECC, ...) ends the actor's process instead
+hardware fault (illegal memory access, ECC, Xid) ends the actor's process instead
 (:meth:`~mspray.ray.runtime.DetectorActor.check_device`): Ray starts a fresh one and retries
-the unit there, instead of a broken actor failing every unit it pulls.
+the unit there, a bounded number of times; a device error that would recur (no kernel
+image for this GPU, a device-side assert), or a unit past its retries, gets error rows.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from mspray.ray.data.plan import ScoringPlan
 from mspray.ray.data.reading import DecodedBatch, TransientError, unpack_unit
 from mspray.ray.data.routing import no_model_error
 from mspray.ray.metrics import ScoreMetrics
-from mspray.ray.runtime import DetectorActor, where_am_i
+from mspray.ray.runtime import DetectorActor, DeviceError, where_am_i
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,10 @@ class UnitScorer(DetectorActor):
                     for chunk in loaded.chunks(det.cfg.score.batch_size)
                     for row in self._score_batch(det, chunk, name, writes, timings)
                 ]
+            except DeviceError as e:  # would recur: an error row per image, with the reason
+                wait(writes)
+                now = dt.datetime.now(dt.timezone.utc)
+                return [{"path": p, "error": str(e), "scored_at": now} for p in unit["paths"]]
             except TransientError:
                 wait(writes)  # the retry writes the same panels again
                 if attempt + 1 == MODEL_ATTEMPTS:
@@ -190,7 +195,7 @@ class UnitScorer(DetectorActor):
             try:
                 results, maps = self._predict(det, loaded.images, ok, timings)
             except Exception as e:  # e.g. out of memory on a big batch: one image at a time
-                self.check_device(e)  # a broken CUDA context: this process exits here
+                self.check_device(e, loaded.uris)  # a hardware fault: this process exits here
                 log.warning(
                     "batch failed; scoring its %d images one by one", len(ok), exc_info=True
                 )

@@ -52,6 +52,7 @@ from mspray.ray.runtime import (
     ActorResources,
     actor_resources,
     concurrent_actors,
+    gpu_nodes_requested,
     init_ray,
     map_with_detector,
     one_local_node,
@@ -191,7 +192,7 @@ def _score_pending(
     )  # fmt: skip
     if pending or redo:
         init_ray(address, progress)
-        res = actor_resources(plan.pool, plan.first.cfg)
+        res = actor_resources(plan.pool, [m.cfg for m in plan.models.values()])
         actors = concurrent_actors(plan.pool, res, spare_cpus=plan.pool.decode_cpus)
         if plan.pool.workers is None and one_local_node():
             # a node that cannot grow: no more actors than its cores hold (each loads the
@@ -200,7 +201,8 @@ def _score_pending(
         size = plan.unit_size(len(pending), actors)
         log.info("%d actors (%s) can score at once: units of %d images", actors, res, size)
         units = plan.units(pending, assignment, redo, size)
-        _run_units(plan, units, res, progress, summary, lease)
+        with gpu_nodes_requested(res, actors):  # GPU nodes boot while the pool starts
+            _run_units(plan, units, res, progress, summary, lease)
     after = Counter(
         p for p in read_results(output, ["path"]).column("path").to_pylist() if p in assignment
     )

@@ -57,15 +57,6 @@ class ServingModel:
         }
 
 
-def serve_device(setting: str, gpu_ids: list) -> str:
-    """The torch device of a replica: ``auto`` means CUDA only when this replica reserved
-    a GPU (``num_gpus``); one without a reservation stays on the CPU even on a GPU node,
-    where another actor owns the GPU."""
-    if setting == "auto":
-        return "cuda" if gpu_ids else "cpu"
-    return setting
-
-
 def load_detector(uri: str, device: str, bank_gpu: bool) -> Any:
     """Load the bundle at ``uri`` on ``device`` (a :class:`ServeConfig` device setting) and
     run one warm-up batch (lazy init off the request path)."""
@@ -78,8 +69,10 @@ def load_detector(uri: str, device: str, bank_gpu: bool) -> Any:
     uri = resolve_bundle(uri)  # a root: its latest version now; both reads use that one
     # The bundle's own runtime settings, with the faiss search moved to the GPU if asked.
     config = load_config(uri, {"bank.use_gpu": True}) if bank_gpu else None
+    # auto: CUDA only when this replica reserved a GPU (num_gpus); one without a
+    # reservation stays on the CPU even on a GPU node, where another actor owns the GPU
     det = load_bundle(
-        uri, device=resolve_device(serve_device(device, ray.get_gpu_ids())), config=config
+        uri, device=resolve_device(device, gpu=bool(ray.get_gpu_ids())), config=config
     )
     size = det.cfg.model.image_size
     det.predict(torch.zeros(1, 3, size, size))

@@ -15,7 +15,7 @@ from mspray.config import MSPrayConfig, PoolConfig, ScoreConfig
 from mspray.data.images import load_image
 from mspray.ray.data.plan import MAX_PART, MIN_PART, ScoringPlan
 from mspray.ray.data.reading import decode_unit, to_uint8, unpack_unit
-from mspray.ray.runtime import actor_resources, gpus_per_actor, is_lasting_device_failure
+from mspray.ray.runtime import actor_resources, device_fault, gpus_per_actor
 
 CPU_NODES = [{"CPU": 16.0}, {"CPU": 16.0}]
 GPU_NODES = [{"CPU": 16.0}, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 32.0, "GPU": 4.0}]
@@ -80,17 +80,22 @@ def test_decoded_units_are_uint8_and_scale_back_to_the_loaded_images(png_bytes, 
 
 
 @pytest.mark.parametrize(
-    ("error", "lasting"),
+    ("error", "kind"),
     [
-        (RuntimeError("CUDA error: an illegal memory access was encountered"), True),
-        (RuntimeError("CUDA error: uncorrectable ECC error encountered"), True),
-        (RuntimeError("CUDA error: unspecified launch failure"), True),
-        (RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasSgemm"), True),
-        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),
-        (RuntimeError("CUDA error: out of memory"), False),
-        (RuntimeError("shape mismatch"), False),
-        (ValueError("CUDA error: not a runtime error"), False),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), "hardware"),
+        (RuntimeError("CUDA error: uncorrectable ECC error encountered"), "hardware"),
+        (RuntimeError("NVRM: Xid (PCI:0000:00:1e): 79, GPU has fallen off the bus"), "hardware"),
+        (RuntimeError("CUDA error: unspecified launch failure"), "hardware"),
+        (RuntimeError("CUDA error: no kernel image is available for execution"), "deterministic"),
+        (RuntimeError("CUDA error: device-side assert triggered"), "deterministic"),
+        (RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasSgemm"), "deterministic"),
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), None),
+        (RuntimeError("CUDA error: out of memory"), None),
+        (RuntimeError("shape mismatch"), None),
+        (ValueError("CUDA error: not a runtime error"), None),
     ],
 )
-def test_which_model_failures_end_the_actor(error: BaseException, lasting: bool) -> None:
-    assert is_lasting_device_failure(error) is lasting
+def test_which_model_failures_restart_the_actor(error: BaseException, kind: str | None) -> None:
+    """Only hardware faults restart the actor; deterministic device errors become error
+    rows (a restart would meet them again, for ever)."""
+    assert device_fault(error) == kind

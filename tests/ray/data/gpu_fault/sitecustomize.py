@@ -5,7 +5,9 @@ simulated cluster's workers (with ``MSPRAY_TEST_GPU_FAULT`` naming a shared fold
 Python imports it at every worker's start. It wraps ``Detector.predict``: the first model
 call of an actor that reserved a GPU (once per cluster: a marker file) breaks that process
 for good, as an illegal memory access does to a CUDA context, and every later call of the
-process fails the same way. Every call is logged as ``<pid> ok|fail``.
+process fails the same way. Every call is logged as ``<pid> ok|fail``. While the shared
+folder holds a file ``every``, every model call on a GPU actor fails instead, with that
+file's text as the error.
 """
 
 import os
@@ -25,6 +27,12 @@ if _STATE:
 
     def predict(self, images, timings=None):  # noqa: ANN001, ANN201
         global _broken
+        every = os.path.join(_STATE, "every")
+        if os.path.exists(every) and _on_gpu():
+            with open(os.path.join(_STATE, "calls.log"), "a") as log:
+                log.write(f"{os.getpid()} fail\n")
+            with open(every) as f:
+                raise RuntimeError(f.read())
         if not _broken and _on_gpu():
             try:
                 os.close(os.open(os.path.join(_STATE, "fired"), os.O_CREAT | os.O_EXCL))

@@ -1,0 +1,65 @@
+"""Device failures that a restart would not mend end as error rows, not endless restarts:
+a deterministic CUDA error ("no kernel image is available", a device-side assert) gives the
+unit's images error rows at once, in the same process; a hardware fault that keeps hitting
+one unit restarts the actor only ``HARDWARE_RETRIES`` times. Either way the run ends with its
+summary. Faults are injected on a simulated "GPU" node by ``gpu_fault/sitecustomize.py``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from cluster import multi_node_cluster
+
+from mspray import storage
+from mspray.config import PoolConfig
+from mspray.output import read_results
+from mspray.ray.data.scoring import score_prefix
+from mspray.ray.runtime import HARDWARE_RETRIES
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+
+HOOKS = str(Path(__file__).parent / "gpu_fault")
+
+
+def _pids(state: Path) -> list[str]:
+    return [line.split()[0] for line in (state / "calls.log").read_text().splitlines()]
+
+
+def test_device_errors_become_error_rows_after_bounded_restarts(
+    ray_exclusive, tiny_bundle, tmp_path
+):
+    bundle, spec = tiny_bundle
+    src = storage.list_files(os.path.join(spec.split(":", 1)[1], "synthetic", "test"))
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i in range(6):
+        shutil.copy(src[i % len(src)], inp / f"{i:03d}.png")
+    state = tmp_path / "fault"
+    state.mkdir()
+    env = {
+        "PYTHONPATH": os.pathsep.join(p for p in (HOOKS, os.environ.get("PYTHONPATH")) if p),
+        "MSPRAY_TEST_GPU_FAULT": str(state),
+    }
+    run = {"pool": PoolConfig(workers=1), "overrides": {"score.device": "cuda"}}
+    with multi_node_cluster(cpu_nodes=1, gpu_nodes=1, env=env):
+        # a kernel built for another GPU: every call fails the same way, in any process
+        (state / "every").write_text("CUDA error: no kernel image is available for execution")
+        out = str(tmp_path / "deterministic")
+        s = score_prefix(bundle, str(inp), out, part_size=3, progress=False, **run)
+        assert (s.scored, s.errors, s.failed_units, s.missing) == (6, 6, 0, 0)
+        errors = read_results(out, ["error"]).column("error").to_pylist()
+        assert all("no kernel image" in e and "not retried" in e for e in errors), errors
+        assert len(set(_pids(state))) == 1  # never restarted
+
+        # a hardware fault on every try: the unit is retried in fresh processes, then given up
+        (state / "every").write_text("CUDA error: an illegal memory access was encountered")
+        (state / "calls.log").unlink()
+        out = str(tmp_path / "hardware")
+        s = score_prefix(bundle, str(inp), out, part_size=6, progress=False, **run)
+        assert (s.scored, s.errors, s.failed_units, s.missing) == (6, 6, 0, 0)
+        errors = read_results(out, ["error"]).column("error").to_pylist()
+        assert all(f"given up after {HARDWARE_RETRIES} retries" in e for e in errors), errors
+        assert len(set(_pids(state))) == HARDWARE_RETRIES + 1  # one process per try
