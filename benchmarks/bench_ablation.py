@@ -22,10 +22,8 @@ import time
 
 from mspray.config import MSPrayConfig
 from mspray.data.datasets import test_samples, train_paths
-from mspray.data.images import load_images
 from mspray.data.synthetic import make_synthetic_dataset
 from mspray.evaluate import evaluate
-from mspray.fit import fit_detector
 from mspray.model.multiscale import (
     ScaleModel,
     build_scale_model,
@@ -33,6 +31,8 @@ from mspray.model.multiscale import (
     stem_state,
     training_order,
 )
+from mspray.pipeline.executor import LocalExecutor
+from mspray.pipeline.steps import fit_detector
 from mspray.train.loop import ScaleTrainer, run_summary
 from mspray.train.recipes import RECIPES, apply_recipe
 
@@ -71,20 +71,21 @@ def runs(ablate: bool, choices: bool) -> dict[str, dict]:
 AFTER_SWITCH = ("no K-means warm-up", "+ shared stem")
 
 
-class LastKeeper:
-    """A scale trainer for :func:`fit_detector` that also keeps each scale's last-epoch
-    weights, so one training gives both the ``selected`` and the ``last epoch`` rows;
-    ``after``: config overrides applied after the no-ImageNet switch."""
+class LastKeeper(LocalExecutor):
+    """An in-process executor for :func:`fit_detector` that also keeps each scale's
+    last-epoch weights, so one training gives both the ``selected`` and the ``last epoch``
+    rows; ``after``: config overrides applied after the no-ImageNet switch."""
 
     def __init__(self, after: dict | None = None) -> None:
+        super().__init__(progress=False)
         self.last: dict[int, ScaleModel] = {}
         self.after = after or {}
 
-    def __call__(self, cfg: MSPrayConfig, train_uris: list[str], val_uris: list[str]):
+    def train_scales(self, cfg: MSPrayConfig, train_uris, val_uris, state):
         cfg = cfg.replace(**self.after) if self.after else cfg
-        size = cfg.model.image_size
-        train = load_images(train_uris, size, progress=False)
-        val = load_images(val_uris, size, progress=False) if val_uris else None
+        self._size = cfg.model.image_size
+        train = self.images(train_uris)
+        val = self.images(val_uris) if val_uris else None
         models, stem = {}, None
         for scale in training_order(cfg):
             model = build_scale_model(cfg, scale, None, stem)
@@ -98,6 +99,17 @@ class LastKeeper:
             if scale == stem_scale(cfg):
                 stem = stem_state(best)
         return models
+
+
+class GivenModels(LocalExecutor):
+    """An in-process executor whose train step returns already trained models."""
+
+    def __init__(self, models: dict[int, ScaleModel]) -> None:
+        super().__init__(progress=False)
+        self.models = models
+
+    def train_scales(self, cfg, train_uris, val_uris, state):
+        return self.models
 
 
 def _ms(xs: list[float]) -> str:
@@ -172,7 +184,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 after = run_over if name in AFTER_SWITCH else None
                 keeper = LastKeeper(after) if name == "selected" or after else None
-                det = fit_detector(cfg, uris, trainer=keeper, progress=False)
+                det = fit_detector(cfg, uris, executor=keeper, progress=False)
                 got = {name: _record(det, samples, t0, scales)}
                 if name == "selected":
                     t0 = time.perf_counter()
@@ -181,7 +193,7 @@ def main() -> None:
                     last = fit_detector(
                         cfg.replace(**{"train.selection": "last"}),
                         uris,
-                        trainer=lambda *a, m=last_models: m,
+                        executor=GivenModels(last_models),
                         progress=False,
                     )
                     got["last epoch"] = _record(last, samples, t0, scales)

@@ -36,7 +36,7 @@ from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
 from mspray.data.synthetic import make_strip_dataset, make_synthetic_dataset
 from mspray.evaluate import evaluate
-from mspray.fit import fit_detector, split_holdout
+from mspray.pipeline.steps import fit_detector, split_holdout
 from mspray.storage import list_files
 
 # the test suite's tiny detector, untrained, with exact banks and a wider embedding

@@ -21,7 +21,7 @@ from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
 from mspray.data.synthetic import make_synthetic_dataset
 from mspray.evaluate import evaluate
-from mspray.fit import fit_detector, split_holdout
+from mspray.pipeline.steps import fit_detector, split_holdout
 
 
 def search_seconds(det, images: torch.Tensor, repeats: int = 3) -> float:

@@ -35,7 +35,7 @@ import pyarrow as pa
 from mspray.config import MSPrayConfig, PoolConfig
 from mspray.data.datasets import train_paths
 from mspray.data.synthetic import make_synthetic_dataset
-from mspray.fit import fit_detector
+from mspray.pipeline.steps import fit_detector
 from mspray.ray.data.plan import DEFAULT, ScoringPlan
 from mspray.ray.data.reading import UNIT_SCHEMA, decode_unit, decode_units
 from mspray.ray.data.scorer import UnitScorer

@@ -1,16 +1,15 @@
 """Driver peak memory of a Ray Data bank build (with calibration) for N vs 4N images.
 
-Each build runs ``mspray.ray.data.banks.build_banks`` in a fresh child process (its own
-local Ray: GCS, raylet and actors are other processes), and the child reports its own peak
-RSS (``ru_maxrss``): the driver's memory only; also its RSS once Ray is up and the model
-loaded, just before the build, so the build's own working memory shows apart from the
+Each build runs ``mspray.pipeline.steps.build_banks`` on a ``RayExecutor`` in a fresh child
+process (its own local Ray: GCS, raylet and actors are other processes), and the child reports
+its own peak RSS (``ru_maxrss``): the driver's memory only; also its RSS once Ray is up and the
+model loaded, just before the build, so the build's own working memory shows apart from the
 ~0.6 GB of torch and Ray every driver carries. Same bundle (random-init encoders), same
-settings, only the number of normal images differs. The candidate budget is small so that
-both sizes go through the per-shard coreset, and calibration is the default cross-fit, so
-the run shows whether anything on the driver still grows with the image count. The child
-also samples (every 0.2 s) the PSS of its Ray workers (``ray::`` processes: actors, decode
-and coreset tasks): the largest one and their sum, so worker memory shows next to the
-driver's.
+settings, only the number of normal images differs. The candidate budget is small so that both
+sizes go through the per-shard coreset, and calibration is the default cross-fit, so the run
+shows whether anything on the driver still grows with the image count. The child also samples
+(every 0.2 s) the PSS of its Ray workers (``ray::`` processes: actors, decode and coreset
+tasks): the largest one and their sum, so worker memory shows next to the driver's.
 
     python benchmarks/bench_driver_memory.py [--n 16] [--image-size 256]
 
@@ -32,7 +31,8 @@ import json, os, resource, sys, threading, time
 from mspray.bundle import load_bundle
 from mspray.config import PoolConfig
 from mspray.data.datasets import train_paths
-from mspray.ray.data.banks import build_banks
+from mspray.pipeline.steps import build_banks
+from mspray.ray.executor import RayExecutor
 from mspray.ray.runtime import init_ray
 bundle, spec, n, out, over = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 uris = sorted(train_paths(spec, "synthetic"))[:n]
@@ -78,8 +78,8 @@ base = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 102
 t0 = time.perf_counter()
 sampler = threading.Thread(target=sample, daemon=True)
 sampler.start()
-r = build_banks(bundle, uris, out=out, pool=PoolConfig(workers=2), overrides=json.loads(over),
-                progress=False)
+r = build_banks(bundle, uris, RayExecutor(pool=PoolConfig(workers=2), progress=False), out=out,
+                overrides=json.loads(over))
 stop.set()
 sampler.join()
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -102,7 +102,7 @@ def main() -> None:
     from mspray.config import MSPrayConfig
     from mspray.data.datasets import train_paths
     from mspray.data.synthetic import make_synthetic_dataset
-    from mspray.fit import fit_detector
+    from mspray.pipeline.steps import fit_detector
 
     root = tempfile.mkdtemp(prefix="mspray-drvmem-")
     n_all = 4 * args.n

@@ -61,10 +61,10 @@ from mspray.data.images import load_image, load_images, load_mask
 from mspray.data.synthetic import DEFECTS, _add_defect, make_synthetic_dataset, write_png
 from mspray.data.tiles import _png
 from mspray.detector import Detector, cpu_has_native_bf16
-from mspray.fit import fit_detector
 from mspray.metrics import image_auroc, pixel_auroc
 from mspray.model.backbone import random_stem_state
 from mspray.model.multiscale import normalize
+from mspray.pipeline.steps import fit_detector
 
 # ---------------------------------------------------------------------- PaDiM-style baseline
 _VGG_TO_RELU4_3 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512)

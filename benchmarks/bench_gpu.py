@@ -82,7 +82,7 @@ def make_data(work: Path, args: argparse.Namespace) -> tuple[str, str, str]:
     from mspray.config import MSPrayConfig
     from mspray.data.datasets import train_paths
     from mspray.data.synthetic import make_synthetic_dataset
-    from mspray.fit import fit_detector
+    from mspray.pipeline.steps import fit_detector
 
     root = work / "data"
     make_synthetic_dataset(

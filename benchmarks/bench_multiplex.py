@@ -71,7 +71,7 @@ def make_bundle(root: str, category: str, seed: int, size: int) -> str:
     from mspray.config import MSPrayConfig
     from mspray.data.datasets import train_paths
     from mspray.data.synthetic import make_synthetic_dataset
-    from mspray.fit import fit_detector
+    from mspray.pipeline.steps import fit_detector
 
     make_synthetic_dataset(
         root, category, n_train=8, n_test_good=1, n_test_defect=1, size=size, seed=seed

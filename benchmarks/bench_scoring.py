@@ -40,7 +40,7 @@ from mspray.data.datasets import test_samples, train_paths
 from mspray.data.synthetic import make_synthetic_dataset
 from mspray.device import resolve_device
 from mspray.evaluate import evaluate
-from mspray.fit import fit_detector
+from mspray.pipeline.steps import fit_detector
 from mspray.ray.data.scoring import ScoreSummary, score_prefix
 from mspray.ray.runtime import init_ray
 

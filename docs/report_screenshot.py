@@ -21,7 +21,7 @@ from pathlib import Path
 from mspray.config import PoolConfig, tiny_config
 from mspray.data.datasets import train_paths
 from mspray.data.synthetic import make_synthetic_dataset
-from mspray.fit import fit_detector
+from mspray.pipeline.steps import fit_detector
 from mspray.ray.data.scoring import score_prefix
 from mspray.report import REPORT_NAME, build_report
 

@@ -89,6 +89,27 @@ def _ivf_nlist(cfg: BankConfig, n: int) -> int:
 
 
 # ---------------------------------------------------------------------- bank
+
+
+def shard_keep_ratio(cfg: BankConfig, total_rows: int) -> float:
+    """Fraction of each shard's patches kept by the per-shard coreset: 1 while all patches
+    fit the global candidate budget, else ``coreset_max_candidates / total_rows``, so that
+    at most the budget (plus one row per shard, from rounding) ever reaches the driver,
+    however many images there are."""
+    if cfg.coreset_ratio >= 1.0 or total_rows <= cfg.coreset_max_candidates:
+        return 1.0
+    return cfg.coreset_max_candidates / total_rows
+
+
+def global_bank_config(cfg: BankConfig, total_rows: int, union_rows: int) -> BankConfig:
+    """Bank config for the global coreset over ``union_rows`` shard-reduced rows, so that it
+    keeps ``ceil(coreset_ratio × total_rows)`` of them, as a one-step coreset would."""
+    if cfg.coreset_ratio >= 1.0 or union_rows == total_rows or union_rows == 0:
+        return cfg
+    target = math.ceil(cfg.coreset_ratio * total_rows)
+    return cfg.replace(coreset_ratio=min(1.0, target / union_rows))
+
+
 class PatchBank:
     """One faiss index of float32 patch embeddings answering min-L2-distance queries."""
 

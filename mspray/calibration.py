@@ -8,7 +8,7 @@ of the sorted file names (consecutive frames share a fold), and ``gap`` more ima
 side of a fold are left out of its bank too, so a frame's neighbour in the next block does
 not stand in for it.
 
-:func:`crossfit_calibrate` is the in-process fit's (:func:`mspray.fit.fit_detector`); the
+:func:`crossfit_calibrate` is the in-process fit's (:func:`mspray.pipeline.steps.fit_detector`); the
 Ray Data bank builder (:mod:`mspray.ray.data.calibration`) runs the same steps, the fold
 plan (:func:`fold_plan`), the fold banks (:func:`fold_banks`) and the per-image map
 summaries (:class:`~mspray.detector.MapSummary`), with the images scored on its actor pool.

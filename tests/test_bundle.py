@@ -26,7 +26,7 @@ from mspray.data.images import load_images
 @pytest.fixture(scope="module")
 def trained(synthetic_root, tiny_cfg):
     """A detector trained for one epoch (not saved) and a few test images."""
-    from mspray.fit import fit_detector
+    from mspray.pipeline.steps import fit_detector
 
     spec = f"mvtec:{synthetic_root}"
     det = fit_detector(tiny_cfg, train_paths(spec, "synthetic"), progress=False)
@@ -188,7 +188,7 @@ def test_a_version_without_banks_never_becomes_latest(trained, root, synthetic_r
     """Training saves an encoders-only version before its banks are built (``--no-banks``,
     training on Ray): consumers of the root keep the previous complete version during that
     build and for good when it fails; the pointer moves once a complete version is saved."""
-    from mspray.fit import fit_detector
+    from mspray.pipeline.steps import fit_detector
 
     det, images = trained
     complete = save_bundle(det, root)

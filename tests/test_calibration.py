@@ -25,7 +25,7 @@ from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
 from mspray.data.synthetic import make_strip_dataset
 from mspray.evaluate import evaluate
-from mspray.fit import fit_detector
+from mspray.pipeline.steps import fit_detector
 from mspray.storage import list_files
 
 # untrained (random init) encoders: the decision, not the features, is under test

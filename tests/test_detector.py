@@ -8,8 +8,8 @@ from mspray.bundle import BundleError, load_bundle, read_meta, save_bundle
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
 from mspray.detector import Detector, quantile_sketch, stage_seconds_per_image
-from mspray.fit import fit_detector, split_holdout
 from mspray.model.multiscale import MultiScaleEncoder
+from mspray.pipeline.steps import fit_detector, split_holdout
 from mspray.threshold import stats_from_moments
 
 

@@ -25,7 +25,7 @@ from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images, load_mask
 from mspray.data.synthetic import make_strip_dataset, make_synthetic_dataset
 from mspray.evaluate import evaluate
-from mspray.fit import fit_detector, split_holdout
+from mspray.pipeline.steps import fit_detector, split_holdout
 
 SIZE = 64
 #: (image, pixel) AUROC floors per set: the working detector clears them (measured: texture

@@ -103,7 +103,7 @@ def run_demo(
 def _demo_local(cfg: MSPrayConfig, uris, samples, bundle: str, maps: str, progress: bool):
     from mspray.bundle import load_bundle
     from mspray.evaluate import evaluate
-    from mspray.fit import fit_detector
+    from mspray.pipeline.steps import fit_detector
 
     fit_detector(cfg, uris, out=bundle, progress=progress)
     return evaluate(load_bundle(bundle), samples, maps_dir=maps, progress=progress)

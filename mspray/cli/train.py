@@ -89,13 +89,14 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from mspray.bundle import version_uri
     from mspray.data.datasets import train_paths
-    from mspray.fit import fit_detector
+    from mspray.pipeline.steps import fit_detector
 
     cfg = config_from_args(args)
     uris = train_paths(args.data, args.category)
     log.info("training on %d normal images from %s", len(uris), args.data)
-    trainer = None
+    executor = None
     if cfg.train.workers > 0:
+        from mspray.ray.executor import RayExecutor
         from mspray.ray.train import default_storage_for, ray_scale_trainer
 
         storage = cfg.train.storage or default_storage_for(args.out)
@@ -103,48 +104,33 @@ def cmd_train(args: argparse.Namespace) -> int:
             args,
             [("--data", dataset_root(args.data)), ("--out", args.out), ("--storage", storage)],
         )
-        trainer = ray_scale_trainer(
+        # Ray Train for the scales, Ray Data for the banks and the threshold: the job's
+        # driver never holds the training images. The steps are the in-process ones.
+        executor = RayExecutor(
             address=args.address,
-            run_name=args.run_name,
-            storage=storage,
+            trainer=ray_scale_trainer(run_name=args.run_name, storage=storage),
             progress=not args.quiet,
         )
-    # On Ray the banks and the threshold are built on a Ray Data actor pool afterwards (as
-    # `build-bank` does), so the job's driver never holds the training images.
     det = fit_detector(
         cfg,
         uris,
         out=args.out,
-        trainer=trainer,
+        executor=executor,
         progress=not args.quiet,
-        build_banks=trainer is None and not args.no_banks,
+        build_banks=not args.no_banks,
     )
-    summary = {
-        "bundle": args.out,
-        "version": det.version,
-        "version_uri": version_uri(args.out, det.version),
-        "threshold": det.threshold,
-        "bank_sizes": {str(s): b.ntotal for s, b in det.banks.items()},
-        "pretrained_loaded": det.meta.get("pretrained_loaded"),
-    }
-    if trainer is not None and not args.no_banks:
-        from mspray.ray.data.banks import build_banks
-
-        # from the encoders-only version just saved (not yet `latest`), into the same root
-        result = build_banks(
-            summary["version_uri"],
-            uris,
-            out=args.out,
-            progress=not args.quiet,
-            address=args.address,
-        )
-        summary.update(
-            version=result.version,
-            version_uri=result.version_uri,
-            threshold=result.threshold,
-            bank_sizes={str(s): n for s, n in result.bank_sizes.items()},
-        )
-    print_json(summary)
+    print_json(
+        {
+            "bundle": args.out,
+            "version": det.version,
+            "version_uri": version_uri(args.out, det.version),
+            "threshold": det.threshold,
+            "calibration": det.meta.get("calibration", {}).get("source"),
+            "bank_sizes": {str(s): b.ntotal for s, b in det.banks.items()},
+            "pretrained_loaded": det.meta.get("pretrained_loaded"),
+            "steps": {r["step"]: r["seconds"] for r in det.meta["pipeline"]["steps"]},
+        }
+    )
     return 0
 
 
@@ -218,24 +204,24 @@ def add_build_bank(sub: argparse._SubParsersAction) -> None:
 
 def cmd_build_bank(args: argparse.Namespace) -> int:
     from mspray.data.datasets import train_paths
-    from mspray.ray.data.banks import build_banks
+    from mspray.pipeline.steps import build_banks
+    from mspray.ray.executor import RayExecutor
 
     if args.append_all and not args.append:
         raise ValueError("--append-all needs --append")
     refuse_node_local(args, [("--data", dataset_root(args.data)), ("--bundle", args.bundle)])
     uris = train_paths(args.data, args.category)
     log.info("%d images from %s", len(uris), args.data)
+    executor = RayExecutor(address=args.address, pool=pool_from_args(args), progress=not args.quiet)
     result = build_banks(
         args.bundle,
         uris,
+        executor,
         out=args.out,
         append=args.append,
         append_all=args.append_all,
         calibrate=not args.no_calibrate,
-        pool=pool_from_args(args),
         overrides=flag_values(args, "cfg"),
-        progress=not args.quiet,
-        address=args.address,
     )
     print_json(asdict(result))
     return 0

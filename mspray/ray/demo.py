@@ -19,27 +19,21 @@ def run_ray_demo(
     one request to a Ray Serve endpoint."""
     import ray
 
-    from mspray.bundle import version_uri
     from mspray.config import PoolConfig
-    from mspray.fit import fit_detector
-    from mspray.ray.data.banks import build_banks
+    from mspray.pipeline.steps import fit_detector
     from mspray.ray.data.evaluation import evaluate_ray
     from mspray.ray.data.scoring import score_prefix
+    from mspray.ray.executor import RayExecutor
     from mspray.ray.runtime import init_ray
     from mspray.ray.train import ray_scale_trainer
 
     init_ray(progress=progress)  # >= 4 logical CPUs: see README "Things worth knowing"
     try:
         cfg = cfg.replace(**{"train.workers": 1})
-        trainer = ray_scale_trainer(storage=str(root / "ray_runs"), progress=progress)
-        det = fit_detector(
-            cfg, uris, out=bundle, trainer=trainer, progress=progress, build_banks=False
-        )
         pool = PoolConfig(workers=2)
-        # the encoders-only version is not `latest` until its banks are built
-        build_banks(
-            version_uri(bundle, det.version), uris, out=bundle, pool=pool, progress=progress
-        )
+        trainer = ray_scale_trainer(storage=str(root / "ray_runs"))
+        executor = RayExecutor(pool=pool, trainer=trainer, progress=progress)
+        fit_detector(cfg, uris, out=bundle, executor=executor, progress=progress)
         summary = score_prefix(
             bundle,
             str(root / "data" / "synthetic" / "test"),

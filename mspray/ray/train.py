@@ -197,7 +197,8 @@ def train_worker(config: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------- driver side
 @dataclass
 class RayScaleTrainer:
-    """A :data:`mspray.fit.ScaleTrainFn` that trains every scale with Ray Train.
+    """Trains every scale with Ray Train (the train step of
+    :class:`mspray.ray.executor.RayExecutor`).
 
     Settings left ``None`` come from ``cfg.train`` at call time. ``results`` holds each
     scale's Ray ``Result`` after a call (metrics, checkpoint paths).
@@ -219,8 +220,14 @@ class RayScaleTrainer:
     results: dict[int, Any] = field(default_factory=dict)
 
     def __call__(
-        self, cfg: MSPrayConfig, train_uris: Sequence[str], val_uris: Sequence[str]
+        self,
+        cfg: MSPrayConfig,
+        train_uris: Sequence[str],
+        val_uris: Sequence[str],
+        vgg_state: dict | None = None,
     ) -> dict[int, ScaleModel]:
+        """Every scale's trained model from the trunk weights ``vgg_state`` (None: random
+        init), loaded once by the pipeline's split step."""
         import ray
 
         t = cfg.train
@@ -242,9 +249,6 @@ class RayScaleTrainer:
         root = self.storage or t.storage
         root = _abs_uri(root) if root else os.path.expanduser("~/ray_results")
 
-        from mspray.fit import backbone_state
-
-        vgg_state, _ = backbone_state(cfg)
         # Through the object store: workers on other nodes may not have the weights file.
         vgg_ref = ray.put(vgg_state) if vgg_state is not None else None
         train_uris = [_abs_uri(u) for u in train_uris]
@@ -355,7 +359,7 @@ class RayScaleTrainer:
         state = load_state(result.checkpoint)
         model = build_scale_model(cfg, scale, None)
         model.load_state_dict(state["best_state"] or state["model"])
-        model.train_summary = run_summary(state["history"], cfg, state.get("candidates"))
+        model.train_summary = run_summary(state["history"], cfg, state.get("candidates"), scale)
         last = state["history"][-1] if state["history"] else {}
         log.info(
             "scale %d: %d epochs on %d workers in %.0f s; loss %.4f, epoch %d selected",
@@ -375,7 +379,7 @@ def ray_scale_trainer(
     storage: str | None = None,
     **kwargs: Any,
 ) -> RayScaleTrainer:
-    """The Ray Train scale trainer to pass to :func:`mspray.fit.fit_detector`.
+    """The Ray Train scale trainer of a :class:`mspray.ray.executor.RayExecutor`.
 
     ``address``: Ray cluster (default: ``RAY_ADDRESS`` or a local Ray started on demand).
     ``run_name``: rerunning with the same name and ``storage`` resumes from the last

@@ -31,7 +31,7 @@ from PIL import Image
 def tiny_bundle(synthetic_root, tmp_path_factory, tiny_cfg) -> tuple[str, str]:
     """A tiny trained bundle (local path) and the ``mvtec:`` spec of its dataset."""
     from mspray.data.datasets import train_paths
-    from mspray.fit import fit_detector
+    from mspray.pipeline.steps import fit_detector
 
     spec = f"mvtec:{synthetic_root}"
     out = str(tmp_path_factory.mktemp("scoring_bundle") / "bundle")
@@ -78,7 +78,7 @@ def category_bundles(tmp_path_factory, tiny_cfg) -> dict[str, tuple[str, str]]:
     "nut" an object on a dark background, each with its own seed."""
     from mspray.data.datasets import train_paths
     from mspray.data.synthetic import make_synthetic_dataset
-    from mspray.fit import fit_detector
+    from mspray.pipeline.steps import fit_detector
 
     root = tmp_path_factory.mktemp("categories")
     out = {}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mspray.bundle import read_meta, resolve_bundle
 from mspray.data.datasets import train_paths
-from mspray.fit import fit_detector
+from mspray.pipeline.steps import fit_detector
 
 
 def test_two_single_process_runs_write_bit_identical_weights(tiny_cfg, synthetic_root, tmp_path):

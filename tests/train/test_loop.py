@@ -178,9 +178,9 @@ def test_default_config_has_no_budget():
 
 
 def test_the_smallest_scale_trains_the_shared_stem_and_the_others_keep_it_frozen():
-    from mspray.fit import local_scale_trainer
     from mspray.model.backbone import random_stem_state
     from mspray.model.scales import STEM_LAYERS
+    from mspray.pipeline.steps import local_scale_trainer
 
     cfg = _cfg(
         **{

@@ -118,18 +118,22 @@ def calibrate_on_pool(
     pool: PoolConfig,
     embed: Embed,
     bank_config: FoldBankConfig | None = None,
+    source: str = "auto",
 ) -> Calibration | None:
     """Calibrate ``det`` the configured way (``score.calibration``) from its normal images
     ``names`` (sorted; ``in_bank`` marks the bank ones, whose per-scale rows and image
     positions are ``embeddings``), scoring them on the actor pool with ``bundle``'s model.
     Falls back to the held-out images when there are too few to cross-fit; None when there
-    is nothing to calibrate on."""
+    is nothing to calibrate on. ``source="bank"`` scores every image of ``names`` against
+    the full banks instead (the last resort when nothing is held out)."""
     import ray
 
     cfg = det.cfg
     in_bank = np.asarray(in_bank, bool)
     plan, info = None, {}
-    if cfg.score.calibration == "crossfit":
+    if source == "bank":
+        in_bank = np.zeros(len(names), bool)  # every image scored against the full banks
+    elif cfg.score.calibration == "crossfit":
         try:
             plan, info = plan_on_pool(det, names, embed)
             check_fold_plan(plan, in_bank)
@@ -193,9 +197,8 @@ def calibrate_on_pool(
             ]
         )
 
-    cal = det.calibrate_from_summary(
-        moments, scores_for, "crossfit" if plan is not None else "holdout"
-    )
+    mode = "crossfit" if plan is not None else "bank" if source == "bank" else "holdout"
+    cal = det.calibrate_from_summary(moments, scores_for, mode)
     if plan is not None:
         det.meta["calibration"].update(info)
     return cal

@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 
 from mspray import storage
+from mspray.bank import global_bank_config, shard_keep_ratio
 from mspray.bundle import load_bundle, save_bundle
 from mspray.calibration import calibrate_normal_images
 from mspray.config import BankConfig, PoolConfig
 from mspray.data.datasets import train_paths
 from mspray.data.images import load_images
 from mspray.data.synthetic import make_synthetic_dataset
-from mspray.fit import split_holdout
-from mspray.ray.data.banks import build_banks, global_bank_config, shard_keep_ratio
+from mspray.pipeline.steps import build_banks, split_holdout
+from mspray.ray.executor import RayExecutor
 
 
 def test_two_level_coreset_ratios():
@@ -63,10 +64,9 @@ def test_bank_build_from_s3_equals_core_banks(ray_local, tiny_bundle, s3_bucket,
         result = build_banks(
             bundle,
             uris,
+            RayExecutor(pool=PoolConfig(workers=2), progress=False),
             out=out,
-            pool=PoolConfig(workers=2),
             overrides={"bank.coreset_ratio": 1.0},
-            progress=False,
         )
     det = load_bundle(out)  # from S3
     assert det.version == result.version != load_bundle(bundle).version
@@ -99,10 +99,9 @@ def test_holdout_calibration_on_the_pool_equals_the_core(
         build_banks(
             bundle,
             uris,
+            RayExecutor(pool=PoolConfig(workers=2), progress=False),
             out=str(tmp_path / "h"),
-            pool=PoolConfig(workers=2),
             overrides=over,
-            progress=False,
         )
     det = load_bundle(str(tmp_path / "h"))
     assert det.meta["calibration"]["source"] == "holdout"
@@ -124,13 +123,12 @@ def test_large_bank_is_reduced_per_shard_then_globally(ray_local, tiny_bundle, t
     result = build_banks(
         bundle,
         uris + [str(bad)],
+        RayExecutor(pool=PoolConfig(workers=2), progress=False),
         out=str(tmp_path / "b"),
         append=True,  # all images in the bank: easy to count patches
-        pool=PoolConfig(workers=2),
         # a tiny candidate budget forces the per-shard step
         overrides={"bank.coreset_ratio": 0.25, "bank.coreset_max_candidates": 300},
         calibrate=False,
-        progress=False,
     )
     assert result.n_errors == 1 and "bad.png" in result.errors[0]
     before = load_bundle(bundle)

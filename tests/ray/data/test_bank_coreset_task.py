@@ -12,8 +12,8 @@ from mspray.bundle import load_bundle
 from mspray.config import PoolConfig
 from mspray.data.datasets import train_paths
 from mspray.data.images import load_images
-from mspray.fit import split_holdout
-from mspray.ray.data.banks import build_banks
+from mspray.pipeline.steps import build_banks, split_holdout
+from mspray.ray.executor import RayExecutor
 
 
 def _driver_must_not_run(*args, **kwargs):
@@ -30,11 +30,18 @@ def test_global_coreset_runs_on_a_worker_and_equals_the_core(
     with monkeypatch.context() as m:  # this (driver) process only; Ray workers are others
         m.setattr(mspray.bank, "greedy_coreset", _driver_must_not_run)
         m.setattr(mspray.coreset, "greedy_coreset", _driver_must_not_run)
-        build_banks(bundle, uris, out=out, pool=PoolConfig(workers=1), calibrate=False,
-                    progress=False)  # fmt: skip
+        build_banks(
+            bundle,
+            uris,
+            RayExecutor(pool=PoolConfig(workers=1), progress=False),
+            out=out,
+            calibrate=False,
+        )
         built = load_bundle(out)
         # append: the picks start from the existing bank, also on the worker
-        build_banks(out, uris[:3], append=True, pool=PoolConfig(workers=1), progress=False)
+        build_banks(
+            out, uris[:3], RayExecutor(pool=PoolConfig(workers=1), progress=False), append=True
+        )
     appended = load_bundle(out)
     assert built.cfg.bank.coreset_ratio == 0.5  # so there was a coreset to run
     # the core on the same images (here, in the driver): the same banks

@@ -9,8 +9,8 @@ import pytest
 from mspray.bundle import load_bundle, resolve_bundle, save_bundle, version_uri
 from mspray.config import PoolConfig
 from mspray.data.datasets import train_paths
-from mspray.fit import fit_detector
-from mspray.ray.data.banks import build_banks
+from mspray.pipeline.steps import build_banks, fit_detector
+from mspray.ray.executor import RayExecutor
 
 pytestmark = pytest.mark.ray
 
@@ -31,10 +31,12 @@ def test_a_failed_bank_build_leaves_the_previous_complete_version_current(
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     with pytest.raises(ValueError, match="could be read"):
-        build_banks(new, [str(bad)], out=root, pool=PoolConfig(workers=1), progress=False)
+        build_banks(new, [str(bad)], RayExecutor(pool=PoolConfig(workers=1)), out=root)
     assert resolve_bundle(root) == complete  # after the failed build
     assert load_bundle(root).version == load_bundle(complete).version
 
-    result = build_banks(new, uris, out=root, pool=PoolConfig(workers=1), progress=False)
+    result = build_banks(
+        new, uris, RayExecutor(pool=PoolConfig(workers=1), progress=False), out=root
+    )
     assert resolve_bundle(root) == result.version_uri != complete
     assert result.source == new and set(load_bundle(root).banks) == set(cfg.model.scales)

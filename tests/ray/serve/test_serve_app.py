@@ -27,7 +27,7 @@ from PIL import Image
 from mspray.bundle import load_bundle
 from mspray.data.datasets import train_paths
 from mspray.data.images import decode_image, to_tensor
-from mspray.fit import fit_detector
+from mspray.pipeline.steps import fit_detector
 
 pytestmark = pytest.mark.ray
 

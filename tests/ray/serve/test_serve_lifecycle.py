@@ -18,7 +18,7 @@ from test_serve_rollout import _deploy, _free_port
 
 from mspray.bundle import load_bundle, read_meta, save_bundle
 from mspray.data.datasets import train_paths
-from mspray.fit import fit_detector
+from mspray.pipeline.steps import fit_detector
 from mspray.ray.serve.verify import VerifyError, verify_replicas
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

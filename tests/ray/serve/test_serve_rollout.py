@@ -17,7 +17,7 @@ import yaml
 
 from mspray.bundle import read_meta
 from mspray.data.datasets import train_paths
-from mspray.fit import fit_detector
+from mspray.pipeline.steps import fit_detector
 from mspray.ray.serve.verify import VerifyError, verify_replicas
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -14,7 +14,7 @@ import pytest
 from mspray.bundle import read_meta
 from mspray.config import ServeConfig
 from mspray.data.datasets import train_paths
-from mspray.fit import fit_detector
+from mspray.pipeline.steps import fit_detector
 from mspray.ray.metrics import ServeMetrics
 from mspray.ray.serve.loading import load_detector
 from mspray.ray.serve.slots import RETRY_MIN_S, ModelSlots

@@ -19,8 +19,8 @@ from fault_hooks import FailOnce
 from mspray.bundle import read_meta, resolve_bundle
 from mspray.config import MSPrayConfig
 from mspray.data.datasets import train_paths
-from mspray.fit import split_holdout
 from mspray.model.multiscale import build_scale_model, normalize
+from mspray.pipeline.steps import split_holdout
 from mspray.ray import train as ray_train
 from mspray.train.kmeans import LocalComm, TorchDistComm, fit_centers
 from mspray.train.loop import ScaleTrainer
@@ -255,7 +255,8 @@ def test_ddp_trains_with_every_subset_of_the_losses(ray_local, tmp_path):
 def test_two_gloo_runs_with_one_seed_write_bit_identical_weights(
     ray_local, synthetic_root, tmp_path
 ):
-    from mspray.fit import fit_detector
+    from mspray.pipeline.steps import fit_detector
+    from mspray.ray.executor import RayExecutor
 
     cfg = _cfg(**{"train.epochs": 2, "train.val_fraction": 0.25})
     uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
@@ -263,7 +264,8 @@ def test_two_gloo_runs_with_one_seed_write_bit_identical_weights(
         rt = ray_train.ray_scale_trainer(
             run_name=f"det-{name}", storage=str(tmp_path / "runs"), workers=2, progress=False
         )
-        fit_detector(cfg, uris, out=str(tmp_path / name), trainer=rt, progress=False)
+        ex = RayExecutor(trainer=rt, progress=False)
+        fit_detector(cfg, uris, out=str(tmp_path / name), executor=ex, progress=False)
     a, b = (Path(resolve_bundle(str(tmp_path / n)), "model.safetensors") for n in "ab")
     assert a.read_bytes() == b.read_bytes()
     # rank 0 ranked every epoch, the untrained one included, on synthetic anomalies
