@@ -59,7 +59,7 @@ class ScaleTrainer:
         comm: Comm | None = None,
     ):
         self.cfg = cfg
-        self.t = cfg.train
+        self.t = sampling.without_leaky_ssl(cfg, scale)  # no SSL term where its pairs leak
         self.scale = scale
         self.model = model
         self.device = torch.device(device)
@@ -437,5 +437,5 @@ def train_scale(
     history = trainer.fit(train_images, val_images, progress=progress)
     best = build_scale_model(cfg, scale, None)
     best.load_state_dict(trainer.best_model_state())
-    best.train_summary = run_summary(history, cfg, trainer.candidates)  # for meta.json
+    best.train_summary = run_summary(history, cfg, trainer.candidates, scale)  # for meta.json
     return best, history

@@ -13,16 +13,20 @@ i.e. ``dx = d·cos(θ)``, ``dy = -d·sin(θ)``.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 
+from mspray.config import MSPrayConfig, TrainConfig
 from mspray.model.encoder import N_ANGLES
 from mspray.model.scales import SCALES
 
 #: Paper: SVDD/Cos neighbour within ±4 px (64), ±2 (32), ±1 (16).
 NEIGHBOUR_RADIUS = {p: s.neighbour_radius for p, s in SCALES.items()}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,17 +113,30 @@ def sample_triplets(
     return Samples(img, (i, j, k))
 
 
+#: The SSL term of a scale runs only where its pairs are label-free: the best classifier of
+#: the angle from ONE patch's position alone (either patch; :func:`angle_leak`) must stay
+#: within this factor of chance (1/12). No sampler reaches chance in a bounded image (the
+#: pair's two positions differ by the offset itself); the one below leaks about
+#: (1 + 0.7·d/(S-d))× chance for d ≈ p and S = side - p: 1.7× at 256 px and p=64, 8× at
+#: 128 px and p=64, where the term is skipped.
+LEAK_LIMIT = 2.0
+
+
+def _offsets(labels: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    theta = labels.double() * (2 * math.pi / N_ANGLES)
+    dx = torch.round(d * torch.cos(theta)).long()
+    dy = torch.round(-d * torch.sin(theta)).long()
+    return torch.stack([dy, dx], 1)
+
+
 def angle_offsets(
     labels: torch.Tensor, d_lo: float, d_hi: float, g: torch.Generator
 ) -> torch.Tensor:
     """Offsets of patch n about m for angle classes ``labels``, at a distance uniform in
     ``[d_lo, d_hi]``, rounded to integers. Rounding moves the point by < 1 px, far less than
     the 15° half-width of a class at these distances, so the label stays exact."""
-    theta = labels.double() * (2 * math.pi / N_ANGLES)
     d = d_lo + (d_hi - d_lo) * torch.rand(labels.numel(), generator=g, dtype=torch.float64)
-    dx = torch.round(d * torch.cos(theta)).long()
-    dy = torch.round(-d * torch.sin(theta)).long()
-    return torch.stack([dy, dx], 1)
+    return _offsets(labels, d)
 
 
 def offset_angle_class(off: torch.Tensor) -> torch.Tensor:
@@ -128,27 +145,94 @@ def offset_angle_class(off: torch.Tensor) -> torch.Tensor:
     return torch.round(ang / (2 * math.pi / N_ANGLES)).long() % N_ANGLES
 
 
+def _own_box(off: torch.Tensor, h: int, w: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per offset, the lowest and highest corner of m for which m and m + off fit."""
+    hi = torch.tensor([h - p, w - p])
+    return (-off).clamp(min=0), hi - off.clamp(min=0)
+
+
+def _density(lo: torch.Tensor, hi: torch.Tensor, size: int, bins: int) -> torch.Tensor:
+    """``k×bins``: the uniform distribution over integers [lo, hi] in ``bins`` equal bins."""
+    x = torch.arange(size)
+    inside = ((x >= lo[:, None]) & (x <= hi[:, None])).double()
+    inside /= inside.sum(1, keepdim=True)
+    return torch.zeros(len(lo), bins, dtype=torch.float64).index_add_(1, x * bins // size, inside)
+
+
+def angle_leak(h: int, w: int, p: int, jitter: float = 0.125, grid: int = 256) -> float:
+    """The accuracy of the best classifier of the angle class from the position of one patch
+    of a :func:`sample_angles` pair, the more telling of the two (1/12: no leak at all; 1.0
+    where the image cannot hold the pairs). Exact over 9 distances of the jitter range, on
+    positions binned to at most ``grid`` per axis (a binned classifier is no better)."""
+    d_hi = p * (1 + jitter)
+    if min(h, w) < p + math.ceil(d_hi) + 1:
+        return 1.0
+    d = torch.linspace(p * (1 - jitter), d_hi, 9, dtype=torch.float64)
+    labels = torch.arange(N_ANGLES).repeat_interleave(len(d))
+    off = _offsets(labels, d.repeat(N_ANGLES))
+    worst = 0.0
+    for o in (off, -off):  # m's position; n's is m's under the opposite offset
+        lo, hi = _own_box(o, h, w, p)
+        ay = _density(lo[:, 0], hi[:, 0], h - p + 1, min(grid, h - p + 1))
+        ax = _density(lo[:, 1], hi[:, 1], w - p + 1, min(grid, w - p + 1))
+        # P(position | class), a mixture over the distances; the Bayes classifier's accuracy
+        # is the mean over classes of the mass where that class is the most likely one
+        q = torch.einsum(
+            "cky,ckx->cyx", ay.view(N_ANGLES, len(d), -1), ax.view(N_ANGLES, len(d), -1)
+        )
+        worst = max(worst, float(q.amax(0).sum()) / (len(d) * N_ANGLES))
+    return worst
+
+
+def ssl_skip_reason(h: int, w: int, p: int, jitter: float = 0.125) -> str | None:
+    """Why the SSL term of scale ``p`` cannot run on ``h×w`` images, or None when it can:
+    its pairs would tell the angle by position (:data:`LEAK_LIMIT`). The distance is never
+    shrunk to fit, which would make the pairs another task."""
+    leak = angle_leak(h, w, p, jitter)
+    if leak <= LEAK_LIMIT / N_ANGLES:
+        return None
+    if leak >= 1.0:
+        return f"{h}x{w} px images cannot hold angle pairs of {p}-px patches {p} px apart"
+    return (
+        f"{h}x{w} px images are too small for label-free angle pairs of {p}-px patches "
+        f"(a patch's position alone tells the angle {leak:.0%} of the time, chance "
+        f"{1 / N_ANGLES:.0%}, limit {LEAK_LIMIT / N_ANGLES:.0%})"
+    )
+
+
 def sample_angles(
     img: torch.Tensor, h: int, w: int, p: int, g: torch.Generator, jitter: float = 0.125
 ) -> Samples:
     """SSL pairs (m, n) with n about one patch size (p·(1±jitter)) from m at one of 12
     angles; no patch is ever clipped, so every label is correct by construction.
 
-    m is drawn uniformly from the box where the pair fits *at every angle*, independently
-    of the label: m's position carries no information about the angle (drawing m only where
-    its own angle fits made the label predictable from m's position, ~2x chance). On images
-    smaller than p + 2·p·(1+jitter) the distance shrinks to fit that box (never below p/2).
-    n's position is m's plus the offset, so it cannot also be independent of the label
-    inside a bounded image."""
-    d_hi = min(p * (1 + jitter), (min(h, w) - p) / 2)
-    _check(h, w, p, 2 * p)
-    d_lo = min(p * (1 - jitter), d_hi)
+    m is uniform over the corners where the pair fits at its own offset, n = m + offset:
+    the two positions are then equally (un)informative (n's distribution for angle c is m's
+    for angle c + 6), and among the samplers tried (m uniform where every angle fits, the
+    pair's midpoint uniform there, softened boxes) this one tells the angle least from
+    either position (:func:`angle_leak`). Raises ValueError where that is above
+    :data:`LEAK_LIMIT` (:func:`ssl_skip_reason`): the trainer then skips the SSL term."""
+    why = ssl_skip_reason(h, w, p, jitter)
+    if why:
+        raise ValueError(why)
     n = img.numel()
     labels = torch.randint(0, N_ANGLES, (n,), generator=g)
-    off = angle_offsets(labels, d_lo, d_hi, g)
-    r = int(math.ceil(d_hi))  # every rounded offset of every angle is within ±r
-    m = _corners(n, h, w, p, g, margin=r)
+    off = angle_offsets(labels, p * (1 - jitter), p * (1 + jitter), g)
+    lo, hi = _own_box(off, h, w, p)
+    m = torch.stack([_uniform(n, lo[:, k], hi[:, k], g) for k in (0, 1)], 1)
     return Samples(img, (m, m + off), labels)
+
+
+def without_leaky_ssl(cfg: MSPrayConfig, scale: int) -> TrainConfig:
+    """``cfg.train``, less the SSL term where ``scale``'s angle pairs cannot be label-free
+    on the configured image size (:func:`ssl_skip_reason`, logged)."""
+    t = cfg.train
+    size = cfg.model.image_size
+    why = ssl_skip_reason(size, size, scale) if "ssl" in t.losses else None
+    if why is None:
+        return t
+    log.warning("scale %d: SSL term skipped: %s", scale, why)
+    return t.model_copy(update={"losses": tuple(x for x in t.losses if x != "ssl")})
 
 
 def sample_patches(img: torch.Tensor, h: int, w: int, p: int, g: torch.Generator) -> Samples:

@@ -6,16 +6,19 @@ import math
 from typing import Any
 
 from mspray.config import MSPrayConfig
+from mspray.train.sampling import ssl_skip_reason
 
 
 def run_summary(
     history: list[dict[str, float]],
     cfg: MSPrayConfig,
     candidates: list[dict[str, float]] | None = None,
+    scale: int | None = None,
 ) -> dict[str, Any]:
     """Where a scale's training stopped and why, its per-epoch history and the selection
     table (``candidates``: one row per epoch, 0 included), for ``meta.json`` (non-finite
-    numbers become None so the file is strict JSON)."""
+    numbers become None so the file is strict JSON); with ``scale``, why its SSL term was
+    skipped (``ssl_skipped``, None when it ran or was not asked for)."""
 
     def clean(v: float) -> float | None:
         return float(v) if math.isfinite(v) else None
@@ -31,6 +34,9 @@ def run_summary(
         "selected_epoch": int(last.get("best_epoch", 0)),
         "candidates": [{k: clean(v) for k, v in c.items()} for c in candidates or []],
         "history": [{k: clean(v) for k, v in h.items()} for h in history],
+        "ssl_skipped": None
+        if scale is None or "ssl" not in cfg.train.losses
+        else ssl_skip_reason(cfg.model.image_size, cfg.model.image_size, scale),
     }
 
 
