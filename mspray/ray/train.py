@@ -1,441 +1,390 @@
-"""Per-scale training loop in plain torch (the Ray Train adapter runs this same loop).
+"""Ray Train adapter: each scale's encoder trained data-parallel (DDP) by the core loop.
 
-One step embeds every patch the four losses need in a single forward pass, then computes
-L = λ(L_SVDD + L_Cos) + L_SSL + L_Kmeans. Sampling is seeded by (seed, rank, epoch), so a
-resumed run draws the same patches it would have drawn, and nothing depends on wall-clock
-time: the same seed, config, device kind and torch thread count give bit-identical weights
-(a budget, if any, is ``max_steps``; on CUDA the kernels are made deterministic, see
-:func:`deterministic_cuda`). Another thread count or device kind rounds differently.
+This is a thin layer over :class:`mspray.train.loop.ScaleTrainer`; it adds only what Ray
+gives: worker processes (gloo on CPU; ``cpu:gloo,cuda:nccl`` with GPUs, so host-side
+collectives stay valid), per-rank sharding of the image list,
+per-epoch checkpoints through ``ray.train.report``, and restarts after worker failures.
 
-Model selection (``train.selection``). ``synthetic`` (the default): every candidate epoch,
-epoch 0 (the encoders as they start) included, is ranked by how well it detects synthetic
-anomalies pasted into the held-out normal images, image and pixel AUROC
-(:mod:`mspray.train.selection`); training therefore never hands back encoders that detect
-worse than the untrained ones on that signal. ``loss``: the lowest validation score, a
-scale-free version of eq. 5 on a fixed draw (:meth:`ScaleTrainer.validate`; it cannot rank
-epochs when SSL stays at chance, and it never considers epoch 0). ``last``: the last epoch.
-Without held-out images the last epoch is kept.
+- Every worker loads ``uris[rank::world_size]``; the core seeds sampling by (seed, scale,
+  epoch, rank) and uses a per-rank batch of ``batch_size // world_size``, so the global
+  batch is the configured one.
+- K-means centers come from ``fit_centers(..., TorchDistComm(device))``: k-means++ on rank 0
+  over an all-gathered sample, broadcast, then Lloyd sums/counts all-reduced; every worker
+  ends with the same centers.
+- Rank 0 writes the trainer state (model, optimizer, centers, epoch, best model, history,
+  torch RNG) with ``torch.save`` after every epoch and waits until Ray Train has committed
+  it; a restarted worker group, or a rerun with the same run name and storage, continues
+  from the latest one. The state holds only
+  tensors and plain Python values, so it loads with ``torch.load(weights_only=True)``.
+- ``epoch_hook``: a picklable callable every worker calls after finishing an epoch and
+  before its checkpoint is reported, ``hook(epoch=, rank=, world_size=)``. The tests'
+  fault injection (``tests/ray/fault_hooks.py``) goes through it; production passes none.
 """
 
 from __future__ import annotations
 
-import copy
+import json
 import logging
-import math
+import os
+import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
+import mspray.storage as store
 from mspray.config import MSPrayConfig
-from mspray.device import resolve_device
-from mspray.model.multiscale import ScaleModel, build_scale_model, normalize
-from mspray.train import losses, sampling
-from mspray.train.determinism import deterministic_cuda
-from mspray.train.kmeans import Comm, LocalComm, fit_centers, reduce_sum
-from mspray.train.selection import SelectionSet, detection_metrics, scale_maps
-from mspray.train.summary import log_line, run_summary
-from mspray.train.validation import loss_validation
+from mspray.model.multiscale import (
+    ScaleModel,
+    build_scale_model,
+    stem_scale,
+    stem_state,
+    training_order,
+)
+from mspray.ray.runtime import init_ray
+from mspray.train.loop import ScaleTrainer, run_summary
 
 log = logging.getLogger(__name__)
 
+STATE_FILE = "trainer_state.pt"
+RUN_FILE = "mspray_run.json"
 
-class ScaleTrainer:
-    """Trains one scale's :class:`ScaleModel`.
+# Fields that may change between a run and its resumption: they do not change what the
+# saved state means (more epochs continue training; worker count only changes the draws).
+_RESUMABLE_CHANGES = {
+    "train.epochs",
+    "train.workers",
+    "train.use_gpu",
+    "train.device",
+    "train.storage",
+    "train.max_failures",
+    "train.parallel_scales",
+    # A step budget only says where to stop: raising it continues the same run.
+    "train.max_steps",
+}
 
-    ``model`` may be wrapped (DDP); ``comm`` provides the collectives for K-means centers,
-    step counts and validation loss. With the defaults it is single-process training.
+
+def torch_backend(use_gpu: bool) -> str:
+    """``torch.distributed`` backend for Ray Train workers.
+
+    With GPUs, NCCL serves CUDA tensors (DDP gradients) and gloo any CPU tensor handed to a
+    collective, so no collective can fail for being on the host; ``TorchDistComm`` still
+    puts its tensors on the group's device (:func:`mspray.train.kmeans.collective_device`).
+    """
+    return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
+
+
+def default_storage_for(bundle_uri: str) -> str:
+    """Checkpoint storage next to a bundle: ``<bundle>.ray_runs`` (local or s3://)."""
+    return store.normalize(bundle_uri).rstrip("/") + ".ray_runs"
+
+
+def new_run_name() -> str:
+    return f"mspray-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def _abs_uri(uri: str) -> str:
+    # Ray Train workers chdir into the run folder, so relative paths would break there.
+    return store.normalize(uri)
+
+
+def _config_fingerprint(cfg: MSPrayConfig) -> dict[str, Any]:
+    data = json.loads(cfg.to_json())
+    for key in _RESUMABLE_CHANGES:
+        section, _, name = key.partition(".")
+        data[section].pop(name, None)
+    return {"model": data["model"], "train": data["train"]}
+
+
+# ---------------------------------------------------------------------------- worker side
+def _checkpoint_state(tr: ScaleTrainer) -> dict[str, Any]:
+    state = tr.state_dict()
+    state["torch_rng"] = torch.get_rng_state()
+    return state
+
+
+def load_state(checkpoint: Any) -> dict[str, Any]:
+    """The trainer state stored in a Ray ``Checkpoint`` (local or remote storage)."""
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train per-worker function: train one scale with the core loop under DDP."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from mspray.data.images import load_images
+    from mspray.train.kmeans import LocalComm, TorchDistComm
+
+    cfg = MSPrayConfig.from_dict(config["cfg"])
+    scale = int(config["scale"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # One intra-op thread per reserved CPU: workers sharing a node must not oversubscribe it.
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+
+    # through the object store: ImageNet weights, and the shared stem trained by its scale
+    vgg_state, stem = (
+        None if config.get(k) is None else ray.get(config[k]) for k in ("vgg_ref", "stem_ref")
+    )
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(build_scale_model(cfg, scale, vgg_state, stem))
+    ddp = dist.is_available() and dist.is_initialized()
+    comm = TorchDistComm(device) if ddp else LocalComm()
+    tr = ScaleTrainer(cfg, scale, model, device, comm)
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        state = load_state(ckpt)
+        tr.load_state_dict(state)
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
+        if rank == 0:
+            log.info("scale %d: resuming after epoch %d", scale, tr.epoch)
+    start_epoch = tr.epoch
+
+    train_uris = config["train_uris"][rank::world]
+    val_uris = config["val_uris"][rank::world]
+    size = cfg.model.image_size
+    train = load_images(train_uris, size, progress=False)
+    val = load_images(val_uris, size, progress=False) if config["val_uris"] else None
+
+    def on_epoch_end(t: ScaleTrainer, metrics: dict[str, float]) -> None:
+        # ``metrics`` is also the history entry: recording the attempt's first epoch there
+        # shows in the final state which epochs were redone after a restart.
+        metrics["start_epoch"] = start_epoch
+        hook = config.get("epoch_hook")
+        if hook is not None:
+            hook(epoch=t.epoch, rank=rank, world_size=world)
+        report = {**metrics, "scale": scale, "world_size": world}
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:  # DDP keeps every rank's state identical: one writer is enough
+                torch.save(_checkpoint_state(t), os.path.join(d, STATE_FILE))
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            # Every rank calls report (it is a barrier); the upload is synchronous, so the
+            # temporary folder may go away afterwards.
+            ray.train.report(report, checkpoint=checkpoint)
+        if rank == 0:
+            # report() returns once the files are uploaded, but the controller registers
+            # the checkpoint (and writes the run snapshot a rerun resumes from) only at its
+            # next poll, up to ~2 s later: wait for that, or a crash right now would lose
+            # this epoch even though its files are in storage.
+            ray.train.get_all_reported_checkpoints(
+                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
+            )
+
+    # Synthetic-anomaly selection runs on rank 0 over all held-out images (the others wait
+    # in its collective): an AUROC cannot be summed over shards.
+    select = None
+    if rank == 0 and config["val_uris"]:
+        select = load_images(config["val_uris"], size, progress=False)
+    tr.fit(
+        train,
+        val,
+        on_epoch_end=on_epoch_end,
+        progress=bool(config.get("progress")),
+        select_images=select,
+    )
+
+
+# ---------------------------------------------------------------------------- driver side
+@dataclass
+class RayScaleTrainer:
+    """Trains every scale with Ray Train (the train step of
+    :class:`mspray.ray.executor.RayExecutor`).
+
+    Settings left ``None`` come from ``cfg.train`` at call time. ``results`` holds each
+    scale's Ray ``Result`` after a call (metrics, checkpoint paths).
     """
 
-    def __init__(
+    address: str | None = None
+    run_name: str | None = None
+    storage: str | None = None
+    workers: int | None = None
+    use_gpu: bool | None = None
+    max_failures: int | None = None
+    parallel_scales: bool | None = None
+    cpus_per_worker: float = 1.0
+    keep_checkpoints: int | None = 2
+    #: Progress bars (epochs, steps) from rank 0 only, forwarded by Ray to the driver's log.
+    progress: bool = True
+    #: Called on every worker after each epoch, before its checkpoint (see module docstring).
+    epoch_hook: Callable[..., None] | None = None
+    results: dict[int, Any] = field(default_factory=dict)
+
+    def __call__(
+        self,
+        cfg: MSPrayConfig,
+        train_uris: Sequence[str],
+        val_uris: Sequence[str],
+        vgg_state: dict | None = None,
+    ) -> dict[int, ScaleModel]:
+        """Every scale's trained model from the trunk weights ``vgg_state`` (None: random
+        init), loaded once by the pipeline's split step."""
+        import ray
+
+        t = cfg.train
+        workers = max(1, self.workers if self.workers is not None else t.workers)
+        if len(train_uris) < workers:
+            log.warning(
+                "%d training images for %d workers: using %d workers",
+                len(train_uris),
+                workers,
+                len(train_uris),
+            )
+            workers = max(1, len(train_uris))
+        parallel = t.parallel_scales if self.parallel_scales is None else self.parallel_scales
+        n_parallel = len(cfg.model.scales) if parallel else 1
+        init_ray(self.address, min_cpus=n_parallel * (workers + 1) + 1)
+        if self.run_name is None:
+            self.run_name = new_run_name()
+            log.info("Ray Train run name %s (pass it again to resume this run)", self.run_name)
+        root = self.storage or t.storage
+        root = _abs_uri(root) if root else os.path.expanduser("~/ray_results")
+
+        # Through the object store: workers on other nodes may not have the weights file.
+        vgg_ref = ray.put(vgg_state) if vgg_state is not None else None
+        train_uris = [_abs_uri(u) for u in train_uris]
+        val_uris = [_abs_uri(u) for u in val_uris]
+
+        if t.epochs == 0:  # nothing to train: the initial encoders, as the core does
+            return {s: build_scale_model(cfg, s, vgg_state) for s in cfg.model.scales}
+
+        models: dict[int, ScaleModel] = {}
+        stem_ref = None
+        first = stem_scale(cfg)
+        if first is not None:  # the shared stem trains with its scale, before the others
+            models[first] = self._train_scale(
+                cfg, first, train_uris, val_uris, workers, root, vgg_ref, None
+            )
+            stem_ref = ray.put(stem_state(models[first]))
+
+        def one(scale: int) -> tuple[int, ScaleModel]:
+            return scale, self._train_scale(
+                cfg, scale, train_uris, val_uris, workers, root, vgg_ref, stem_ref
+            )
+
+        rest = [s for s in training_order(cfg) if s not in models]
+        if n_parallel > 1 and len(rest) > 1:
+            with ThreadPoolExecutor(max_workers=len(rest)) as pool:
+                models.update(pool.map(one, rest))
+        else:
+            models.update(one(s) for s in rest)
+        return models
+
+    def run_dir(self, root: str, scale: int) -> str:
+        return store.join(root, f"{self.run_name}-s{scale}")
+
+    def _check_run(self, cfg: MSPrayConfig, run_dir: str) -> None:
+        """Refuse to resume a run saved with an incompatible config; record it otherwise."""
+        path = store.join(run_dir, RUN_FILE)
+        mine = _config_fingerprint(cfg)
+        if store.exists(path):
+            saved = json.loads(store.read_text(path))
+            if saved != mine:
+                raise ValueError(
+                    f"run {run_dir} was started with a different model/training config; "
+                    "use another run name (only epochs, workers, device and storage may "
+                    "change on resume)"
+                )
+        else:
+            store.makedirs(run_dir)
+            store.write_text(path, json.dumps(mine, indent=2, sort_keys=True))
+
+    def _train_scale(
         self,
         cfg: MSPrayConfig,
         scale: int,
-        model: nn.Module,
-        device: torch.device | str = "cpu",
-        comm: Comm | None = None,
-    ):
-        self.cfg = cfg
-        self.t = sampling.without_leaky_ssl(cfg, scale)  # no SSL term where its pairs leak
-        self.scale = scale
-        self.model = model
-        self.device = torch.device(device)
-        self.comm = comm or LocalComm()
-        self.core: ScaleModel = getattr(model, "module", model)
-        if self.device.type == "cuda":
-            deterministic_cuda()
-        # Every trainable parameter, the angle head's last layer included, is optimised
-        # (a shared stem is frozen).
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(trainable, lr=self.t.lr)
-        self.centers: torch.Tensor | None = None
-        self.epoch = 0  # epochs completed
-        self.steps = 0  # optimiser steps completed (equal on every rank)
-        self.best_val = math.inf  # lowest selection criterion so far (lower is better)
-        self.best_epoch = 0
-        self.best_state: dict[str, torch.Tensor] | None = None
-        self.history: list[dict[str, float]] = []
-        #: selection table: one row per candidate epoch (epoch 0 included) with its
-        #: synthetic-anomaly image / pixel AUROC and score
-        self.candidates: list[dict[str, float]] = []
-        self._aug: torch.Generator | None = None  # SSL augmentation draws of this epoch
+        train_uris: list[str],
+        val_uris: list[str],
+        workers: int,
+        root: str,
+        vgg_ref: Any,
+        stem_ref: Any,
+    ) -> ScaleModel:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
 
-    # ------------------------------------------------------------------ sampling
-    def _generator(self, epoch: int, salt: int) -> torch.Generator:
-        return torch.Generator().manual_seed(
-            (
-                self.t.seed * 1_000_003
-                + self.scale * 7919
-                + epoch * 104_729
-                + self.comm.rank * 31
-                + salt
-            )
-            % (2**63)
-        )
-
-    def _draw(
-        self, n_images: int, n: int, h: int, w: int, g: torch.Generator
-    ) -> dict[str, sampling.Samples]:
-        """Positions for one epoch, keyed by sample kind. As in the paper (sec. 3.3), SVDD
-        and Cos share one selection: the pair (i, j) of each triplet is the SVDD pair, so
-        those two losses cost three patches per sample, not five."""
-        p, want = self.scale, set(self.t.losses)
-        kinds = {}
-        if "cos" in want:
-            kinds["near"] = sampling.sample_triplets
-        elif "svdd" in want:
-            kinds["near"] = sampling.sample_svdd
-        if "ssl" in want:
-            kinds["ssl"] = sampling.sample_angles
-        if "kmeans" in want:
-            kinds["kmeans"] = sampling.sample_patches
-        return {
-            name: fn(sampling.balanced_images(n_images, n, g), h, w, p, g)
-            for name, fn in kinds.items()
-        }
-
-    def _steps(self, n_local_images: int, local_batch: int) -> int:
-        """Steps per epoch, equal on every worker: global samples / global batch."""
-        total = reduce_sum(self.comm, torch.tensor([float(n_local_images)]))
-        return max(
-            1,
-            math.ceil(
-                float(total.item())
-                * self.t.samples_per_image
-                / (local_batch * self.comm.world_size)
+        t = cfg.train
+        use_gpu = t.use_gpu if self.use_gpu is None else self.use_gpu
+        max_failures = t.max_failures if self.max_failures is None else self.max_failures
+        run_dir = self.run_dir(root, scale)
+        self._check_run(cfg, run_dir)
+        name = f"{self.run_name}-s{scale}"
+        if store.is_local(root):
+            location: dict[str, Any] = {"storage_path": root}
+        else:
+            fs, path = store.filesystem(root)
+            location = {"storage_path": path, "storage_filesystem": fs}
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={
+                "cfg": cfg.to_dict(),
+                "scale": scale,
+                "train_uris": train_uris,
+                "val_uris": val_uris,
+                "vgg_ref": vgg_ref,
+                "stem_ref": stem_ref,
+                "epoch_hook": self.epoch_hook,
+                "threads": self.cpus_per_worker,
+                "progress": self.progress,
+            },
+            torch_config=TorchConfig(backend=torch_backend(use_gpu)),
+            scaling_config=ScalingConfig(
+                num_workers=workers,
+                use_gpu=use_gpu,
+                resources_per_worker={"CPU": self.cpus_per_worker},
+            ),
+            run_config=RunConfig(
+                name=name,
+                **location,
+                failure_config=FailureConfig(max_failures=max_failures),
+                # The latest checkpoints are kept (a restart loads the last one); each
+                # carries the selected weights so far, which the driver uses.
+                checkpoint_config=CheckpointConfig(num_to_keep=self.keep_checkpoints),
             ),
         )
-
-    # ------------------------------------------------------------------ one step
-    def _losses(
-        self, images: torch.Tensor, s: dict[str, sampling.Samples], model: nn.Module
-    ) -> dict[str, torch.Tensor]:
-        p = self.scale
-        chunks, spans, start = [], {}, 0
-        for name, smp in s.items():
-            k = len(smp.pos)
-            for pos in smp.pos:
-                crop = sampling.crop(images, smp.img, pos, p)
-                if name == "ssl" and self.t.ssl_augment and self._aug is not None:
-                    crop = sampling.jitter_colour(crop, self._aug)
-                chunks.append(crop)
-            spans[name] = (start, len(smp), k)
-            start += len(smp) * k
-        patches = torch.cat(chunks)
-        ssl_a = ssl_b = None
-        if "ssl" in spans:
-            o, n, _ = spans["ssl"]
-            ssl_a = torch.arange(o, o + n, device=patches.device)
-            ssl_b = ssl_a + n
-        emb, logits = model(patches, ssl_a, ssl_b)
-
-        def part(name: str, i: int) -> torch.Tensor:
-            o, n, _ = spans[name]
-            return emb[o + i * n : o + (i + 1) * n]
-
-        out: dict[str, torch.Tensor] = {}
-        # Monitoring only (no gradient): angle accuracy and the embeddings' RMS distance to
-        # their mean, which falls towards 0 when the encoder collapses.
-        with torch.no_grad():
-            out["spread"] = losses.spread(emb.detach())
-            if logits is not None:
-                out["ssl_acc"] = (logits.argmax(1) == s["ssl"].labels.to(emb.device)).float().mean()
-        if "svdd" in self.t.losses:
-            out["svdd"] = losses.svdd_loss(part("near", 0), part("near", 1))
-        if "cos" in self.t.losses:
-            out["cos"] = losses.cos_loss(part("near", 0), part("near", 1), part("near", 2))
-        if "ssl" in spans:
-            out["ssl"] = losses.ssl_loss(logits, s["ssl"].labels.to(emb.device))
-        if "kmeans" in spans and self.centers is not None:  # None during the warm-up
-            out["kmeans"] = losses.kmeans_loss(
-                part("kmeans", 0), self.centers, self.t.kmeans_relative
-            )
-        return out
-
-    def train_step(
-        self, images: torch.Tensor, batch: dict[str, sampling.Samples]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One optimiser step on this rank's ``batch`` (gradients averaged by DDP if wrapped).
-
-        Returns the loss and its terms, plus ``spread`` and ``ssl_acc`` (monitoring)."""
-        terms = self._losses(images, batch, self.model)
-        loss = losses.total_loss(terms, self.t.lam)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.steps += 1
-        return loss, terms
-
-    # ------------------------------------------------------------------ epochs
-    def train_epoch(
-        self, images: torch.Tensor, epoch: int, progress: bool = True
-    ) -> dict[str, float]:
-        """One epoch over ``images`` (normalised, on device). Returns mean loss terms.
-
-        With ``train.max_steps`` the epoch ends once that many optimiser steps have been
-        taken in the whole run (``out["stopped_at_max_steps"]`` is then 1); the step count
-        is the same on every rank, so all ranks stop together.
-        """
-        self.model.train()
-        local_batch = max(1, self.t.batch_size // self.comm.world_size)
-        steps = self._steps(images.shape[0], local_batch)
-        g = self._generator(epoch, 1)
-        h, w = images.shape[-2:]
-        # The whole epoch's draw is made even when max_steps cuts it short, so the samples of
-        # every step do not depend on the budget.
-        s = self._draw(images.shape[0], steps * local_batch, h, w, g)
-        self._aug = self._generator(epoch, 3)
-        left = self.t.max_steps - self.steps if self.t.max_steps else steps
-        sums: dict[str, float] = {}
         t0 = time.perf_counter()
-        bar = tqdm(
-            range(min(steps, max(0, left))),
-            desc=f"scale {self.scale} epoch {epoch + 1}",
-            leave=False,
-            disable=not progress or self.comm.rank != 0,
+        result = trainer.fit()  # raises TrainingFailedError once max_failures is spent
+        self.results[scale] = result
+        if result.checkpoint is None:
+            raise RuntimeError(f"scale {scale}: the Ray Train run reported no checkpoint")
+        state = load_state(result.checkpoint)
+        model = build_scale_model(cfg, scale, None)
+        model.load_state_dict(state["best_state"] or state["model"])
+        model.train_summary = run_summary(state["history"], cfg, state.get("candidates"), scale)
+        last = state["history"][-1] if state["history"] else {}
+        log.info(
+            "scale %d: %d epochs on %d workers in %.0f s; loss %.4f, epoch %d selected",
+            scale,
+            state["epoch"],
+            workers,
+            time.perf_counter() - t0,
+            last.get("loss", float("nan")),
+            state.get("best_epoch", 0),
         )
-        done = 0
-        for step in bar:
-            idx = torch.arange(step * local_batch, (step + 1) * local_batch)
-            loss, terms = self.train_step(images, {k: v.take(idx) for k, v in s.items()})
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            done = step + 1
-            bar.set_postfix(loss=f"{sums['loss'] / done:.4f}")
-        bar.close()
-        dt = time.perf_counter() - t0
-        out = {k: v / max(1, done) for k, v in sums.items()}
-        out["steps"] = float(self.steps)
-        out["stopped_at_max_steps"] = float(done < steps)
-        # A "sample" is one draw for every loss (a triplet, an angle pair and a K-means patch).
-        out["samples_per_s"] = done * local_batch * self.comm.world_size / max(dt, 1e-9)
-        patches = sum(len(v.pos) for v in s.values())
-        out["patches_per_s"] = out["samples_per_s"] * patches
-        return out
-
-    def validate(self, images: torch.Tensor) -> dict[str, float]:
-        """Validation loss terms and ``val_score`` on held-out normal images (see
-        :func:`mspray.train.validation.loss_validation`). Collective."""
-        return loss_validation(self, images)
-
-    @torch.no_grad()
-    def update_centers(self, images: torch.Tensor, epoch: int) -> None:
-        """Recompute K-means centers from embeddings of all workers' images."""
-        self.core.eval()
-        g = self._generator(epoch, 2)
-        h, w = images.shape[-2:]
-        n = images.shape[0] * self.t.samples_per_image
-        s = sampling.sample_patches(
-            sampling.balanced_images(images.shape[0], n, g), h, w, self.scale, g
-        )
-        embs = []
-        for i in range(0, n, 512):
-            idx = torch.arange(i, min(n, i + 512))
-            patches = sampling.crop(images, s.img[idx], s.pos[0][idx], self.scale)
-            embs.append(self.core.encoder.embed_patches(patches).float())
-        x = torch.cat(embs) if embs else torch.zeros(0, self.core.encoder.embed_dim)
-        self.centers = fit_centers(
-            x, self.t.n_centers, self.t.kmeans_iters, self.comm, seed=self.t.seed + epoch
-        )
-
-    def fit(
-        self,
-        train_images: torch.Tensor,
-        val_images: torch.Tensor | None = None,
-        on_epoch_end: Callable[[ScaleTrainer, dict[str, float]], None] | None = None,
-        progress: bool = True,
-        select_images: torch.Tensor | None = None,
-    ) -> list[dict[str, float]]:
-        """Train from ``self.epoch`` to ``cfg.train.epochs``; images in [0, 1] (``B×3×H×W``).
-
-        ``on_epoch_end`` is called after every epoch (checkpointing, reporting). The model
-        keeps the *last* weights, which pair with the optimizer state for resuming; the
-        selected ones are ``self.best_state`` (see :meth:`best_model_state`).
-        ``select_images``: held-out normal images for synthetic-anomaly selection on this
-        rank (default ``val_images``; under DDP give them to rank 0 only, the others wait).
-        """
-        train = normalize(train_images.to(self.device))
-        val = normalize(val_images.to(self.device)) if val_images is not None else None
-        use_val = val is not None and self._global_count(val.shape[0]) > 0
-        mode = self.t.selection if use_val else "last"
-        if not use_val and self.comm.rank == 0:
-            log.warning("scale %d: no held-out images; keeping the last epoch's model", self.scale)
-        sel = None
-        if mode == "synthetic":
-            imgs = val_images if select_images is None else select_images
-            if (
-                imgs is not None
-                and imgs.shape[0]
-                and (self.comm.world_size == 1 or self.comm.rank == 0)
-            ):
-                sel = SelectionSet.build(train_images, imgs, self.t.seed + 31 * self.scale)
-            if self.epoch == 0 and not self.candidates and self.t.epochs > 0:
-                self._consider(self._detect(sel), mode)  # epoch 0: the untrained encoder
-        epochs = range(self.epoch, self.t.epochs)
-        bar = tqdm(
-            epochs,
-            desc=f"train scale {self.scale}",
-            disable=not progress or self.comm.rank != 0,
-            initial=self.epoch,
-            total=self.t.epochs,
-        )
-        for epoch in bar:
-            if self.t.max_steps and self.steps >= self.t.max_steps:
-                break
-            t0 = time.perf_counter()
-            if (
-                "kmeans" in self.t.losses
-                and epoch >= self.t.kmeans_warmup
-                and (
-                    self.centers is None
-                    or (epoch - self.t.kmeans_warmup) % self.t.center_update_every == 0
-                )
-            ):
-                self.update_centers(train, epoch)
-            metrics = self.train_epoch(train, epoch, progress=progress)
-            if use_val:
-                metrics.update(self.validate(val))
-            if mode == "synthetic":
-                metrics.update({f"sel_{k}": v for k, v in self._detect(sel).items()})
-            metrics["epoch"] = epoch + 1
-            metrics["seconds"] = time.perf_counter() - t0
-            self.epoch = epoch + 1
-            self._consider(metrics, mode)
-            metrics["best_val_score"] = self.best_val
-            metrics["best_epoch"] = self.best_epoch
-            self.history.append(metrics)
-            if self.comm.rank == 0:
-                log.info("scale %d epoch %d: %s", self.scale, self.epoch, log_line(metrics))
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", best=self.best_epoch)
-            if on_epoch_end is not None:
-                on_epoch_end(self, metrics)
-            if metrics["stopped_at_max_steps"]:
-                if self.comm.rank == 0:
-                    log.info("scale %d: max_steps reached in epoch %d", self.scale, epoch + 1)
-                break
-        if mode == "synthetic" and self.comm.rank == 0:
-            table = "; ".join(
-                f"{c['epoch']:.0f}: image {c['image_auroc']:.3f} pixel {c['pixel_auroc']:.3f}"
-                for c in self.candidates
-            )
-            log.info("scale %d: epoch %d selected (%s)", self.scale, self.best_epoch, table)
-        return self.history
-
-    def _consider(self, m: dict[str, float], mode: str) -> None:
-        """Keep the current weights if they beat the best so far (ties keep the earlier)."""
-        if mode == "synthetic":
-            row = {k.removeprefix("sel_"): v for k, v in m.items() if k.startswith("sel_")}
-            row = row or m
-            self.candidates.append({"epoch": float(self.epoch), **row})
-            crit = -row["score"] if math.isfinite(row["score"]) else math.inf
-        elif mode == "loss":
-            crit = m.get("val_score", math.nan)
-            crit = crit if math.isfinite(crit) else math.inf
-        else:
-            crit = -float(self.epoch)
-        if crit < self.best_val or self.best_state is None:
-            self.best_val = crit
-            self.best_epoch = self.epoch
-            self.best_state = _cpu_copy(self.core.state_dict())
-
-    def _detect(self, sel: SelectionSet | None) -> dict[str, float]:
-        """Synthetic-anomaly detection metrics of the current encoder, computed where
-        ``sel`` is (rank 0) and summed to every rank. Collective."""
-        v = torch.zeros(4, dtype=torch.float64)
-        if sel is not None:
-            scales = self.cfg.model.scales
-            stride = self.cfg.stride_for(self.scale) if self.scale in scales else None
-            stride = stride or self.core.encoder.stride
-            maps = scale_maps(self.core.encoder, sel, stride, self.device)
-            m = detection_metrics(maps, sel, self.cfg)
-            v = torch.tensor(
-                [1.0, m["image_auroc"], m["pixel_auroc"], m["score"]], dtype=torch.float64
-            )
-        v = reduce_sum(self.comm, v)
-        if v[0] < 1:
-            return {"image_auroc": math.nan, "pixel_auroc": math.nan, "score": math.nan}
-        v = v / v[0]
-        return {"image_auroc": float(v[1]), "pixel_auroc": float(v[2]), "score": float(v[3])}
-
-    def best_model_state(self) -> dict[str, torch.Tensor]:
-        """Weights of the selected epoch (the current ones if no epoch has run)."""
-        return self.best_state if self.best_state is not None else _cpu_copy(self.core.state_dict())
-
-    def _global_count(self, n: int) -> int:
-        return int(reduce_sum(self.comm, torch.tensor([float(n)])).item())
-
-    # ------------------------------------------------------------------ checkpoint state
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": _cpu_copy(self.core.state_dict()),
-            "optimizer": self.optimizer.state_dict(),
-            "centers": None if self.centers is None else self.centers.cpu(),
-            "epoch": self.epoch,
-            "steps": self.steps,
-            "best_val": self.best_val,
-            "best_epoch": self.best_epoch,
-            "best_state": self.best_state,
-            "history": self.history,
-            "candidates": self.candidates,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.core.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.centers = None if state["centers"] is None else state["centers"].to(self.device)
-        self.epoch = int(state["epoch"])
-        self.steps = int(state.get("steps", 0))
-        self.best_val = float(state["best_val"])
-        self.best_epoch = int(state.get("best_epoch", 0))
-        self.best_state = state["best_state"]
-        self.history = list(state["history"])
-        self.candidates = list(state.get("candidates", []))
+        return model
 
 
-def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in copy.copy(state).items()}
+def ray_scale_trainer(
+    address: str | None = None,
+    run_name: str | None = None,
+    storage: str | None = None,
+    **kwargs: Any,
+) -> RayScaleTrainer:
+    """The Ray Train scale trainer of a :class:`mspray.ray.executor.RayExecutor`.
 
-
-def train_scale(
-    cfg: MSPrayConfig,
-    scale: int,
-    train_images: torch.Tensor,
-    val_images: torch.Tensor | None,
-    vgg_state: dict | None = None,
-    progress: bool = True,
-    stem: dict[str, torch.Tensor] | None = None,
-) -> tuple[ScaleModel, list[dict[str, float]]]:
-    """Train one scale on one process (from the shared ``stem`` when given); returns the
-    selected model (lowest validation score) and the per-epoch history."""
-    device = resolve_device(cfg.train.device)
-    model = build_scale_model(cfg, scale, vgg_state, stem).to(device)
-    trainer = ScaleTrainer(cfg, scale, model, device)
-    history = trainer.fit(train_images, val_images, progress=progress)
-    best = build_scale_model(cfg, scale, None)
-    best.load_state_dict(trainer.best_model_state())
-    best.train_summary = run_summary(history, cfg, trainer.candidates, scale)  # for meta.json
-    return best, history
+    ``address``: Ray cluster (default: ``RAY_ADDRESS`` or a local Ray started on demand).
+    ``run_name``: rerunning with the same name and ``storage`` resumes from the last
+    checkpoint (default: a new name). ``storage``: local path or s3:// for checkpoints
+    (default: ``cfg.train.storage``, else ``~/ray_results``). Other keyword arguments are
+    :class:`RayScaleTrainer` fields.
+    """
+    return RayScaleTrainer(address=address, run_name=run_name, storage=storage, **kwargs)
