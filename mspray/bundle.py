@@ -63,6 +63,8 @@ READABLE_FORMATS = (1, 2, 3)
 ENC64_HEAD_FORMAT = 3
 VERSIONS_DIR = "versions"
 POINTER = "latest"
+#: Compare-and-swap attempts at moving the pointer while other saves move it too.
+POINTER_ATTEMPTS = 20
 META = "meta.json"
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -297,22 +299,31 @@ def save_bundle(det: Detector, uri: str) -> str:
 
 
 def _move_pointer(root: str, version: str, parent: str | None) -> None:
-    """Point ``root/latest`` at ``version`` (one atomic write, after the version is
-    complete); warn when another save moved it since ``parent`` was loaded."""
+    """Point ``root/latest`` at ``version`` (after the version is complete) with a
+    compare-and-swap (:func:`mspray.storage.replace_if`), so a save that moves it at the same
+    time is never overwritten unseen; warn when another save moved it since ``parent`` was
+    loaded."""
     pointer = storage.join(root, POINTER)
-    try:
-        current = storage.read_text(pointer).strip()
-    except FileNotFoundError:
-        current = None
-    if current is not None and parent is not None and current not in (parent, version):
-        log.warning(
-            "%s named %s, not %s that this version was built from; it now names %s",
-            pointer,
-            current,
-            parent,
-            version,
-        )
-    storage.write_text(pointer, version + "\n")
+    for _ in range(POINTER_ATTEMPTS):
+        try:
+            seen: bytes | None = storage.read_bytes(pointer)
+        except FileNotFoundError:
+            seen = None
+        current = seen.decode().strip() if seen is not None else None
+        if current == version:
+            return  # moved already (a retried write whose reply was lost)
+        if storage.replace_if(pointer, (version + "\n").encode(), seen):
+            if current is not None and parent is not None and current != parent:
+                log.warning(
+                    "%s named %s, not %s that this version was built from; it now names %s",
+                    pointer,
+                    current,
+                    parent,
+                    version,
+                )
+            return
+        log.info("%s moved while %s was being saved: reading it again", pointer, version)
+    raise BundleError(f"{pointer}: kept moving, {version} saved but not pointed at")
 
 
 # ---------------------------------------------------------------------- loading

@@ -4,7 +4,10 @@ disk and on a real local S3 server (moto)."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,9 @@ import torch
 
 from mspray import storage
 from mspray.bundle import (
+    POINTER,
     BundleError,
+    _move_pointer,
     bundle_root,
     load_bundle,
     read_config,
@@ -220,3 +225,24 @@ def test_a_root_with_only_incomplete_versions_names_the_problem(trained, tmp_pat
     with pytest.raises(BundleError, match="no complete version yet"):
         load_bundle(root)
     assert load_bundle(version, with_banks=False).version == bare.version
+
+
+def test_saves_moving_latest_at_once_never_overwrite_each_other_unseen(root, caplog):
+    """Eight saves built from v0 move ``latest`` at the same moment: each move is a
+    compare-and-swap, so every move but the first replaces another save's version and says
+    so; none is overwritten unseen (as two unconditional writes after two reads of v0 do)."""
+    n = 8
+    storage.makedirs(root)
+    storage.write_text(storage.join(root, POINTER), "v0\n")
+    start = threading.Barrier(n)
+
+    def move(i: int) -> None:
+        start.wait()
+        _move_pointer(root, f"v{i + 1}", parent="v0")
+
+    with caplog.at_level(logging.WARNING, logger="mspray.bundle"), ThreadPoolExecutor(n) as pool:
+        list(pool.map(move, range(n)))
+    replaced = [r.args[1] for r in caplog.records if "was built from" in r.getMessage()]
+    final = storage.read_text(storage.join(root, POINTER)).strip()
+    # one chain v0 -> ... -> final through every version: each replaced exactly once
+    assert sorted([*replaced, final]) == sorted(f"v{i + 1}" for i in range(n)), replaced

@@ -26,6 +26,7 @@ __all__ = [
     "backend",
     "basename",
     "create_exclusive",
+    "replace_if",
     "delete",
     "exists",
     "filesystem",
@@ -162,6 +163,14 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     machine: on S3 a conditional PUT (``If-None-Match: *``); locally a hard link of a
     complete temp file. Other schemes raise OSError."""
     return backend(uri).create_exclusive(uri, data)
+
+
+def replace_if(uri: str, data: bytes, expected: bytes | None) -> bool:
+    """Compare-and-swap: write ``data`` to ``uri`` only if its content is still ``expected``
+    (None: only if there is no file); True if this call wrote it. Atomic among concurrent
+    callers on any machine: on S3 a PUT conditional on the ETag read (``If-Match``, or
+    ``If-None-Match: *``); locally a rename under a lock of the folder."""
+    return backend(uri).replace_if(uri, data, expected)
 
 
 def exists(uri: str) -> bool:

@@ -65,6 +65,11 @@ class Backend:
         """Create ``uri`` only if absent (True if this call created it), atomically."""
         raise OSError(f"{self.scheme}:// has no atomic create-if-absent: {uri}")
 
+    def replace_if(self, uri: str, data: bytes, expected: bytes | None) -> bool:
+        """Write ``uri`` only if its content is still ``expected`` (None: only if absent);
+        True if this call wrote it. Atomic among concurrent callers (compare-and-swap)."""
+        raise OSError(f"{self.scheme}:// has no conditional write: {uri}")
+
     def makedirs(self, uri: str) -> None:
         fs, path = self.locate(uri)
         fs.create_dir(path, recursive=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 
@@ -62,6 +63,25 @@ class LocalBackend(Backend):
         finally:
             os.unlink(tmp)
         return True
+
+    def replace_if(self, uri: str, data: bytes, expected: bytes | None) -> bool:
+        # compare and rename under an exclusive lock of the folder (released if the
+        # process dies), so two writers cannot both see the old content
+        path = local_path(uri)
+        folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            try:
+                with open(path, "rb") as f:
+                    current: bytes | None = f.read()
+            except FileNotFoundError:
+                current = None
+            if current != expected:
+                return False
+            self.write_bytes(uri, data)
+            return True
+        finally:
+            os.close(folder)  # and its lock
 
 
 def local_path(uri: str) -> str:

@@ -120,6 +120,33 @@ class S3Backend(Backend):
             raise OSError(f"conditional write of {uri} failed: {e}") from e
         return True
 
+    def replace_if(self, uri: str, data: bytes, expected: bytes | None) -> bool:
+        """A GET, then a PUT conditional on the ETag read (``If-Match``), or on there being
+        no object (``If-None-Match: *``)."""
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = self.locate(uri)[1].partition("/")
+        cond: dict[str, str] = {"IfNoneMatch": "*"}
+        try:
+            got = self.client().get_object(Bucket=bucket, Key=key)
+            if got["Body"].read() != expected:
+                return False
+            cond = {"IfMatch": got["ETag"]}
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+                raise OSError(f"reading {uri} failed: {e}") from e
+            if expected is not None:
+                return False
+        try:
+            self.client().put_object(Bucket=bucket, Key=key, Body=data, **cond)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code")
+            # 412: changed since read; 409: another conditional write in flight; 404: gone
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+                return False
+            raise OSError(f"conditional write of {uri} failed: {e}") from e
+        return True
+
     def makedirs(self, uri: str) -> None:
         # S3 has no folders: only check that the bucket exists (no marker objects, which
         # other tools would list as empty files)
