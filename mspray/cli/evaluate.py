@@ -7,6 +7,7 @@ import json
 
 from mspray.cli.flags import (
     add_config_flags,
+    add_device_flag,
     add_pool_args,
     add_shared_fs_flag,
     dataset_root,
@@ -30,7 +31,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--category", help="category of an mvtec/btad dataset")
     p.add_argument("--json", required=True, metavar="OUT.json", help="metrics file to write")
     p.add_argument("--maps", metavar="DIR", help="write heatmap overlay PNGs here")
-    p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (default)")
+    add_device_flag(p, "where the model runs without --ray")
     add_config_flags(
         p, "cfg", MSPrayConfig, ["score.batch_size", "score.runtime", "score.precision"]
     )

@@ -15,10 +15,12 @@ import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from mspray.config import (
+    DEVICE_HELP,
     ConfigError,
+    Device,
     MSPrayConfig,
     PoolConfig,
     ServeConfig,
@@ -26,6 +28,7 @@ from mspray.config import (
     validate,
     with_overrides,
 )
+from mspray.config_base import DEVICE_PATTERN
 from mspray.model.scales import default_strides
 from mspray.train.recipes import apply_recipe
 
@@ -64,7 +67,9 @@ def add_config_flags(
         kw: dict[str, Any] = {"dest": f"{prefix}:{key}", "default": None}
         kw["help"] = f"{info.description} [{key}; default: {shown}]"
         ann = _strip_optional(info.annotation)
-        if ann is bool:
+        if any(getattr(m, "pattern", None) == DEVICE_PATTERN for m in info.metadata):
+            kw.update(type=device_arg, metavar="DEVICE")  # the one device type, checked now
+        elif ann is bool:
             # --no-x turns a default-on setting off; --x turns a default-off one on
             kw.update(action="store_const", const=not name.startswith("--no-"))
         elif typing.get_origin(ann) is tuple:
@@ -74,6 +79,25 @@ def add_config_flags(
         else:
             kw.update(type=ann, metavar=key.rsplit(".", 1)[-1].upper())
         p.add_argument(name, **kw)
+
+
+def device_arg(text: str) -> str:
+    """argparse type of every ``--device`` flag: the config's one :data:`Device` type."""
+    try:
+        return TypeAdapter(Device).validate_python(text)
+    except ValidationError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {DEVICE_HELP}") from None
+
+
+def add_device_flag(p: argparse.ArgumentParser | Any, what: str) -> None:
+    """``--device`` of a command that is not a config field (:data:`Device`, default auto)."""
+    p.add_argument(
+        "--device",
+        default="auto",
+        type=device_arg,
+        metavar="DEVICE",
+        help=f"{what}: {DEVICE_HELP} (default: auto)",
+    )
 
 
 def flag_values(args: argparse.Namespace, prefix: str) -> dict[str, Any]:

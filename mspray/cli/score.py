@@ -13,6 +13,7 @@ from mspray.cli.flags import (
     SCORE_POOL_KEYS,
     add_bundle_flag,
     add_config_flags,
+    add_device_flag,
     add_pool_args,
     add_shared_fs_flag,
     flag_values,
@@ -277,7 +278,7 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
         help="bundle root to save the new version under (default: the root of --bundle, whose "
         "`latest` then names it; the version it came from is never modified)",
     )
-    p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
+    add_device_flag(p, "where the model runs")
     p.set_defaults(func=cmd_calibrate)
 
 
