@@ -62,7 +62,8 @@ def test_wrong_types_and_unknown_fields_in_json_name_the_field():
 
 
 def test_recipes_preset_training_and_the_cli_flag_applies_them():
-    from mspray.cli import build_parser, config_from_args
+    from mspray.cli import build_parser
+    from mspray.cli.flags import config_from_args
     from mspray.train.recipes import apply_recipe
 
     paper = apply_recipe(MSPrayConfig(), "paper")
@@ -82,7 +83,8 @@ def test_recipes_preset_training_and_the_cli_flag_applies_them():
 
 
 def test_max_steps_is_a_derived_train_flag():
-    from mspray.cli import build_parser, config_from_args
+    from mspray.cli import build_parser
+    from mspray.cli.flags import config_from_args
 
     argv = ["train", "--data", "folder:x", "--out", "b", "--max-steps", "7"]
     assert config_from_args(build_parser().parse_args(argv)).train.max_steps == 7
@@ -123,7 +125,8 @@ def test_tiny_config_is_one_definition_with_overrides():
 
 
 def test_scales_flag_takes_each_scales_default_stride_and_names_an_unknown_scale(capsys):
-    from mspray.cli import build_parser, config_from_args, main
+    from mspray.cli import build_parser, main
+    from mspray.cli.flags import config_from_args
     from mspray.model.scales import SCALES
 
     argv = ["train", "--data", "folder:x", "--out", "b", "--scales", "64,16"]

@@ -1,7 +1,7 @@
 """The package's layering holds: the core imports neither Ray nor the layers above it (the
-Ray layer, the CLI), the Ray layer does not import the CLI, no import cycle exists, only one
-module starts Ray, the model imports nothing from training, and nothing imports Ray's
-private modules.
+Ray layer, the CLI), the Ray layer does not import the CLI, the CLI reaches Ray only through
+the Ray layer, no import cycle exists, only one module starts Ray, the model imports nothing
+from training, nothing imports Ray's private modules, and no module grows past 450 lines.
 
 Walks the import statements of every module (static, so an import inside a function counts
 too) rather than importing them, so a lazy ``import ray`` deep in a core function is caught.
@@ -37,25 +37,16 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path, typing_too: bool = True) -> list[tuple[str, list[str]]]:
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
     """``(module, names)`` per import statement, relative imports resolved; ``names`` empty
-    for ``import module``. ``typing_too=False`` skips ``if TYPE_CHECKING:`` blocks."""
+    for ``import module``. Imports under ``if TYPE_CHECKING:`` count like any other: a
+    dependency only the type checker sees is still a dependency between layers."""
     tree = ast.parse(path.read_text(), str(path))
-    skipped: set[int] = set()
-    if not typing_too:
-        for node in ast.walk(tree):
-            test = node.test if isinstance(node, ast.If) else None
-            if getattr(test, "id", None) == "TYPE_CHECKING" or getattr(test, "attr", None) == (
-                "TYPE_CHECKING"
-            ):
-                skipped.update(id(n) for stmt in node.body for n in ast.walk(stmt))
     package = module_name(path).split(".")
     if path.name != "__init__.py":
         package = package[:-1]
     out: list[tuple[str, list[str]]] = []
     for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
         if isinstance(node, ast.Import):
             out.extend((a.name, []) for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -88,13 +79,13 @@ def _resolve(name: str) -> str | None:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """``module -> mspray modules it imports at run time``, lazy imports included (imports
-    only for type checkers are not run). ``from pkg import sub`` is an arrow to ``pkg.sub``
+    """``module -> mspray modules it imports``, lazy and type-checking imports included.
+    ``from pkg import sub`` is an arrow to ``pkg.sub``
     when that is a module, else to ``pkg``."""
     graph: dict[str, set[str]] = {}
     for name, path in MODULES.items():
         deps: set[str] = set()
-        for base, members in _imports(path, typing_too=False):
+        for base, members in _imports(path):
             targets = [f"{base}.{m}" for m in members] if members else [base]
             for target in targets:
                 found = _resolve(target)
@@ -227,6 +218,25 @@ def test_the_walk_sees_lazy_imports(tmp_path: Path) -> None:
     f = tmp_path / "m.py"
     f.write_text("def f():\n    import ray.data\n    from mspray.train.loop import x\n")
     assert {"ray.data", "mspray.train.loop", "mspray.train.loop.x"} <= imported_modules(f)
+
+
+@pytest.mark.parametrize("path", sorted(ENTRY_POINTS), ids=_rel)
+def test_cli_reaches_ray_only_through_the_ray_layer(path: Path) -> None:
+    bad = sorted(m for m in imported_modules(path) if m == "ray" or m.startswith("ray."))
+    assert not bad, f"{_rel(path)} imports {bad}: put that code under mspray/ray/"
+
+
+@pytest.mark.parametrize("path", sorted(PKG.rglob("*.py")), ids=_rel)
+def test_modules_stay_small(path: Path) -> None:
+    n = len(path.read_text().splitlines())
+    assert n <= 450, f"{_rel(path)} has {n} lines: split it by concept"
+
+
+def test_the_walk_sees_type_checking_imports(tmp_path: Path) -> None:
+    """The checker itself: an import only for the type checker is found too."""
+    f = tmp_path / "m.py"
+    f.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import ray\n")
+    assert "ray" in imported_modules(f)
 
 
 def test_ray_jobs_stay_thin() -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from mspray.cli import build_parser, serve_config_from_args, split_named_bundle
+from mspray.cli import build_parser
+from mspray.cli.flags import serve_config_from_args, split_named_bundle
 from mspray.config import ConfigError, ServeConfig, validate
 from mspray.ray.metrics import error_reason
 from mspray.ray.serve.app import NoModel, pick_model

@@ -15,30 +15,10 @@ from collections.abc import Callable
 
 from mspray.cli.demo import add_demo
 from mspray.cli.evaluate import add_evaluate
-from mspray.cli.flags import (
-    add_bundle_flag,
-    add_config_flags,
-    config_from_args,
-    flag_values,
-    serve_config_from_args,
-    split_named_bundle,
-)
 from mspray.cli.score import add_calibrate, add_report, add_score
 from mspray.cli.serve import add_deploy, add_export, add_serve
 from mspray.cli.train import add_build_bank, add_train
 from mspray.config import ConfigError
-
-__all__ = [
-    "COMMANDS",
-    "add_bundle_flag",
-    "add_config_flags",
-    "build_parser",
-    "config_from_args",
-    "flag_values",
-    "main",
-    "serve_config_from_args",
-    "split_named_bundle",
-]
 
 #: Every sub-command, in ``--help`` order.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
