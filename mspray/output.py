@@ -245,6 +245,58 @@ def read_run_summaries(output: str) -> list[dict]:
     return out
 
 
+#: ``--modified-since last-run`` starts this long before where the last run left off: the
+#: storage's clock and this machine's may differ, and an image seen twice is only skipped.
+LAST_RUN_MARGIN = dt.timedelta(hours=1)
+
+
+def last_run_until(output: str) -> dt.datetime | None:
+    """Where the newest *complete* run of ``output`` (no image left without a row) left
+    off: its ``modified_until``; None when there is none. An incomplete run is passed over,
+    so the images it missed are in the next run's range."""
+    try:
+        files = storage.list_files(
+            storage.join(output, RUNS_DIR), suffixes=(".json",), recursive=False
+        )
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    for f in sorted(files, key=storage.basename, reverse=True):  # newest first
+        try:
+            run = json.loads(storage.read_text(f))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(run, dict):
+            continue
+        complete = run.get("missing") == 0 and not run.get("failed_units")
+        if complete and run.get("modified_until"):
+            return parse_time(run["modified_until"])
+    return None
+
+
+def parse_time(text: str) -> dt.datetime:
+    """An ISO date or date-time as an aware UTC datetime (a date: its midnight UTC; no
+    zone: UTC)."""
+    t = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    return t.replace(tzinfo=dt.timezone.utc) if t.tzinfo is None else t
+
+
+def resolve_since(since: str | dt.datetime | None, output: str) -> dt.datetime | None:
+    """``--modified-since``: a datetime or ISO text as UTC, or ``"last-run"``: where the
+    output's last complete run left off (:func:`last_run_until`) less
+    :data:`LAST_RUN_MARGIN`, or None (everything) before the first run."""
+    if since is None or isinstance(since, dt.datetime):
+        return since if since is None or since.tzinfo else since.replace(tzinfo=dt.timezone.utc)
+    if since.strip() == "last-run":
+        until = last_run_until(output)
+        return until - LAST_RUN_MARGIN if until is not None else None
+    try:
+        return parse_time(since)
+    except ValueError:
+        raise ValueError(
+            f"--modified-since {since!r}: expected YYYY-MM-DD, an ISO date-time or last-run"
+        ) from None
+
+
 def expand_date(template: str, date: dt.date | None = None) -> str:
     """Fill ``{date}`` (YYYY-MM-DD), ``{year}``, ``{month}``, ``{day}`` in a URI template
     (a nightly job's input and output); ``date`` defaults to today in UTC. Other braces are

@@ -50,11 +50,17 @@ segment (possible on S3) are never read: they get an error row.
 output layout:
   OUTPUT/part-<hash>.parquet   rows of one work unit (--part-size images); <hash> is a
                                hash of its input paths, so a retried unit overwrites it
-  OUTPUT/_maps/<path under the input prefix>.png   heatmap panels (with --maps)
+  OUTPUT/_maps/<hh>/<path under the input prefix>.png  heatmap panels (with --maps);
+                               <hh>: 2 hex digits of a hash of the path (256 prefixes)
   OUTPUT/_runs/<time>-<id>.json                   summary of each run (counts, timing)
   OUTPUT/_lease/<generation>.json                 the lease: holder, expiry
   OUTPUT/_report.html                             the run's report page (mspray report)
   Read the rows with pandas.read_parquet(OUTPUT) or ray.data.read_parquet(OUTPUT).
+
+nightly runs over a growing archive:
+  --input-manifest takes an S3 Inventory report (or any list of paths) instead of listing
+  the prefix; --modified-since last-run scores only what changed since the last complete
+  run, and reads only the parts written since then; --dry-run shows what a run would do.
 
 templates:
   {date}, {year}, {month}, {day} in --input / --output are filled from --date (default:
@@ -98,6 +104,27 @@ def add_score(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="with --bundle NAME=URI ...: a Parquet or CSV file of path,model (paths "
         "relative to --input or absolute); exactly these images are scored",
+    )
+    p.add_argument(
+        "--input-manifest",
+        metavar="FILE",
+        help="score the images this Parquet/CSV file (or folder of them) names instead of "
+        "listing --input: an S3 Inventory report (bucket, key, last_modified_date), a 'path' "
+        "column of URIs, or a 'key' column relative to --input; a 'model' column picks the "
+        "bundle with --bundle NAME=URI",
+    )
+    p.add_argument(
+        "--modified-since",
+        metavar="DATE|last-run",
+        help="only images modified at or after this date / ISO time (S3 LastModified, the "
+        "manifest's last_modified_date), or 'last-run': since the output's last complete "
+        "run; only the parts written since then are read to skip what is scored",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan only: read the manifest (or listing) and the output, print the pending and "
+        "skipped counts and the units (and --summary-json them), score and write nothing",
     )
     p.add_argument(
         "--output",
@@ -174,7 +201,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     source, dest = expand_date(args.input, args.date), expand_date(args.output, args.date)
     bundles = list(named.values()) if named else [bundle]
     refuse_node_local(
-        args, [("--input", source), ("--output", dest), *(("--bundle", b) for b in bundles)]
+        args,
+        [
+            ("--input", source),
+            ("--output", dest),
+            *(("--bundle", b) for b in bundles),
+            *((f, m) for f, m in (("--input-manifest", args.input_manifest),) if m),
+        ],
     )
     try:
         summary = score_prefix(
@@ -183,6 +216,9 @@ def cmd_score(args: argparse.Namespace) -> int:
             dest,
             route=expand_date(args.route, args.date) if args.route else None,
             manifest=args.manifest,
+            input_manifest=args.input_manifest,
+            modified_since=args.modified_since,
+            dry_run=args.dry_run,
             pool=pool_from_args(args),
             maps=args.maps,
             part_size=args.part_size,
@@ -198,6 +234,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         return 3
     if args.summary_json:
         storage.write_text(args.summary_json, json.dumps(asdict(summary), indent=2) + "\n")
+    if args.dry_run:
+        print(summary.plan_line(), flush=True)
+        return 0
     print(summary.line(), flush=True)
     if summary.stages_line():
         print(summary.stages_line(), flush=True)

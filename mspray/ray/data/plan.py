@@ -6,14 +6,17 @@ pipeline, the actors and the run summary all take their settings from the plan i
 long argument lists. Only named fleets (``--bundle NAME=URI``) write the name into the
 ``model`` column; a single bundle leaves it null, as it always did.
 
-The plan also cuts the pending images into work units: one model per unit, units grouped
-by model (so an actor rarely switches bundles), at most ``part_size`` images each. Without
-a ``part_size`` the units are sized for the cluster (:meth:`ScoringPlan.unit_size`): enough
-of them that every actor that can run at once gets several, at most :data:`MAX_PART`.
+The plan says which images the run is about (:meth:`ScoringPlan.input_rules`: a listing
+or a manifest, a route, a ``since`` time) and how big its work units are: one model per
+unit, at most ``part_size`` images each. Without a ``part_size`` the units are sized for
+the cluster (:meth:`ScoringPlan.unit_size`): enough of them that every actor that can run
+at once gets several, at most :data:`MAX_PART`. The images themselves never come to the
+driver (:mod:`~mspray.ray.data.inputs`, :mod:`~mspray.ray.data.pending`).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,7 +25,7 @@ from typing import Any
 from mspray import storage
 from mspray.bundle import load_config, read_meta, resolve_bundle
 from mspray.config import MSPrayConfig, PoolConfig
-from mspray.ray.data.routing import read_manifest, route_paths
+from mspray.ray.data.inputs import InputRules
 
 #: Name of the model of a single-bundle run (a fleet of one).
 DEFAULT = "default"
@@ -66,6 +69,7 @@ class ScoringPlan:
     maps: bool = False
     part_size: int | None = None  # images per unit; None: sized for the cluster
     pool: PoolConfig = field(default_factory=PoolConfig)
+    since: dt.datetime | None = None  # only images modified at or after this time
 
     @classmethod
     def build(
@@ -75,14 +79,19 @@ class ScoringPlan:
         output: str,
         *,
         overrides: dict[str, Any] | None = None,
+        read_bundles: bool = True,
         **knobs: Any,
     ) -> ScoringPlan:
         """Resolve every bundle once (a pointer moving during the run changes nothing) and
-        read its config (with ``overrides``) and meta; ``knobs`` are the other fields."""
+        read its config (with ``overrides``) and meta; ``knobs`` are the other fields.
+        ``read_bundles=False`` (a dry run) only names them: default configs, no meta."""
         named = isinstance(bundle, Mapping)
         uris = dict(bundle) if named else {DEFAULT: str(bundle)}
         models = {}
         for name, uri in uris.items():
+            if not read_bundles:
+                models[name] = ModelPlan(name, uri, MSPrayConfig(), {})
+                continue
             version = resolve_bundle(uri)
             cfg = load_config(version, overrides)
             models[name] = ModelPlan(name, version, cfg, read_meta(version))
@@ -114,26 +123,28 @@ class ScoringPlan:
             return str({n: m.uri for n, m in self.models.items()})
         return self.first.uri
 
-    def assign(self, route: str | None, manifest: str | None) -> dict[str, str | None]:
-        """``path -> model name`` of every image the run is about; None (or a name that is
-        not in the fleet) gets an error row instead of a score."""
-        if not self.named:
-            if route or manifest:
-                raise ValueError("route/manifest need named bundles (--bundle NAME=URI)")
-            return dict.fromkeys(list_inputs(self.input_root, self.output), DEFAULT)
+    @property
+    def image_sizes(self) -> dict[str, int]:
+        """Model name -> its image size (a unit of any other name is never read)."""
+        return {n: m.image_size for n, m in self.models.items()}
+
+    def input_rules(self, route: str | None, manifest: str | None) -> InputRules:
+        """How input rows get their model: every image the single bundle's (or the one
+        named bundle's), by ``route``, or by a ``manifest``'s ``model`` column."""
+        one = next(iter(self.models)) if len(self.models) == 1 else None
+        rules = InputRules(self.input_root, self.output, self.since, one, None, self.named)
         if route and manifest:
             raise ValueError("give either a route or a manifest, not both")
-        if manifest:
-            return read_manifest(manifest, self.input_root)
-        paths = list_inputs(self.input_root, self.output)
         if route:
-            return route_paths(paths, route, self.input_root)
-        if len(self.models) == 1:
-            return dict.fromkeys(paths, next(iter(self.models)))
-        raise ValueError(
-            f"{len(self.models)} named bundles: say which images each scores with a route "
-            "(--route 'PREFIX/{model}/**') or a manifest (--manifest FILE)"
-        )
+            if not self.named:
+                raise ValueError("route/manifest need named bundles (--bundle NAME=URI)")
+            return InputRules(self.input_root, self.output, self.since, None, route, True)
+        if self.named and len(self.models) > 1 and not manifest:
+            raise ValueError(
+                f"{len(self.models)} named bundles: say which images each scores with a route "
+                "(--route 'PREFIX/{model}/**') or a manifest (--manifest FILE)"
+            )
+        return rules
 
     def unit_size(self, images: int, actors: int) -> int:
         """Images per unit: ``part_size`` when given, else sized so that ``images`` make
@@ -143,40 +154,10 @@ class ScoringPlan:
         per_unit = math.ceil(images / (UNITS_PER_ACTOR * max(1, actors)))
         return max(MIN_PART, min(MAX_PART, per_unit))
 
-    def units(
-        self,
-        pending: list[str],
-        assignment: dict[str, str | None],
-        redo: list[tuple[list[str], str | None]] = (),  # type: ignore[assignment]
-        size: int | None = None,
-    ) -> list[dict[str, Any]]:
-        """Work units: the ``redo`` parts as they are (same paths, so the same part name),
-        then ``pending`` grouped by model, ``size`` paths each (default ``part_size``, else
-        :data:`MAX_PART`). A unit's ``size`` is its model's image size, 0 for a unit of no
-        (known) model, which is never read."""
-        size = size or self.part_size or MAX_PART
-        groups: dict[str, list[str]] = {}
-        for p in pending:
-            groups.setdefault(assignment.get(p) or "", []).append(p)
-        chunks = [
-            *((paths, model if self.named else DEFAULT) for paths, model in redo),
-            *(
-                (group[i : i + size], name)
-                for name, group in groups.items()
-                for i in range(0, len(group), size)
-            ),
-        ]
-        return [
-            {"paths": paths, "model": name or None, "size": self._image_size(name)}
-            for paths, name in chunks
-        ]
-
-    def _image_size(self, name: str | None) -> int:
-        model = self.models.get(name or "")
-        return model.image_size if model is not None else 0
-
-
-def list_inputs(input_root: str, output: str) -> list[str]:
-    """Images under the input prefix, minus anything under ``output`` (an output folder
-    inside the input prefix must not have its heatmaps scored on the next run)."""
-    return [p for p in storage.list_files(input_root) if not storage.is_under(p, output)]
+    def redo_units(self, redo: list[tuple[list[str], str | None]]) -> list[dict[str, Any]]:
+        """Units of the parts rescored whole (same paths, so the same part name)."""
+        units = []
+        for paths, model in redo:
+            name = model if self.named else DEFAULT
+            units.append({"paths": paths, "model": name, "size": self.image_sizes.get(name, 0)})
+        return units

@@ -32,10 +32,10 @@ segments are never read (error rows). Several named bundles can score one run (`
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
@@ -43,8 +43,10 @@ from typing import Any
 from mspray.config import PoolConfig
 from mspray.detector import stage_seconds_per_image
 from mspray.lease import DEFAULT_TTL_S, Lease
-from mspray.output import error_units, read_results, write_run_summary
-from mspray.ray.data.plan import ScoringPlan, list_inputs
+from mspray.output import error_units, resolve_since, write_run_summary
+from mspray.ray.data.inputs import InputRules
+from mspray.ray.data.pending import check_rows, mark_inputs, units_dataset
+from mspray.ray.data.plan import ScoringPlan
 from mspray.ray.data.reading import decode_memory, decode_units, unsafe_key_error
 from mspray.ray.data.scorer import UnitScorer
 from mspray.ray.data.summary import ScoreSummary
@@ -65,7 +67,7 @@ log = logging.getLogger(__name__)
 DECODE_AHEAD = 2
 
 #: Part of the scoring rules, importable from here as before the split into modules.
-__all__ = ["ScoreSummary", "UnitScorer", "list_inputs", "score_prefix", "unsafe_key_error"]
+__all__ = ["ScoreSummary", "UnitScorer", "score_prefix", "unsafe_key_error"]
 
 
 def score_prefix(
@@ -75,6 +77,9 @@ def score_prefix(
     *,
     route: str | None = None,
     manifest: str | None = None,
+    input_manifest: str | None = None,
+    modified_since: str | dt.datetime | None = None,
+    dry_run: bool = False,
     pool: PoolConfig | None = None,
     maps: bool = False,
     part_size: int | None = None,
@@ -85,19 +90,27 @@ def score_prefix(
     lease_ttl: float = DEFAULT_TTL_S,
     retry_errors: bool = False,
 ) -> ScoreSummary:
-    """Score every image under ``input`` that has no row in ``output`` yet.
+    """Score every image under ``input`` (or of ``input_manifest``) that has no row in
+    ``output`` yet.
 
     Args:
         bundle: model bundle (local or s3://), or several by name (``{name: uri}``): each
-            image is then scored by the bundle ``route`` or ``manifest`` gives it, in the
+            image is then scored by the bundle ``route`` or the manifest gives it, in the
             same run, and its row has the name in ``model`` (a path with no model gets an
             error row).
         route: with named bundles, a template such as ``PREFIX/{model}/**`` (see
             :mod:`mspray.ray.data.routing`).
-        manifest: with named bundles, a Parquet/CSV file of ``path, model``: exactly
-            these images are scored (instead of listing ``input``).
-        input, output: folders / prefixes (local or s3://); see :mod:`.results` for the
-            output layout.
+        manifest: with named bundles, a manifest with a ``model`` column (as
+            ``input_manifest``).
+        input_manifest: score the images of this manifest instead of listing ``input``
+            (Parquet/CSV, a file or a folder): an S3 Inventory report, a ``path`` column,
+            or ``key`` relative to ``input`` (see :mod:`mspray.ray.data.inputs`).
+        modified_since: only images modified at or after this time (a datetime, an ISO
+            date/time, or ``"last-run"``: where the output's last complete run left off).
+        dry_run: plan only: count the inputs, the skipped and pending images and the
+            units, score nothing, write nothing.
+        input, output: folders / prefixes (local or s3://); see :mod:`mspray.output` for
+            the output layout.
         pool: actor pool (size bounds, GPUs and CPUs per actor, reader threads).
         maps: also write a heatmap PNG per good image under ``output/_maps/``.
         part_size: images per work unit = rows per Parquet part (default: sized for the
@@ -115,11 +128,25 @@ def score_prefix(
     """
     if part_size is not None and part_size < 1:
         raise ValueError(f"part_size must be >= 1, got {part_size}")
+    if manifest and input_manifest:
+        raise ValueError("give either --manifest or --input-manifest, not both")
     t0 = time.perf_counter()
+    started = dt.datetime.now(dt.timezone.utc)
     plan = ScoringPlan.build(
         bundle, input, output, overrides=overrides, maps=maps, part_size=part_size,
-        pool=pool or PoolConfig(),
+        pool=pool or PoolConfig(), since=resolve_since(modified_since, output),
+        read_bundles=not dry_run,
     )  # fmt: skip
+    if manifest and not plan.named:
+        raise ValueError("route/manifest need named bundles (--bundle NAME=URI)")
+    rules = plan.input_rules(route, manifest or input_manifest)
+    source = manifest or input_manifest
+    if dry_run:
+        init_ray(address, progress)
+        summary, _ = _plan(plan, rules, source, [], dry=True)
+        summary.seconds = time.perf_counter() - t0
+        log.info("%s", summary.plan_line())
+        return summary
     # Exclusive use of the output before anything is read from it: a second run on the
     # same output waits (up to lease_wait) or stops, instead of scoring the same images
     # into other parts.
@@ -130,9 +157,12 @@ def score_prefix(
         purpose=f"mspray score of {plan.input_root} with {plan.describe()}",
     )
     with lease:
-        summary = _score_pending(
-            plan, plan.assign(route, manifest), lease, progress, address, retry_errors
-        )
+        init_ray(address, progress)
+        redo = error_units(plan.output) if retry_errors else []
+        summary, marked = _plan(plan, rules, source, redo)
+        _score_pending(plan, marked, summary, redo, lease, progress)
+    # where the next `--modified-since last-run` starts: what this run saw of the inputs
+    summary.modified_until = str(summary.modified_until or started)
     calibration = None
     if not plan.named:
         summary.bundle = plan.first.uri
@@ -146,38 +176,28 @@ def score_prefix(
     return summary
 
 
-def _score_pending(
+def _plan(
     plan: ScoringPlan,
-    assignment: dict[str, str | None],
-    lease: Lease,
-    progress: bool,
-    address: str | None,
-    retry_errors: bool,
-) -> ScoreSummary:
-    """The body of :func:`score_prefix`, run while holding the output's lease: the images
-    of ``assignment`` without a row are scored."""
-    output = plan.output
-    before = read_results(output, ["path", "model_version"])
-    done = {
-        p: v
-        for p, v in zip(
-            before.column("path").to_pylist(),
-            before.column("model_version").to_pylist(),
-            strict=True,
-        )
-        if p in assignment
-    }
-    # a part with error rows is rescored whole: same paths, same name, so it is replaced
-    redo = error_units(output) if retry_errors else []
-    in_redo = {p for unit, _ in redo for p in unit}
-    for p in in_redo:
-        done.pop(p, None)
-    pending = [p for p in assignment if p not in done and p not in in_redo]
+    rules: InputRules,
+    source: str | None,
+    redo: list[tuple[list[str], str | None]],
+    dry: bool = False,
+) -> tuple[ScoreSummary, Any]:
+    """The run's inputs marked against the output (a materialized dataset, see
+    :func:`~mspray.ray.data.pending.mark_inputs`) and counted; a dry run also cuts its
+    units and counts them."""
+    t0 = time.perf_counter()
+    in_redo = sorted({p for unit, _ in redo for p in unit})
+    marked, counts = mark_inputs(plan, rules, source, in_redo)
     version = None if plan.named else plan.first.version
-    summary = ScoreSummary(plan.input_root, output, version, images=len(assignment))
-    summary.skipped, summary.retried_error_rows = len(done), len(in_redo)
-    current = set(plan.versions.values())
-    summary.stale_version_rows = sum(v not in current for v in done.values() if v is not None)
+    summary = ScoreSummary(plan.input_root, plan.output, version, images=counts["images"])
+    summary.skipped = counts["done"] - counts["redo"]
+    summary.retried_error_rows = len(in_redo)
+    summary.pending = counts["images"] - counts["done"]
+    summary.modified_since = str(plan.since) if plan.since else None
+    if source and counts["latest"] is not None:
+        summary.modified_until = str(counts["latest"])
+    summary.stale_version_rows = 0 if dry else counts["stale"]
     if plan.named:
         summary.model_versions = plan.versions
     if summary.stale_version_rows:
@@ -187,50 +207,80 @@ def _score_pending(
             summary.stale_version_rows,
         )
     log.info(
-        "%d images under %s: %d already scored, %d to score, %d in %d parts with errors to rescore",
-        len(assignment), plan.input_root, len(done), len(pending), len(in_redo), len(redo),
+        "%d images in %s: %d already scored, %d to score, %d in %d parts with errors to rescore",
+        summary.images, source or plan.input_root, summary.skipped, summary.pending,
+        len(in_redo), len(redo),
     )  # fmt: skip
-    if pending or redo:
-        init_ray(address, progress)
+    if dry:
+        size = plan.unit_size(summary.pending, plan.pool.workers or 1)
+        batches = units_dataset(marked, plan, size).iter_batches(
+            batch_size=None, batch_format="pyarrow"
+        )
+        for batch in batches:
+            if not summary.units:
+                summary.first_unit_seconds = time.perf_counter() - t0
+            summary.units += batch.num_rows
+        summary.units += len(redo)
+    summary.plan_seconds = time.perf_counter() - t0
+    return summary, marked
+
+
+def _score_pending(
+    plan: ScoringPlan,
+    marked: Any,
+    summary: ScoreSummary,
+    redo: list[tuple[list[str], str | None]],
+    lease: Lease,
+    progress: bool,
+) -> None:
+    """The body of :func:`score_prefix`, run while holding the output's lease: the
+    pending images and the ``redo`` parts are scored, then the output is checked."""
+    if summary.pending or redo:
         res = actor_resources(plan.pool, [m.cfg for m in plan.models.values()])
         actors = concurrent_actors(plan.pool, res, spare_cpus=plan.pool.decode_cpus)
         if plan.pool.workers is None and one_local_node():
             # a node that cannot grow: no more actors than its cores hold (each loads the
             # model, and more of them than cores only share the cores)
             plan.pool = plan.pool.model_copy(update={"workers": actors})
-        size = plan.unit_size(len(pending), actors)
+        size = plan.unit_size(summary.pending, actors)
         log.info("%d actors (%s) can score at once: units of %d images", actors, res, size)
-        units = plan.units(pending, assignment, redo, size)
+        units = units_dataset(marked, plan, size)
+        redo_units = plan.redo_units(redo)
+        if redo_units:
+            import ray
+
+            units = ray.data.from_items(redo_units).union(units)
+        summary.units = -(-summary.pending // size) + len(redo_units)
+        largest = max([size, *(len(u["paths"]) for u in redo_units)])
+        total = summary.pending + summary.retried_error_rows
         with gpu_nodes_requested(res, actors):  # GPU nodes boot while the pool starts
-            _run_units(plan, units, res, progress, summary, lease)
-    after = Counter(
-        p for p in read_results(output, ["path"]).column("path").to_pylist() if p in assignment
-    )
-    summary.missing = len(assignment) - len(after)
-    summary.duplicates = sum(c - 1 for c in after.values())
+            _run_units(plan, units, (summary.units, largest, total), res, progress, summary,
+                       lease)  # fmt: skip
+    after = check_rows(plan, marked)
+    summary.missing, summary.duplicates = after["missing"], after["duplicates"]
     lease.check()
-    return summary
 
 
 def _run_units(
     plan: ScoringPlan,
-    units: list[dict[str, Any]],
+    units: Any,
+    shape: tuple[int, int, int],
     res: ActorResources,
     progress: bool,
     summary: ScoreSummary,
     lease: Lease,
 ) -> None:
-    """The two-stage pipeline (decode tasks -> scoring actors reserving ``res``) over
-    ``units``; adds its counts to ``summary``."""
+    """The two-stage pipeline (decode tasks -> scoring actors reserving ``res``) over the
+    ``units`` dataset (``shape``: about how many, the largest, images in all); adds its
+    counts to ``summary``."""
     import ray
     from tqdm.auto import tqdm
 
     t_pipe = time.perf_counter()
     first, pool = plan.first, plan.pool
-    largest = max(len(u["paths"]) for u in units)
+    n_units, largest, total = shape
     image_size = max(m.image_size for m in plan.models.values())
-    ds = ray.data.from_items(units, override_num_blocks=len(units))
-    ds = ds.map_batches(
+    ds = units.map_batches(
         decode_units,
         batch_size=1,  # one unit per task: a decoded unit is one block
         batch_format="pyarrow",
@@ -246,7 +296,7 @@ def _run_units(
         # capped by the actors of the moment (its backlog is what makes the cluster grow)
         memory=decode_memory(largest, image_size, pool.io_threads),
         compute=(
-            ray.data.TaskPoolStrategy(size=min(DECODE_AHEAD * pool.workers, len(units)))
+            ray.data.TaskPoolStrategy(size=max(1, min(DECODE_AHEAD * pool.workers, n_units)))
             if pool.workers
             else None
         ),
@@ -257,7 +307,7 @@ def _run_units(
         first.uri,
         first.cfg,
         pool,
-        n_items=len(units),
+        n_items=n_units,
         batch_size=1,  # one unit (= one part file) per call
         batch_format="pyarrow",
         io_threads=pool.io_threads,  # heatmap panels are encoded and written there
@@ -267,7 +317,6 @@ def _run_units(
     )
     actors, nodes, decoders, modes = set(), set(), set(), set()
     stages: dict[str, float] = {}
-    total = sum(len(u["paths"]) for u in units)
     with tqdm(total=total, desc="scored", unit="img", disable=not progress) as bar:
         for row in ds.iter_rows():
             lease.check()  # taken over (we were presumed dead): stop, do not race it

@@ -41,6 +41,14 @@ class ScoreSummary:
     #: scale, maps, score, write (as ``mspray evaluate --json`` records it)
     stage_seconds_per_image: dict[str, float] = field(default_factory=dict)
     bundle: str | None = None  # the bundle version the run used (a root resolves to one)
+    pending: int = 0  # inputs without a row when the run started (what it set out to score)
+    units: int = 0  # work units cut from them (and from the parts rescored whole)
+    plan_seconds: float = 0.0  # listing / manifest read and the already-scored check
+    first_unit_seconds: float = 0.0  # start of planning to the first unit (a dry run)
+    modified_since: str | None = None  # only inputs modified at or after this time
+    #: how far this run covered the inputs' modification times: where the next run with
+    #: ``--modified-since last-run`` starts (the manifest's latest time, else the start)
+    modified_until: str | None = None
 
     def line(self) -> str:
         """The one-line summary printed at the end of a run."""
@@ -52,6 +60,15 @@ class ScoreSummary:
             f"duplicates={self.duplicates} actors={self.actors} on {len(self.actor_nodes)} nodes "
             f"{self.flag_text()}in {self.seconds:.1f}s "
             f"(scoring {self.score_seconds:.1f}s, {rate:.2f} images/s) -> {self.output}"
+        )
+
+    def plan_line(self) -> str:
+        """The one-line summary of a dry run."""
+        since = f" modified since {self.modified_since}" if self.modified_since else ""
+        return (
+            f"mspray score --dry-run: {self.images} images{since}: pending={self.pending} "
+            f"skipped={self.skipped} units={self.units} in {self.plan_seconds:.1f}s "
+            f"(first unit {self.first_unit_seconds:.1f}s) -> {self.output}"
         )
 
     def stages_line(self) -> str:
