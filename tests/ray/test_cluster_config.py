@@ -80,14 +80,20 @@ def test_node_types(raw: dict[str, Any]) -> None:
     assert raw["provider"]["type"] == "aws"
 
 
-def test_gpu_workers_install_the_gpu_extra(raw: dict[str, Any]) -> None:
+def test_gpu_workers_run_the_gpu_image_and_require_cuda(raw: dict[str, Any]) -> None:
     types = raw["available_node_types"]
     for t in types.values():
         if t["resources"].get("GPU", 0) > 0:
+            assert t["docker"]["worker_image"].endswith("-gpu")
             cmds = "\n".join(t["worker_setup_commands"])
-            assert "[gpu]" in cmds and "faiss-gpu" in cmds
-    # Everything else installs the package through the shared setup commands.
-    assert any("pip install" in c and "mspray" in c for c in raw["setup_commands"])
+            assert "assert torch.cuda.is_available()" in cmds  # fails the node without CUDA
+            assert "faiss.get_num_gpus() > 0" in cmds
+    # no node pip-installs mspray (or torch) at boot: the images hold it
+    for cmds in [
+        raw["setup_commands"],
+        *(t.get("worker_setup_commands", []) for t in types.values()),
+    ]:
+        assert not any("pip install" in c for c in cmds)
     assert raw["file_mounts"], "the repository is synced to the nodes"
 
 
@@ -101,29 +107,24 @@ def _pins(path: Path) -> dict[str, str]:
     return pins
 
 
-def test_nodes_install_the_pinned_versions(raw: dict[str, Any]) -> None:
-    """Every node installs mspray under constraints that pin the ray and torch the client and
-    CI use (constraints-cpu.txt), and runs the Ray image of that same ray release."""
+def test_nodes_run_the_images_of_the_pinned_versions(raw: dict[str, Any]) -> None:
+    """Every node runs an mspray image of deploy/docker, whose Dockerfile builds on the Ray
+    image of the ray pinned for its kind (constraints-cpu.txt / -gpu.txt, the releases the
+    client and CI use), and boots a current GPU AMI, not Ray's end-of-life default."""
     ci = _pins(REPO / "constraints-cpu.txt")
     assert {"ray", "torch"} <= set(ci)
-    ray_tag = f"rayproject/ray:{ci['ray']}-"
-    assert raw["docker"]["image"].startswith(ray_tag)
-    types = raw["available_node_types"]
-    for name, t in types.items():
-        cmds = t.get("worker_setup_commands") if "worker_setup_commands" in t else None
-        cmds = cmds if cmds is not None else raw["setup_commands"]
-        installs = [c for c in cmds if "pip install" in c and "mspray" in c and "-e" in c]
-        assert installs, f"{name}: no install of mspray"
-        for cmd in installs:
-            m = re.search(r"-c \"?\$HOME/mspray/(constraints-[a-z]+\.txt)", cmd)
-            assert m, f"{name}: unconstrained install {cmd!r}"
-            pins = _pins(REPO / m.group(1))
-            assert pins.get("ray") == ci["ray"] and pins.get("torch") == ci["torch"], name
+    images = {"cpu": raw["docker"]["image"]}
+    for name, t in raw["available_node_types"].items():
+        assert "ubuntu-24.04" in t["node_config"]["ImageId"], name
         if t["resources"].get("GPU", 0) > 0:
-            assert t["docker"]["worker_image"].startswith(ray_tag)
-            assert all("whl/cpu" not in c for c in installs), f"{name}: CPU torch on a GPU node"
-        else:
-            assert all("whl/cpu" in c for c in installs), f"{name}: CUDA torch on a CPU node"
+            images["gpu"] = t["docker"]["worker_image"]
+    for kind, image in images.items():
+        assert image.endswith(f"-{kind}"), image
+        dockerfile = (REPO / "deploy" / "docker" / f"Dockerfile.{kind}").read_text()
+        assert f"-t {image} ." in dockerfile  # the tag its build command gives
+        pins = _pins(REPO / f"constraints-{kind}.txt")
+        assert pins["ray"] == ci["ray"] and pins["torch"] == ci["torch"]
+        assert f"FROM rayproject/ray:{ci['ray']}-" in dockerfile
 
 
 def test_s3_access_by_instance_profile_not_keys(raw: dict[str, Any]) -> None:
