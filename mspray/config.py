@@ -147,6 +147,18 @@ class TrainConfig(Section):
         ge=0,
         lt=1,
     )
+    stage_one: bool = setting(
+        False,
+        "self-supervised stage one before the per-scale encoders: train the VGG16 trunk to "
+        "tell normal images from synthetic anomalies (mspray/train/stage_one.py)",
+    )
+    stage_one_steps: int = setting(300, "optimiser steps of stage one", ge=1)
+    stage_one_batch: int = setting(32, "images per stage-one step (half get an anomaly)", ge=2)
+    stage_one_lr: float = setting(1e-3, "Adam learning rate of stage one", gt=0)
+    stage_one_kinds: tuple[Literal["cutpaste", "scar", "noise", "colour"], ...] = setting(
+        ("cutpaste", "scar"),
+        "anomaly kinds stage one trains on; selection pastes only the other kinds",
+    )
     seed: int = flag(0, "seed of the split, sampling and initialisation")
     device: Device = flag("auto", f"training device: {DEVICE_HELP}")
     workers: int = flag(0, "Ray Train DDP workers (0 = plain single-process training)", ge=0)
@@ -166,6 +178,12 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _losses_not_empty(self) -> TrainConfig:
         _check(len(self.losses) >= 1, "train.losses", self.losses, f"a subset of {LOSS_NAMES}")
+        _check(
+            len(set(self.stage_one_kinds)) in range(1, 4),
+            "train.stage_one_kinds",
+            self.stage_one_kinds,
+            "one to three kinds: selection keeps the others",
+        )
         return self
 
 

@@ -81,6 +81,8 @@ class ScaleTrainer:
         #: selection table: one row per candidate epoch (epoch 0 included) with its
         #: synthetic-anomaly image / pixel AUROC and score
         self.candidates: list[dict[str, float]] = []
+        #: where selection's normals came from, its window and anomaly kinds (meta.json)
+        self.selection_info: dict[str, Any] | None = None
         self._aug: torch.Generator | None = None  # SSL augmentation draws of this epoch
 
     # ------------------------------------------------------------------ sampling
@@ -292,9 +294,11 @@ class ScaleTrainer:
                 and imgs.shape[0]
                 and (self.comm.world_size == 1 or self.comm.rank == 0)
             ):
-                sel = SelectionSet.build(train_images, imgs, self.t.seed + 31 * self.scale)
+                sel = SelectionSet.build(self.cfg, train_images, imgs)
+                self.selection_info = sel.info
             if self.epoch == 0 and not self.candidates and self.t.epochs > 0:
-                self._consider(self._detect(sel), mode)  # epoch 0: the untrained encoder
+                # epoch 0: the untrained encoder
+                self._consider(self._detect(sel, progress), mode)
         epochs = range(self.epoch, self.t.epochs)
         bar = tqdm(
             epochs,
@@ -320,7 +324,9 @@ class ScaleTrainer:
             if use_val:
                 metrics.update(self.validate(val))
             if mode == "synthetic":
-                metrics.update({f"sel_{k}": v for k, v in self._detect(sel).items()})
+                t1 = time.perf_counter()
+                metrics.update({f"sel_{k}": v for k, v in self._detect(sel, progress).items()})
+                metrics["selection_seconds"] = time.perf_counter() - t1
             metrics["epoch"] = epoch + 1
             metrics["seconds"] = time.perf_counter() - t0
             self.epoch = epoch + 1
@@ -362,15 +368,12 @@ class ScaleTrainer:
             self.best_epoch = self.epoch
             self.best_state = _cpu_copy(self.core.state_dict())
 
-    def _detect(self, sel: SelectionSet | None) -> dict[str, float]:
+    def _detect(self, sel: SelectionSet | None, progress: bool = False) -> dict[str, float]:
         """Synthetic-anomaly detection metrics of the current encoder, computed where
         ``sel`` is (rank 0) and summed to every rank. Collective."""
         v = torch.zeros(4, dtype=torch.float64)
         if sel is not None:
-            scales = self.cfg.model.scales
-            stride = self.cfg.stride_for(self.scale) if self.scale in scales else None
-            stride = stride or self.core.encoder.stride
-            maps = scale_maps(self.core.encoder, sel, stride, self.device)
+            maps = scale_maps(self.core.encoder, sel, self.cfg, self.device, progress=progress)
             m = detection_metrics(maps, sel, self.cfg)
             v = torch.tensor(
                 [1.0, m["image_auroc"], m["pixel_auroc"], m["score"]], dtype=torch.float64
@@ -401,6 +404,7 @@ class ScaleTrainer:
             "best_state": self.best_state,
             "history": self.history,
             "candidates": self.candidates,
+            "selection_info": self.selection_info,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -414,6 +418,7 @@ class ScaleTrainer:
         self.best_state = state["best_state"]
         self.history = list(state["history"])
         self.candidates = list(state.get("candidates", []))
+        self.selection_info = state.get("selection_info")
 
 
 def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -438,4 +443,5 @@ def train_scale(
     best = build_scale_model(cfg, scale, None)
     best.load_state_dict(trainer.best_model_state())
     best.train_summary = run_summary(history, cfg, trainer.candidates, scale)  # for meta.json
+    best.train_summary["selection_set"] = trainer.selection_info
     return best, history

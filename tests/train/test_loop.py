@@ -108,10 +108,12 @@ def test_synthetic_selection_ranks_every_epoch_the_untrained_one_included():
     assert tr.best_epoch == best["epoch"] == hist[-1]["best_epoch"]
     summary = run_summary(hist, cfg, table)
     assert summary["selection"] == "synthetic" and len(summary["candidates"]) == 3
-    # A destructive learning rate: the untrained encoder must win and come back unchanged.
+    # A destructive learning rate: the untrained encoder must win and come back unchanged
+    # (on images with some structure: in pure noise no anomaly stands out to rank by).
     cfg = _cfg(**{"train.epochs": 2, "train.lr": 10.0})
     tr = ScaleTrainer(cfg, 16, build_scale_model(cfg, 16, None))
-    tr.fit(_images(), _images(2, seed=1), progress=False)
+    smooth = lambda x: torch.nn.functional.avg_pool2d(x, 5, 1, 2)  # noqa: E731
+    tr.fit(smooth(_images()), smooth(_images(2, seed=1)), progress=False)
     assert tr.best_epoch == 0, tr.candidates
     for k, v in tr.best_model_state().items():
         assert torch.equal(v, start[k]), k
