@@ -318,3 +318,35 @@ def test_job_entrypoints_are_quoted_for_bash():
         if job is not None:
             words = shlex.split(job["entrypoint"])
             assert not {";", "&&", "||", "|", ">", "<"} & set(words), name
+
+
+def test_deploy_rayservice_pins_the_version_a_root_names_now(tmp_path):
+    """`mspray deploy --rayservice` writes the version URI the root's `latest` names, for
+    `kubectl apply`, and changes nothing else in the file."""
+    from mspray.cli import main
+
+    root = tmp_path / "screw"
+    for version in ("v1", "v2"):
+        (root / "versions" / version).mkdir(parents=True)
+        (root / "versions" / version / "meta.json").write_text("{}")
+    (root / "latest").write_text("v2\n")
+    committed = (MANIFESTS / "rayservice.yaml").read_text()
+    copy = tmp_path / "rayservice.yaml"
+    copy.write_text(committed)
+    flags = ["--num-gpus", "1", "--bundle", str(root), "--rayservice", str(copy)]
+    assert main(["deploy", "--config", str(REPO / "serve_config.yaml"), *flags]) == 0
+    written = yaml.safe_load(copy.read_text())
+    v2 = yaml.safe_load(written["spec"]["serveConfigV2"])
+    (detector,) = v2["applications"][0]["deployments"]
+    assert detector["user_config"]["bundle_uri"] == str(root / "versions" / "v2")
+    before = yaml.safe_load(committed)
+    assert {k: v for k, v in written["spec"].items() if k != "serveConfigV2"} == {
+        k: v for k, v in before["spec"].items() if k != "serveConfigV2"
+    }
+    assert committed.split("serveConfigV2")[0] == copy.read_text().split("serveConfigV2")[0]
+    # not a RayService: a clear error, the file untouched
+    job = tmp_path / "job.yaml"
+    job.write_text((MANIFESTS / "rayjob-train.yaml").read_text())
+    flags[-1] = str(job)
+    assert main(["deploy", "--config", str(REPO / "serve_config.yaml"), *flags]) == 2
+    assert job.read_text() == (MANIFESTS / "rayjob-train.yaml").read_text()
