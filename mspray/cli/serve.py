@@ -214,8 +214,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def refuse_node_local_bundles(args: argparse.Namespace, url: str, settings: Any) -> None:
     """:func:`refuse_node_local` for the bundles of a deploy through the dashboard ``url``:
-    a cluster whose dashboard is on another machine never sees this machine's disk; one on
-    this machine is asked through Ray (``$RAY_ADDRESS``, else the ``ray start`` here)."""
+    a cluster whose dashboard is on another machine never sees this machine's disk; inside
+    ``ray job submit`` (``$RAY_ADDRESS``, the head) the cluster is asked for its nodes and
+    node types. Without ``$RAY_ADDRESS`` a dashboard here is taken as this machine alone."""
     local = [
         ("--bundle", uri)
         for s in settings
@@ -235,7 +236,8 @@ def refuse_node_local_bundles(args: argparse.Namespace, url: str, settings: Any)
             f"cluster at {url} is another machine. Use storage every node reaches "
             "(s3://...), or pass --shared-fs if every node mounts it at the same path."
         )
-    refuse_node_local(argparse.Namespace(address=os.environ.get("RAY_ADDRESS") or "auto"), local)
+    if os.environ.get("RAY_ADDRESS"):
+        refuse_node_local(argparse.Namespace(address=os.environ["RAY_ADDRESS"]), local)
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:

@@ -1,11 +1,14 @@
 """Node-local paths on a multi-node cluster: a local --input/--output/--data/--maps/--bundle
 is refused while more than one node is alive (the other nodes' workers cannot see this
-machine's folders), unless --shared-fs says every node mounts it at the same path."""
+machine's folders), unless --shared-fs says every node mounts it at the same path; `serve`
+and `deploy` check their bundles too. (A lone head whose autoscaler has worker node types
+refuses them as well: tests/ray/test_cold_cluster.py.)"""
 
 from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +41,9 @@ def test_local_paths_are_refused_on_several_nodes_unless_shared(
     bank = ["-q", "build-bank", "--bundle", bundle, "--data", spec, "--category", "synthetic"]
     assert main(bank) == 2
     assert "--data" in capsys.readouterr().err
+    # serve: its replicas may start on any node
+    assert main(["-q", "serve", "--bundle", bundle]) == 2
+    assert f"--bundle {bundle}: on this machine's disk" in capsys.readouterr().err
 
     # storage every node reaches needs no flag (nothing is asked of the cluster for it)
     refuse_node_local(argparse.Namespace(), [("--input", "s3://bucket/in")])
@@ -46,3 +52,23 @@ def test_local_paths_are_refused_on_several_nodes_unless_shared(
     assert main([*score, "--shared-fs", "--workers", "1"]) == 0
     n_images = sum(len(files) for _, _, files in os.walk(images))
     assert len(read_results(str(out), ["path"])) == n_images
+
+
+def test_deploy_refuses_a_local_bundle_for_a_cluster_on_another_machine(tiny_bundle, capsys):
+    config = Path(__file__).resolve().parents[2] / "serve_config.yaml"
+    bundle = tiny_bundle[0]
+    deploy = [
+        "-q",
+        "deploy",
+        "--config",
+        str(config),
+        "--bundle",
+        bundle,
+        "--no-wait",
+        "--address",
+        "http://192.0.2.1:8265",
+    ]  # fmt: skip  (TEST-NET-1: not here)
+    assert main(deploy) == 2  # refused before anything is sent
+    err = capsys.readouterr().err
+    assert f"--bundle {bundle}" in err and "on this machine's disk" in err, err
+    assert "cluster at http://192.0.2.1:8265 is another machine" in err, err
