@@ -35,6 +35,7 @@ from mspray.pipeline.executor import LocalExecutor
 from mspray.pipeline.steps import fit_detector
 from mspray.train.loop import ScaleTrainer, run_summary
 from mspray.train.recipes import RECIPES, apply_recipe
+from mspray.train.stage_one import train_stage_one
 
 ALL = ("svdd", "cos", "ssl", "kmeans")
 DEFAULT_STRIDE = {64: 16, 32: 4, 16: 4}
@@ -55,9 +56,16 @@ CHOICES: dict[str, dict] = {
 }
 
 
+#: stage one (mspray/train/stage_one.py) alone, and before the per-scale training
+STAGE_ONE: dict[str, dict] = {
+    "stage one only": {"train.stage_one": True, "train.epochs": 0},
+    "stage one + training": {"train.stage_one": True},
+}
+
+
 def runs(ablate: bool, choices: bool) -> dict[str, dict]:
     """Run name -> config overrides (``selected`` also yields the ``last epoch`` row)."""
-    out: dict[str, dict] = {"untrained": {"train.epochs": 0}, "selected": {}}
+    out: dict[str, dict] = {"untrained": {"train.epochs": 0}, "selected": {}, **STAGE_ONE}
     if ablate:
         for loss in ALL:
             out[f"w/o {loss}"] = {"train.losses": tuple(x for x in ALL if x != loss)}
@@ -88,7 +96,7 @@ class LastKeeper(LocalExecutor):
         val = self.images(val_uris) if val_uris else None
         models, stem = {}, None
         for scale in training_order(cfg):
-            model = build_scale_model(cfg, scale, None, stem)
+            model = build_scale_model(cfg, scale, state, stem)
             tr = ScaleTrainer(cfg, scale, model)
             hist = tr.fit(train, val, progress=False)
             best = build_scale_model(cfg, scale, None, stem)
@@ -99,6 +107,30 @@ class LastKeeper(LocalExecutor):
             if scale == stem_scale(cfg):
                 stem = stem_state(best)
         return models
+
+
+#: (seed, training images) -> stage one's trunk and summary, shared by both stage-one rows
+_TRUNKS: dict[tuple, tuple[dict, dict]] = {}
+
+
+class StageOne(LastKeeper):
+    """Stage one on the training images, then the per-scale training from its trunk
+    (``train=True``), or the stage-one trunk under every scale's untrained head."""
+
+    def __init__(self, train: bool) -> None:
+        super().__init__()
+        self.train = train
+
+    def train_scales(self, cfg: MSPrayConfig, train_uris, val_uris, state):
+        self._size = cfg.model.image_size
+        key = (cfg.train.seed, tuple(train_uris))
+        if key not in _TRUNKS:
+            _TRUNKS[key] = train_stage_one(cfg, self.images(train_uris), state, progress=False)
+            print(f"stage one: {_TRUNKS[key][1]}", flush=True)
+        trunk = _TRUNKS[key][0]
+        if not self.train:
+            return {s: build_scale_model(cfg, s, trunk) for s in cfg.model.scales}
+        return super().train_scales(cfg, train_uris, val_uris, trunk)
 
 
 class GivenModels(LocalExecutor):
@@ -148,6 +180,8 @@ def main() -> None:
     ap.add_argument("--samples-per-image", type=int, help="override the recipe's value")
     ap.add_argument("--n-train", type=int, default=20)
     ap.add_argument("--n-test", type=int, default=50, help="normal and defect test images each")
+    ap.add_argument("--stage-one-steps", type=int, help="override train.stage_one_steps")
+    ap.add_argument("--stage-one-batch", type=int, help="override train.stage_one_batch")
     ap.add_argument("--json", help="also write the per-seed results here")
     args = ap.parse_args()
 
@@ -163,6 +197,10 @@ def main() -> None:
         over["train.epochs"] = args.epochs
     if args.samples_per_image is not None:
         over["train.samples_per_image"] = args.samples_per_image
+    if args.stage_one_steps is not None:
+        over["train.stage_one_steps"] = args.stage_one_steps
+    if args.stage_one_batch is not None:
+        over["train.stage_one_batch"] = args.stage_one_batch
     base = apply_recipe(MSPrayConfig(), args.recipe).replace(**over)
     seeds = [int(s) for s in args.seeds.split(",")]
     ab_seeds = [int(s) for s in (args.ablate_seeds or args.seeds).split(",")]
@@ -184,6 +222,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 after = run_over if name in AFTER_SWITCH else None
                 keeper = LastKeeper(after) if name == "selected" or after else None
+                if name in STAGE_ONE:
+                    keeper = StageOne(train=name == "stage one + training")
                 det = fit_detector(cfg, uris, executor=keeper, progress=False)
                 got = {name: _record(det, samples, t0, scales)}
                 if name == "selected":

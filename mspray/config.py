@@ -152,7 +152,7 @@ class TrainConfig(Section):
         "self-supervised stage one before the per-scale encoders: train the VGG16 trunk to "
         "tell normal images from synthetic anomalies (mspray/train/stage_one.py)",
     )
-    stage_one_steps: int = setting(300, "optimiser steps of stage one", ge=1)
+    stage_one_steps: int = setting(100, "optimiser steps of stage one", ge=1)
     stage_one_batch: int = setting(32, "images per stage-one step (half get an anomaly)", ge=2)
     stage_one_lr: float = setting(1e-3, "Adam learning rate of stage one", gt=0)
     stage_one_kinds: tuple[Literal["cutpaste", "scar", "noise", "colour"], ...] = setting(
