@@ -6,8 +6,8 @@ from the nodes alive at that moment would score on the CPU and never ask for a G
 the cluster is described by its **node kinds**: every alive node, plus every worker node type
 of its autoscaler, with how many of them it may launch. The node types come from:
 
-1. the cluster config the GCS holds (``ray._private.state.state.get_cluster_config()``,
-   reported by managed autoscalers; Ray Data reads the same record), else
+1. the cluster config the GCS holds (reported by managed autoscalers; Ray Data reads the
+   same record), else
 2. the autoscaling config the cluster's autoscaler monitor runs with (``ray up`` starts it
    on the head with ``--autoscaling-config=~/ray_bootstrap_config.yaml``; ``ray job submit``
    runs the driver on that head), found through the monitor's command line.
@@ -110,13 +110,22 @@ def requested_nodes(bundle: dict[str, float], count: int) -> Iterator[None]:
         request_resources(bundles=[])
 
 
+#: Where the GCS keeps the cluster config a managed autoscaler reports (the record that
+#: ``ray._private.state.state.get_cluster_config()`` reads; read here through the public
+#: key-value client, as mspray imports no private Ray module).
+CLUSTER_CONFIG_KV = ("__autoscaler", "__autoscaler_cluster_config")
+
+
 def _types_from_gcs() -> list[NodeKind] | None:
     """Node types of the cluster config in the GCS, None when there is none."""
-    try:
-        import ray._private.state
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental import internal_kv
 
-        config = ray._private.state.state.get_cluster_config()
-    except Exception:  # an older GCS without the record
+    namespace, key = CLUSTER_CONFIG_KV
+    try:
+        raw = internal_kv._internal_kv_get(key, namespace=namespace)
+        config = autoscaler_pb2.ClusterConfig.FromString(raw) if raw else None
+    except Exception:  # an older GCS without the record, or one we cannot parse
         log.debug("no cluster config in the GCS", exc_info=True)
         return None
     if config is None or not config.node_group_configs:

@@ -20,7 +20,7 @@ from mspray import storage
 from mspray.cli import main
 from mspray.config import MSPrayConfig, PoolConfig
 from mspray.output import read_results
-from mspray.ray.capacity import NodeKind, possible_gpus
+from mspray.ray.capacity import CLUSTER_CONFIG_KV, NodeKind, autoscaler_node_types, possible_gpus
 from mspray.ray.runtime import (
     UNBOUNDED_GPU_ACTORS,
     ActorResources,
@@ -62,6 +62,28 @@ def test_the_pool_is_planned_for_the_gpus_the_cluster_can_have() -> None:
     assert concurrent_actors(PoolConfig(), gpu_actor, nodes=[HEAD, unbounded]) == (
         UNBOUNDED_GPU_ACTORS
     )
+
+
+@pytest.mark.ray
+def test_node_types_reported_to_the_gcs_are_read(ray_local) -> None:
+    """The cluster config a managed autoscaler reports to the GCS (the record Ray Data
+    reads too) gives the node types; the session Ray gets its empty record back after."""
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental import internal_kv
+
+    config = autoscaler_pb2.ClusterConfig()
+    gpu = config.node_group_configs.add(name="gpu_worker", min_count=0, max_count=4)
+    gpu.resources.update({"CPU": 8, "GPU": 1})
+    config.node_group_configs.add(name="cpu_worker", max_count=0).resources.update({"CPU": 4})
+    namespace, key = CLUSTER_CONFIG_KV
+    internal_kv._internal_kv_put(key, config.SerializeToString(), namespace=namespace)
+    try:
+        types = autoscaler_node_types()
+        assert types == [NodeKind({"CPU": 8.0, "GPU": 1.0}, 4, "gpu_worker")]  # max 0: none
+        assert actor_resources(PoolConfig(), _cfg()) == ActorResources(cpus=4.0, gpus=1.0)
+    finally:
+        internal_kv._internal_kv_del(key, namespace=namespace)
+    assert autoscaler_node_types() == []
 
 
 @pytest.mark.ray
