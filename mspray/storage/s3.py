@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 from mspray.storage.base import Backend
 
 #: Attempts per S3 request. Throttling (503 SlowDown) is retried by the SDKs themselves:
-#: pyarrow's standard retry strategy (exponential backoff with jitter) for reads and writes,
+#: pyarrow's default retry strategy (exponential backoff) for reads and writes,
 #: botocore's adaptive mode (the same, plus a client-side send rate that drops on
 #: throttling) for the conditional writes. Enough attempts to ride out a burst of SlowDown
 #: when many writers share a prefix, with no retry loop of our own.
@@ -73,8 +73,11 @@ class S3Backend(Backend):
                 if access and secret:
                     kwargs.update(access_key=access, secret_key=secret, session_token=token)
                 # else: pyarrow's own chain (config files, instance metadata) finds credentials
-                # Throttling, timeouts and 5xx are retried with backoff by the AWS SDK itself.
-                kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)
+                # Throttling, timeouts and 5xx are retried with backoff by the AWS SDK itself:
+                # the default strategy (exponential from 25 ms) has no retry quota, which the
+                # standard one spends within seconds when every writer of a prefix is
+                # throttled at once, and then fails requests without retrying them
+                kwargs["retry_strategy"] = pafs.AwsDefaultS3RetryStrategy(max_attempts=S3_ATTEMPTS)
                 fs = self._fs[key] = pafs.S3FileSystem(**kwargs)
         return fs
 
@@ -146,6 +149,13 @@ class S3Backend(Backend):
                 return False
             raise OSError(f"conditional write of {uri} failed: {e}") from e
         return True
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """One PUT: no folder marker first (S3 has no folders; a marker per heatmap
+        folder would double the PUTs on a throttled prefix)."""
+        fs, path = self.locate(uri)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
 
     def makedirs(self, uri: str) -> None:
         # S3 has no folders: only check that the bucket exists (no marker objects, which

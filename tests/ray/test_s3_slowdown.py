@@ -14,7 +14,7 @@ from mspray import storage
 from mspray.storage import S3_ATTEMPTS
 
 #: consecutive SlowDown replies per key: as many as the old 5 attempts, which gave up here
-#: (the SDKs back off about 2**attempt s each, so this takes a while)
+#: (botocore backs off about 2**attempt s each, so this takes a while)
 BURST = 5
 
 

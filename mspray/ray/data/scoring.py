@@ -213,13 +213,11 @@ def _plan(
     )  # fmt: skip
     if dry:
         size = plan.unit_size(summary.pending, plan.pool.workers or 1)
-        batches = units_dataset(marked, plan, size).iter_batches(
-            batch_size=None, batch_format="pyarrow"
-        )
-        for batch in batches:
+        # the units' blocks are counted where they are: none comes to the driver
+        for bundle in units_dataset(marked, plan, size).iter_internal_ref_bundles():
             if not summary.units:
                 summary.first_unit_seconds = time.perf_counter() - t0
-            summary.units += batch.num_rows
+            summary.units += bundle.num_rows() or 0
         summary.units += len(redo)
     summary.plan_seconds = time.perf_counter() - t0
     return summary, marked

@@ -25,13 +25,14 @@ from mspray.ray.data import reading
 from mspray.ray.data.plan import ScoringPlan
 from mspray.ray.data.reading import UNIT_SCHEMA, decode_unit, load_checked, to_uint8
 from mspray.ray.data.scorer import UnitScorer
+from mspray.storage import S3_ATTEMPTS
 
 pytestmark = pytest.mark.ray
 
 LIMITS = ScoreConfig(max_image_bytes=100_000)
-#: More consecutive faults than the S3 client's own attempts (storage.S3_ATTEMPTS = 5), so
-#: they reach our retry; fewer than 2 x 5, so our second attempt gets through.
-BURST = 6
+#: More consecutive faults than the S3 client's own attempts (storage.S3_ATTEMPTS), so
+#: they reach our retry; fewer than twice that, so our second attempt gets through.
+BURST = S3_ATTEMPTS + 1
 BAD_ERRORS = {
     "zero.png": "empty file",
     "truncated.png": "cannot decode",
