@@ -18,27 +18,26 @@ summaries (:class:`~mspray.detector.MapSummary`), with the images scored on its 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from mspray import near_duplicates as ND
-from mspray.bank import PatchBank
-from mspray.config import BankConfig
 from mspray.detector import Detector, MapSummary
+from mspray.fold_banks import FoldBankConfig, fold_banks
+from mspray.near_duplicates import GAP_SAMPLE, gap_sample, near_duplicate_gap
 from mspray.threshold import (
     Calibration,
     expected_flags,
     order_statistic_threshold,
     trimmed_threshold,
+    widen_promise,
 )
 
 log = logging.getLogger(__name__)
-
-#: (scale, images in the fold bank, embedding rows given) -> bank config of a fold bank
-FoldBankConfig = Callable[[int, int, int], BankConfig]
 
 
 def fold_plan(n_images: int, folds: int, gap: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -55,113 +54,69 @@ def fold_plan(n_images: int, folds: int, gap: int = 0) -> list[tuple[np.ndarray,
     return plan
 
 
-#: The near-duplicate gap is measured on all images of a set up to this size, and on this
-#: many (in :data:`GAP_RUNS` evenly spaced runs of consecutive names) of a larger one, so
-#: its cost and memory stay bounded however many normal images there are. Near-duplicates
-#: by content (:mod:`mspray.near_duplicates`) are looked for when all images are sampled.
-GAP_SAMPLE = 512
-GAP_RUNS = 4
-
-
-def gap_sample(n_images: int) -> np.ndarray:
-    """Positions (in sorted-name order) of the images :func:`near_duplicate_gap` looks at:
-    all of them, or :data:`GAP_RUNS` runs of consecutive images, the runs evenly spaced so
-    that each has a partner run half the set further on."""
-    if n_images <= GAP_SAMPLE:
-        return np.arange(n_images)
-    starts = np.arange(GAP_RUNS) * (n_images // GAP_RUNS)
-    return (starts[:, None] + np.arange(GAP_SAMPLE // GAP_RUNS)[None, :]).ravel()
-
-
-def near_duplicate_gap(
-    emb: torch.Tensor,
-    positions: np.ndarray,
-    n_images: int,
-    max_gap: int = 32,
-    ratio: float = 0.9,
-    batch_size: int = 8,
-) -> int:
-    """How many images apart (in name order) images are still near-duplicates.
-
-    ``emb`` (``S×P×D``) holds the patch embeddings (coarsest scale, bank stride) of the
-    images at ``positions`` (:func:`gap_sample`) of a set of ``n_images``. For each distance
-    d, how close image i+d comes to image i: the 10 % quantile over i's patches of the
-    distance to the nearest patch of i+d (low when i+d holds copies of a tenth of i's
-    patches), median over the sampled pairs. d counts as near-duplicate while that is below
-    ``ratio`` times the same figure for images half the set apart. 0 for independent images
-    (e.g. MVTec); consecutive overlapping frames give about the number of frames that share
-    whole patches with one frame.
-    """
-    positions = np.asarray(positions, np.int64)
-    max_gap = min(max_gap, len(positions) // 4)
-    if max_gap < 1:
-        return 0
-    row = np.full(n_images, -1, np.int64)
-    row[positions] = np.arange(len(positions))
-
-    def closeness(offset: int, wrap: bool) -> float:
-        j = positions + offset
-        j = j % n_images if wrap else j
-        ok = j < n_images
-        ok[ok] = row[j[ok]] >= 0  # pairs whose both images were sampled
-        a, b = row[positions[ok]], row[j[ok]]
-        d = [
-            torch.quantile(
-                torch.cdist(emb[a[k : k + batch_size]], emb[b[k : k + batch_size]]).amin(-1),
-                0.1,
-                -1,
-            )
-            for k in range(0, len(a), batch_size)
-        ]
-        return float(torch.cat(d).median())
-
-    sampled = len(positions) < n_images
-    half = (GAP_RUNS // 2) * (n_images // GAP_RUNS) if sampled else n_images // 2
-    far = closeness(half, wrap=True)
-    gap = 0
-    for d in range(1, max_gap + 1):
-        if closeness(d, wrap=False) >= ratio * far:
-            break
-        gap = d
-    return gap
-
-
 #: (positions in sorted-name order, scale) -> their bank embeddings at that scale, the
 #: rows of each image together (``S·P×D``)
 EmbedSample = Callable[[np.ndarray, int], np.ndarray]
 
 
+def _content_duplicates(det: Detector, emb: torch.Tensor, scale: int) -> np.ndarray:
+    return ND.near_duplicate_pairs(ND.share_matrix(emb, scale, det.bank_stride(scale)))
+
+
 def plan_folds(
-    det: Detector, n_images: int, embed: EmbedSample
+    det: Detector, n_images: int, embed: EmbedSample, in_bank: np.ndarray | None = None
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
     """The cross-calibration folds of ``n_images`` (sorted names) and what decided them.
 
     ``embed`` gives the coarsest-scale embeddings of the :func:`gap_sample` images. The gap
     (``score.calibration_gap``; None: measured, :func:`near_duplicate_gap`) leaves
-    name-order neighbours out of a fold's bank. When every image was sampled,
-    near-duplicates are also found by content; if some lie further apart in name order
-    than the gap, the folds follow the content
-    (:func:`mspray.near_duplicates.content_fold_plan`)."""
+    name-order neighbours out of a fold's bank. Near-duplicates are also found by content
+    (:mod:`mspray.near_duplicates`), on the sampled images of a larger set: if some lie
+    further apart in name order than the gap, the folds follow the content
+    (:func:`mspray.near_duplicates.content_fold_plan`) when every image was compared; in a
+    larger set, ``info["suspect_share"]`` estimates the share of images whose
+    near-duplicates stay in their fold bank (the caller widens the promise by it).
+    With ``in_bank``, content folds get smaller (more of them) until no fold bank is empty.
+    """
     positions = gap_sample(n_images)
-    flat = embed(positions, max(det.scales))
+    scale = max(det.scales)
+    flat = embed(positions, scale)
     emb = torch.from_numpy(flat).view(len(positions), -1, flat.shape[-1])
     folds, gap = det.cfg.score.calibration_folds, det.cfg.score.calibration_gap
     if gap is None:
         gap = near_duplicate_gap(emb, positions, n_images)
         log.info("cross-calibration: images up to %d apart look like near-duplicates", gap)
     info: dict = {"folds": folds, "gap": gap, "fold_order": "names"}
-    if len(positions) == n_images and n_images > 2:
-        dup = ND.near_duplicate_pairs(ND.closeness_matrix(emb))
-        info["near_duplicate_pairs"] = int(dup.sum() // 2)
-        if ND.needs_content_folds(dup, gap):
-            log.info(
-                "cross-calibration: %d near-duplicate pairs found by content, apart in name "
-                "order; folds follow the content",
-                info["near_duplicate_pairs"],
-            )
-            info["fold_order"] = "content"
-            return ND.content_fold_plan(dup, folds, gap), info
-    return fold_plan(n_images, folds, gap), info
+    if len(positions) <= 2:
+        return fold_plan(n_images, folds, gap), info
+    dup = _content_duplicates(det, emb, scale)
+    info["near_duplicate_pairs"] = int(dup.sum() // 2)
+    far = dup & (np.abs(positions[:, None] - positions[None, :]) > gap)
+    if not far.any():
+        return fold_plan(n_images, folds, gap), info
+    if len(positions) < n_images:
+        # partners of an image are seen in a sample of len(positions) - 1 of n_images - 1
+        per_image = far.sum(1).mean() * (n_images - 1) / (len(positions) - 1)
+        info["suspect_share"] = float(min(1.0, per_image))
+        info["near_duplicates_sampled"] = len(positions)
+        log.warning(
+            "cross-calibration: %d near-duplicate pairs found by content among %d sampled "
+            "images, apart in name order; %d images are too many to keep them all apart",
+            info["near_duplicate_pairs"], len(positions), n_images,
+        )  # fmt: skip
+        return fold_plan(n_images, folds, gap), info
+    log.info(
+        "cross-calibration: %d near-duplicate pairs found by content, apart in name order; "
+        "folds follow the content",
+        info["near_duplicate_pairs"],
+    )
+    info["fold_order"] = "content"
+    plan = ND.content_fold_plan(dup, folds, gap)
+    while in_bank is not None and _empty_fold_bank(plan, in_bank) and len(plan) < n_images:
+        folds = min(n_images, 2 * len(plan))  # smaller folds exclude fewer images
+        plan = ND.content_fold_plan(dup, folds, gap)
+    info["folds"] = len(plan)
+    return plan, info
 
 
 def image_embeddings(
@@ -180,36 +135,17 @@ def image_embeddings(
     }
 
 
+def _empty_fold_bank(plan: list[tuple[np.ndarray, np.ndarray]], in_bank: np.ndarray) -> bool:
+    return any(not np.delete(in_bank, excluded).any() for _, excluded in plan)
+
+
 def check_fold_plan(plan: list[tuple[np.ndarray, np.ndarray]], in_bank: np.ndarray) -> None:
     """ValueError when some fold bank would be empty (too few bank images for the plan)."""
-    for _, excluded in plan:
-        if not np.delete(in_bank, excluded).any():
-            raise ValueError(
-                f"{int(in_bank.sum())} bank images are too few for {len(plan)} folds with "
-                "their gap: a fold bank would be empty"
-            )
-
-
-def fold_banks(
-    det: Detector,
-    plan: list[tuple[np.ndarray, np.ndarray]],
-    in_bank: np.ndarray,
-    embeddings: dict[int, tuple[np.ndarray, np.ndarray]],
-    bank_config: FoldBankConfig | None = None,
-) -> Iterator[tuple[np.ndarray, dict[int, PatchBank]]]:
-    """For each fold of ``plan``: the images it scores and its banks (every scale), built
-    from the ``embeddings`` (per scale: rows, image index of each row) of the bank images
-    outside the fold's excluded range, with the detector's bank config (or
-    ``bank_config(scale, images in the fold bank, rows given)``). One fold at a time."""
-    for scored, excluded in plan:
-        n_imgs = int(np.delete(in_bank, excluded).sum())
-        banks = {}
-        for scale in det.scales:
-            emb, owner = embeddings[scale]
-            keep = ~np.isin(owner, excluded)
-            bcfg = bank_config(scale, n_imgs, int(keep.sum())) if bank_config else det.cfg.bank
-            banks[scale] = PatchBank.build(emb[keep], bcfg, seed=det.cfg.train.seed)
-        yield scored, banks
+    if _empty_fold_bank(plan, in_bank):
+        raise ValueError(
+            f"{int(in_bank.sum())} bank images are too few for {len(plan)} folds with "
+            "their gap and near-duplicates: a fold bank would be empty"
+        )
 
 
 def crossfit_summary(
@@ -220,6 +156,7 @@ def crossfit_summary(
     embeddings: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
     bank_config: FoldBankConfig | None = None,
     batch_size: int | None = None,
+    timings: dict[str, float] | None = None,
 ) -> MapSummary:
     """Summaries (:class:`~mspray.detector.MapSummary`, image order) of the raw maps of
     every normal image, each scored against banks built from the bank images its fold does
@@ -233,7 +170,10 @@ def crossfit_summary(
             into ``images``), e.g. from Ray Data actors; computed here when None.
         bank_config: bank config of a fold bank (default: the detector's); the Ray path
             adjusts the coreset ratio for per-shard reduced rows.
+        timings: gets the seconds of the fold banks (:func:`mspray.fold_banks.fold_banks`)
+            and of scoring the folds (``fold_scoring_s``).
     """
+    t = timings if timings is not None else {}
     in_bank = np.asarray(in_bank, bool)
     if in_bank.shape != (len(images),):
         raise ValueError(f"in_bank: expected {len(images)} flags, got shape {in_bank.shape}")
@@ -244,11 +184,14 @@ def crossfit_summary(
         per_scale = image_embeddings(det, images[bank_index], det.scales, bs)
         embeddings = {s: (emb, bank_index[local]) for s, (emb, local) in per_scale.items()}
     parts, order = [], []
-    for scored, banks in fold_banks(det, plan, in_bank, embeddings, bank_config):
+    t["fold_scoring_s"] = 0.0
+    for scored, banks in fold_banks(det, plan, in_bank, embeddings, bank_config, t):
         order.append(scored)
+        t0 = time.perf_counter()
         for i in range(0, len(scored), bs):
             x = images[torch.from_numpy(scored[i : i + bs])]
             parts.append(det.summarize_maps(det.raw_scale_maps(x, banks=banks)))
+        t["fold_scoring_s"] += time.perf_counter() - t0
     # back to image order (content folds are not contiguous in it)
     return MapSummary.concat(parts).take(np.argsort(np.concatenate(order), kind="stable"))
 
@@ -268,13 +211,54 @@ def crossfit_calibrate(
         picked = images[torch.from_numpy(positions)]
         return image_embeddings(det, picked, (scale,), batch_size)[scale][0]
 
-    plan, info = plan_folds(det, len(images), embed)
-    summary = crossfit_summary(det, images, in_bank, plan, embeddings, bank_config, batch_size)
+    t0 = time.perf_counter()
+    plan, info = plan_folds(det, len(images), embed, in_bank)
+    timings = {"plan_folds_s": time.perf_counter() - t0}
+    summary = crossfit_summary(
+        det, images, in_bank, plan, embeddings, bank_config, batch_size, timings
+    )
     cal = det.calibrate_from_summary(
         summary.moments, lambda stats: det.summary_scores(summary.pooled, stats), "crossfit"
     )
+    cal = widen_for_suspects(det, cal, info)
+    info["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    log.info("cross-calibration timings: %s", info["timings"])
     det.meta["calibration"].update(info)
     return cal
+
+
+def widen_for_suspects(det: Detector, cal: Calibration, info: dict) -> Calibration:
+    """``cal``, widened (:func:`mspray.threshold.widen_promise`, logged, and in
+    ``det.meta``) when ``info["suspect_share"]`` of the calibration images may have
+    near-duplicates in the bank they were scored against."""
+    share = float(info.get("suspect_share") or 0.0)
+    if share <= 0:
+        return cal
+    why = info.get("suspect_why") or (
+        f"near-duplicates by content in a sample of {info.get('near_duplicates_sampled')} "
+        "images could not all be kept out of the fold banks"
+    )
+    cal = widen_promise(cal, math.ceil(share * cal.n), why)
+    log.warning("calibration: %s", cal.extra["widened"])
+    det.meta["calibration"] = cal.to_dict()
+    det.meta["threshold_quantile"] = 1.0 - cal.promised_fpr
+    return cal
+
+
+def _holdout_suspects(det: Detector, images: torch.Tensor, in_bank: np.ndarray) -> dict:
+    """Held-out calibration: the share of held-out images with a near-duplicate by content
+    among the bank images (all of them when there are too many images to compare)."""
+    held = np.flatnonzero(~in_bank)
+    if len(images) > GAP_SAMPLE:
+        return {"suspect_share": 1.0, "suspect_why": "too many images to look for overlap"}
+    scale = max(det.scales)
+    flat = image_embeddings(det, images, (scale,))[scale][0]
+    dup = _content_duplicates(
+        det, torch.from_numpy(flat).view(len(images), -1, flat.shape[-1]), scale
+    )
+    bad = int(dup[np.ix_(held, np.flatnonzero(in_bank))].any(1).sum())
+    why = f"{bad} held-out images have near-duplicates by content in the bank"
+    return {"suspect_share": bad / len(held), "suspect_why": why}
 
 
 def calibrate_normal_images(
@@ -288,15 +272,24 @@ def calibrate_normal_images(
     (sorted-name order; ``in_bank`` marks the bank ones). Falls back to the held-out images
     when there are too few images to cross-fit; None when there is nothing to calibrate on."""
     in_bank = np.asarray(in_bank, bool)
+    fallback = None
     if det.cfg.score.calibration == "crossfit":
         try:
             return crossfit_calibrate(det, images, in_bank, embeddings, bank_config)
         except ValueError as e:
-            log.warning("cross-calibration not possible (%s); using the held-out images", e)
+            fallback = f"cross-calibration not possible ({e}); calibrated on the held-out images"
+            log.warning("%s", fallback)
     held_out = torch.from_numpy(np.flatnonzero(~in_bank))
     if len(held_out) == 0:
         return None
-    return det.calibrate(images[held_out], source="holdout")
+    cal = det.calibrate(images[held_out], source="holdout")
+    if fallback is None:  # held-out calibration was asked for
+        return cal
+    # the mode known to understate: never silently, and widened by its suspect images
+    info = {"fallback": fallback, **_holdout_suspects(det, images, in_bank)}
+    cal = widen_for_suspects(det, cal, info)
+    det.meta["calibration"].update(info)
+    return cal
 
 
 def score_images(det: Detector, images: torch.Tensor, batch_size: int | None = None) -> np.ndarray:

@@ -7,7 +7,7 @@ anomalies, which a deployed detector does not have.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -116,7 +116,7 @@ class Calibration:
     def expected_flags(self, m: int) -> tuple[int, int]:
         """``confidence`` interval of the number of false alarms among ``m`` new normal
         images (Beta-Binomial predictive distribution; checks an observed rate)."""
-        return flag_count_interval(self.n, self.rank, m, self.confidence, self._exact)
+        return expected_flags(self.to_dict(), m)
 
     @property
     def _exact(self) -> bool:
@@ -291,6 +291,9 @@ def expected_flags(calibration: dict, m: int) -> tuple[int, int]:
     n, k = int(calibration["n"]), int(calibration["rank"])
     conf = float(calibration.get("confidence", 0.95))
     lo, hi = flag_count_interval(n, k, m, conf, bool(calibration.get("exact", True)))
+    suspect = int(calibration.get("suspect_scores") or 0)
+    if suspect:  # a widened promise (:func:`widen_promise`): those scores may all sit low
+        hi = max(hi, flag_count_interval(n, max(k - suspect, 0), m, conf)[1])
     n_anom = int(calibration.get("assumed_anomalies") or 0)
     if n_anom:
         hi = max(
@@ -299,3 +302,29 @@ def expected_flags(calibration: dict, m: int) -> tuple[int, int]:
             flag_count_interval(n + n_anom, k, m, conf)[1],  # no anomaly at all
         )
     return lo, hi
+
+
+def widen_promise(cal: Calibration, suspect: int, why: str) -> Calibration:
+    """``cal``'s promise widened for ``suspect`` calibration scores that may be too low (the
+    images' near-duplicates could not be kept out of the bank they were scored against):
+    in the worst case all of them sit at or below the threshold while a new image's score
+    would not, so the threshold may be only the ``rank - suspect``-th of the valid scores.
+    The promised rate and the interval's upper end take that worst case; ``why`` goes to
+    the warning and ``meta.json`` (``widened``)."""
+    if suspect <= 0:
+        return cal
+    k = max(cal.rank - suspect, 0)
+    a, _ = _beta_params(cal.n, k)
+    hi = fpr_interval(cal.n, k, cal.confidence)[1]
+    note = (
+        f"promise widened from {cal.promised_fpr:.3g} [{cal.fpr_interval[0]:.3g}, "
+        f"{cal.fpr_interval[1]:.3g}] to {a / (cal.n + 1):.3g} [{cal.fpr_interval[0]:.3g}, "
+        f"{hi:.3g}]: {suspect} of {cal.n} calibration scores may be too low ({why})"
+    )
+    return replace(
+        cal,
+        promised_fpr=max(cal.promised_fpr, a / (cal.n + 1)),
+        fpr_interval=(cal.fpr_interval[0], max(cal.fpr_interval[1], hi)),
+        warning="; ".join(w for w in (cal.warning, note) if w),
+        extra={**cal.extra, "suspect_scores": int(suspect), "widened": note},
+    )

@@ -4,27 +4,21 @@ images (library and ``mspray calibrate``)."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from mspray.bundle import load_bundle, read_meta, resolve_bundle
-from mspray.calibration import (
-    GAP_RUNS,
-    GAP_SAMPLE,
-    fold_plan,
-    gap_sample,
-    near_duplicate_gap,
-    recalibrate,
-    score_images,
-)
+from mspray.calibration import fold_plan, recalibrate, score_images
 from mspray.cli import main
 from mspray.config import tiny_config
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
 from mspray.data.synthetic import make_strip_dataset
 from mspray.evaluate import evaluate
+from mspray.near_duplicates import GAP_RUNS, GAP_SAMPLE, gap_sample, near_duplicate_gap
 from mspray.pipeline.steps import fit_detector
 from mspray.storage import list_files
 
@@ -184,3 +178,85 @@ def test_overlapping_tiles_in_random_name_order_keep_the_false_alarm_promise(tmp
     assert cal["near_duplicate_pairs"] >= 169  # each tile has several overlapping ones
     fa = evaluate(det, test_samples(spec, "tiles"), progress=False)["false_alarms"]
     assert fa["n_normal"] == 30 and fa["within_promise"], fa
+
+
+def test_a_fallback_to_held_out_calibration_is_never_silent(strip: str) -> None:
+    # a name-order gap wider than the set empties every fold bank: cross-calibration is not
+    # possible, and the held-out calibration that replaces it says so in meta.json
+    cfg = tiny_config(**STRIP_CFG, **{"score.calibration_gap": 200, "train.val_fraction": 0.2})
+    det = fit_detector(cfg, train_paths(f"mvtec:{strip}", "strip"), progress=False)
+    cal = det.meta["calibration"]
+    assert cal["source"] == "holdout" and "fallback" in cal
+    assert "fold bank would be empty" in cal["fallback"]
+    assert "suspect_share" in cal  # held-out images with near-duplicates in the bank
+
+
+def _tile_embeddings(n: int, side: int = 6, dim: int = 8, seed: int = 0) -> torch.Tensor:
+    """``n`` overlapping 6x6-cell tiles of one smooth random field in random name order."""
+    g = torch.Generator().manual_seed(seed)
+    grid = math.isqrt(n) + 1
+    field = torch.randn(dim, 2 * grid + side + 2, 2 * grid + side + 2, generator=g)
+    field = torch.nn.functional.avg_pool2d(field[None], 3, 1)[0].permute(1, 2, 0)
+    corners = [(2 * (k // grid), 2 * (k % grid)) for k in range(n)]
+    order = torch.randperm(n, generator=g).tolist()
+    tiles = [field[y : y + side, x : x + side].reshape(-1, dim) for y, x in corners]
+    emb = torch.stack([tiles[i] for i in order])
+    return emb + 0.02 * torch.randn(emb.shape, generator=g)
+
+
+def test_near_duplicates_beyond_the_sample_widen_the_promise() -> None:
+    # 700 overlapping tiles in random name order: more than the content check compares, so
+    # they cannot all be kept out of the fold banks; the share that may not is estimated
+    # from the sample, and the promise widened by it
+    from types import SimpleNamespace
+
+    from mspray.calibration import plan_folds, widen_for_suspects
+    from mspray.threshold import order_statistic_threshold
+
+    n = 700
+    emb = _tile_embeddings(n)
+    cfg = tiny_config(**{"score.calibration_gap": 0})
+    det = SimpleNamespace(cfg=cfg, scales=(32, 16), bank_stride=lambda s: 4, meta={})
+
+    def embed(positions: np.ndarray, scale: int) -> np.ndarray:
+        return emb[torch.from_numpy(positions)].reshape(-1, emb.shape[-1]).numpy()
+
+    plan, info = plan_folds(det, n, embed)
+    assert info["near_duplicates_sampled"] == GAP_SAMPLE and info["fold_order"] == "names"
+    assert 0.1 < info["suspect_share"] <= 1.0
+    cal = order_statistic_threshold(np.random.default_rng(0).normal(size=n), 0.01)
+    wide = widen_for_suspects(det, cal, info)
+    assert wide.fpr_interval[1] > cal.fpr_interval[1] and "widened" in det.meta["calibration"]
+
+
+def test_fold_banks_derive_from_one_greedy_run_and_cover_like_fresh_ones() -> None:
+    from types import SimpleNamespace
+
+    from mspray.bank import PatchBank
+    from mspray.fold_banks import fold_banks
+
+    n, p = 30, 36
+    emb = _tile_embeddings(n).numpy().reshape(n * p, -1)
+    owner = np.repeat(np.arange(n), p)
+    cfg = tiny_config(**{"bank.coreset_ratio": 0.2})
+    det = SimpleNamespace(cfg=cfg, scales=(32,))
+    plan = fold_plan(n, 5, gap=2)
+    timings: dict = {}
+    for (scored, excluded), (scored2, banks) in zip(
+        plan,
+        fold_banks(det, plan, np.ones(n, bool), {32: (emb, owner)}, None, timings),
+        strict=True,
+    ):
+        assert np.array_equal(scored, scored2)
+        keep = ~np.isin(owner, excluded)
+        fresh = PatchBank.build(emb[keep], cfg.bank, seed=0)
+        assert banks[32].ntotal == fresh.ntotal  # the fold's own target size
+        vec = banks[32].vectors()
+        # no excluded image's row is in the fold bank
+        assert (
+            PatchBank.build(vec, cfg.bank.replace(coreset_ratio=1.0)).search(emb[~keep]).min() > 0
+        )
+        q = np.isin(owner, scored)
+        derived_d, fresh_d = banks[32].search(emb[q]).mean(), fresh.search(emb[q]).mean()
+        assert abs(derived_d / fresh_d - 1) < 0.1
+    assert timings["fold_coreset_shared_s"] > 0 and timings["fold_banks_s"] > 0

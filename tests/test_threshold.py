@@ -156,3 +156,27 @@ def test_moments_add_up_over_any_split() -> None:
     assert stats_from_moments(parts) == pytest.approx((values.mean(), values.std()), rel=1e-12)
     with pytest.raises(ValueError):
         stats_from_moments(np.zeros((0, 3)))
+
+
+def test_a_widened_promise_holds_when_suspect_scores_sat_too_low() -> None:
+    from mspray.threshold import widen_promise
+
+    rng = np.random.default_rng(0)
+    n, suspect, trials = 200, 20, 100
+    cal_rate, flags = [], []
+    for _ in range(trials):
+        scores = rng.normal(size=n)
+        # a tenth of the calibration images had near-duplicates in their bank: too low
+        scores[:suspect] -= 5.0
+        cal = order_statistic_threshold(scores, 0.02, 0.95, source="crossfit")
+        wide = widen_promise(cal, suspect, "test")
+        new = rng.normal(size=400)  # new normal images score like the valid ones
+        flags.append(int((new > cal.threshold).sum()))
+        lo, hi = wide.expected_flags(400)
+        cal_rate.append(lo <= flags[-1] <= hi)
+        assert wide.fpr_interval[1] > cal.fpr_interval[1]
+        assert wide.promised_fpr > cal.promised_fpr and "widened" in wide.to_dict()
+    # the narrow promise understates the rate, the widened one covers it (~95 % of runs)
+    assert cal.promised_fpr < np.mean(flags) / 400 <= wide.promised_fpr
+    assert np.mean(cal_rate) >= 0.9
+    assert widen_promise(cal, 0, "nothing") is cal
