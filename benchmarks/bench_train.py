@@ -127,14 +127,12 @@ def main() -> int:
                 address=args.address,
                 run_name=f"bench-{workers}x{cpus}-{time.time_ns()}",
                 storage=os.path.join(tmp, "runs"),
-                workers=workers,
-                use_gpu=args.use_gpu,
                 cpus_per_worker=cpus,
                 keep_checkpoints=1,
                 progress=False,
             )
             t0 = time.perf_counter()
-            tr(cfg, uris, [])
+            tr(cfg.replace(**{"train.workers": workers}), uris, [])
             wall = time.perf_counter() - t0
             hist = ray_train.load_state(tr.results[args.scale].checkpoint)["history"]
             steady = hist[1:] or hist

@@ -321,7 +321,7 @@ class Detector:
     def predict(self, images: torch.Tensor, timings: dict[str, float] | None = None) -> Prediction:
         """Maps and scores of ``B×3×H×W`` images in [0, 1] (already at the config's size).
 
-        With ``timings``, per-stage seconds are added to it (see :meth:`patch_scores`; the
+        With ``timings``, per-stage seconds are added to it (see :meth:`all_patch_scores`; the
         pixel maps, smoothing and fusion count under ``maps``, the image scores under
         ``score``)."""
         grids = self.all_patch_scores(images, timings)

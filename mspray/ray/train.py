@@ -200,17 +200,15 @@ class RayScaleTrainer:
     """Trains every scale with Ray Train (the train step of
     :class:`mspray.ray.executor.RayExecutor`).
 
-    Settings left ``None`` come from ``cfg.train`` at call time. ``results`` holds each
-    scale's Ray ``Result`` after a call (metrics, checkpoint paths).
+    What to train with (workers, GPUs, failures allowed, scales in parallel, storage) is the
+    config's ``train`` section; these fields are what only this run has. ``results`` holds
+    each scale's Ray ``Result`` after a call (metrics, checkpoint paths).
     """
 
     address: str | None = None
     run_name: str | None = None
+    #: checkpoint root (default: ``cfg.train.storage``, else ``~/ray_results``)
     storage: str | None = None
-    workers: int | None = None
-    use_gpu: bool | None = None
-    max_failures: int | None = None
-    parallel_scales: bool | None = None
     cpus_per_worker: float = 1.0
     keep_checkpoints: int | None = 2
     #: Progress bars (epochs, steps) from rank 0 only, forwarded by Ray to the driver's log.
@@ -231,7 +229,7 @@ class RayScaleTrainer:
         import ray
 
         t = cfg.train
-        workers = max(1, self.workers if self.workers is not None else t.workers)
+        workers = max(1, t.workers)
         if len(train_uris) < workers:
             log.warning(
                 "%d training images for %d workers: using %d workers",
@@ -240,8 +238,7 @@ class RayScaleTrainer:
                 len(train_uris),
             )
             workers = max(1, len(train_uris))
-        parallel = t.parallel_scales if self.parallel_scales is None else self.parallel_scales
-        n_parallel = len(cfg.model.scales) if parallel else 1
+        n_parallel = len(cfg.model.scales) if t.parallel_scales else 1
         init_ray(self.address, min_cpus=n_parallel * (workers + 1) + 1)
         if self.run_name is None:
             self.run_name = new_run_name()
@@ -313,8 +310,6 @@ class RayScaleTrainer:
         from ray.train.torch import TorchConfig, TorchTrainer
 
         t = cfg.train
-        use_gpu = t.use_gpu if self.use_gpu is None else self.use_gpu
-        max_failures = t.max_failures if self.max_failures is None else self.max_failures
         run_dir = self.run_dir(root, scale)
         self._check_run(cfg, run_dir)
         name = f"{self.run_name}-s{scale}"
@@ -336,16 +331,16 @@ class RayScaleTrainer:
                 "threads": self.cpus_per_worker,
                 "progress": self.progress,
             },
-            torch_config=TorchConfig(backend=torch_backend(use_gpu)),
+            torch_config=TorchConfig(backend=torch_backend(t.use_gpu)),
             scaling_config=ScalingConfig(
                 num_workers=workers,
-                use_gpu=use_gpu,
+                use_gpu=t.use_gpu,
                 resources_per_worker={"CPU": self.cpus_per_worker},
             ),
             run_config=RunConfig(
                 name=name,
                 **location,
-                failure_config=FailureConfig(max_failures=max_failures),
+                failure_config=FailureConfig(max_failures=t.max_failures),
                 # The latest checkpoints are kept (a restart loads the last one); each
                 # carries the selected weights so far, which the driver uses.
                 checkpoint_config=CheckpointConfig(num_to_keep=self.keep_checkpoints),

@@ -33,7 +33,7 @@ def weights(tmp_path_factory) -> str:
 
 
 def _ray(tmp_path) -> RayExecutor:
-    trainer = ray_scale_trainer(storage=str(tmp_path / "runs"), workers=1)
+    trainer = ray_scale_trainer(storage=str(tmp_path / "runs"))
     return RayExecutor(pool=PoolConfig(workers=1), trainer=trainer, progress=False)
 
 
@@ -49,7 +49,9 @@ def test_both_executors_run_the_same_steps_and_the_fused_check(
     loads = []
     load = steps.load_vgg16_state
     monkeypatch.setattr(steps, "load_vgg16_state", lambda p: loads.append(p) or load(p))
-    cfg = tiny_cfg.replace(**{"model.pretrained": True, "model.weights_path": weights})
+    cfg = tiny_cfg.replace(
+        **{"model.pretrained": True, "model.weights_path": weights, "train.workers": 1}
+    )
     uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
 
     fit_detector(cfg, uris, out=str(tmp_path / "local"), progress=False)
@@ -81,7 +83,12 @@ def test_without_held_out_images_both_executors_calibrate_on_the_bank(
 ):
     # nothing held out and no cross-fitting: the only normal images are the bank's
     cfg = tiny_cfg.replace(
-        **{"train.epochs": 0, "train.val_fraction": 0.0, "score.calibration": "holdout"}
+        **{
+            "train.epochs": 0,
+            "train.val_fraction": 0.0,
+            "score.calibration": "holdout",
+            "train.workers": 1,
+        }
     )
     uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
     local = fit_detector(cfg, uris, out=str(tmp_path / "local"), progress=False)

@@ -19,33 +19,39 @@ import math
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from mspray.bank import PatchBank, global_bank_config
 from mspray.config import BankConfig, MSPrayConfig, PoolConfig
 from mspray.coreset import greedy_coreset
-from mspray.ray.data.reading import iter_loaded
+from mspray.ray.data.decoded import decoded_units, lookup, stack, units_of
 from mspray.ray.runtime import DetectorActor, gpus_per_actor, map_with_detector
 
 log = logging.getLogger(__name__)
 
 
 class Embedder(DetectorActor):
-    """Ray Data actor: batch of (idx, path) rows -> one row per kept patch embedding
-    (``scale``, ``idx``, ``emb``), plus one row with ``error`` set per unreadable image."""
+    """Ray Data actor: decoded units (:func:`~mspray.ray.data.decoded.decoded_units`) -> one
+    row per kept patch embedding (``scale``, ``idx``, ``emb``), plus one row with ``error``
+    set per unreadable image; ``idx`` is the image's place in the driver's list
+    (``positions``: path -> place, through the object store)."""
 
     with_banks = False
 
-    def __init__(self, keep: dict[str, float], scales: list[int], **actor: Any) -> None:
+    def __init__(
+        self, keep: dict[str, float], scales: list[int], positions: Any, **actor: Any
+    ) -> None:
         super().__init__(**actor)
         self.keep = {int(s): r for s, r in keep.items()}
         self.scales = [int(s) for s in scales]
+        self.positions = lookup(positions)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         cfg = self.det.cfg
-        idx = [int(i) for i in batch["idx"]]
-        uris = [str(p) for p in batch["path"]]
-        (loaded,) = iter_loaded(uris, len(uris), cfg.model.image_size, cfg.score, self.io)
+        size = cfg.model.image_size
+        loaded = stack(units_of(batch, size), size)
+        idx = [self.positions[u] for u in loaded.uris]
         dim = cfg.model.embed_dim
         scales, ids, embs, errors = [], [], [], []
         for i, err in zip(idx, loaded.errors, strict=True):
@@ -93,19 +99,18 @@ def embed_images(
     scales = tuple(scales or cfg.model.scales)
     import ray
 
-    ds = ray.data.from_items([{"idx": i, "path": p} for i, p in enumerate(uris)])
     ds = map_with_detector(
-        ds,
+        decoded_units(uris, cfg, pool),  # read and decoded by CPU tasks, as scoring's
         Embedder,
         bundle,
         cfg,
         pool,
         n_items=math.ceil(len(uris) / cfg.score.batch_size),
-        batch_size=cfg.score.batch_size,
-        batch_format="numpy",
-        io_threads=pool.io_threads,
+        batch_size=1,  # one decoded unit per call
+        batch_format="pyarrow",
         keep={str(s): r for s, r in keep.items()},
         scales=list(scales),
+        positions=ray.put({p: i for i, p in enumerate(uris)}),
     )
     parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {s: [] for s in scales}
     errors: list[str] = []

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from mspray.bank import PatchBank
@@ -33,7 +34,7 @@ from mspray.calibration import (
 )
 from mspray.config import PoolConfig
 from mspray.detector import Detector
-from mspray.ray.data.reading import iter_loaded
+from mspray.ray.data.decoded import decoded_units, lookup, stack, units_of
 from mspray.ray.runtime import DetectorActor, map_with_detector
 from mspray.threshold import Calibration
 
@@ -45,16 +46,18 @@ Embed = Callable[[list[str], dict[int, float], tuple[int, ...]], tuple[dict, dic
 
 
 class FoldScorer(DetectorActor):
-    """Ray Data actor: ``(path, fold)`` rows -> per row ``error`` ("" when read) and per
-    scale ``moments_<s>`` and ``pooled_<s>`` (flat) of the image's raw maps against fold
-    ``fold``'s banks. The banks are byte blobs in the object store, loaded once per fold
-    and actor, one fold at a time."""
+    """Ray Data actor: decoded units (:func:`~mspray.ray.data.decoded.decoded_units`) -> per
+    image ``error`` ("" when read) and per scale ``moments_<s>`` and ``pooled_<s>`` (flat)
+    of its raw maps against its fold's banks (``folds``: path -> fold, through the object
+    store). The banks are byte blobs in the object store, loaded once per fold and actor,
+    one fold at a time."""
 
     with_banks = False
 
-    def __init__(self, fold_banks: list[dict[str, Any]], **actor: Any) -> None:
+    def __init__(self, fold_banks: list[dict[str, Any]], folds: Any, **actor: Any) -> None:
         super().__init__(**actor)
         self.fold_refs = fold_banks
+        self.folds = lookup(folds)
         self.cells = int(np.prod(self.det.window_grid()))
         self._fold: tuple[int, dict[int, PatchBank]] | None = None
 
@@ -71,17 +74,17 @@ class FoldScorer(DetectorActor):
             )
         return self._fold[1]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         det = self.det
-        uris = [str(p) for p in batch["path"]]
-        (loaded,) = iter_loaded(uris, len(uris), det.cfg.model.image_size, det.cfg.score, self.io)
-        n = len(uris)
+        size = det.cfg.model.image_size
+        loaded = stack(units_of(batch, size), size)
+        n = len(loaded.uris)
         out = {"error": np.array([e or "" for e in loaded.errors], dtype=object)}
         for s in det.scales:
             out[f"moments_{s}"] = np.zeros((n, 3))
             out[f"pooled_{s}"] = np.zeros((n, self.cells), np.float32)
         ok = np.asarray(loaded.ok, np.int64)  # batch rows that were read = rows of images
-        folds = np.asarray(batch["fold"], np.int64)[ok]
+        folds = np.asarray([self.folds[loaded.uris[i]] for i in ok], np.int64)
         for fold in np.unique(folds):
             rows = np.flatnonzero(folds == fold)
             banks = self._banks(int(fold))
@@ -154,18 +157,18 @@ def calibrate_on_pool(
         if len(positions) == 0:
             return None
         refs = [{str(s): ray.put(b.to_bytes()) for s, b in det.banks.items()}]
-    rows = [{"path": names[p], "fold": int(fold_of[p])} for p in positions]
+    scored = [names[p] for p in positions]
     summaries = map_with_detector(
-        ray.data.from_items(rows),
+        decoded_units(scored, cfg, pool),  # read and decoded by CPU tasks, as scoring's
         FoldScorer,
         bundle,
         cfg,
         pool,
-        n_items=-(-len(rows) // cfg.score.batch_size),
-        batch_size=cfg.score.batch_size,
-        batch_format="numpy",
-        io_threads=pool.io_threads,
+        n_items=-(-len(scored) // cfg.score.batch_size),
+        batch_size=1,  # one decoded unit per call
+        batch_format="pyarrow",
         fold_banks=refs,
+        folds=ray.put({names[p]: int(fold_of[p]) for p in positions}),
     ).materialize()  # in the object store (spilled to disk if need be), not on the driver
 
     def read(prefix: str) -> Iterator[tuple[dict[int, np.ndarray], np.ndarray]]:

@@ -258,11 +258,11 @@ def test_two_gloo_runs_with_one_seed_write_bit_identical_weights(
     from mspray.pipeline.steps import fit_detector
     from mspray.ray.executor import RayExecutor
 
-    cfg = _cfg(**{"train.epochs": 2, "train.val_fraction": 0.25})
+    cfg = _cfg(**{"train.epochs": 2, "train.val_fraction": 0.25, "train.workers": 2})
     uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
     for name in ("a", "b"):
         rt = ray_train.ray_scale_trainer(
-            run_name=f"det-{name}", storage=str(tmp_path / "runs"), workers=2, progress=False
+            run_name=f"det-{name}", storage=str(tmp_path / "runs"), progress=False
         )
         ex = RayExecutor(trainer=rt, progress=False)
         fit_detector(cfg, uris, out=str(tmp_path / name), executor=ex, progress=False)
@@ -286,12 +286,10 @@ def test_injected_failure_resumes_from_the_last_checkpoint(ray_local, split, tmp
     rt = ray_train.ray_scale_trainer(
         run_name="fault",
         storage=str(tmp_path),
-        workers=2,
-        max_failures=1,
         keep_checkpoints=None,
         epoch_hook=FailOnce(epoch=2, marker=marker, mode="raise"),
     )
-    models = rt(_cfg(), *split)
+    models = rt(_cfg(**{"train.workers": 2, "train.max_failures": 1}), *split)
 
     assert os.path.exists(marker)  # it did fail once
     result = rt.results[SCALE]
@@ -323,18 +321,16 @@ def test_killed_run_resumes_with_the_same_name(ray_local, split, s3_bucket):
     from ray.train import TrainingFailedError
 
     storage = f"{s3_bucket}/runs"
-    cfg = _cfg(**{"train.epochs": 2})
+    cfg = _cfg(**{"train.epochs": 2, "train.workers": 1})
     killed = ray_train.ray_scale_trainer(
         run_name="killed",
         storage=storage,
-        workers=1,
-        max_failures=0,
         epoch_hook=FailOnce(epoch=2, marker=f"{storage}/failed.marker", mode="exit"),
     )
     with pytest.raises(TrainingFailedError):
-        killed(cfg, *split)
+        killed(cfg.replace(**{"train.max_failures": 0}), *split)
 
-    rerun = ray_train.ray_scale_trainer(run_name="killed", storage=storage, workers=1)
+    rerun = ray_train.ray_scale_trainer(run_name="killed", storage=storage)
     rerun(cfg, *split)
     state = ray_train.load_state(rerun.results[SCALE].checkpoint)
     assert state["epoch"] == 2
@@ -343,13 +339,13 @@ def test_killed_run_resumes_with_the_same_name(ray_local, split, s3_bucket):
 
     # Rerunning a finished run trains nothing more and returns the same final state; a
     # step budget is not part of what the state means, so it may change on resume.
-    again = ray_train.ray_scale_trainer(run_name="killed", storage=storage, workers=1)
+    again = ray_train.ray_scale_trainer(run_name="killed", storage=storage)
     again(cfg.replace(**{"train.max_steps": 1000}), *split)
     final = ray_train.load_state(again.results[SCALE].checkpoint)
     assert final["epoch"] == 2 and [h["epoch"] for h in final["history"]] == [1, 2]
 
     # A config that changes what the saved state means is refused, not silently resumed.
     with pytest.raises(ValueError, match="different model/training config"):
-        ray_train.ray_scale_trainer(run_name="killed", storage=storage, workers=1)(
-            _cfg(**{"model.embed_dim": 8}), *split
+        ray_train.ray_scale_trainer(run_name="killed", storage=storage)(
+            _cfg(**{"model.embed_dim": 8, "train.workers": 1}), *split
         )
