@@ -126,6 +126,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             "version_uri": version_uri(args.out, det.version),
             "threshold": det.threshold,
             "calibration": det.meta.get("calibration", {}).get("source"),
+            # a widened false-alarm promise, or a fallback, is said here, not only in meta.json
+            "calibration_warning": det.meta.get("calibration", {}).get("warning"),
             "bank_sizes": {str(s): b.ntotal for s, b in det.banks.items()},
             "pretrained_loaded": det.meta.get("pretrained_loaded"),
             "steps": {r["step"]: r["seconds"] for r in det.meta["pipeline"]["steps"]},
