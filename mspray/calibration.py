@@ -289,6 +289,7 @@ def calibrate_normal_images(
     info = {"fallback": fallback, **_holdout_suspects(det, images, in_bank)}
     cal = widen_for_suspects(det, cal, info)
     det.meta["calibration"].update(info)
+    det.meta["calibration"]["warning"] = "; ".join(w for w in (fallback, cal.warning) if w)
     return cal
 
 

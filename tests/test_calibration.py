@@ -188,6 +188,7 @@ def test_a_fallback_to_held_out_calibration_is_never_silent(strip: str) -> None:
     cal = det.meta["calibration"]
     assert cal["source"] == "holdout" and "fallback" in cal
     assert "fold bank would be empty" in cal["fallback"]
+    assert cal["fallback"] in cal["warning"]  # and in the train summary line
     assert "suspect_share" in cal  # held-out images with near-duplicates in the bank
 
 

@@ -31,6 +31,7 @@ from mspray.calibration import (
     check_fold_plan,
     fold_banks,
     plan_folds,
+    widen_for_suspects,
 )
 from mspray.config import PoolConfig
 from mspray.detector import Detector
@@ -142,7 +143,7 @@ def calibrate_on_pool(
             check_fold_plan(plan, in_bank)
         except ValueError as e:
             log.warning("cross-calibration not possible (%s); using the held-out images", e)
-            plan = None
+            plan, info = None, {"fallback": f"cross-calibration not possible ({e})"}
     fold_of = np.zeros(len(names), np.int64)
     if plan is not None:
         refs = []
@@ -202,6 +203,6 @@ def calibrate_on_pool(
 
     mode = "crossfit" if plan is not None else "bank" if source == "bank" else "holdout"
     cal = det.calibrate_from_summary(moments, scores_for, mode)
-    if plan is not None:
-        det.meta["calibration"].update(info)
+    cal = widen_for_suspects(det, cal, info)  # near-duplicates beyond the content sample
+    det.meta["calibration"].update(info)
     return cal
