@@ -286,15 +286,16 @@ def device_fault(e: BaseException) -> str | None:
     return None
 
 
-def count_fault(unit: Sequence[str]) -> int:
-    """Hardware faults on ``unit`` (its paths) so far, this one included. Kept in the
-    cluster's GCS key-value store, since the process that counts them dies of each."""
+def count_fault(what: str, bump: bool = True) -> int:
+    """Hardware faults recorded for ``what`` (a unit, a node), with this one when ``bump``.
+    Kept in the cluster's GCS key-value store: the process that counts them dies of each."""
     from ray.experimental import internal_kv
 
-    key = "fault:" + hashlib.sha1("\n".join(unit).encode()).hexdigest()
-    seen = internal_kv._internal_kv_get(key, namespace=FAULTS_NAMESPACE)
-    n = int(seen or 0) + 1
-    internal_kv._internal_kv_put(key, str(n), overwrite=True, namespace=FAULTS_NAMESPACE)
+    key = "fault:" + hashlib.sha1(what.encode()).hexdigest()
+    n = int(internal_kv._internal_kv_get(key, namespace=FAULTS_NAMESPACE) or 0)
+    if bump:
+        n += 1
+        internal_kv._internal_kv_put(key, str(n), overwrite=True, namespace=FAULTS_NAMESPACE)
     return n
 
 
@@ -368,15 +369,25 @@ class DetectorActor:
         fault exits the actor (see :func:`exit_for_restart`) for Ray to retry the unit in a
         fresh process, until the unit has had :data:`HARDWARE_RETRIES` retries; then, and at
         once for a deterministic device error, :class:`DeviceError` is raised (the caller
-        gives the unit's images error rows with its reason). Returns for anything else."""
+        gives the unit's images error rows with its reason). A node whose GPU has failed a
+        unit past its retries is not restarted on again: its later faults raise at once, so
+        a dead GPU cannot exhaust the actor's restarts and end the run without a summary.
+        The counts are per run (Ray job). Returns for anything else."""
         kind = device_fault(e)
         if kind is None:
             return
         what = f"{type(e).__name__} on {self.det.device}: {e}"
         if kind == "deterministic":
             raise DeviceError(f"device error, not retried (it would recur): {what}") from e
-        faults = count_fault(unit)
+        import ray
+
+        run = ray.get_runtime_context().get_job_id()  # the counts are this run's alone
+        node = f"node:{run}:{where_am_i()[0]}"
+        if count_fault(node, bump=False):
+            raise DeviceError(f"hardware fault on a GPU that failed before: {what}") from e
+        faults = count_fault(f"unit:{run}:" + "\n".join(unit))
         if faults > HARDWARE_RETRIES:
+            count_fault(node)
             raise DeviceError(
                 f"hardware fault {faults} times on this unit, given up after "
                 f"{HARDWARE_RETRIES} retries in fresh processes: {what}"
