@@ -9,7 +9,7 @@ Routes (FastAPI ingress):
 - ``GET /v1/models`` served names, bundle URIs and versions, which are loaded here.
 - ``GET /v1/model[?model=NAME]`` bundle config, version, scales, bank sizes, settings.
 - ``GET /v1/stats`` this replica's executed batch sizes and rejections by status.
-- ``GET /healthz``.
+- ``GET /healthz``; ``GET /v1/replicas`` every replica's last ``/healthz`` answer.
 
 Several bundles: ``ServeConfig.models`` names them (``bundle_uri`` is the one
 named ``default``). A request picks one with ``?model=NAME`` or the
@@ -112,7 +112,8 @@ class MSPrayDetector:
         self._args = validate(ServeConfig, args or {}, where="args")
         self._metrics = ServeMetrics()
         app = serve.get_replica_context().app_name
-        self._models = ModelSlots(self._args, self._metrics, pins=ServePins(app, build_id))
+        self._pins = ServePins(app, build_id)
+        self._models = ModelSlots(self._args, self._metrics, pins=self._pins)
         self._refresh: asyncio.Task | None = None
         self._batch_sizes: collections.Counter[int] = collections.Counter()
         self._rejections: collections.Counter[int] = collections.Counter()
@@ -132,6 +133,12 @@ class MSPrayDetector:
         """Apply a new ``user_config``: changed bundles are loaded before they are swapped
         in (see :meth:`ModelSlots.reconfigure`)."""
         await self._models.reconfigure(user_config, self._get_model, self._apply)
+        await self._report()
+
+    async def _report(self) -> None:
+        """This replica's :meth:`_health` where every replica's is (see ``/v1/replicas``)."""
+        health = self._health()
+        await self._pins.report(health["replica"], health)
 
     def _apply(self, settings: ServeConfig) -> None:
         self._predict_batch.set_max_batch_size(settings.max_batch_size)
@@ -147,6 +154,7 @@ class MSPrayDetector:
         if self._refresh is None or self._refresh.done():
             self._refresh = asyncio.create_task(self._refreshed())
         await self._models.check_health()
+        await self._report()
 
     async def _refreshed(self) -> None:
         try:
@@ -250,10 +258,29 @@ class MSPrayDetector:
         models still serve, and the answer says which bundles are served, which were
         requested, and the error (what ``ray_jobs/deploy.py`` checks on every replica
         after a rollout)."""
+        health = self._health()
+        return JSONResponse(health, status_code=503 if health["status"] == "loading" else 200)
+
+    @api.get("/v1/replicas")
+    async def replicas(self) -> JSONResponse:
+        """Every live replica's last ``/healthz`` answer (replica id -> answer), reported at
+        each health check and change of models: one answer covers the replicas that Serve's
+        locality routing would never let a caller reach."""
+        try:
+            reports = await self._pins.reports()
+        except Exception as e:  # the actor restarting: this replica's own report only
+            log.warning("cannot read the replicas' reports: %s", e)
+            reports = {}
+        me = self._health()
+        reports[me["replica"]] = me
+        return JSONResponse({"replica": me["replica"], "replicas": reports})
+
+    def _health(self) -> dict[str, Any]:
+        """What ``/healthz`` answers."""
         replica = serve.get_replica_context().replica_id.unique_id
         models = self._models
         if models.settings is None:
-            return JSONResponse({"status": "loading", "replica": replica}, status_code=503)
+            return {"status": "loading", "replica": replica}
         loaded = models.loaded_versions()
         out: dict[str, Any] = {
             "status": "degraded" if models.reload_error else "ok",
@@ -267,7 +294,7 @@ class MSPrayDetector:
         }
         if len(models.settings.named_models()) == 1 and len(loaded) == 1:
             out["model_version"] = next(iter(loaded.values()))  # the single-bundle form
-        return JSONResponse(out)
+        return out
 
     @api.get("/v1/models")
     async def models(self) -> JSONResponse:

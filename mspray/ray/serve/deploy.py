@@ -213,27 +213,31 @@ def dashboard_url(address: str | None = None) -> str:
 def auth_headers() -> dict[str, str]:
     """What Ray's own dashboard clients (``ray job submit``, ``serve deploy``) send to
     authenticate: with token authentication on here (``RAY_AUTH_MODE=token``), the
-    cluster's token (from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
-    ``~/.ray/auth_token``) as a bearer header; else nothing."""
-    from ray._private.authentication.http_token_authentication import (
-        get_auth_headers_if_auth_enabled,
-    )
-    from ray.exceptions import AuthenticationError
-
-    try:
-        # Ray's helper, the one its SubmissionClient calls: both stay in step.
-        return dict(get_auth_headers_if_auth_enabled({}))
-    except AuthenticationError as e:  # token mode on, but no token where this runs
-        raise DeployError(str(e)) from None
+    cluster's token as a bearer header, taken from ``RAY_AUTH_TOKEN``, else the file
+    ``RAY_AUTH_TOKEN_PATH`` names, else ``~/.ray/auth_token``; else nothing. (Ray's helper
+    for this is private; tests/ray/serve/test_serve_deploy_auth.py checks both agree.)"""
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() != "token":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+        try:
+            with open(path) as f:
+                token = f.read().strip()
+        except OSError:
+            token = ""
+    if not token:
+        raise DeployError(
+            "token authentication is on here (RAY_AUTH_MODE=token) but no token was found: "
+            "set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file holding it, or write it to "
+            "~/.ray/auth_token (as for `ray job submit`)"
+        )
+    return {"Authorization": f"Bearer {token}"}
 
 
 def rest(method: str, url: str, body: Any = None, timeout: float = 60.0) -> Any:
     """One Serve REST API call, authenticated like Ray's clients (:func:`auth_headers`);
     the JSON answer (None if empty), or :class:`DeployError` with the server's message."""
-    from ray._private.authentication.http_token_authentication import (
-        format_authentication_http_error,
-    )
-
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url + API_PATH, data=data, method=method, headers=auth_headers())
     req.add_header("Accept", "application/json")
@@ -245,10 +249,9 @@ def rest(method: str, url: str, body: Any = None, timeout: float = 60.0) -> Any:
     except urllib.error.HTTPError as e:
         detail = e.read().decode(errors="replace").strip()
         if e.code in (401, 403):
-            detail = (
-                f"{format_authentication_http_error(e.code, detail)} (set RAY_AUTH_MODE=token "
-                "and the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token, as for "
-                "`ray job submit`)"
+            detail += (
+                " (the cluster uses token authentication: set RAY_AUTH_MODE=token and the "
+                "cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token, as for `ray job submit`)"
             )
         raise DeployError(f"{method} {url}{API_PATH}: HTTP {e.code}: {detail}") from None
     except (urllib.error.URLError, OSError) as e:
@@ -303,10 +306,11 @@ def _failure(name: str, app: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def running_replicas(app: dict[str, Any]) -> int:
-    """RUNNING replicas of the detector deployment in an application's REST details."""
+def running_replicas(app: dict[str, Any]) -> list[str]:
+    """Ids of the RUNNING replicas of the detector deployment in an application's REST
+    details."""
     dep = (app.get("deployments") or {}).get(DEPLOYMENT) or {}
-    return sum(r.get("state") == "RUNNING" for r in dep.get("replicas") or [])
+    return [r["replica_id"] for r in dep.get("replicas") or [] if r.get("state") == "RUNNING"]
 
 
 def endpoint_url(config: dict[str, Any], dashboard: str, route_prefix: str | None) -> str:
@@ -348,13 +352,15 @@ def confirm_rollout(
     head node submitted through the dashboard (from outside the cluster, often the one
     port open). Raises :class:`DeployError`."""
     prefix = (app.get("route_prefix") or "/").rstrip("/")
-    n = running_replicas(app)
+    ids = running_replicas(app)
+    n = len(ids)
     try:
         if http_address:
-            return verify_replicas(http_address.rstrip("/") + prefix, n, models, timeout)
+            url = http_address.rstrip("/") + prefix
+            return verify_replicas(url, n, models, timeout, replica_ids=ids)
         endpoint = endpoint_url(config, dashboard, app.get("route_prefix"))
         if reachable(endpoint):
-            return verify_replicas(endpoint, n, models, timeout)
+            return verify_replicas(endpoint, n, models, timeout, replica_ids=ids)
         log.info(
             "%s is not reachable from here: verifying the replicas through a job on the head "
             "node (pass --http-address to verify through another address)",
@@ -368,6 +374,7 @@ def confirm_rollout(
             models,
             timeout,
             runtime_env=spec.get("runtime_env"),
+            replica_ids=ids,
         )
     except VerifyError as e:
         raise DeployError(str(e)) from None

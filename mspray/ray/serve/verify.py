@@ -1,13 +1,17 @@
 """Confirm a rollout replica by replica: every replica serves the bundle versions asked for.
 
-Each ``GET /healthz`` reaches one replica (as the proxy routes it) and tells which version
-each served name is pinned to for this deploy and which versions it has loaded;
-:func:`verify_replicas` polls until enough distinct replicas agree with the versions the
-requested bundles name. It needs Serve's HTTP proxy, which the caller may not reach: from
-outside the cluster often only the dashboard (port 8265) is open. Then
-:func:`verify_through_dashboard` runs the same check as a Ray job, submitted through the
-dashboard's Job API, on the head node, where the proxy listens, and reads its answer from
-the job's logs (``python -m mspray.ray.serve.verify`` is that job).
+Every replica reports its ``/healthz`` answer (which version each served name is pinned to
+for this deploy and which versions it has loaded) at each health check and change of
+models, to the application's shared actor (:mod:`mspray.ray.serve.pins`), and any replica
+answers ``GET /v1/replicas`` with all of them. So :func:`verify_replicas` needs one replica
+to answer, whichever one Serve's proxy routes to: its locality routing (same node, then
+same zone) cannot hide the others. It polls until every replica (the RUNNING ones the
+Serve REST API lists, when given) serves the versions the requested bundles name. It needs
+Serve's HTTP proxy, which the caller may not reach: from outside the cluster often only the
+dashboard (port 8265) is open. Then :func:`verify_through_dashboard` runs the same check as
+a Ray job, submitted through the dashboard's Job API, on the head node, where the proxy
+listens, and reads its answer from the job's logs (``python -m mspray.ray.serve.verify`` is
+that job).
 """
 
 from __future__ import annotations
@@ -53,37 +57,43 @@ def verify_replicas(
     n_replicas: int,
     models: dict[str, str],
     timeout: float,
-    poll_s: float = 0.1,
+    poll_s: float = 0.5,
+    replica_ids: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Poll ``GET endpoint/healthz`` until ``n_replicas`` distinct replicas serve ``models``
-    (name -> bundle URI) at the versions those URIs name now (see :func:`serves`). A
-    replica whose change to them failed (it still serves its previous models) raises
-    :class:`VerifyError` naming what still serves and the error. Returns replica id -> its
-    answer."""
+    """Poll ``GET endpoint/v1/replicas`` (every replica's report, from any replica) until
+    the replicas ``replica_ids`` (when given: the RUNNING ones Serve lists), else any
+    ``n_replicas`` distinct replicas, serve ``models`` (name -> bundle URI) at the versions
+    those URIs name now (see :func:`serves`). A replica whose change to them failed (it
+    still serves its previous models) raises :class:`VerifyError` naming what still serves
+    and the error. Returns replica id -> its report."""
     import requests
 
     versions = expected_versions(models)
-    seen: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout
     while True:
         try:
-            health = requests.get(endpoint.rstrip("/") + "/healthz", timeout=10).json()
-        except (requests.RequestException, ValueError) as e:
-            health = {"status": f"unreachable: {e}"}
-        if health.get("last_reload_error") and health.get("requested") == models:
-            raise VerifyError(
-                f"replica {health.get('replica')} failed to swap to {models}: "
-                f"{health['last_reload_error']}; it still serves {health.get('models')} "
-                f"(versions {health.get('loaded')})"
-            )
-        if serves(health, models, versions):
-            seen[str(health["replica"])] = health
-            if len(seen) >= n_replicas:
-                return seen
+            answer = requests.get(endpoint.rstrip("/") + "/v1/replicas", timeout=10).json()
+            reports: dict[str, dict[str, Any]] = answer["replicas"]
+        except (requests.RequestException, ValueError, KeyError, TypeError) as e:
+            reports, answer = {}, {"status": f"unreachable or not mspray: {e}"}
+        required = list(replica_ids) if replica_ids else sorted(reports)
+        for rid in required:
+            health = reports.get(rid) or {}
+            if health.get("last_reload_error") and health.get("requested") == models:
+                raise VerifyError(
+                    f"replica {rid} failed to swap to {models}: "
+                    f"{health['last_reload_error']}; it still serves {health.get('models')} "
+                    f"(versions {health.get('loaded')})"
+                )
+        seen = {r: reports[r] for r in required if serves(reports.get(r) or {}, models, versions)}
+        if len(seen) >= (len(replica_ids) if replica_ids else n_replicas):
+            return seen
         if time.monotonic() > deadline:
+            missing = [r for r in required if r not in seen]
             raise VerifyError(
                 f"after {timeout:.0f}s {len(seen)} of {n_replicas} replicas serve {models} "
-                f"at versions {versions} (last answer: {health})"
+                f"at versions {versions}; not (yet): "
+                f"{ {r: reports.get(r, 'no report') for r in missing} or answer }"
             )
         time.sleep(poll_s)
 
@@ -106,13 +116,20 @@ def verify_through_dashboard(
     models: dict[str, str],
     timeout: float,
     runtime_env: dict[str, Any] | None = None,
+    replica_ids: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """:func:`verify_replicas` run as a Ray job submitted through the dashboard at
     ``dashboard``, against ``endpoint`` as seen from the head node. ``runtime_env`` is the
     application's (so the job imports the same mspray)."""
     from ray.job_submission import JobSubmissionClient
 
-    request = {"endpoint": endpoint, "replicas": n_replicas, "models": models, "timeout": timeout}
+    request = {
+        "endpoint": endpoint,
+        "replicas": n_replicas,
+        "models": models,
+        "timeout": timeout,
+        "replica_ids": replica_ids,
+    }
     client = JobSubmissionClient(dashboard)
     job = client.submit_job(
         entrypoint=f"python -m mspray.ray.serve.verify '{json.dumps(request)}'",
@@ -141,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     request = json.loads((argv if argv is not None else sys.argv[1:])[0])
     try:
         replicas = verify_replicas(
-            request["endpoint"], request["replicas"], request["models"], request["timeout"]
+            request["endpoint"],
+            request["replicas"],
+            request["models"],
+            request["timeout"],
+            replica_ids=request.get("replica_ids"),
         )
     except VerifyError as e:
         print(ANSWER + json.dumps({"error": str(e)}), flush=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,11 +22,10 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from serve_util import deploy_apps, free_port
 
 from mspray.bundle import load_bundle
-from mspray.data.datasets import train_paths
 from mspray.data.images import decode_image, to_tensor
-from mspray.pipeline.steps import fit_detector
 
 pytestmark = pytest.mark.ray
 
@@ -35,18 +33,6 @@ ROOT = Path(__file__).resolve().parents[3]
 APP = "mspray"
 #: A small body limit, so the 413 test need not send megabytes.
 MAX_BYTES = 200_000
-
-
-@pytest.fixture(scope="module")
-def bundles(tiny_bundle, synthetic_root, tmp_path_factory, tiny_cfg) -> dict[str, str]:
-    """Two tiny bundles: "a" the session's trained one, "b" another seed's untrained
-    encoders (epochs=0 builds banks right away; the serving layer only needs a second
-    model)."""
-    uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
-    b = str(tmp_path_factory.mktemp("bundle_b") / "bundle")
-    cfg = tiny_cfg.replace(**{"train.seed": 1, "train.epochs": 0})
-    fit_detector(cfg, uris, out=b, progress=False)
-    return {"a": tiny_bundle[0], "b": b}
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +44,6 @@ def images(synthetic_root) -> dict[str, bytes]:
     return {"good": good.read_bytes(), "defect": bad.read_bytes()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _config(port: int, bundle: str) -> dict:
     """serve_config.yaml as shipped, with the test bundle, loopback and one fixed replica."""
     raw = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
@@ -73,14 +53,6 @@ def _config(port: int, bundle: str) -> dict:
     del app["args"]["max_replicas"]
     app["deployments"][0]["user_config"].update(bundle_uri=bundle, max_image_bytes=MAX_BYTES)
     return raw
-
-
-def _deploy(raw: dict, blocking: bool) -> None:
-    """What `serve run/deploy serve_config.yaml` does: validate, then apply the config."""
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
-
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(raw), _blocking=blocking)
 
 
 class Endpoint:
@@ -104,9 +76,9 @@ def endpoint(ray_local, bundles):
     """The app from serve_config.yaml on bundle "a", behind Serve's proxy on loopback."""
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    _deploy(_config(port, bundles["a"]), blocking=True)
+    deploy_apps(_config(port, bundles["a"]), blocking=True)
     ep = Endpoint(f"http://127.0.0.1:{port}", port)
     deadline = time.time() + 60
     while ep.client.get("/healthz").status_code != 200:
@@ -179,7 +151,7 @@ def _batching(endpoint: Endpoint, bundle: str, **settings) -> None:
     """Apply batching ``settings`` through user_config (in place) and wait until served."""
     raw = _config(endpoint.port, bundle)
     raw["applications"][0]["deployments"][0]["user_config"].update(settings)
-    _deploy(raw, blocking=True)
+    deploy_apps(raw, blocking=True)
     deadline = time.time() + 60
     while any(endpoint.model()["serving"][k] != v for k, v in settings.items()):
         assert time.time() < deadline, "the batching settings were never applied"
@@ -345,7 +317,9 @@ def test_reconfigure_swaps_model_without_failed_requests(endpoint, bundles, imag
         t.start()
     try:
         time.sleep(1.0)
-        _deploy(_config(endpoint.port, bundles["b"]), blocking=False)  # only user_config changed
+        deploy_apps(
+            _config(endpoint.port, bundles["b"]), blocking=False
+        )  # only user_config changed
         deadline = time.time() + 90
         while endpoint.model()["model_version"] != det_b.version:
             assert time.time() < deadline, "the new bundle was never served"
@@ -370,7 +344,7 @@ def test_reconfigure_swaps_model_without_failed_requests(endpoint, bundles, imag
 
 def test_unloadable_bundle_keeps_the_current_model(endpoint, bundles, images, tmp_path):
     version_b = load_bundle(bundles["b"], with_banks=False).version
-    _deploy(_config(endpoint.port, str(tmp_path / "no-such-bundle")), blocking=False)
+    deploy_apps(_config(endpoint.port, str(tmp_path / "no-such-bundle")), blocking=False)
     deadline = time.time() + 60
     while not endpoint.model()["last_reload_error"]:
         assert time.time() < deadline, "the failed reload was never reported"

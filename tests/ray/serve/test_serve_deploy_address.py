@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from serve_util import free_port
 from test_jobs_e2e import ray_cluster  # noqa: F401  # a private head with the dashboard
 
 from mspray.bundle import read_meta
@@ -66,12 +67,6 @@ class Forwarder:
         self.sock.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_deploy_is_confirmed_through_the_dashboard(ray_cluster, tiny_bundle):  # noqa: F811
     forward = Forwarder(urlsplit(ray_cluster.dashboard_url).port)
     try:
@@ -79,7 +74,7 @@ def test_deploy_is_confirmed_through_the_dashboard(ray_cluster, tiny_bundle):  #
         overrides = {"bundle_uri": tiny_bundle[0], "device": "cpu", "num_cpus": 1.0,
                      "replicas": 1, "max_replicas": 1}  # fmt: skip
         config = apply_overrides(
-            load_serve_config(str(REPO / "serve_config.yaml")), overrides, http_port=_free_port()
+            load_serve_config(str(REPO / "serve_config.yaml")), overrides, http_port=free_port()
         )
         assert config["http_options"]["host"] == "0.0.0.0"  # as shipped
         assert not reachable(endpoint_url(config, dashboard, "/"))

@@ -14,11 +14,9 @@ import httpx
 import pytest
 import yaml
 from serve_faults import FAULT_FILE
-from test_serve_rollout import _deploy, _free_port
+from serve_util import deploy_apps, free_port
 
 from mspray.bundle import load_bundle, read_meta, save_bundle
-from mspray.data.datasets import train_paths
-from mspray.pipeline.steps import fit_detector
 from mspray.ray.serve.verify import VerifyError, verify_replicas
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -66,19 +64,10 @@ def _versions(url: str, n: int, timeout: float = 90) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def bundles(tiny_bundle, synthetic_root, tmp_path_factory, tiny_cfg) -> dict[str, str]:
-    """ "a": the session's bundle; "b": another seed's (another version)."""
-    uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
-    b = str(tmp_path_factory.mktemp("lifecycle") / "b")
-    fit_detector(tiny_cfg.replace(**{"train.seed": 1, "train.epochs": 0}), uris, out=b)
-    return {"a": tiny_bundle[0], "b": b}
-
-
-@pytest.fixture(scope="module")
 def serve_port(ray_local):
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
     serve.shutdown()
@@ -94,7 +83,7 @@ def test_a_root_serves_one_version_per_deploy(ray_local, serve_port, bundles, tm
     version_a, version_b = read_meta(bundles["a"])["version"], read_meta(bundles["b"])["version"]
     url = f"http://127.0.0.1:{serve_port}"
     raw = _config(serve_port, str(root), replicas=2)
-    _deploy(raw, blocking=True)
+    deploy_apps(raw, blocking=True)
     assert set(_versions(url, 2).values()) == {version_a}
 
     save_bundle(load_bundle(bundles["b"]), str(root))  # `latest` now names b's version
@@ -117,7 +106,7 @@ def test_a_root_serves_one_version_per_deploy(ray_local, serve_port, bundles, tm
     after = _versions(url, 2)
     assert set(after) == set(states) and set(after.values()) == {version_a}, after
 
-    _deploy(raw, blocking=False)  # the same file again
+    deploy_apps(raw, blocking=False)  # the same file again
     confirmed = verify_replicas(url, 2, {"default": str(root)}, timeout=90)
     assert [h["loaded"] for h in confirmed.values()] == [{"default": version_b}] * 2
 
@@ -138,7 +127,7 @@ def test_a_replica_whose_model_calls_fail_is_replaced(ray_local, serve_port, bun
         runtime_env={"env_vars": {"PYTHONPATH": pythonpath, FAULT_FILE: str(flag)}},
     )
     serve.delete("mspray")  # the other test's replicas: free their CPUs
-    _deploy(raw, blocking=True)
+    deploy_apps(raw, blocking=True)
     url = f"http://127.0.0.1:{serve_port}/faulty"
     image = _png_of(bundles["a"])
     first = httpx.get(f"{url}/healthz", timeout=30).json()["replica"]

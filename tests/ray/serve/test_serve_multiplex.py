@@ -11,13 +11,13 @@ The app is deployed from the repository's serve_config.yaml with ``user_config.m
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+from serve_util import deploy_apps, free_port
 
 from mspray.bundle import load_bundle, read_meta
 from mspray.data.images import decode_image, to_tensor
@@ -61,7 +61,7 @@ def client(ray_local, named):
     import yaml
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     raw = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     raw["http_options"] = {"host": "127.0.0.1", "port": port}
     app = raw["applications"][0]
@@ -71,7 +71,7 @@ def client(ray_local, named):
     del user["bundle_uri"]
     user["models"] = named
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    _deploy(raw)
+    deploy_apps(raw)
     c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
     c.serve_config = raw  # type: ignore[attr-defined]  # what the batching test changes
     deadline = time.time() + 60
@@ -82,20 +82,6 @@ def client(ray_local, named):
     c.close()
     serve.delete(APP)
     serve.shutdown()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _deploy(raw: dict) -> None:
-    """What `serve deploy serve_config.yaml` does: validate, then apply the config."""
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
-
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(raw), _blocking=True)
 
 
 def _predict(c: httpx.Client, data: bytes, model: str | None = None, header: str | None = None):
@@ -186,7 +172,7 @@ def _set_batch_wait(c: httpx.Client, seconds: float) -> None:
 
     raw = copy.deepcopy(c.serve_config)  # type: ignore[attr-defined]
     raw["applications"][0]["deployments"][0]["user_config"]["batch_wait_timeout_s"] = seconds
-    _deploy(raw)
+    deploy_apps(raw)
     deadline = time.time() + 60
     while c.get("/v1/model", params={"model": "nut"}).json()["serving"][
         "batch_wait_timeout_s"

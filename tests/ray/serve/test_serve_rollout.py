@@ -4,8 +4,6 @@ is reported; a burst beyond the queue limit gets quick 503s instead of piling up
 
 from __future__ import annotations
 
-import shutil
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,29 +12,14 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from serve_util import deploy_apps, free_port
 
 from mspray.bundle import read_meta
-from mspray.data.datasets import train_paths
-from mspray.pipeline.steps import fit_detector
 from mspray.ray.serve.verify import VerifyError, verify_replicas
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _deploy(raw: dict, blocking: bool) -> None:
-    """What `serve deploy serve_config.yaml` does: validate, then apply the config."""
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
-
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(raw), _blocking=blocking)
 
 
 def _config(port: int, bundle: str, **args) -> dict:
@@ -50,24 +33,10 @@ def _config(port: int, bundle: str, **args) -> dict:
 
 
 @pytest.fixture(scope="module")
-def bundles(tiny_bundle, synthetic_root, tmp_path_factory, tiny_cfg) -> dict[str, str]:
-    """ "a": the session's bundle; "b": another seed's; "bad": "b" with truncated weights."""
-    uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
-    root = tmp_path_factory.mktemp("rollout")
-    b = str(root / "b")
-    fit_detector(tiny_cfg.replace(**{"train.seed": 1, "train.epochs": 0}), uris, out=b)
-    bad = root / "bad"
-    shutil.copytree(b, bad)
-    for weights in bad.rglob("model.safetensors"):
-        weights.write_bytes(weights.read_bytes()[:100])  # a half-copied upload
-    return {"a": tiny_bundle[0], "b": b, "bad": str(bad)}
-
-
-@pytest.fixture(scope="module")
 def serve_port(ray_local):
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
     serve.shutdown()
@@ -83,7 +52,7 @@ def test_rollout_is_confirmed_per_replica_and_a_failed_swap_is_reported(
     serve_port, bundles, synthetic_root
 ):
     url = f"http://127.0.0.1:{serve_port}"
-    _deploy(_config(serve_port, bundles["a"], replicas=2), blocking=True)
+    deploy_apps(_config(serve_port, bundles["a"], replicas=2), blocking=True)
     # both replicas up on "a" (also the check deploy.py runs after RUNNING)
     verify_replicas(url, 2, {"default": bundles["a"]}, timeout=120)
 
@@ -99,13 +68,13 @@ def test_rollout_is_confirmed_per_replica_and_a_failed_swap_is_reported(
     for t in clients:
         t.start()
     try:
-        _deploy(_config(serve_port, bundles["b"], replicas=2), blocking=False)
+        deploy_apps(_config(serve_port, bundles["b"], replicas=2), blocking=False)
         swapped = verify_replicas(url, 2, {"default": bundles["b"]}, timeout=120)
         version_b = read_meta(bundles["b"])["version"]
         assert len(swapped) == 2
         assert [h["loaded"] for h in swapped.values()] == [{"default": version_b}] * 2
 
-        _deploy(_config(serve_port, bundles["bad"], replicas=2), blocking=False)
+        deploy_apps(_config(serve_port, bundles["bad"], replicas=2), blocking=False)
         with pytest.raises(VerifyError, match="failed to swap") as failed:
             verify_replicas(url, 2, {"default": bundles["bad"]}, timeout=120)
         assert version_b in str(failed.value)  # names the version that still serves
@@ -142,7 +111,7 @@ def test_a_burst_beyond_the_queue_gets_quick_503s(serve_port, bundles, synthetic
     app.update(name="overload", route_prefix="/overload")
     app["deployments"][0]["user_config"]["max_batch_size"] = 1
     serve.delete("mspray")  # the rollout test's replicas: free their CPUs
-    _deploy(raw, blocking=False)
+    deploy_apps(raw, blocking=False)
     verify_replicas(url, 1, {"default": bundles["a"]}, timeout=300)
     image = _image(synthetic_root)
 
@@ -160,3 +129,57 @@ def test_a_burst_beyond_the_queue_gets_quick_503s(serve_port, bundles, synthetic
     assert codes.count(503) > 0 and codes.count(200) >= 2, codes
     rejected = sorted(s for c, s in answers if c == 503)
     print(f"503 x{len(rejected)}: median {rejected[len(rejected) // 2] * 1000:.0f} ms")
+
+
+class OneReplicaProxy:
+    """Serve's locality routing at its extreme (the proxy of a zone where one replica runs):
+    forwards each GET to the real proxy and lets through only answers of the first replica
+    it saw."""
+
+    def __init__(self, target: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        outer = self
+        self.replica: str | None = None
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                for _ in range(200):
+                    r = httpx.get(target + self.path, timeout=30)
+                    replica = r.json().get("replica")
+                    outer.replica = outer.replica or replica
+                    if replica == outer.replica:
+                        break
+                else:
+                    r = httpx.Response(503, content=b"{}")
+                self.send_response(r.status_code)
+                self.send_header("content-type", "application/json")
+                self.end_headers()
+                self.wfile.write(r.content)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_every_replica_is_verified_through_a_proxy_that_reaches_one(serve_port, bundles):
+    """Locality routing cannot hide a replica: one reachable replica answers for all."""
+    url = f"http://127.0.0.1:{serve_port}"
+    deploy_apps(_config(serve_port, bundles["a"], replicas=2), blocking=True)
+    proxy = OneReplicaProxy(url)
+    try:
+        confirmed = verify_replicas(proxy.url, 2, {"default": bundles["a"]}, timeout=30)
+        answers = {httpx.get(f"{proxy.url}/healthz", timeout=30).json()["replica"] for _ in "ab"}
+    finally:
+        proxy.close()
+    assert len(answers) == 1  # the proxy never let the other replica answer
+    assert len(confirmed) == 2 and answers < set(confirmed)
+    version = read_meta(bundles["a"])["version"]
+    assert [h["loaded"] for h in confirmed.values()] == [{"default": version}] * 2

@@ -4,15 +4,16 @@ real HTTP on the session's Ray until it is stopped, then removing the applicatio
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
 import httpx
 import pytest
+from serve_util import free_port
 
 from mspray.bundle import resolve_bundle
-from mspray.cli import build_parser, serve_config_from_args
+from mspray.cli import build_parser
+from mspray.cli.flags import serve_config_from_args
 from mspray.config import ServeConfig
 from mspray.ray.serve import deployment_options
 from mspray.ray.serve.run import APP_NAME, endpoint_urls, serve_forever
@@ -69,12 +70,6 @@ def serve_down(ray_local):
     serve.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.ray
 def test_serve_forever_serves_until_stopped(serve_down, tiny_bundle, capsys):
     """On a Ray it did not start (as with --address), the endpoint is an application of its
@@ -86,7 +81,7 @@ def test_serve_forever_serves_until_stopped(serve_down, tiny_bundle, capsys):
         def __call__(self, request) -> str:
             return "production"
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(Production.bind(), name="mspray", route_prefix="/production")
     bundle = tiny_bundle[0]

@@ -13,22 +13,11 @@ import pytest
 
 from mspray.bundle import read_meta
 from mspray.config import ServeConfig
-from mspray.data.datasets import train_paths
-from mspray.pipeline.steps import fit_detector
 from mspray.ray.metrics import ServeMetrics
 from mspray.ray.serve.loading import load_detector
 from mspray.ray.serve.slots import RETRY_MIN_S, ModelSlots
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def bundles(tiny_bundle, synthetic_root, tmp_path_factory, tiny_cfg) -> dict[str, str]:
-    """Two bundle roots of different versions: "a" the session's, "b" another seed's."""
-    uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
-    b = str(tmp_path_factory.mktemp("slots_b") / "bundle")
-    fit_detector(tiny_cfg.replace(**{"train.seed": 1, "train.epochs": 0}), uris, out=b)
-    return {"a": tiny_bundle[0], "b": b}
 
 
 def _slots(loader=load_detector) -> ModelSlots:
