@@ -58,7 +58,9 @@ def share_matrix(emb: torch.Tensor, patch: int, stride: int, seed: int = 0) -> t
     yx = torch.stack([torch.arange(p) // side, torch.arange(p) % side], 1)
     far = (yx[pick][:, None] - yx[None]).abs().amax(-1) * stride >= max(1, patch // 2)
     own = torch.cdist(q, emb).masked_fill(~far, math.inf)  # S×Q×P
-    ref = own.amin(-1)  # S×Q, inf where no patch of the image is that far
+    # S×Q; where no own patch is that far (a patch as large as the image) there is no
+    # reference, and no hit: 0 < 0 is false
+    ref = own.amin(-1).nan_to_num(posinf=0.0)
     flat = emb.reshape(s * p, d)
     sq = flat.square().sum(1)
     rows = max(1, _BLOCK // (q.shape[1] * s * p))
