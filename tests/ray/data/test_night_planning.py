@@ -134,3 +134,52 @@ def test_last_run_is_where_the_newest_complete_run_left_off(tmp_path):
     assert resolve_since("2026-12-02", out) == dt.datetime(2026, 12, 2, tzinfo=UTC)
     with pytest.raises(ValueError, match="expected YYYY-MM-DD"):
         resolve_since("yesterday", out)
+
+
+def test_the_parallel_listing_finds_what_a_recursive_listing_does(ray_local, tmp_path):
+    from mspray.ray.data import inputs
+
+    inp, out = tmp_path / "in", tmp_path / "in" / "scores"
+    for d in range(3):
+        for c in range(3):
+            for i in range(4):
+                (inp / f"day{d}" / f"cam{c}").mkdir(parents=True, exist_ok=True)
+                (inp / f"day{d}" / f"cam{c}" / f"{i}.png").write_bytes(b"x")
+    (inp / "top.jpg").write_bytes(b"x")
+    (inp / "day0" / "notes.txt").write_bytes(b"x")
+    (out / "_maps" / "00").mkdir(parents=True)
+    (out / "_maps" / "00" / "a.png.png").write_bytes(b"x")  # the output's own heatmap
+    rules = InputRules(str(inp), str(out), model="default")
+    want = [p for p in storage.list_files(str(inp)) if not p.startswith(str(out))]
+    rows = inputs.listing_dataset(rules).take_all()
+    assert sorted(r["path"] for r in rows) == want and len(want) == 37
+    assert {r["model"] for r in rows} == {"default"}
+    # --modified-since: by the files' own times
+    new = inp / "day2" / "cam1" / "0.png"
+    for p in (p for p in inp.rglob("*") if p.is_file()):
+        os.utime(p, (DAY1.timestamp(), DAY1.timestamp()))
+    os.utime(new, (DAY2.timestamp(), DAY2.timestamp()))
+    since = InputRules(str(inp), str(out), since=DAY2, model="default")
+    assert [r["path"] for r in inputs.listing_dataset(since).take_all()] == [str(new)]
+
+
+def test_a_dry_run_plans_from_a_manifest_and_writes_nothing(ray_local, tmp_path):
+    from mspray.cli import main
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    keys = [f"cam{i % 3}/{i:03d}.png" for i in range(50)]
+    pq_path = tmp_path / "manifest.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"key": keys + ["cam0/readme.txt"]}), pq_path)
+    _part(str(out), [f"{inp}/{k}" for k in keys[:20]], "v1")
+    before = sorted(p.name for p in out.iterdir())
+    summary = tmp_path / "plan.json"
+    cli = ["-q", "score", "--bundle", str(tmp_path / "not-read"), "--input", str(inp),
+           "--output", str(out), "--input-manifest", str(pq_path), "--dry-run",
+           "--part-size", "8", "--summary-json", str(summary)]  # fmt: skip
+    assert main(cli) == 0
+    s = json.loads(summary.read_text())
+    assert (s["images"], s["skipped"], s["pending"], s["units"]) == (50, 20, 30, 4)
+    assert (s["scored"], s["parts"]) == (0, 0)
+    assert sorted(p.name for p in out.iterdir()) == before  # no lease, no run record
