@@ -68,7 +68,8 @@ def run(mode: str, tasks: int, paths: list[str], src: str, part_size: int, bundl
 
     pool = PoolConfig(workers=1, min_workers=1, gpus_per_worker=0)
     plan = ScoringPlan.build(bundle, src, out, part_size=part_size, pool=pool)
-    units = plan.units(paths, dict.fromkeys(paths, DEFAULT))
+    units = [{"paths": paths[i : i + part_size], "model": DEFAULT, "size": plan.first.image_size}
+             for i in range(0, len(paths), part_size)]  # fmt: skip
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     kw: dict[str, Any] = {"plan": plan}
     if mode == "split":

@@ -164,8 +164,8 @@ def manifest_dataset(uri: str, rules: InputRules) -> Any:
 
 
 # ---------------------------------------------------------------------------- listing
-def _list_level(prefix: str, rules: InputRules, recursive: bool) -> tuple[pa.Table, list[str]]:
-    """One prefix listed (with a delimiter unless ``recursive``): its input rows and its
+def list_level(prefix: str, rules: InputRules, recursive: bool) -> tuple[pa.Table, list[str]]:
+    """Ray task: one prefix listed (with a delimiter unless ``recursive``): its input rows and its
     sub-prefixes."""
     fs, path = storage.filesystem(prefix)
     b = storage.backend(prefix)
@@ -178,7 +178,7 @@ def _list_level(prefix: str, rules: InputRules, recursive: bool) -> tuple[pa.Tab
         # a key with a ".", ".." or empty segment (S3 allows them): listed with the rest of
         # this prefix as one listing, never as a prefix of its own, which clients normalise
         # to another one
-        return _list_level(prefix, rules, True)
+        return list_level(prefix, rules, True)
     files = [i for i in infos if i.type == pafs.FileType.File]
     dirs = sorted(b.uri_of(prefix, s) for s in subs)
     files.sort(key=lambda i: i.path)
@@ -203,7 +203,7 @@ def listing_dataset(rules: InputRules) -> Any:
 
     if not storage.is_dir(rules.input_root):
         raise FileNotFoundError(f"no such folder: {rules.input_root}")
-    level = ray.remote(num_returns=2, num_cpus=0.25)(_list_level)
+    level = ray.remote(num_returns=2, num_cpus=0.25)(list_level)
     refs: list[Any] = []
     frontier, depth = [rules.input_root], 0
     while frontier and len(frontier) < FANOUT and depth < MAX_DEPTH:

@@ -5,8 +5,9 @@ Two ways to say it:
 - a route template, ``PREFIX/{model}/**``: ``{model}`` is one path segment naming the
   model, ``*`` any text within a segment, ``**`` anything (several segments). A template
   that starts with ``{`` or ``*`` is relative to the input prefix (``{model}/**``).
-- a manifest, a Parquet or CSV file with the columns ``path`` and ``model``; a relative
-  ``path`` is taken under the input prefix.
+- a manifest with a ``model`` column (read by :mod:`~mspray.ray.data.inputs`, in Ray Data
+  tasks, like any ``--input-manifest``); a relative ``path`` is taken under the input
+  prefix.
 
 A path that matches no model (the template does not match, or names a model that was not
 given) still gets a row: an error row saying so, like any other bad input.
@@ -14,13 +15,7 @@ given) still gets a row: an error row saying so, like any other bad input.
 
 from __future__ import annotations
 
-import io
-import os
 import re
-
-import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from mspray import storage
 
@@ -62,33 +57,6 @@ def route_paths(paths: list[str], route: str, input_root: str) -> dict[str, str 
     rx = route_regex(route, input_root)
     matches = {p: rx.fullmatch(p) for p in paths}
     return {p: (m.group("model") if m else None) for p, m in matches.items()}
-
-
-def read_manifest(uri: str, input_root: str) -> dict[str, str | None]:
-    """``path -> model`` from a Parquet or CSV manifest (columns ``path``, ``model``)."""
-    data = storage.read_bytes(uri)
-    if uri.lower().endswith(".parquet"):
-        table = pq.read_table(pa.BufferReader(data))
-    elif uri.lower().endswith(".csv"):
-        table = pacsv.read_csv(io.BytesIO(data))
-    else:
-        raise ValueError(f"--manifest {uri}: expected a .parquet or .csv file")
-    missing = {"path", "model"} - set(table.column_names)
-    if missing:
-        raise ValueError(f"--manifest {uri}: missing column(s) {', '.join(sorted(missing))}")
-    out: dict[str, str | None] = {}
-    for path, model in zip(
-        table.column("path").to_pylist(), table.column("model").to_pylist(), strict=True
-    ):
-        if not path:
-            continue
-        full = (
-            path
-            if storage.is_remote(path) or os.path.isabs(path)
-            else storage.join(input_root, path)
-        )
-        out[storage.normalize(full)] = str(model) if model is not None else None
-    return out
 
 
 def no_model_error(path: str, model: str | None, known: list[str]) -> str:
