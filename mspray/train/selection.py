@@ -19,7 +19,7 @@ What keeps it cheap (it runs once per epoch and scale, and once more for the fus
   whole image; a normal is the same window of the same image without the anomaly, so the
   pair differs only by the anomaly (:func:`window_size`);
 - the bank is a greedy coreset (``bank.coreset_ratio``, as inference builds it) of the
-  patches of a few training-image windows at the bank stride;
+  patches of a few whole training images at the bank stride;
 - raw patch scores are cached by the encoder's weights, so a candidate scored once (epoch 0,
   the selected epoch) costs nothing when the fused check scores it again.
 """
@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 
 #: anomalous copies of every normal image (the selection's anomaly kinds cycling)
 COPIES = 2
-#: training images whose windows make the selection bank
-MAX_BANK_IMAGES = 12
+#: whole training images the selection bank is made of (whole: on aligned objects a
+#: window's content depends on where it is, and windows at random places miss it)
+MAX_BANK_IMAGES = 8
 #: normals wanted: held-out images first, topped up with training images outside the bank
 MIN_NORMALS = 32
 #: raw patch-score grids kept for reuse (a few hundred kB each)
@@ -97,7 +98,7 @@ def _digest(*tensors: torch.Tensor) -> str:
 @dataclass
 class SelectionSet:
     """Windows (``B×3×w×w`` in ``[0, 1]``) of the normal images (``clean``), the same
-    windows with an anomaly (``anomalous``, ``masks``), and windows of the training images
+    windows with an anomaly (``anomalous``, ``masks``), and the whole training images
     the bank is made of; ``info`` says where the normals came from (for ``meta.json``)."""
 
     clean: torch.Tensor
@@ -131,7 +132,7 @@ class SelectionSet:
     ) -> SelectionSet:
         """Normals are ``val_images``, topped up to :data:`MIN_NORMALS` with up to half of
         ``train_images`` only when there are fewer held-out images (logged); the bank comes
-        from windows of (at most :data:`MAX_BANK_IMAGES` of) the other training images;
+        from (at most :data:`MAX_BANK_IMAGES` of) the other training images, whole;
         :data:`COPIES` anomalies of :func:`~mspray.data.anomalies.selection_kinds` are pasted
         into each normal. Deterministic in ``cfg.train.seed``."""
         seed = cfg.train.seed + 7
@@ -156,13 +157,7 @@ class SelectionSet:
         clean = torch.stack([crop(x, c) for x, c in zip(full, corners, strict=False)])
         anomalous = torch.stack([crop(a, c) for a, c in zip(anomalous, corners, strict=True)])
         masks = torch.stack([crop(m, c) for m, c in zip(masks, corners, strict=True)])
-        h, wd = full.shape[-2:]
-        ys = torch.randint(h - w + 1, (len(bank),), generator=g).tolist()
-        xs = torch.randint(wd - w + 1, (len(bank),), generator=g).tolist()
         bank_images = train_images[bank].detach().float().cpu()
-        bank_images = torch.stack(
-            [crop(x, c) for x, c in zip(bank_images, zip(ys, xs, strict=True), strict=True)]
-        )
         info = {
             "normals_held_out": n_val,
             "train_images": n,
@@ -198,7 +193,7 @@ def _grid(
 
 def bank_ratio(cfg: MSPrayConfig, enc: PatchEncoder, sel: SelectionSet, rows: int) -> float:
     """Coreset ratio of the selection bank: the greedy coreset keeps as many of the bank
-    windows' ``rows`` as the real bank keeps of all training images (``coreset_ratio`` of
+    images' ``rows`` as the real bank keeps of all training images (``coreset_ratio`` of
     them, at most ``coreset_max_size``), so both cover the patches about as densely."""
     side = (cfg.model.image_size - enc.patch_size) // (cfg.bank.bank_stride or enc.stride) + 1
     real = min(
@@ -212,7 +207,7 @@ def _patch_scores(
     enc: PatchEncoder, sel: SelectionSet, cfg: MSPrayConfig, stride: int, device, progress: bool
 ) -> torch.Tensor:
     """Nearest-neighbour distance of every window patch (clean then anomalous, ``N×h×w``)
-    to the coreset bank of the bank windows; cached by the encoder's weights."""
+    to the coreset bank of the bank images; cached by the encoder's weights."""
     bank_cfg = cfg.bank.model_copy(update={"index": "flat", "use_gpu": False})
     weights = _digest(*enc.state_dict().values())
     key = (sel.key, stride, weights, enc.output_tanh, bank_cfg.model_dump_json())

@@ -54,7 +54,7 @@ def test_selection_scores_are_the_scores_of_inference_with_its_bank_images():
     cfg = tiny_config(**{"bank.coreset_ratio": 0.02, "model.scales": (16,), "model.strides": (4,)})
     sel = SelectionSet.make(cfg, _images(30), _images(3, seed=1))
     models = {s: build_scale_model(cfg, s, None) for s in cfg.model.scales}
-    rows = sel.bank_images.shape[0] * 5**2  # 32-px windows, 16-px patches at stride 4
+    rows = sel.bank_images.shape[0] * 13**2  # whole 64-px images, 16-px patches at stride 4
     ratio = selection.bank_ratio(cfg, models[16].encoder, sel, rows)
     assert ratio == pytest.approx(math.ceil(0.02 * 30 * 13**2) / rows, abs=1 / rows)
     assert ratio < 1
