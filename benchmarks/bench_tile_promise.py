@@ -31,7 +31,19 @@ def main() -> None:
     ap.add_argument("--test-good", type=int, default=40, help="new normal test tiles")
     ap.add_argument("--coreset", type=float, default=0.1, help="bank.coreset_ratio")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--photo", action="store_true",
+        help="cut the tiles from a real photograph (scikit-learn's china.jpg) instead of gravel",
+    )  # fmt: skip
     args = ap.parse_args()
+    if args.photo:
+        import numpy as np
+        from sklearn.datasets import load_sample_image
+
+        from mspray.data import tiles
+
+        photo = load_sample_image("china.jpg").astype(np.float32) / 255
+        tiles.gravel = lambda rng, h, w: photo[:h, :w]  # the same layout, a real photograph
     try:
         from mspray.pipeline.steps import fit_detector
     except ImportError:  # before the pipeline split
