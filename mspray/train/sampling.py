@@ -210,11 +210,11 @@ def sample_angles(
     the two positions are then equally (un)informative (n's distribution for angle c is m's
     for angle c + 6), and among the samplers tried (m uniform where every angle fits, the
     pair's midpoint uniform there, softened boxes) this one tells the angle least from
-    either position (:func:`angle_leak`). Raises ValueError where that is above
-    :data:`LEAK_LIMIT` (:func:`ssl_skip_reason`): the trainer then skips the SSL term."""
-    why = ssl_skip_reason(h, w, p, jitter)
-    if why:
-        raise ValueError(why)
+    either position (:func:`angle_leak`). Raises ValueError where the image cannot hold
+    the pairs; where they would leak more than :data:`LEAK_LIMIT` the trainer skips the
+    SSL term (:func:`without_leaky_ssl`)."""
+    if angle_leak(h, w, p, jitter) >= 1.0:
+        raise ValueError(ssl_skip_reason(h, w, p, jitter))
     n = img.numel()
     labels = torch.randint(0, N_ANGLES, (n,), generator=g)
     off = angle_offsets(labels, p * (1 - jitter), p * (1 + jitter), g)
@@ -230,6 +230,9 @@ def without_leaky_ssl(cfg: MSPrayConfig, scale: int) -> TrainConfig:
     size = cfg.model.image_size
     why = ssl_skip_reason(size, size, scale) if "ssl" in t.losses else None
     if why is None:
+        return t
+    if t.losses == ("ssl",):  # nothing would be left to train (a loss ablation)
+        log.warning("scale %d: SSL is the only loss, kept although %s", scale, why)
         return t
     log.warning("scale %d: SSL term skipped: %s", scale, why)
     return t.model_copy(update={"losses": tuple(x for x in t.losses if x != "ssl")})

@@ -80,7 +80,7 @@ def test_crop_matches_slicing():
 def test_images_too_small_for_label_free_pairs_skip_the_ssl_term():
     # 128 px and p=64 (the random-init recipe's size): the distance is never shrunk to fit
     img = torch.zeros(50, dtype=torch.long)
-    with pytest.raises(ValueError, match="too small for label-free angle pairs"):
+    with pytest.raises(ValueError, match="cannot hold angle pairs"):
         sampling.sample_angles(img, 128, 128, 64, _gen())
     from mspray.config import MSPrayConfig
     from mspray.train.summary import run_summary
@@ -88,7 +88,9 @@ def test_images_too_small_for_label_free_pairs_skip_the_ssl_term():
     cfg = MSPrayConfig().replace(**{"model.image_size": 128})
     assert "ssl" not in sampling.without_leaky_ssl(cfg, 64).losses
     assert "ssl" in sampling.without_leaky_ssl(cfg, 32).losses
-    assert "too small" in run_summary([], cfg, None, 64)["ssl_skipped"]
+    alone = cfg.replace(**{"train.losses": ("ssl",)})  # an ablation keeps its only loss
+    assert sampling.without_leaky_ssl(alone, 64).losses == ("ssl",)
+    assert "cannot hold" in run_summary([], cfg, None, 64)["ssl_skipped"]
     assert run_summary([], cfg, None, 32)["ssl_skipped"] is None
 
 
