@@ -12,19 +12,16 @@ worse. Selection uses synthetic anomalies by default (:mod:`mspray.train.selecti
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from mspray.train import losses, sampling
 from mspray.train.kmeans import fit_centers, reduce_sum
 
-if TYPE_CHECKING:
-    from mspray.train.loop import ScaleTrainer
-
 
 @torch.no_grad()
-def loss_validation(self: ScaleTrainer, images: torch.Tensor) -> dict[str, float]:
+def loss_validation(self: Any, images: torch.Tensor) -> dict[str, float]:
     """Validation terms and the loss-based selection score of ``self`` (a
     :class:`~mspray.train.loop.ScaleTrainer`) on held-out normal images (normalised).
 
