@@ -183,7 +183,7 @@ def test_overlapping_tiles_in_random_name_order_keep_the_false_alarm_promise(tmp
 def test_a_fallback_to_held_out_calibration_is_never_silent(strip: str) -> None:
     # a name-order gap wider than the set empties every fold bank: cross-calibration is not
     # possible, and the held-out calibration that replaces it says so in meta.json
-    cfg = tiny_config(**STRIP_CFG, **{"score.calibration_gap": 200, "train.val_fraction": 0.2})
+    cfg = tiny_config(**{**STRIP_CFG, "score.calibration_gap": 200, "train.val_fraction": 0.2})
     det = fit_detector(cfg, train_paths(f"mvtec:{strip}", "strip"), progress=False)
     cal = det.meta["calibration"]
     assert cal["source"] == "holdout" and "fallback" in cal
