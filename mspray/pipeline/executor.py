@@ -53,9 +53,10 @@ class Executor(Protocol):
     def train_scales(
         self, cfg: MSPrayConfig, train_uris: list[str], val_uris: list[str], state: dict | None
     ) -> dict[int, ScaleModel]:
-        """Every scale's trained model (the shared stem's scale first), from the trunk
-        weights ``state`` (None: random init)."""
-        ...
+        self._size = cfg.model.image_size
+        train = self.images(train_uris, "loading train images")
+        val = self.images(val_uris) if val_uris else None
+        return train_scales(cfg, train, val, state, self.progress)
 
     def select(
         self,
@@ -127,6 +128,33 @@ def coreset_banks(
             bank_cfg = global_bank_config(cfg.bank, totals[s], len(rows[s]))
             det.banks[s] = PatchBank.build(rows[s], bank_cfg, seed=cfg.train.seed)
             log.info("scale %d: bank of %d from %d patches", s, det.banks[s].ntotal, totals[s])
+
+
+def train_scales(
+    cfg: MSPrayConfig,
+    train: torch.Tensor,
+    val: torch.Tensor | None,
+    state: dict | None,
+    progress: bool = True,
+) -> dict[int, ScaleModel]:
+    """Every scale trained one after another in this process on normal ``train`` images
+    (``val``: held out, for selection), the shared stem's scale first and the others from
+    its trained stem."""
+    models, stem = {}, None
+    for scale in training_order(cfg):
+        models[scale], history = train_scale(cfg, scale, train, val, state, progress, stem)
+        if scale == stem_scale(cfg):
+            stem = stem_state(models[scale])
+        if history:
+            last = history[-1]
+            log.info(
+                "scale %d: loss %.4f, epoch %d selected (%s)",
+                scale,
+                last["loss"],
+                last["best_epoch"],
+                cfg.train.selection,
+            )
+    return models
 
 
 class LocalExecutor:

@@ -182,7 +182,7 @@ def test_default_config_has_no_budget():
 def test_the_smallest_scale_trains_the_shared_stem_and_the_others_keep_it_frozen():
     from mspray.model.backbone import random_stem_state
     from mspray.model.scales import STEM_LAYERS
-    from mspray.pipeline.steps import local_scale_trainer
+    from mspray.pipeline.executor import train_scales
 
     cfg = _cfg(
         **{
@@ -192,7 +192,7 @@ def test_the_smallest_scale_trains_the_shared_stem_and_the_others_keep_it_frozen
             "train.selection": "last",
         }
     )
-    models = local_scale_trainer(cfg, _images(), _images(2, seed=1), None, progress=False)
+    models = train_scales(cfg, _images(), _images(2, seed=1), None, progress=False)
     initial = random_stem_state(STEM_LAYERS, cfg.train.seed)
     for key, init in initial.items():
         k = key.removeprefix("features.")
