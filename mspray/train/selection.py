@@ -45,8 +45,9 @@ from mspray.model.multiscale import normalize
 
 log = logging.getLogger(__name__)
 
-#: anomalous copies of every normal image (the selection's anomaly kinds cycling)
-COPIES = 2
+#: anomalous copies of every normal image (the kinds cycling): 2 instead of 4 let selection
+#: pick a worse epoch (object seed 1: 0.909 vs 0.988 image AUROC; texture seed 2: 0.911 vs 0.987)
+COPIES = 4
 #: whole training images the selection bank is made of (whole: on aligned objects a
 #: window's content depends on where it is, and windows at random places miss it)
 MAX_BANK_IMAGES = 8
