@@ -27,6 +27,7 @@ from mspray.model.multiscale import ScaleModel, stem_scale, stem_state, training
 from mspray.threshold import Calibration
 from mspray.train.loop import train_scale
 from mspray.train.selection import fused_choice
+from mspray.train.stage_one import train_stage_one
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,16 @@ class Executor(Protocol):
     def train_scales(
         self, cfg: MSPrayConfig, train_uris: list[str], val_uris: list[str], state: dict | None
     ) -> dict[int, ScaleModel]:
-        self._size = cfg.model.image_size
-        train = self.images(train_uris, "loading train images")
-        val = self.images(val_uris) if val_uris else None
-        return train_scales(cfg, train, val, state, self.progress)
+        """Every scale's trained model (the shared stem's scale first), from the trunk
+        weights ``state`` (None: random init)."""
+        ...
+
+    def stage_one(
+        self, cfg: MSPrayConfig, train_uris: list[str], state: dict | None
+    ) -> tuple[dict, dict]:
+        """:func:`mspray.train.stage_one.train_stage_one` on the training images: the
+        trained trunk (``features.*``) and its summary."""
+        ...
 
     def select(
         self,
@@ -183,21 +190,15 @@ class LocalExecutor:
         self._size = cfg.model.image_size
         train = self.images(train_uris, "loading train images")
         val = self.images(val_uris) if val_uris else None
-        models, stem = {}, None
-        for scale in training_order(cfg):
-            models[scale], history = train_scale(cfg, scale, train, val, state, self.progress, stem)
-            if scale == stem_scale(cfg):
-                stem = stem_state(models[scale])
-            if history:
-                last = history[-1]
-                log.info(
-                    "scale %d: loss %.4f, epoch %d selected (%s)",
-                    scale,
-                    last["loss"],
-                    last["best_epoch"],
-                    cfg.train.selection,
-                )
-        return models
+        return train_scales(cfg, train, val, state, self.progress)
+
+    def stage_one(
+        self, cfg: MSPrayConfig, train_uris: list[str], state: dict | None
+    ) -> tuple[dict, dict]:
+        self._size = cfg.model.image_size
+        images = self.images(train_uris, "loading train images")
+        device = resolve_device(cfg.train.device)
+        return train_stage_one(cfg, images, state, device, self.progress)
 
     def select(
         self,

@@ -4,7 +4,9 @@
 
 - **split**: the normal images into bank images and held-out ones (deterministic); the
   ImageNet trunk weights are loaded here, once, and handed to the training step;
-- **train**: every scale's encoder, the shared stem's scale first;
+- **train**: with ``train.stage_one`` and no ImageNet weights, the trunk first learns to
+  tell normal images from synthetic anomalies; then every scale's encoder, the shared
+  stem's scale first;
 - **select**: the fused check, the selected encoders against the untrained ones on
   synthetic anomalies (per-scale choices need not add up);
 - **embed**: the bank images' patch embeddings at every scale;
@@ -262,7 +264,12 @@ def fit_detector(
         state, loaded = backbone_state(cfg)
         cfg = no_imagenet_defaults(cfg, loaded)  # a random-init trunk trains with its own lr
         info.update(bank=len(train_uris), held_out=len(val_uris), pretrained=loaded)
+    stage_one = None
     with run.step("train") as info:
+        if cfg.train.stage_one and not loaded:
+            # the trunk learns normal vs synthetic anomalies before the per-scale encoders
+            state, stage_one = ex.stage_one(cfg, train_uris, state)
+            info["stage_one"] = True
         models = ex.train_scales(cfg, train_uris, val_uris, state)
         info["scales"] = sorted(models)
     models, selection = select_step(ex, cfg, models, state, train_uris, val_uris, run)
@@ -274,6 +281,7 @@ def fit_detector(
         # Per scale: epochs and steps run, why training stopped, the selected epoch, history.
         training={str(s): getattr(m, "train_summary", None) for s, m in models.items()},
         selection=selection,  # fused: selected vs untrained encoders on synthetic anomalies
+        stage_one=stage_one,  # the trunk's self-supervised stage (None: not run)
     )
     if build_banks:
         errors = bank_steps(ex, det, run, train_uris, val_uris, out=out)

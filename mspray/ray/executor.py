@@ -59,6 +59,20 @@ class RayExecutor:
     ) -> dict[int, ScaleModel]:
         return self.trainer(cfg, train_uris, val_uris, state)
 
+    def stage_one(
+        self, cfg: MSPrayConfig, train_uris: list[str], state: dict | None
+    ) -> tuple[dict, dict]:
+        from mspray.ray.train_stage_one import ray_stage_one
+
+        return ray_stage_one(
+            cfg,
+            train_uris,
+            state,
+            storage=self.trainer.storage,
+            address=self.address,
+            progress=self.progress,
+        )
+
     def select(
         self,
         cfg: MSPrayConfig,
