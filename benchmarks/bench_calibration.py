@@ -38,6 +38,7 @@ from mspray.data.synthetic import make_strip_dataset, make_synthetic_dataset
 from mspray.evaluate import evaluate
 from mspray.pipeline.steps import fit_detector, split_holdout
 from mspray.storage import list_files
+from mspray.summaries import calibrate
 
 # the test suite's tiny detector, untrained, with exact banks and a wider embedding
 BASE = {
@@ -98,10 +99,10 @@ def run_scenario(root: str, name: str, spec: dict, target: float) -> list[dict]:
     train_uris, val_uris = split_holdout(uris, cfg.train.val_fraction, cfg.train.seed)
     val = load_images(val_uris, 64, progress=False)
     det.cfg = cfg.replace(**{"score.threshold_quantile": 0.99, "score.calibration": "holdout"})
-    det.calibrate(val)
+    calibrate(det, val)
     rows.append(row(name, "holdout q0.99 (old)", evaluate(det, samples, progress=False)))
     det.cfg = cfg.replace(**{"score.calibration": "holdout"})
-    det.calibrate(val)
+    calibrate(det, val)
     rows.append(row(name, "holdout order-stat", evaluate(det, samples, progress=False)))
     det.cfg = cfg  # crossfit, measured gap
     names = sorted(uris)

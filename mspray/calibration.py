@@ -11,7 +11,7 @@ not stand in for it.
 :func:`crossfit_calibrate` is the in-process fit's (:func:`mspray.pipeline.steps.fit_detector`); the
 Ray Data bank builder (:mod:`mspray.ray.data.calibration`) runs the same steps, the fold
 plan (:func:`fold_plan`), the fold banks (:func:`fold_banks`) and the per-image map
-summaries (:class:`~mspray.detector.MapSummary`), with the images scored on its actor pool.
+summaries (:class:`~mspray.summaries.MapSummary`), with the images scored on its actor pool.
 :func:`recalibrate` sets a deployed bundle's threshold from a batch of production images.
 """
 
@@ -26,9 +26,16 @@ import numpy as np
 import torch
 
 from mspray import near_duplicates as ND
-from mspray.detector import Detector, MapSummary
+from mspray.detector import Detector
 from mspray.fold_banks import FoldBankConfig, fold_banks
 from mspray.near_duplicates import GAP_SAMPLE, gap_sample, near_duplicate_gap
+from mspray.summaries import (
+    MapSummary,
+    calibrate,
+    calibrate_from_summary,
+    summarize_maps,
+    summary_scores,
+)
 from mspray.threshold import (
     Calibration,
     expected_flags,
@@ -158,7 +165,7 @@ def crossfit_summary(
     batch_size: int | None = None,
     timings: dict[str, float] | None = None,
 ) -> MapSummary:
-    """Summaries (:class:`~mspray.detector.MapSummary`, image order) of the raw maps of
+    """Summaries (:class:`~mspray.summaries.MapSummary`, image order) of the raw maps of
     every normal image, each scored against banks built from the bank images its fold does
     not exclude (``plan``: :func:`plan_folds`).
 
@@ -190,7 +197,7 @@ def crossfit_summary(
         t0 = time.perf_counter()
         for i in range(0, len(scored), bs):
             x = images[torch.from_numpy(scored[i : i + bs])]
-            parts.append(det.summarize_maps(det.raw_scale_maps(x, banks=banks)))
+            parts.append(summarize_maps(det, det.raw_scale_maps(x, banks=banks)))
         t["fold_scoring_s"] += time.perf_counter() - t0
     # back to image order (content folds are not contiguous in it)
     return MapSummary.concat(parts).take(np.argsort(np.concatenate(order), kind="stable"))
@@ -217,8 +224,8 @@ def crossfit_calibrate(
     summary = crossfit_summary(
         det, images, in_bank, plan, embeddings, bank_config, batch_size, timings
     )
-    cal = det.calibrate_from_summary(
-        summary.moments, lambda stats: det.summary_scores(summary.pooled, stats), "crossfit"
+    cal = calibrate_from_summary(
+        det, summary.moments, lambda stats: summary_scores(det, summary.pooled, stats), "crossfit"
     )
     cal = widen_for_suspects(det, cal, info)
     info["timings"] = {k: round(v, 3) for k, v in timings.items()}
@@ -282,7 +289,7 @@ def calibrate_normal_images(
     held_out = torch.from_numpy(np.flatnonzero(~in_bank))
     if len(held_out) == 0:
         return None
-    cal = det.calibrate(images[held_out], source="holdout")
+    cal = calibrate(det, images[held_out], source="holdout")
     if fallback is None:  # held-out calibration was asked for
         return cal
     # the mode known to understate: never silently, and widened by its suspect images

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,12 +20,6 @@ from mspray import maps as M
 from mspray.bank import PatchBank
 from mspray.config import MSPrayConfig
 from mspray.model.multiscale import MultiScaleEncoder, normalize
-from mspray.threshold import (
-    Calibration,
-    stats_from_moments,
-    threshold_from_config,
-    value_moments,
-)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -112,10 +106,6 @@ class _Timer:
         if self.cuda:
             torch.cuda.synchronize()
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
-
-
-#: Held-out normal image scores stored in ``meta["calibration_scores"]`` (bundle meta.json).
-MAX_CALIBRATION_SCORES = 1000
 
 
 @dataclass
@@ -315,7 +305,8 @@ class Detector:
                 for s, g in grids.items()
             }
 
-    def _finish(self, m: torch.Tensor) -> torch.Tensor:
+    def smooth(self, m: torch.Tensor) -> torch.Tensor:
+        """A raw map smoothed as every map is before fusion (eq. 8's input)."""
         return M.gaussian_smooth(m, self.cfg.model.smoothing_sigma)
 
     def predict(self, images: torch.Tensor, timings: dict[str, float] | None = None) -> Prediction:
@@ -343,120 +334,3 @@ class Detector:
             scale_scores = {s: M.image_scores(m, win, st) for s, m in smoothed.items()}
         flags = None if self.threshold is None else scores > self.threshold
         return Prediction(scores, fused, scale_scores, raw, flags)
-
-    def calibrate(
-        self, images: torch.Tensor, batch_size: int | None = None, source: str = "holdout"
-    ) -> Calibration:
-        """Per-scale normalisation stats and the image threshold from held-out *normal*
-        images (never test labels), scored against the detector's banks."""
-        bs = batch_size or self.cfg.score.batch_size
-        raw = [self.raw_scale_maps(images[i : i + bs]) for i in range(0, len(images), bs)]
-        return self.calibrate_from_maps(
-            {s: torch.cat([r[s] for r in raw]) for s in self.scales}, source
-        )
-
-    def calibrate_from_maps(
-        self, raw: dict[int, torch.Tensor], source: str, batch_size: int | None = None
-    ) -> Calibration:
-        """Stats and threshold from raw per-scale maps (``N×H×W`` each) of normal images,
-        through their summaries (:meth:`summarize_maps`, :meth:`calibrate_from_summary`).
-        The calibration, with the false-alarm rate it promises, goes into
-        ``meta["calibration"]``."""
-        bs = batch_size or self.cfg.score.batch_size
-        n = raw[self.scales[0]].shape[0]
-        parts = [
-            self.summarize_maps({s: m[i : i + bs] for s, m in raw.items()}) for i in range(0, n, bs)
-        ]
-        summary = MapSummary.concat(parts)
-        return self.calibrate_from_summary(
-            summary.moments, lambda stats: self.summary_scores(summary.pooled, stats), source
-        )
-
-    def window_grid(self) -> tuple[int, int]:
-        """Shape of the window-mean grid (eq. 9's windows) of a map at the config's size."""
-        size = self.cfg.model.image_size
-        win, st = self.cfg.model.score_window, self.cfg.model.score_window_stride
-        return tuple(M.window_means(torch.zeros(1, size, size), win, st).shape[1:])
-
-    def summarize_maps(self, raw: dict[int, torch.Tensor]) -> MapSummary:
-        """What calibration keeps of raw per-scale maps (``B×H×W``): see :class:`MapSummary`."""
-        win, st = self.cfg.model.score_window, self.cfg.model.score_window_stride
-        moments = {s: np.stack([value_moments(x) for x in m]) for s, m in raw.items()}
-        pooled = {s: M.window_means(self._finish(m), win, st) for s, m in raw.items()}
-        return MapSummary(moments, pooled)
-
-    def summary_scores(
-        self, pooled: dict[int, torch.Tensor], stats: dict[int, tuple[float, float]]
-    ) -> torch.Tensor:
-        """Fused image scores (eq. 9) from per-scale window means of smoothed raw maps, for
-        the fusion ``stats``: equal to :meth:`predict`'s scores of the same images."""
-        use = stats if self.cfg.model.fusion == "zscore" else None
-        return M.fuse_maps(pooled, use).flatten(1).amax(dim=1)
-
-    def calibrate_from_summary(
-        self,
-        moments: dict[int, np.ndarray],
-        scores_for: Callable[[dict[int, tuple[float, float]]], np.ndarray | torch.Tensor],
-        source: str,
-    ) -> Calibration:
-        """Stats from the pixel ``moments`` of normal images (per scale, rows of ``[count,
-        sum, sum of squares]``), then the threshold from ``scores_for(stats)``: those
-        images' fused scores under the new stats (computed where their summaries are)."""
-        import logging
-
-        self.stats = {s: stats_from_moments(moments[s]) for s in self.scales}
-        scores = np.asarray(scores_for(self.stats), dtype=np.float64).ravel()
-        cal = threshold_from_config(scores, self.cfg.score, source)
-        if cal.warning:
-            logging.getLogger(__name__).warning("calibration: %s", cal.warning)
-        self.threshold = cal.threshold
-        self.meta["calibration"] = cal.to_dict()
-        # kept in the bundle so a nightly report can compare the night's normal-looking
-        # scores with these (drift) and state the expected anomaly rate
-        self.meta.update(
-            threshold_quantile=1.0 - cal.promised_fpr,
-            threshold_margin=self.cfg.score.threshold_margin,
-            calibration_scores=quantile_sketch(scores, MAX_CALIBRATION_SCORES),
-        )
-        return cal
-
-
-@dataclass
-class MapSummary:
-    """What calibration keeps of raw per-scale maps of ``B`` normal images.
-
-    Per scale: the pixel ``moments`` (``B×3``: count, sum, sum of squares, float64) and
-    ``pooled``, the window means (eq. 9's windows) of the smoothed map (``B×h×w``). The
-    smoothing (rows summing to one), the z-score fusion and the window means are all
-    linear, so the fused image score under any stats is the max over windows of
-    ``Σ_s (pooled_s − μ_s) / σ_s``: the stats can be fixed after every image has been
-    summarised (on many actors), and a summary is ~1/16 of the maps it stands for.
-    """
-
-    moments: dict[int, np.ndarray]
-    pooled: dict[int, torch.Tensor]
-
-    def take(self, index: np.ndarray) -> MapSummary:
-        """The summaries of images ``index`` (in that order)."""
-        idx = np.asarray(index, np.int64)
-        return MapSummary(
-            {s: m[idx] for s, m in self.moments.items()},
-            {s: p[torch.from_numpy(idx)] for s, p in self.pooled.items()},
-        )
-
-    @staticmethod
-    def concat(parts: list[MapSummary]) -> MapSummary:
-        scales = parts[0].moments
-        return MapSummary(
-            {s: np.concatenate([p.moments[s] for p in parts]) for s in scales},
-            {s: torch.cat([p.pooled[s] for p in parts]) for s in scales},
-        )
-
-
-def quantile_sketch(values: np.ndarray, cap: int) -> list[float]:
-    """``values`` sorted, thinned to at most ``cap`` evenly spaced order statistics (the
-    same distribution, bounded size), as floats for JSON."""
-    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
-    if v.size > cap:
-        v = v[np.linspace(0, v.size - 1, cap).round().astype(int)]
-    return [float(x) for x in v]

@@ -26,6 +26,7 @@ from mspray.bundle import (
 )
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
+from mspray.summaries import calibrate
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +212,7 @@ def test_a_version_without_banks_never_becomes_latest(trained, root, synthetic_r
     built = load_bundle(new, with_banks=False)
     train = load_images(uris, 64, progress=False)
     built.build_banks(train, progress=False)
-    built.calibrate(train, source="bank")
+    calibrate(built, train, source="bank")
     assert resolve_bundle(save_bundle(built, root)) == resolve_bundle(root) != complete
 
 

@@ -7,9 +7,10 @@ import torch
 from mspray.bundle import BundleError, load_bundle, read_meta, save_bundle
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
-from mspray.detector import Detector, quantile_sketch, stage_seconds_per_image
+from mspray.detector import Detector, stage_seconds_per_image
 from mspray.model.multiscale import MultiScaleEncoder
 from mspray.pipeline.steps import fit_detector, split_holdout
+from mspray.summaries import quantile_sketch, summarize_maps, summary_scores, window_grid
 from mspray.threshold import stats_from_moments
 
 
@@ -165,12 +166,12 @@ def test_map_summaries_give_predict_scores_under_any_stats(tiny):
     det, _, spec = tiny
     images = load_images([s.path for s in test_samples(spec, "synthetic")[:4]], 64, progress=False)
     raw = det.raw_scale_maps(images)
-    summary = det.summarize_maps(raw)
+    summary = summarize_maps(det, raw)
     for s in det.scales:
         mean, std = stats_from_moments(summary.moments[s])
         assert mean == pytest.approx(float(raw[s].double().mean()), rel=1e-9)
         assert std == pytest.approx(float(raw[s].double().std(unbiased=False)), rel=1e-6)
-    assert summary.pooled[det.scales[0]].shape[1:] == det.window_grid()
+    assert summary.pooled[det.scales[0]].shape[1:] == window_grid(det.cfg)
     other = {s: (m * 0.5, sd * 2.0 + 0.1) for s, (m, sd) in det.stats.items()}
     for stats in (det.stats, other):
         det_stats, det.stats = det.stats, stats
@@ -178,7 +179,7 @@ def test_map_summaries_give_predict_scores_under_any_stats(tiny):
             expected = det.predict(images).image_scores
         finally:
             det.stats = det_stats
-        got = det.summary_scores(summary.pooled, stats)
+        got = summary_scores(det, summary.pooled, stats)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 

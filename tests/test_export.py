@@ -21,6 +21,7 @@ from mspray.detector import Detector  # noqa: E402
 from mspray.model.multiscale import MultiScaleEncoder  # noqa: E402
 from mspray.onnx.convert import OnnxEncoders  # noqa: E402
 from mspray.onnx.export import export_bundle  # noqa: E402
+from mspray.summaries import calibrate
 
 SIZE = 96
 
@@ -48,7 +49,7 @@ def bundle(tmp_path_factory):
     paths = sorted(str(p) for p in (data / "train" / "good").glob("*.png"))
     images = torch.stack([load_image(p, SIZE) for p in paths])
     det.build_banks(images[:4])
-    det.calibrate(images[4:])
+    calibrate(det, images[4:])
     out = str(root / "bundle")
     save_bundle(det, out)
     test = sorted(str(p) for p in (data / "test").rglob("*.png"))

@@ -24,6 +24,7 @@ from mspray.data.images import load_images
 from mspray.detector import Detector
 from mspray.device import resolve_device
 from mspray.model.multiscale import ScaleModel, stem_scale, stem_state, training_order
+from mspray.summaries import calibrate
 from mspray.threshold import Calibration
 from mspray.train.loop import train_scale
 from mspray.train.selection import fused_choice
@@ -251,5 +252,5 @@ class LocalExecutor:
         self._size = det.cfg.model.image_size
         images = self.images(names)
         if source == "bank":
-            return det.calibrate(images, source="bank")
+            return calibrate(det, images, source="bank")
         return calibrate_normal_images(det, images, in_bank, embeddings, bank_config)

@@ -23,7 +23,8 @@ def test_values_the_user_set_and_imagenet_runs_are_left_alone():
 
 
 def test_a_value_the_user_set_is_kept_even_when_it_equals_the_paper_default():
-    from mspray.cli import build_parser, config_from_args
+    from mspray.cli import build_parser
+    from mspray.cli.flags import config_from_args
 
     train = ["train", "--data", "folder:x", "--out", "b"]
     argv = [*train, "--set", "train.lr=1e-5", "--set", "model.shared_stem=true"]

@@ -9,7 +9,7 @@ calibration), split by where the data is:
 - the driver builds one fold's banks at a time from the embeddings it already holds (at most
   the candidate budget per scale) and puts them in the object store;
 - :class:`FoldScorer` actors read each normal image, score it against its fold's banks and
-  return its :class:`~mspray.detector.MapSummary` (pixel moments and window means, ~1/16 of
+  return its :class:`~mspray.summaries.MapSummary` (pixel moments and window means, ~1/16 of
   the maps), which stays in the object store (``materialize``);
 - the driver sums the moments into the fusion stats, then streams the summaries once more
   for one score per image: it holds one batch of summaries and a float per image.
@@ -37,6 +37,7 @@ from mspray.config import PoolConfig
 from mspray.detector import Detector
 from mspray.ray.data.decoded import decoded_units, lookup, stack, units_of
 from mspray.ray.runtime import DetectorActor, map_with_detector
+from mspray.summaries import calibrate_from_summary, summarize_maps, summary_scores, window_grid
 from mspray.threshold import Calibration
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class FoldScorer(DetectorActor):
         super().__init__(**actor)
         self.fold_refs = fold_banks
         self.folds = lookup(folds)
-        self.cells = int(np.prod(self.det.window_grid()))
+        self.cells = int(np.prod(window_grid(self.det.cfg)))
         self._fold: tuple[int, dict[int, PatchBank]] | None = None
 
     def _banks(self, fold: int) -> dict[int, PatchBank]:
@@ -90,7 +91,7 @@ class FoldScorer(DetectorActor):
             rows = np.flatnonzero(folds == fold)
             banks = self._banks(int(fold))
             x = loaded.images[torch.from_numpy(rows)]
-            summary = det.summarize_maps(det.raw_scale_maps(x, banks=banks))
+            summary = summarize_maps(det, det.raw_scale_maps(x, banks=banks))
             for s in det.scales:
                 out[f"moments_{s}"][ok[rows]] = summary.moments[s]
                 out[f"pooled_{s}"][ok[rows]] = summary.pooled[s].flatten(1).numpy()
@@ -189,20 +190,20 @@ def calibrate_on_pool(
             moments[s] += b[s].sum(0)
     if errors:
         log.warning("calibration: %d unreadable images skipped, e.g. %s", len(errors), errors[0])
-    grid = det.window_grid()
+    grid = window_grid(det.cfg)
 
     def scores_for(stats: dict[int, tuple[float, float]]) -> np.ndarray:
         return np.concatenate(
             [
-                det.summary_scores(
-                    {s: torch.from_numpy(v).view(-1, *grid) for s, v in b.items()}, stats
+                summary_scores(
+                    det, {s: torch.from_numpy(v).view(-1, *grid) for s, v in b.items()}, stats
                 ).numpy()
                 for b, _ in read("pooled")
             ]
         )
 
     mode = "crossfit" if plan is not None else "bank" if source == "bank" else "holdout"
-    cal = det.calibrate_from_summary(moments, scores_for, mode)
+    cal = calibrate_from_summary(det, moments, scores_for, mode)
     cal = widen_for_suspects(det, cal, info)  # near-duplicates beyond the content sample
     det.meta["calibration"].update(info)
     return cal

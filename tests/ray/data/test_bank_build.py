@@ -21,6 +21,7 @@ from mspray.data.images import load_images
 from mspray.data.synthetic import make_synthetic_dataset
 from mspray.pipeline.steps import build_banks, split_holdout
 from mspray.ray.executor import RayExecutor
+from mspray.summaries import calibrate
 
 
 def test_two_level_coreset_ratios():
@@ -107,7 +108,7 @@ def test_holdout_calibration_on_the_pool_equals_the_core(
     assert det.meta["calibration"]["source"] == "holdout"
     _, val_uris = split_holdout(uris, det.cfg.train.val_fraction, det.cfg.train.seed)
     ref = load_bundle(str(tmp_path / "h"))
-    ref.calibrate(load_images(sorted(val_uris), 64, progress=False))
+    calibrate(ref, load_images(sorted(val_uris), 64, progress=False))
     assert det.meta["calibration"]["n"] == len(val_uris) >= 2
     assert det.threshold == pytest.approx(ref.threshold, rel=1e-5)
     for s in det.scales:

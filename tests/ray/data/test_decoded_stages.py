@@ -15,6 +15,7 @@ from mspray.ray.data.banks import Embedder
 from mspray.ray.data.calibration import FoldScorer
 from mspray.ray.data.decoded import common_root
 from mspray.ray.data.reading import decode_units
+from mspray.summaries import summarize_maps
 
 pytestmark = pytest.mark.ray
 
@@ -51,6 +52,6 @@ def test_the_actors_score_decoded_units(ray_local, tiny_bundle, tmp_path, png_by
     refs = [{str(s): ray.put(b.to_bytes()) for s, b in det.banks.items()} for _ in range(2)]
     got = FoldScorer(fold_banks=refs, folds=folds, **actor)(unit)
     assert [bool(e) for e in got["error"]] == [False, True, False, False]
-    summary = det.summarize_maps(det.raw_scale_maps(images))
+    summary = summarize_maps(det, det.raw_scale_maps(images))
     for s in det.scales:
         np.testing.assert_allclose(got[f"moments_{s}"][[0, 2, 3]], summary.moments[s], rtol=1e-5)
