@@ -23,7 +23,7 @@ import time
 from mspray.config import MSPrayConfig
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.synthetic import make_synthetic_dataset
-from mspray.evaluate import evaluate
+from mspray.evaluation.evaluate import evaluate
 from mspray.model.multiscale import (
     ScaleModel,
     build_scale_model,

@@ -13,8 +13,8 @@
    distance equals the exact one.
 3. The scoring search at the bank sizes scoring sees (``--search-banks``, coreset-sized;
    or ``--search-data encoder``: the banks and queries of bench_e2e's encoders):
-   faiss ``IndexFlatL2`` next to the exact torch searches (:class:`mspray.search.TorchSearch`,
-   fp32 and bf16/fp16 pre-selection, and :class:`mspray.search.CellSearch`, which scores only
+   faiss ``IndexFlatL2`` next to the exact torch searches (:class:`mspray.bank.search.TorchSearch`,
+   fp32 and bf16/fp16 pre-selection, and :class:`mspray.bank.search.CellSearch`, which scores only
    the k-means cells that can hold the nearest row: the share it scored is printed) and the
    tiled sgemm ceiling of the same FLOPs (the dense product), as a ratio table (x faiss,
    % of sgemm: above 100 % only by skipping work); every torch row is checked equal to the
@@ -42,9 +42,9 @@ import numpy as np
 import torch
 
 from mspray.bank import PatchBank
+from mspray.bank.search import CellSearch, TorchSearch
 from mspray.config import BankConfig
 from mspray.detector import cpu_has_native_bf16
-from mspray.search import CellSearch, TorchSearch
 
 
 def median_times(fns: list[Callable[[], object]], repeats: int, sync: bool = False) -> list[float]:

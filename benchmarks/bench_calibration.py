@@ -30,15 +30,15 @@ import time
 import numpy as np
 import torch
 
-from mspray.calibration import calibrate_normal_images, recalibrate, score_images
 from mspray.config import tiny_config
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
 from mspray.data.synthetic import make_strip_dataset, make_synthetic_dataset
-from mspray.evaluate import evaluate
+from mspray.decisions.calibration import calibrate_normal_images, recalibrate, score_images
+from mspray.decisions.summaries import calibrate
+from mspray.evaluation.evaluate import evaluate
 from mspray.pipeline.steps import fit_detector, split_holdout
 from mspray.storage import list_files
-from mspray.summaries import calibrate
 
 # the test suite's tiny detector, untrained, with exact banks and a wider embedding
 BASE = {

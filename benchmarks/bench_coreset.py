@@ -20,7 +20,7 @@ from mspray.cli.demo import demo_config
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
 from mspray.data.synthetic import make_synthetic_dataset
-from mspray.evaluate import evaluate
+from mspray.evaluation.evaluate import evaluate
 from mspray.pipeline.steps import fit_detector, split_holdout
 
 

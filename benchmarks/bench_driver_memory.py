@@ -28,7 +28,7 @@ import tempfile
 
 CHILD = """
 import json, os, resource, sys, threading, time
-from mspray.bundle import load_bundle
+from mspray.artifacts.bundle import load_bundle
 from mspray.config import PoolConfig
 from mspray.data.datasets import train_paths
 from mspray.pipeline.steps import build_banks
@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--pythonpath", default=None, help="import mspray from this checkout")
     args = ap.parse_args()
 
-    from mspray.bundle import save_bundle
+    from mspray.artifacts.bundle import save_bundle
     from mspray.config import MSPrayConfig
     from mspray.data.datasets import train_paths
     from mspray.data.synthetic import make_synthetic_dataset

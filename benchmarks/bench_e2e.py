@@ -54,14 +54,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mspray import maps as M
-from mspray.bundle import load_bundle
+from mspray.artifacts.bundle import load_bundle
 from mspray.config import MSPrayConfig
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_image, load_images, load_mask
 from mspray.data.synthetic import DEFECTS, _add_defect, make_synthetic_dataset, write_png
 from mspray.data.tiles import _png
 from mspray.detector import Detector, cpu_has_native_bf16
-from mspray.metrics import image_auroc, pixel_auroc
+from mspray.evaluation.metrics import image_auroc, pixel_auroc
 from mspray.model.backbone import random_stem_state
 from mspray.model.multiscale import normalize
 from mspray.pipeline.steps import fit_detector

@@ -1,5 +1,5 @@
 """Cross-calibration's fold banks: a fresh greedy coreset per fold and scale (before) against
-fold banks derived from one shared greedy run per scale (:mod:`mspray.fold_banks`, after).
+fold banks derived from one shared greedy run per scale (:mod:`mspray.decisions.fold_banks`, after).
 
 Synthetic patch embeddings of overlapping "tiles" (rows of one smooth random field, so
 neighbouring images share content). Prints, per method, the seconds spent on the fold banks
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from mspray.bank import PatchBank
-from mspray.calibration import fold_plan
 from mspray.config import MSPrayConfig
-from mspray.fold_banks import fold_banks
+from mspray.decisions.calibration import fold_plan
+from mspray.decisions.fold_banks import fold_banks
 
 
 def main() -> None:

@@ -108,7 +108,7 @@ def make_data(work: Path, args: argparse.Namespace) -> tuple[str, str, str]:
 
 
 def part_inprocess(bundle: str, folder: str, args: argparse.Namespace) -> None:
-    from mspray.bundle import load_bundle, load_config
+    from mspray.artifacts.bundle import load_bundle, load_config
     from mspray.data.images import load_image
     from mspray.detector import stage_seconds_per_image
 

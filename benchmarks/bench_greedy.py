@@ -1,6 +1,6 @@
 """Greedy k-center coreset build: plain loop vs per-point pruning (old) vs cell pruning (new).
 
-Times :func:`mspray.coreset.greedy_coreset` side by side in one run (round-robin, median of
+Times :func:`mspray.bank.coreset.greedy_coreset` side by side in one run (round-robin, median of
 ``--repeats``): ``plain`` (``prune=False``, one full N×D pass per pick), ``old pruned``
 (the previous default, per-point Elkan-style pruning, kept here as :func:`old_pruned` for
 comparison) and ``cells`` (the default, cell pruning). Candidates:
@@ -33,8 +33,8 @@ import faiss
 import numpy as np
 import torch
 
+from mspray.bank.coreset import greedy_coreset
 from mspray.config import MSPrayConfig
-from mspray.coreset import greedy_coreset
 from mspray.data.datasets import train_paths
 from mspray.data.images import load_images
 from mspray.data.synthetic import make_synthetic_dataset

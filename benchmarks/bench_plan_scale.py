@@ -61,7 +61,7 @@ def make_manifest(path: str, root: str, n: int) -> None:
 
 def make_half_done(out: str, root: str, n: int) -> None:
     """An output holding every other key of the manifest, in parts of 256 rows."""
-    from mspray.output import result_schema, write_part
+    from mspray.artifacts.output import result_schema, write_part
 
     os.makedirs(out, exist_ok=True)
     schema = result_schema([32])

@@ -1,4 +1,5 @@
-"""Reading a scoring output: the one dataset scan of :mod:`mspray.output` vs the readers it
+"""Reading a scoring output: the one dataset scan of :mod:`mspray.artifacts.output` vs the
+readers it
 replaced (the report read every part and all its columns one after another; the error retry
 opened every part again for its ``path``/``error`` columns).
 
@@ -26,7 +27,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from mspray import storage
-from mspray.output import (
+from mspray.artifacts.output import (
     PART_COLUMN,
     RUNS_DIR,
     error_units,
@@ -73,7 +74,7 @@ def make_output(out: str, parts: int, rows: int, seed: int = 0) -> None:
 
 # ----------------------------------------------------------------------------- the old readers
 def old_read_rows(output: str) -> pa.Table:
-    """The report's reader before :mod:`mspray.output`: every top-level ``*.parquet`` not
+    """The report's reader before :mod:`mspray.artifacts.output`: every top-level ``*.parquet`` not
     starting with ``_``/``.``, footers then fragments read one after another."""
     try:
         files = storage.list_files(output, suffixes=(".parquet",), recursive=False)
@@ -94,7 +95,7 @@ def old_read_rows(output: str) -> pa.Table:
 
 
 def old_error_units(output: str) -> list[tuple[list[str], str | None]]:
-    """The error retry's reader before :mod:`mspray.output`: each part opened in turn."""
+    """The error retry's reader before :mod:`mspray.artifacts.output`: each part opened in turn."""
     try:
         files = storage.list_files(output, suffixes=(".parquet",), recursive=False)
     except (FileNotFoundError, NotADirectoryError):

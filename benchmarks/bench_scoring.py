@@ -4,7 +4,7 @@ One local Ray (started as ``mspray score`` starts it), one bundle (random-init e
 all three scales, banks from synthetic normal images), synthetic test images; every scoring
 run goes through the public ``score_prefix`` with the defaults of ``mspray score`` (actors,
 threads and unit size chosen for the machine) into a fresh output folder, and the same
-images are scored in this process the way ``mspray evaluate`` does (``mspray.evaluate``,
+images are scored in this process the way ``mspray evaluate`` does (``mspray.evaluation.evaluate``,
 torch on every core). The two alternate ``--repeats`` times; the best of each is shown.
 
 Scoring throughput is given end to end (the pipeline, actor start-up included) and in steady
@@ -34,12 +34,12 @@ import time
 from pathlib import Path
 
 from mspray import storage
-from mspray.bundle import load_bundle
+from mspray.artifacts.bundle import load_bundle
 from mspray.config import MSPrayConfig, PoolConfig
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.synthetic import make_synthetic_dataset
 from mspray.device import resolve_device
-from mspray.evaluate import evaluate
+from mspray.evaluation.evaluate import evaluate
 from mspray.pipeline.steps import fit_detector
 from mspray.ray.data.scoring import ScoreSummary, score_prefix
 from mspray.ray.runtime import init_ray

@@ -95,7 +95,7 @@ def core_ms_per_image(bundle: str, batch: int, repeats: int = 5) -> float:
     """``Detector.predict`` alone (no HTTP, this process): milliseconds per image."""
     import torch
 
-    from mspray.bundle import load_bundle
+    from mspray.artifacts.bundle import load_bundle
 
     det = load_bundle(bundle)
     size = det.cfg.model.image_size

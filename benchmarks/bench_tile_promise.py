@@ -20,7 +20,7 @@ import time
 from mspray.config import tiny_config
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.tiles import make_tile_dataset
-from mspray.evaluate import evaluate
+from mspray.evaluation.evaluate import evaluate
 
 
 def main() -> None:

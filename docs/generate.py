@@ -1,5 +1,5 @@
 """Regenerate the documentation rendered from the code: docs/configuration.md from
-mspray/config.py (fields, defaults, help) and the CLI (which flag sets each field, in which
+mspray/config/__init__.py (fields, defaults, help) and the CLI (which flag sets each field, in which
 commands), and the table of scales in docs/concepts.md from mspray/model/scales.py.
 
     python docs/generate.py           # rewrite them
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mspray.cli import build_parser
 from mspray.config import field_info
-from mspray.config_docs import ROOTS, FlagUses, render, render_scales
+from mspray.config.docs import ROOTS, FlagUses, render, render_scales
 
 DOCS = Path(__file__).resolve().parent
 #: Marks the generated part of a hand-written page.

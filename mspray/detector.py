@@ -64,7 +64,7 @@ def resolve_search_precision(precision: str, device: torch.device) -> str:
 
 def resolve_search_cells(cells: str, device: torch.device) -> bool:
     """``bank.search_cells`` -> whether the torch search scores bank cells (see
-    :class:`mspray.search.CellSearch`): "auto" is on CPU, where it is several times faster
+    :class:`mspray.bank.search.CellSearch`): "auto" is on CPU, where it is several times faster
     than dense products on large banks, and off on CUDA, where dense fp16 products are."""
     if cells not in ("auto", "on", "off"):
         raise ValueError(f"bank.search_cells={cells!r}: expected auto, on or off")

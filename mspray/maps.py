@@ -195,7 +195,7 @@ def window_means(maps: torch.Tensor, window: int = 8, stride: int = 4) -> torch.
     lies fully inside the map; a window larger than the map is cut to the map.
 
     Linear in the map, so window means of a weighted sum of maps are the same weighted sum
-    of their window means (cross-calibration relies on it, see :mod:`mspray.calibration`).
+    of their window means (cross-calibration relies on it, see :mod:`mspray.decisions.calibration`).
     """
     _check_maps(maps)
     if window < 1 or stride < 1:

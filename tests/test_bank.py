@@ -12,8 +12,8 @@ import torch
 
 import mspray.bank as bank_mod
 from mspray.bank import PatchBank
+from mspray.bank.coreset import greedy_coreset
 from mspray.config import BankConfig
-from mspray.coreset import greedy_coreset
 
 
 def _cfg(**kw: object) -> BankConfig:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mspray import storage
-from mspray.bundle import (
+from mspray.artifacts.bundle import (
     POINTER,
     BundleError,
     _move_pointer,
@@ -26,7 +26,7 @@ from mspray.bundle import (
 )
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
-from mspray.summaries import calibrate
+from mspray.decisions.summaries import calibrate
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +241,8 @@ def test_saves_moving_latest_at_once_never_overwrite_each_other_unseen(root, cap
         start.wait()
         _move_pointer(root, f"v{i + 1}", parent="v0")
 
-    with caplog.at_level(logging.WARNING, logger="mspray.bundle"), ThreadPoolExecutor(n) as pool:
+    logger = "mspray.artifacts.bundle"
+    with caplog.at_level(logging.WARNING, logger=logger), ThreadPoolExecutor(n) as pool:
         list(pool.map(move, range(n)))
     replaced = [r.args[1] for r in caplog.records if "was built from" in r.getMessage()]
     final = storage.read_text(storage.join(root, POINTER)).strip()

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from mspray.bundle import load_bundle, read_meta, resolve_bundle
-from mspray.calibration import fold_plan, recalibrate, score_images
+from mspray.artifacts.bundle import load_bundle, read_meta, resolve_bundle
 from mspray.cli import main
 from mspray.config import tiny_config
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
 from mspray.data.synthetic import make_strip_dataset
-from mspray.evaluate import evaluate
-from mspray.near_duplicates import GAP_RUNS, GAP_SAMPLE, gap_sample, near_duplicate_gap
+from mspray.decisions.calibration import fold_plan, recalibrate, score_images
+from mspray.decisions.near_duplicates import GAP_RUNS, GAP_SAMPLE, gap_sample, near_duplicate_gap
+from mspray.evaluation.evaluate import evaluate
 from mspray.pipeline.steps import fit_detector
 from mspray.storage import list_files
 
@@ -211,8 +211,8 @@ def test_near_duplicates_beyond_the_sample_widen_the_promise() -> None:
     # from the sample, and the promise widened by it
     from types import SimpleNamespace
 
-    from mspray.calibration import plan_folds, widen_for_suspects
-    from mspray.threshold import order_statistic_threshold
+    from mspray.decisions.calibration import plan_folds, widen_for_suspects
+    from mspray.decisions.threshold import order_statistic_threshold
 
     n = 700
     emb = _tile_embeddings(n)
@@ -234,7 +234,7 @@ def test_fold_banks_derive_from_one_greedy_run_and_cover_like_fresh_ones() -> No
     from types import SimpleNamespace
 
     from mspray.bank import PatchBank
-    from mspray.fold_banks import fold_banks
+    from mspray.decisions.fold_banks import fold_banks
 
     n, p = 30, 36
     emb = _tile_embeddings(n).numpy().reshape(n * p, -1)

@@ -1,4 +1,4 @@
-"""Tests for mspray.coreset: greedy farthest-first picks, plain and cell-pruned loops."""
+"""Tests for mspray.bank.coreset: greedy farthest-first picks, plain and cell-pruned loops."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from test_bank import _clustered, _min_dist_ref  # pytest puts tests/ on sys.path
 
-import mspray.coreset as coreset_mod
-from mspray.coreset import greedy_coreset
+import mspray.bank.coreset as coreset_mod
+from mspray.bank.coreset import greedy_coreset
 
 
 def test_greedy_coreset_is_farthest_first() -> None:

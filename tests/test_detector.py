@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from mspray.bundle import BundleError, load_bundle, read_meta, save_bundle
+from mspray.artifacts.bundle import BundleError, load_bundle, read_meta, save_bundle
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
+from mspray.decisions.summaries import quantile_sketch, summarize_maps, summary_scores, window_grid
+from mspray.decisions.threshold import stats_from_moments
 from mspray.detector import Detector, stage_seconds_per_image
 from mspray.model.multiscale import MultiScaleEncoder
 from mspray.pipeline.steps import fit_detector, split_holdout
-from mspray.summaries import quantile_sketch, summarize_maps, summary_scores, window_grid
-from mspray.threshold import stats_from_moments
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +198,8 @@ def test_torch_and_faiss_search_give_the_same_maps(tiny):
 
 
 def test_cell_and_dense_torch_searches_give_identical_maps(tiny):
+    from mspray.bank.search import CellSearch
     from mspray.detector import Detector
-    from mspray.search import CellSearch
 
     det, _, spec = tiny
     images = load_images([s.path for s in test_samples(spec, "synthetic")[:3]], 64, progress=False)
@@ -215,7 +215,7 @@ def test_cell_and_dense_torch_searches_give_identical_maps(tiny):
 
 def test_evaluate_records_where_the_time_goes(tiny):
     from mspray.detector import stage_order
-    from mspray.evaluate import evaluate
+    from mspray.evaluation.evaluate import evaluate
 
     det, _, spec = tiny
     report = evaluate(det, test_samples(spec, "synthetic")[:5], batch_size=2, progress=False)

@@ -114,7 +114,7 @@ def _default_text(value: Any) -> str:
 
 
 def test_configuration_reference_documents_every_field() -> None:
-    """docs/configuration.md lists every field of mspray/config.py with its default."""
+    """docs/configuration.md lists every field of mspray/config/__init__.py with its default."""
     from mspray.config import MSPrayConfig
 
     text = (REPO / "docs" / "configuration.md").read_text()
@@ -137,7 +137,7 @@ def _generator() -> Any:
 
 def test_generated_pages_are_up_to_date() -> None:
     """docs/configuration.md and the table of scales in docs/concepts.md are exactly what
-    docs/generate.py renders from mspray/config.py, the CLI and mspray/model/scales.py now;
+    docs/generate.py renders from mspray/config/__init__.py, the CLI and mspray/model/scales.py now;
     after changing a field, a flag or a scale, run that script."""
     for path, expected in _generator().expected_pages().items():
         assert path.read_text() == expected, f"{path.name} is out of date: python docs/generate.py"
@@ -152,7 +152,7 @@ def test_scale_table_has_a_row_per_scale() -> None:
 
 
 def test_every_config_field_has_help() -> None:
-    from mspray.config_docs import sections
+    from mspray.config.docs import sections
 
     missing = [
         f"{name}.{field}"

@@ -146,7 +146,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 
 
 def test_cli_train_no_banks_saves_encoders_only(synthetic_root, tmp_path, capsys):
-    from mspray.bundle import BundleError, load_bundle, resolve_bundle
+    from mspray.artifacts.bundle import BundleError, load_bundle, resolve_bundle
 
     out = tmp_path / "enc"
     rc = main(

@@ -12,16 +12,16 @@ import torch
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from mspray.bundle import load_bundle, read_config, save_bundle  # noqa: E402
+from mspray.artifacts.bundle import load_bundle, read_config, save_bundle  # noqa: E402
 from mspray.cli import main as cli_main  # noqa: E402
 from mspray.config import MSPrayConfig  # noqa: E402
 from mspray.data.images import load_image  # noqa: E402
 from mspray.data.synthetic import make_synthetic_dataset  # noqa: E402
+from mspray.decisions.summaries import calibrate
 from mspray.detector import Detector  # noqa: E402
 from mspray.model.multiscale import MultiScaleEncoder  # noqa: E402
 from mspray.onnx.convert import OnnxEncoders  # noqa: E402
 from mspray.onnx.export import export_bundle  # noqa: E402
-from mspray.summaries import calibrate
 
 SIZE = 96
 

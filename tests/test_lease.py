@@ -1,4 +1,4 @@
-"""The output lease (mspray.lease) on local disk and on a real local S3 server (moto):
+"""The output lease (mspray.artifacts.lease) on local disk and on a real local S3 server (moto):
 one holder at a time, bounded waits, stale leases taken over, heartbeats."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from mspray import storage
-from mspray.lease import Lease, LeaseHeld, LeaseLost
+from mspray.artifacts.lease import Lease, LeaseHeld, LeaseLost
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -1,4 +1,4 @@
-"""Tests for mspray.metrics: AUROC, AUPRO (hand-computed and brute force), F1-max."""
+"""Tests for mspray.evaluation.metrics: AUROC, AUPRO (hand-computed and brute force), F1-max."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from mspray.metrics import aupro, compute_metrics, f1_max, image_auroc, pixel_auroc
+from mspray.evaluation.metrics import aupro, compute_metrics, f1_max, image_auroc, pixel_auroc
 
 
 def _brute_aupro(masks: np.ndarray, maps: np.ndarray, limit: float) -> float:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mspray.near_duplicates import (
+from mspray.decisions.near_duplicates import (
     content_fold_plan,
     near_duplicate_pairs,
     needs_content_folds,

@@ -1,4 +1,4 @@
-"""The scoring output's one reader (mspray.output) against the readers it replaced."""
+"""The scoring output's one reader (mspray.artifacts.output) against the readers it replaced."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mspray import storage
-from mspray.output import (
+from mspray.artifacts.output import (
     PART_COLUMN,
     error_units,
     is_part,

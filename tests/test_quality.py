@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from mspray import maps as M
-from mspray import metrics
 from mspray.bank import PatchBank
 from mspray.config import tiny_config
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images, load_mask
 from mspray.data.synthetic import make_strip_dataset, make_synthetic_dataset
-from mspray.evaluate import evaluate
+from mspray.evaluation import metrics
+from mspray.evaluation.evaluate import evaluate
 from mspray.pipeline.steps import fit_detector, split_holdout
 
 SIZE = 64

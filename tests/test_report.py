@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 from mspray import storage
+from mspray.decisions.threshold import promise
 from mspray.report import ALL, REPORT_NAME, build_report, calibration_from_bundle, error_reason
-from mspray.threshold import promise
 
 VERSION = "abc123def456"
 QUANTILE = 0.99

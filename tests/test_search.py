@@ -1,4 +1,4 @@
-"""Tests for mspray.search: the torch searches (dense, with an fp32 or bf16 pre-selection, and
+"""Tests for mspray.bank.search: the torch searches (dense, with an fp32 or bf16 pre-selection, and
 by cells) equal the exact fp32 search (faiss flat and a float64 brute force agree with it),
 ties and duplicated rows included."""
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import mspray.search as search_mod
-from mspray.search import CellSearch, TorchSearch
+import mspray.bank.search as search_mod
+from mspray.bank.search import CellSearch, TorchSearch
 
 #: dense searches by pre-selection precision, and the cell search
 PRECISIONS = ["fp32", "bf16", "cells"]

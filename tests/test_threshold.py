@@ -1,4 +1,5 @@
-"""Tests for mspray.threshold: quantile threshold from normal scores, normalisation stats."""
+"""Tests for mspray.decisions.threshold: quantile threshold from normal scores, normalisation
+stats."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from scipy.stats import beta, norm
 
 from mspray.config import ScoreConfig
-from mspray.threshold import (
+from mspray.decisions.threshold import (
     calibrate_threshold,
     min_calibration_images,
     order_statistic_threshold,
@@ -159,7 +160,7 @@ def test_moments_add_up_over_any_split() -> None:
 
 
 def test_a_widened_promise_holds_when_suspect_scores_sat_too_low() -> None:
-    from mspray.threshold import widen_promise
+    from mspray.decisions.threshold import widen_promise
 
     rng = np.random.default_rng(0)
     n, suspect, trials = 200, 20, 100

@@ -101,8 +101,8 @@ def run_demo(
 
 
 def _demo_local(cfg: MSPrayConfig, uris, samples, bundle: str, maps: str, progress: bool):
-    from mspray.bundle import load_bundle
-    from mspray.evaluate import evaluate
+    from mspray.artifacts.bundle import load_bundle
+    from mspray.evaluation.evaluate import evaluate
     from mspray.pipeline.steps import fit_detector
 
     fit_detector(cfg, uris, out=bundle, progress=progress)

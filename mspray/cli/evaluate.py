@@ -69,9 +69,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             address=args.address,
         )
     else:
-        from mspray.bundle import load_bundle, load_config
+        from mspray.artifacts.bundle import load_bundle, load_config
         from mspray.device import resolve_device
-        from mspray.evaluate import evaluate
+        from mspray.evaluation.evaluate import evaluate
 
         over = {k: v for k, v in overrides.items() if k in ("score.runtime", "score.precision")}
         config = load_config(args.bundle, over) if over else None

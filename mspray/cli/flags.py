@@ -28,7 +28,7 @@ from mspray.config import (
     validate,
     with_overrides,
 )
-from mspray.config_base import DEVICE_PATTERN
+from mspray.config.base import DEVICE_PATTERN
 from mspray.model.scales import default_strides
 from mspray.train.recipes import apply_recipe
 
@@ -138,7 +138,7 @@ def _set_value(text: str) -> tuple[str, Any]:
 
 def add_model_config_args(p: argparse.ArgumentParser, keys: Iterable[str]) -> None:
     """``--config FILE``, ``--set KEY=VALUE`` and the flags of ``keys`` (MSPrayConfig)."""
-    g = p.add_argument_group("configuration (mspray/config.py; flags override --config)")
+    g = p.add_argument_group("configuration (mspray/config/__init__.py; flags override --config)")
     g.add_argument("--config", metavar="JSON", help="start from this config file (local or s3://)")
     g.add_argument(
         "--set",

@@ -188,8 +188,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     failed on a transient fault; never for bad images, which get error rows), 3 if another
     run holds the output's lease."""
     from mspray import storage
-    from mspray.lease import LeaseHeld
-    from mspray.output import expand_date
+    from mspray.artifacts.lease import LeaseHeld
+    from mspray.artifacts.output import expand_date
     from mspray.ray.data.scoring import score_prefix
 
     named = getattr(args, "score:models", None)
@@ -322,7 +322,7 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from mspray.calibration import recalibrate_bundle
+    from mspray.decisions.calibration import recalibrate_bundle
 
     out, cal = recalibrate_bundle(
         args.bundle,
@@ -334,7 +334,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
     )
-    from mspray.bundle import read_meta
+    from mspray.artifacts.bundle import read_meta
 
     meta = read_meta(out)
     print_json({"bundle": out, "version": meta["version"], **meta["calibration"]})

@@ -87,7 +87,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mspray.bundle import version_uri
+    from mspray.artifacts.bundle import version_uri
     from mspray.data.datasets import train_paths
     from mspray.pipeline.steps import fit_detector
 

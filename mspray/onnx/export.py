@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mspray.bundle import load_bundle
+from mspray.artifacts.bundle import load_bundle
 from mspray.detector import Detector
 from mspray.model.backbone import IMAGENET_MEAN, IMAGENET_STD
 from mspray.onnx.convert import encoder_to_onnx

@@ -18,14 +18,14 @@ import numpy as np
 import torch
 
 from mspray.bank import PatchBank, global_bank_config
-from mspray.calibration import FoldBankConfig, calibrate_normal_images
 from mspray.config import MSPrayConfig
 from mspray.data.images import load_images
+from mspray.decisions.calibration import FoldBankConfig, calibrate_normal_images
+from mspray.decisions.summaries import calibrate
+from mspray.decisions.threshold import Calibration
 from mspray.detector import Detector
 from mspray.device import resolve_device
 from mspray.model.multiscale import ScaleModel, stem_scale, stem_state, training_order
-from mspray.summaries import calibrate
-from mspray.threshold import Calibration
 from mspray.train.loop import train_scale
 from mspray.train.selection import fused_choice
 from mspray.train.stage_one import train_stage_one

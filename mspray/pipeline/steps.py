@@ -296,7 +296,7 @@ def fit_detector(
 def save_step(det: Detector, out: str | None, run: StepLog) -> str | None:
     """Save ``det`` under the bundle root ``out`` (when given), the step records in its
     ``meta.json``; returns the version URI."""
-    from mspray.bundle import save_bundle
+    from mspray.artifacts.bundle import save_bundle
 
     det.meta["pipeline"] = run.to_meta()
     if not out:
@@ -348,7 +348,7 @@ def build_banks(
     The result is a new version under the bundle root ``out`` (default: the root of
     ``bundle``) and ``latest`` moves to it; the version it started from is never modified.
     """
-    from mspray.bundle import bundle_root, load_bundle, load_config, resolve_bundle
+    from mspray.artifacts.bundle import bundle_root, load_bundle, load_config, resolve_bundle
 
     if not uris:
         raise ValueError("no images to put in the banks")

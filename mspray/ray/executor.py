@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mspray.calibration import FoldBankConfig
 from mspray.config import MSPrayConfig, PoolConfig
+from mspray.decisions.calibration import FoldBankConfig
+from mspray.decisions.threshold import Calibration
 from mspray.detector import Detector
 from mspray.model.multiscale import ScaleModel
 from mspray.pipeline.executor import Candidates, Embeddings, LocalExecutor
@@ -23,7 +24,6 @@ from mspray.ray.data.banks import embed_images, global_coreset
 from mspray.ray.data.calibration import calibrate_on_pool
 from mspray.ray.runtime import gpus_per_actor, init_ray
 from mspray.ray.train import RayScaleTrainer
-from mspray.threshold import Calibration
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class RayExecutor:
             return source
         if not out:
             raise ValueError("on Ray the encoders are saved for the workers: give an output")
-        from mspray.bundle import save_bundle
+        from mspray.artifacts.bundle import save_bundle
 
         # an encoders-only version: never `latest`, which waits for the complete one
         uri = save_bundle(det, out)

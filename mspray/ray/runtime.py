@@ -350,7 +350,7 @@ class DetectorActor:
     ) -> None:
         import torch
 
-        from mspray.bundle import load_bundle
+        from mspray.artifacts.bundle import load_bundle
 
         torch.set_num_threads(max(1, int(cpus)))
         cfg = MSPrayConfig.from_json(config_json)

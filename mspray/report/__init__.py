@@ -1,7 +1,7 @@
 """The nightly report: one HTML page next to a scoring output's Parquet rows.
 
 :func:`build_report` reads a scoring output folder (local or ``s3://``; layout in
-:mod:`mspray.output`) and writes ``OUTPUT/_report.html``:
+:mod:`mspray.artifacts.output`) and writes ``OUTPUT/_report.html``:
 
 - counts: result rows, scored, errors by reason, anomalous; the last run's listed / scored /
   skipped images from its ``_runs/`` summary;
@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mspray import storage
-from mspray.output import REPORT_NAME, read_run_summaries
+from mspray.artifacts.output import REPORT_NAME, read_run_summaries
 from mspray.report.html import ALL, render_report
 from mspray.report.reading import (
     Reference,

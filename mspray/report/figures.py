@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from mspray import storage
-from mspray.output import PART_COLUMN
+from mspray.artifacts.output import PART_COLUMN
 from mspray.report.markup import e, score, stat
 from mspray.report.stats import Group
 

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 
 from mspray import storage
-from mspray.output import RUNS_DIR, read_results
-from mspray.threshold import Calibration, fpr_interval
+from mspray.artifacts.output import RUNS_DIR, read_results
+from mspray.decisions.threshold import Calibration, fpr_interval
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def calibration_from_bundle(bundle: str) -> Reference:
     """The calibration recorded in a bundle's ``meta.json`` (``meta["calibration"]``; for
     bundles calibrated before that was stored, the threshold quantile and margin, which
     fall back to its ``config.json``)."""
-    from mspray.bundle import read_config, read_meta
+    from mspray.artifacts.bundle import read_config, read_meta
 
     meta = read_meta(bundle)
     threshold = _float_or_none(meta.get("threshold"))

@@ -36,10 +36,10 @@ import torch
 from tqdm.auto import tqdm
 
 from mspray import maps as M
-from mspray import metrics
 from mspray.bank import PatchBank
 from mspray.config import MSPrayConfig
 from mspray.data.anomalies import KINDS, paste_anomalies
+from mspray.evaluation import metrics
 from mspray.model.encoder import PatchEncoder
 from mspray.model.multiscale import normalize
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mspray.bank import PatchBank
+from mspray.bank.search import CellSearch, TorchSearch
 from mspray.config import BankConfig
-from mspray.search import CellSearch, TorchSearch
 
 
 def _direct_fp32(q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,7 @@ def test_bank_searcher_on_gpu_matches_cpu() -> None:
 
 
 def test_greedy_coreset_on_gpu_matches_cpu() -> None:
-    from mspray.coreset import greedy_coreset
+    from mspray.bank.coreset import greedy_coreset
 
     x = _clustered(20000, 64, 4)
     sel = greedy_coreset(x.cuda(), 200, seed=0)

@@ -17,9 +17,9 @@ import pytest
 from cluster import GPU_NODE, worker_nodes
 
 from mspray import storage
+from mspray.artifacts.output import read_results
 from mspray.cli import main
 from mspray.config import MSPrayConfig, PoolConfig
-from mspray.output import read_results
 from mspray.ray.capacity import CLUSTER_CONFIG_KV, NodeKind, autoscaler_node_types, possible_gpus
 from mspray.ray.runtime import (
     UNBOUNDED_GPU_ACTORS,

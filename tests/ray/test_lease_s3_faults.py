@@ -10,7 +10,7 @@ import pytest
 from faulty_s3 import FaultyS3Proxy
 
 from mspray import storage
-from mspray.lease import Lease, LeaseHeld
+from mspray.artifacts.lease import Lease, LeaseHeld
 
 FIRST = "_lease/000000000000.json"
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from mspray.artifacts.output import read_results
 from mspray.cli import main
 from mspray.cli.flags import refuse_node_local
-from mspray.output import read_results
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mspray.pipeline.steps as steps
-from mspray.bundle import load_bundle, read_meta
+from mspray.artifacts.bundle import load_bundle, read_meta
 from mspray.config import PoolConfig
 from mspray.data.datasets import train_paths
 from mspray.model.backbone import vgg16_prefix

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mspray.bundle import read_meta, resolve_bundle
+from mspray.artifacts.bundle import read_meta, resolve_bundle
 from mspray.data.datasets import train_paths
 from mspray.pipeline.steps import fit_detector
 

@@ -9,7 +9,7 @@ subclass per stage) to core calls:
 - :mod:`~mspray.ray.data.banks`: embed training images on actors, per-shard + global
   coreset, write the banks into a bundle (or append to them).
 - :mod:`~mspray.ray.data.scoring`: the resumable, streaming scoring job (its output's layout
-  is the core's :mod:`mspray.output`).
+  is the core's :mod:`mspray.artifacts.output`).
 - :mod:`~mspray.ray.data.evaluation`: ``mspray evaluate --ray`` (the core's evaluation on
   actors).
 

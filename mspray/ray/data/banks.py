@@ -23,8 +23,8 @@ import pyarrow as pa
 import torch
 
 from mspray.bank import PatchBank, global_bank_config
+from mspray.bank.coreset import greedy_coreset
 from mspray.config import BankConfig, MSPrayConfig, PoolConfig
-from mspray.coreset import greedy_coreset
 from mspray.ray.data.decoded import decoded_units, lookup, stack, units_of
 from mspray.ray.runtime import DetectorActor, gpus_per_actor, map_with_detector
 

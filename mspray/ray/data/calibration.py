@@ -1,15 +1,17 @@
 """Threshold calibration on the actor pool, so the driver never holds the normal images.
 
-The same steps as the core's :func:`mspray.calibration.crossfit_calibrate` (or the held-out
+The same steps as the core's :func:`mspray.decisions.calibration.crossfit_calibrate` (or the
+held-out
 calibration), split by where the data is:
 
 - the folds are planned from a bounded sample of the images
-  (:func:`~mspray.calibration.gap_sample`, embedded by the actors): the name-order
-  near-duplicate gap, and near-duplicates by content (:mod:`mspray.near_duplicates`);
+  (:func:`~mspray.decisions.calibration.gap_sample`, embedded by the actors): the name-order
+  near-duplicate gap, and near-duplicates by content (:mod:`mspray.decisions.near_duplicates`);
 - the driver builds one fold's banks at a time from the embeddings it already holds (at most
   the candidate budget per scale) and puts them in the object store;
 - :class:`FoldScorer` actors read each normal image, score it against its fold's banks and
-  return its :class:`~mspray.summaries.MapSummary` (pixel moments and window means, ~1/16 of
+  return its :class:`~mspray.decisions.summaries.MapSummary` (pixel moments and window
+  means, ~1/16 of
   the maps), which stays in the object store (``materialize``);
 - the driver sums the moments into the fusion stats, then streams the summaries once more
   for one score per image: it holds one batch of summaries and a float per image.
@@ -26,19 +28,24 @@ import pyarrow as pa
 import torch
 
 from mspray.bank import PatchBank
-from mspray.calibration import (
+from mspray.config import PoolConfig
+from mspray.decisions.calibration import (
     FoldBankConfig,
     check_fold_plan,
     fold_banks,
     plan_folds,
     widen_for_suspects,
 )
-from mspray.config import PoolConfig
+from mspray.decisions.summaries import (
+    calibrate_from_summary,
+    summarize_maps,
+    summary_scores,
+    window_grid,
+)
+from mspray.decisions.threshold import Calibration
 from mspray.detector import Detector
 from mspray.ray.data.decoded import decoded_units, lookup, stack, units_of
 from mspray.ray.runtime import DetectorActor, map_with_detector
-from mspray.summaries import calibrate_from_summary, summarize_maps, summary_scores, window_grid
-from mspray.threshold import Calibration
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +109,7 @@ def plan_on_pool(
     det: Detector, names: list[str], embed: Embed
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
     """The cross-calibration folds of the sorted ``names``
-    (:func:`~mspray.calibration.plan_folds`), the sampled images embedded on the actor
+    (:func:`~mspray.decisions.calibration.plan_folds`), the sampled images embedded on the actor
     pool by ``embed``."""
 
     def embed_sample(positions: np.ndarray, scale: int) -> np.ndarray:

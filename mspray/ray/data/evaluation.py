@@ -1,5 +1,6 @@
-"""``mspray evaluate --ray``: the core's evaluation (:func:`mspray.evaluate.score_chunk` on
-actors, :class:`mspray.evaluate.EvalGather` on the driver) over a Ray Data actor pool.
+"""``mspray evaluate --ray``: the core's evaluation
+(:func:`mspray.evaluation.evaluate.score_chunk` on
+actors, :class:`mspray.evaluation.evaluate.EvalGather` on the driver) over a Ray Data actor pool.
 
 Like the core, a test image that cannot be read is an error (a labelled test set is curated
 data, and a metric over a silently shrunk set would mislead).
@@ -15,7 +16,7 @@ import numpy as np
 
 from mspray.config import PoolConfig
 from mspray.data.datasets import Sample
-from mspray.evaluate import EvalGather, has_masks, score_chunk
+from mspray.evaluation.evaluate import EvalGather, has_masks, score_chunk
 from mspray.ray.runtime import DetectorActor, init_ray, map_with_detector
 
 
@@ -53,10 +54,10 @@ def evaluate_ray(
     address: str | None = None,
 ) -> dict:
     """Metrics of ``bundle`` (a version or a root) on ``samples``: the dict of
-    :func:`mspray.evaluate.evaluate`."""
+    :func:`mspray.evaluation.evaluate.evaluate`."""
     import ray
 
-    from mspray.bundle import load_config, read_meta, resolve_bundle
+    from mspray.artifacts.bundle import load_config, read_meta, resolve_bundle
 
     if not samples:
         raise ValueError("no test images")

@@ -32,7 +32,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from mspray import storage
-from mspray.output import parse_time
+from mspray.artifacts.output import parse_time
 from mspray.ray.data.routing import route_regex
 
 #: Rows of the input dataset: the image, its bundle's name (null: none, an error row).

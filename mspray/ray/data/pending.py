@@ -25,7 +25,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from mspray import storage
-from mspray.output import is_part
+from mspray.artifacts.output import is_part
 
 #: Two independent 64-bit hashes of a path (SipHash keys, 16 characters each).
 HASH_KEYS = ("mspray-path-hash", "mspray-pathhash2")

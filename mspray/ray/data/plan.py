@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mspray import storage
-from mspray.bundle import load_config, read_meta, resolve_bundle
+from mspray.artifacts.bundle import load_config, read_meta, resolve_bundle
 from mspray.config import MSPrayConfig, PoolConfig
 from mspray.ray.data.inputs import InputRules
 

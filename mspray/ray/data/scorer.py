@@ -28,10 +28,10 @@ import pyarrow as pa
 import torch
 
 from mspray import viz
-from mspray.bundle import load_bundle
+from mspray.artifacts.bundle import load_bundle
+from mspray.artifacts.lease import LeaseFence, LeaseLost
+from mspray.artifacts.output import map_uri, result_schema, write_output, write_part
 from mspray.detector_cache import DetectorCache
-from mspray.lease import LeaseFence, LeaseLost
-from mspray.output import map_uri, result_schema, write_output, write_part
 from mspray.ray.data.plan import ScoringPlan
 from mspray.ray.data.reading import DecodedBatch, TransientError, unpack_unit
 from mspray.ray.data.routing import no_model_error

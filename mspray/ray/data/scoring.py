@@ -2,7 +2,7 @@
 
 The driver builds a :class:`~mspray.ray.data.plan.ScoringPlan` (every bundle read once; a
 single bundle is a fleet of one), lists the input prefix once and reads the ``path`` column
-of the parts already in the output (see :mod:`mspray.output` for the layout); the
+of the parts already in the output (see :mod:`mspray.artifacts.output` for the layout); the
 images without a row are cut into work units of ``part_size`` paths. Each unit is one row of
 a Ray dataset and goes through two stages:
 
@@ -25,7 +25,7 @@ part: the run reports it (``failed_units``, ``missing``) and exits non-zero, and
 scores it again. ``retry_errors`` rescores the parts that hold error rows (each rewritten
 whole, under the same name).
 
-One run holds the output's lease (:mod:`mspray.lease`); keys with ``.``/``..``/empty path
+One run holds the output's lease (:mod:`mspray.artifacts.lease`); keys with ``.``/``..``/empty path
 segments are never read (error rows). Several named bundles can score one run (``route`` or
 ``manifest``): units hold one model each, and the ``model`` column names it.
 """
@@ -40,10 +40,10 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
+from mspray.artifacts.lease import DEFAULT_TTL_S, Lease
+from mspray.artifacts.output import error_units, resolve_since, write_run_summary
 from mspray.config import PoolConfig
 from mspray.detector import stage_seconds_per_image
-from mspray.lease import DEFAULT_TTL_S, Lease
-from mspray.output import error_units, resolve_since, write_run_summary
 from mspray.ray.data.inputs import InputRules
 from mspray.ray.data.pending import check_rows, mark_inputs, units_dataset
 from mspray.ray.data.plan import ScoringPlan
@@ -109,7 +109,7 @@ def score_prefix(
             date/time, or ``"last-run"``: where the output's last complete run left off).
         dry_run: plan only: count the inputs, the skipped and pending images and the
             units, score nothing, write nothing.
-        input, output: folders / prefixes (local or s3://); see :mod:`mspray.output` for
+        input, output: folders / prefixes (local or s3://); see :mod:`mspray.artifacts.output` for
             the output layout.
         pool: actor pool (size bounds, GPUs and CPUs per actor, reader threads).
         maps: also write a heatmap PNG per good image under ``output/_maps/``.
@@ -120,7 +120,8 @@ def score_prefix(
         progress: Ray Data progress bars and an images progress bar.
         address: Ray cluster address; default ``$RAY_ADDRESS`` or a local Ray.
         lease_wait: seconds to wait when another run holds the output's lease (see
-            :mod:`mspray.lease`); then :class:`~mspray.lease.LeaseHeld` is raised.
+            :mod:`mspray.artifacts.lease`); then
+            :class:`~mspray.artifacts.lease.LeaseHeld` is raised.
         lease_ttl: seconds after its last renewal that a crashed run's lease can be
             taken over (it is renewed every ``lease_ttl / 3`` seconds while running).
         retry_errors: also rescore the images that have an error row: every part holding

@@ -300,7 +300,7 @@ class MSPrayDetector:
     async def models(self) -> JSONResponse:
         """Every served name with its bundle URI and version, and whether it is loaded on
         the replica answering (each replica holds its own LRU)."""
-        from mspray.bundle import read_meta
+        from mspray.artifacts.bundle import read_meta
 
         settings = self._models.settings
         if settings is None:

@@ -148,7 +148,7 @@ def check_config(config: dict[str, Any], check_bundle: bool = True) -> dict[str,
             # A root is pinned to the version its `latest` names now: every replica (also
             # ones autoscaling starts later) loads that version, and redeploying a root after
             # `build-bank` moved its pointer changes user_config, which swaps in place.
-            from mspray.bundle import BundleError, resolve_bundle
+            from mspray.artifacts.bundle import BundleError, resolve_bundle
 
             pinned: dict[str, str] = {}
             for model, uri in cfg.named_models().items():

@@ -63,7 +63,7 @@ def load_detector(uri: str, device: str, bank_gpu: bool) -> Any:
     import ray
     import torch
 
-    from mspray.bundle import load_bundle, load_config, resolve_bundle
+    from mspray.artifacts.bundle import load_bundle, load_config, resolve_bundle
     from mspray.device import resolve_device
 
     uri = resolve_bundle(uri)  # a root: its latest version now; both reads use that one

@@ -93,7 +93,7 @@ class _PinStore:
 
 
 def _resolve(uris: list[str]) -> dict[str, str | Exception]:
-    from mspray.bundle import resolve_bundle
+    from mspray.artifacts.bundle import resolve_bundle
 
     out: dict[str, str | Exception] = {}
     for uri in uris:

@@ -60,7 +60,7 @@ def serve_forever(
     import ray
     from ray import serve
 
-    from mspray.bundle import BundleError, resolve_bundle
+    from mspray.artifacts.bundle import BundleError, resolve_bundle
     from mspray.ray.runtime import init_ray
     from mspray.ray.serve.app import build_app
 

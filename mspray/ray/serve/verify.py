@@ -33,7 +33,7 @@ class VerifyError(RuntimeError):
 
 def expected_versions(models: dict[str, str]) -> dict[str, str]:
     """Name -> the version id each bundle URI stands for now."""
-    from mspray.bundle import read_meta
+    from mspray.artifacts.bundle import read_meta
 
     return {name: read_meta(uri)["version"] for name, uri in models.items()}
 

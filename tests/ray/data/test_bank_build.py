@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 
 from mspray import storage
+from mspray.artifacts.bundle import load_bundle, save_bundle
 from mspray.bank import global_bank_config, shard_keep_ratio
-from mspray.bundle import load_bundle, save_bundle
-from mspray.calibration import calibrate_normal_images
 from mspray.config import BankConfig, PoolConfig
 from mspray.data.datasets import train_paths
 from mspray.data.images import load_images
 from mspray.data.synthetic import make_synthetic_dataset
+from mspray.decisions.calibration import calibrate_normal_images
+from mspray.decisions.summaries import calibrate
 from mspray.pipeline.steps import build_banks, split_holdout
 from mspray.ray.executor import RayExecutor
-from mspray.summaries import calibrate
 
 
 def test_two_level_coreset_ratios():
@@ -194,7 +194,7 @@ def test_append_in_place_writes_a_new_version_and_keeps_the_served_one(
     version it started from byte-for-byte unchanged and still loadable."""
     import json
 
-    from mspray.bundle import resolve_bundle
+    from mspray.artifacts.bundle import resolve_bundle
     from mspray.cli import main
 
     local_bundle, spec = tiny_bundle

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import mspray.bank
-import mspray.coreset
-from mspray.bundle import load_bundle
+import mspray.bank.coreset
+from mspray.artifacts.bundle import load_bundle
 from mspray.config import PoolConfig
 from mspray.data.datasets import train_paths
 from mspray.data.images import load_images
@@ -29,7 +29,7 @@ def test_global_coreset_runs_on_a_worker_and_equals_the_core(
     out = str(tmp_path / "b")
     with monkeypatch.context() as m:  # this (driver) process only; Ray workers are others
         m.setattr(mspray.bank, "greedy_coreset", _driver_must_not_run)
-        m.setattr(mspray.coreset, "greedy_coreset", _driver_must_not_run)
+        m.setattr(mspray.bank.coreset, "greedy_coreset", _driver_must_not_run)
         build_banks(
             bundle,
             uris,

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from mspray import storage
-from mspray.bundle import load_bundle, resolve_bundle, save_bundle
+from mspray.artifacts.bundle import load_bundle, resolve_bundle, save_bundle
+from mspray.artifacts.output import map_uri, read_results
 from mspray.config import PoolConfig
 from mspray.data.images import load_images
-from mspray.output import map_uri, read_results
 from mspray.ray.data.scoring import score_prefix
 from mspray.report import REPORT_NAME
 
@@ -171,7 +171,7 @@ def test_interrupted_run_then_rerun_gives_exactly_one_row_per_image(
 def test_score_cli_onnx_runtime_scores_like_torch_fp32(ray_local, tiny_bundle, tmp_path):
     """`mspray score --runtime onnx`: the encoders run on ONNX Runtime in the actors, the
     run summary says so, and the scores equal torch fp32's."""
-    from mspray.bundle import read_config
+    from mspray.artifacts.bundle import read_config
     from mspray.cli import main
 
     bundle, spec = tiny_bundle

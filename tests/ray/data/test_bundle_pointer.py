@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from mspray.bundle import load_bundle, resolve_bundle, save_bundle, version_uri
+from mspray.artifacts.bundle import load_bundle, resolve_bundle, save_bundle, version_uri
 from mspray.config import PoolConfig
 from mspray.data.datasets import train_paths
 from mspray.pipeline.steps import build_banks, fit_detector

@@ -12,8 +12,8 @@ import pytest
 from cluster import worker_nodes
 
 from mspray import storage
+from mspray.artifacts.output import read_results
 from mspray.config import PoolConfig
-from mspray.output import read_results
 from mspray.ray.data.scoring import score_prefix
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -8,14 +8,14 @@ import pyarrow as pa
 import pytest
 import ray
 
-from mspray.bundle import load_bundle, load_config
+from mspray.artifacts.bundle import load_bundle, load_config
 from mspray.data.datasets import train_paths
 from mspray.data.images import load_images
+from mspray.decisions.summaries import summarize_maps
 from mspray.ray.data.banks import Embedder
 from mspray.ray.data.calibration import FoldScorer
 from mspray.ray.data.decoded import common_root
 from mspray.ray.data.reading import decode_units
-from mspray.summaries import summarize_maps
 
 pytestmark = pytest.mark.ray
 

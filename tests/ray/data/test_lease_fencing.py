@@ -11,8 +11,8 @@ import time
 import pytest
 
 from mspray import storage
+from mspray.artifacts.lease import LeaseLost
 from mspray.config import PoolConfig
-from mspray.lease import LeaseLost
 from mspray.ray.data.scoring import score_prefix
 
 pytestmark = pytest.mark.ray
@@ -60,7 +60,7 @@ def test_no_heatmap_is_written_once_the_lease_is_taken_over(ray_local, tiny_bund
 
     import pyarrow as pa
 
-    from mspray.lease import Lease
+    from mspray.artifacts.lease import Lease
     from mspray.ray.data.plan import ScoringPlan
     from mspray.ray.data.reading import UNIT_SCHEMA, decode_unit
     from mspray.ray.data.scorer import UnitScorer

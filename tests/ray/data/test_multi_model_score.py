@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mspray.bundle import load_bundle
+from mspray.artifacts.bundle import load_bundle
+from mspray.artifacts.output import read_results
 from mspray.config import PoolConfig
 from mspray.data.images import load_images
-from mspray.output import read_results
 from mspray.ray.data.routing import NO_MODEL, route_paths
 from mspray.ray.data.scoring import score_prefix
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from mspray import storage
-from mspray.output import last_run_until, resolve_since, result_schema, write_part
+from mspray.artifacts.output import last_run_until, resolve_since, result_schema, write_part
 from mspray.ray.data.inputs import InputRules, manifest_rows
 from mspray.ray.data.pending import build_index, part_files, path_hashes, unit_rows
 

@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 from faulty_s3 import FaultyS3Proxy
 
-from mspray import output, storage
+from mspray.artifacts import output, storage
+from mspray.artifacts.output import map_uri, read_results
 from mspray.cli import main
-from mspray.output import map_uri, read_results
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from mspray.bundle import load_bundle
+from mspray.artifacts.bundle import load_bundle
 from mspray.data.datasets import test_samples
-from mspray.evaluate import evaluate
+from mspray.evaluation.evaluate import evaluate
 
 pytestmark = pytest.mark.ray
 

@@ -13,10 +13,10 @@ import boto3
 import pytest
 
 from mspray import storage
-from mspray.bundle import load_bundle, save_bundle
+from mspray.artifacts.bundle import load_bundle, save_bundle
+from mspray.artifacts.lease import Lease, LeaseHeld
+from mspray.artifacts.output import map_uri, read_results
 from mspray.config import PoolConfig
-from mspray.lease import Lease, LeaseHeld
-from mspray.output import map_uri, read_results
 from mspray.ray.data.scoring import score_prefix, unsafe_key_error
 
 

@@ -1,4 +1,4 @@
-"""The scoring output's layout (mspray.output) as batch scoring uses it (no Ray)."""
+"""The scoring output's layout (mspray.artifacts.output) as batch scoring uses it (no Ray)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import datetime as dt
 import pandas as pd
 import pyarrow as pa
 
-from mspray.output import (
+from mspray.artifacts.output import (
     expand_date,
     list_parts,
     map_uri,

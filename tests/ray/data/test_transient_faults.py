@@ -18,9 +18,9 @@ from cluster import multi_node_cluster
 from faulty_s3 import FaultyS3Proxy
 
 from mspray import storage
+from mspray.artifacts.output import list_parts, read_results
 from mspray.cli import main
 from mspray.config import ScoreConfig
-from mspray.output import list_parts, read_results
 from mspray.ray.data import reading
 from mspray.ray.data.plan import ScoringPlan
 from mspray.ray.data.reading import UNIT_SCHEMA, decode_unit, load_checked, to_uint8

@@ -24,7 +24,7 @@ import yaml
 from PIL import Image
 from serve_util import deploy_apps, free_port
 
-from mspray.bundle import load_bundle
+from mspray.artifacts.bundle import load_bundle
 from mspray.data.images import decode_image, to_tensor
 
 pytestmark = pytest.mark.ray

@@ -20,7 +20,7 @@ import pytest
 from serve_util import free_port
 from test_jobs_e2e import ray_cluster  # noqa: F401  # a private head with the dashboard
 
-from mspray.bundle import read_meta
+from mspray.artifacts.bundle import read_meta
 from mspray.ray.serve.deploy import apply_overrides, check_config, deploy, endpoint_url
 from mspray.ray.serve.deploy import load_config as load_serve_config
 from mspray.ray.serve.verify import reachable

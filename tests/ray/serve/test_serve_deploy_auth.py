@@ -17,7 +17,7 @@ import pytest
 from serve_util import free_port
 from test_jobs_e2e import private_head
 
-from mspray.bundle import read_meta
+from mspray.artifacts.bundle import read_meta
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -16,7 +16,7 @@ import yaml
 from serve_faults import FAULT_FILE
 from serve_util import deploy_apps, free_port
 
-from mspray.bundle import load_bundle, read_meta, save_bundle
+from mspray.artifacts.bundle import load_bundle, read_meta, save_bundle
 from mspray.ray.serve.verify import VerifyError, verify_replicas
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

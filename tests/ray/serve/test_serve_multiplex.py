@@ -19,7 +19,7 @@ import httpx
 import pytest
 from serve_util import deploy_apps, free_port
 
-from mspray.bundle import load_bundle, read_meta
+from mspray.artifacts.bundle import load_bundle, read_meta
 from mspray.data.images import decode_image, to_tensor
 
 pytestmark = pytest.mark.ray

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from serve_util import deploy_apps, free_port
 
-from mspray.bundle import read_meta
+from mspray.artifacts.bundle import read_meta
 from mspray.ray.serve.verify import VerifyError, verify_replicas
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

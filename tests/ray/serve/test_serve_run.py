@@ -11,7 +11,7 @@ import httpx
 import pytest
 from serve_util import free_port
 
-from mspray.bundle import resolve_bundle
+from mspray.artifacts.bundle import resolve_bundle
 from mspray.cli import build_parser
 from mspray.cli.flags import serve_config_from_args
 from mspray.config import ServeConfig

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from mspray.bundle import read_meta
+from mspray.artifacts.bundle import read_meta
 from mspray.config import ServeConfig
 from mspray.ray.metrics import ServeMetrics
 from mspray.ray.serve.loading import load_detector

@@ -16,7 +16,7 @@ import ray.cloudpickle
 import torch
 from fault_hooks import FailOnce
 
-from mspray.bundle import read_meta, resolve_bundle
+from mspray.artifacts.bundle import read_meta, resolve_bundle
 from mspray.config import MSPrayConfig
 from mspray.data.datasets import train_paths
 from mspray.model.multiscale import build_scale_model, normalize

@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 
 from pydantic import AliasChoices, model_validator
 
-from mspray.config_base import DEVICE_HELP, Device, Section, flag
-from mspray.config_base import check as _check
+from mspray.config.base import DEVICE_HELP, Device, Section, flag
+from mspray.config.base import check as _check
 
 #: A served model's name: it travels in the serve_multiplexed_model_id header.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

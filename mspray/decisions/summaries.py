@@ -19,13 +19,13 @@ import torch
 
 from mspray import maps as M
 from mspray.config import MSPrayConfig
-from mspray.detector import Detector
-from mspray.threshold import (
+from mspray.decisions.threshold import (
     Calibration,
     stats_from_moments,
     threshold_from_config,
     value_moments,
 )
+from mspray.detector import Detector
 
 log = logging.getLogger(__name__)
 

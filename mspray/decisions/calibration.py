@@ -11,7 +11,8 @@ not stand in for it.
 :func:`crossfit_calibrate` is the in-process fit's (:func:`mspray.pipeline.steps.fit_detector`); the
 Ray Data bank builder (:mod:`mspray.ray.data.calibration`) runs the same steps, the fold
 plan (:func:`fold_plan`), the fold banks (:func:`fold_banks`) and the per-image map
-summaries (:class:`~mspray.summaries.MapSummary`), with the images scored on its actor pool.
+summaries (:class:`~mspray.decisions.summaries.MapSummary`), with the images scored on its
+actor pool.
 :func:`recalibrate` sets a deployed bundle's threshold from a batch of production images.
 """
 
@@ -25,24 +26,24 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from mspray import near_duplicates as ND
-from mspray.detector import Detector
-from mspray.fold_banks import FoldBankConfig, fold_banks
-from mspray.near_duplicates import GAP_SAMPLE, gap_sample, near_duplicate_gap
-from mspray.summaries import (
+from mspray.decisions import near_duplicates as ND
+from mspray.decisions.fold_banks import FoldBankConfig, fold_banks
+from mspray.decisions.near_duplicates import GAP_SAMPLE, gap_sample, near_duplicate_gap
+from mspray.decisions.summaries import (
     MapSummary,
     calibrate,
     calibrate_from_summary,
     summarize_maps,
     summary_scores,
 )
-from mspray.threshold import (
+from mspray.decisions.threshold import (
     Calibration,
     expected_flags,
     order_statistic_threshold,
     trimmed_threshold,
     widen_promise,
 )
+from mspray.detector import Detector
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,9 @@ def plan_folds(
     ``embed`` gives the coarsest-scale embeddings of the :func:`gap_sample` images. The gap
     (``score.calibration_gap``; None: measured, :func:`near_duplicate_gap`) leaves
     name-order neighbours out of a fold's bank. Near-duplicates are also found by content
-    (:mod:`mspray.near_duplicates`), on the sampled images of a larger set: if some lie
+    (:mod:`mspray.decisions.near_duplicates`), on the sampled images of a larger set: if some lie
     further apart in name order than the gap, the folds follow the content
-    (:func:`mspray.near_duplicates.content_fold_plan`) when every image was compared; in a
+    (:func:`mspray.decisions.near_duplicates.content_fold_plan`) when every image was compared; in a
     larger set, ``info["suspect_share"]`` estimates the share of images whose
     near-duplicates stay in their fold bank (the caller widens the promise by it).
     With ``in_bank``, content folds get smaller (more of them) until no fold bank is empty.
@@ -165,7 +166,7 @@ def crossfit_summary(
     batch_size: int | None = None,
     timings: dict[str, float] | None = None,
 ) -> MapSummary:
-    """Summaries (:class:`~mspray.summaries.MapSummary`, image order) of the raw maps of
+    """Summaries (:class:`~mspray.decisions.summaries.MapSummary`, image order) of the raw maps of
     every normal image, each scored against banks built from the bank images its fold does
     not exclude (``plan``: :func:`plan_folds`).
 
@@ -177,7 +178,7 @@ def crossfit_summary(
             into ``images``), e.g. from Ray Data actors; computed here when None.
         bank_config: bank config of a fold bank (default: the detector's); the Ray path
             adjusts the coreset ratio for per-shard reduced rows.
-        timings: gets the seconds of the fold banks (:func:`mspray.fold_banks.fold_banks`)
+        timings: gets the seconds of the fold banks (:func:`mspray.decisions.fold_banks.fold_banks`)
             and of scoring the folds (``fold_scoring_s``).
     """
     t = timings if timings is not None else {}
@@ -235,7 +236,7 @@ def crossfit_calibrate(
 
 
 def widen_for_suspects(det: Detector, cal: Calibration, info: dict) -> Calibration:
-    """``cal``, widened (:func:`mspray.threshold.widen_promise`, logged, and in
+    """``cal``, widened (:func:`mspray.decisions.threshold.widen_promise`, logged, and in
     ``det.meta``) when ``info["suspect_share"]`` of the calibration images may have
     near-duplicates in the bank they were scored against."""
     share = float(info.get("suspect_share") or 0.0)
@@ -322,7 +323,7 @@ def recalibrate(
     Without ``expected_anomaly_rate`` (``normal`` may say so explicitly) all of them are
     normal: the order statistic for ``target_fpr`` (default ``score.target_fpr``). With
     ``expected_anomaly_rate`` R (``normal`` then not True), at most a fraction R is
-    anomalous: :func:`mspray.threshold.trimmed_threshold`. Stats and banks are kept, so
+    anomalous: :func:`mspray.decisions.threshold.trimmed_threshold`. Stats and banks are kept, so
     scores stay comparable with the old bundle; only the decision moves.
 
     ``meta["calibration"]`` gets the new promise and a ``production_check``: how many of
@@ -389,7 +390,7 @@ def recalibrate_bundle(
     bundle's own root, whose ``latest`` then names it; the version it came from is kept
     as is). Returns ``(new version URI, calibration)``."""
     from mspray import storage
-    from mspray.bundle import bundle_root, load_bundle, resolve_bundle, save_bundle
+    from mspray.artifacts.bundle import bundle_root, load_bundle, resolve_bundle, save_bundle
     from mspray.data.images import load_images
     from mspray.device import resolve_device
 

@@ -12,9 +12,9 @@ from tqdm.auto import tqdm
 from mspray import storage, viz
 from mspray.data.datasets import Sample
 from mspray.data.images import load_image, load_mask
+from mspray.decisions.threshold import expected_flags
 from mspray.detector import Detector, stage_seconds_per_image
-from mspray.metrics import compute_metrics, image_auroc
-from mspray.threshold import expected_flags
+from mspray.evaluation.metrics import compute_metrics, image_auroc
 
 
 def score_chunk(

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from mspray.bank import PatchBank
+from mspray.bank.coreset import greedy_coreset
 from mspray.config import BankConfig
-from mspray.coreset import greedy_coreset
 
 if TYPE_CHECKING:
     from mspray.detector import Detector

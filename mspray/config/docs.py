@@ -39,10 +39,10 @@ ROOTS: tuple[tuple[str, type[BaseModel]], ...] = (
 INTRO = """\
 # Configuration reference
 
-<!-- Generated from mspray/config.py by `python docs/generate.py`; do not edit.
+<!-- Generated from mspray/config/__init__.py by `python docs/generate.py`; do not edit.
 tests/test_docs.py fails when this file is out of date. -->
 
-One typed config (`mspray/config.py`) is used by the CLI, the jobs and Serve, and stored as
+One typed config (`mspray/config/__init__.py`) is used by the CLI, the jobs and Serve, and stored as
 `config.json` in every bundle. Pass a JSON file with `--config FILE` (any subset of the
 sections and fields below); command-line flags override it, and `--set KEY=VALUE` sets any
 field, also one without a flag (e.g. `--set train.lam=0.01`). Invalid values are rejected

@@ -1,7 +1,7 @@
 """Near-duplicates among normal images found by content, and cross-calibration folds that
 keep them apart.
 
-The name-order gap (:func:`mspray.calibration.near_duplicate_gap`) finds near-duplicates
+The name-order gap (:func:`mspray.decisions.calibration.near_duplicate_gap`) finds near-duplicates
 only when they sit next to each other in name order (frames of a camera). Tiles cut with
 overlap from a few large photos, named in any order, defeat it: a held-out tile then finds
 its overlapping neighbours in its fold's bank, scores like a bank image, and the threshold
@@ -99,7 +99,7 @@ def needs_content_folds(dup: np.ndarray, gap: int) -> bool:
 def content_fold_plan(
     dup: np.ndarray, folds: int, gap: int = 0
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(scored, excluded)`` per fold, as :func:`mspray.calibration.fold_plan`: folds are
+    """``(scored, excluded)`` per fold, as :func:`mspray.decisions.calibration.fold_plan`: folds are
     contiguous blocks of the reverse Cuthill-McKee order of the near-duplicate graph
     ``dup`` (``N×N``, images in name order); each excludes its images, their
     near-duplicates and ``gap`` images either side of each in name order."""
@@ -123,7 +123,7 @@ def content_fold_plan(
 #: The near-duplicate gap is measured on all images of a set up to this size, and on this
 #: many (in :data:`GAP_RUNS` evenly spaced runs of consecutive names) of a larger one, so
 #: its cost and memory stay bounded however many normal images there are. Near-duplicates
-#: by content (:mod:`mspray.near_duplicates`) are looked for when all images are sampled.
+#: by content (:mod:`mspray.decisions.near_duplicates`) are looked for when all images are sampled.
 GAP_SAMPLE = 512
 GAP_RUNS = 4
 

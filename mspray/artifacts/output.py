@@ -7,7 +7,7 @@
       _maps/<hh>/<image path relative to the input prefix>.png  heatmap panel (with --maps)
       _runs/<UTC time>-<id>.json                             summary of each run
       _report.html                                           the report page (mspray report)
-      _lease/<generation>.json   who is scoring into OUTPUT now (see :mod:`mspray.lease`)
+      _lease/<generation>.json   who is scoring into OUTPUT now (see :mod:`mspray.artifacts.lease`)
 
 ``<hh>`` is the first two hex digits of a hash of the relative path: S3 serves about
 3,500 PUTs per second per prefix, so the panels of a large run are spread over 256

@@ -3,7 +3,7 @@
 A :class:`PatchBank` wraps one faiss index (exact ``IndexFlatL2`` or approximate
 ``IndexIVFFlat``) and answers the only question inference asks: the minimum L2 distance of
 each query patch embedding to the bank. Banks are optionally reduced with a PatchCore-style
-greedy k-center coreset (:mod:`mspray.coreset`), and serialise to plain bytes with faiss's own
+greedy k-center coreset (:mod:`mspray.bank.coreset`), and serialise to plain bytes with faiss's own
 format (never pickle), so a bundle can be loaded without executing code.
 """
 
@@ -18,9 +18,9 @@ import faiss
 import numpy as np
 import torch
 
+from mspray.bank.coreset import greedy_coreset
+from mspray.bank.search import CellSearch, TorchSearch, sync_faiss_threads
 from mspray.config import BankConfig
-from mspray.coreset import greedy_coreset
-from mspray.search import CellSearch, TorchSearch, sync_faiss_threads
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 :class:`MSPrayConfig` (model, training, bank, scoring) is stored as ``config.json`` in every
 bundle. :class:`PoolConfig` sizes the Ray Data actor pools and :class:`ServeConfig` (in
-:mod:`mspray.config_serve`, importable from here) is the Serve application's arguments and
+:mod:`mspray.config.serve`, importable from here) is the Serve application's arguments and
 ``user_config``. They are pydantic models: values are
 validated and coerced once, here, and an invalid value raises :class:`ConfigError` naming the
 field (``train.lr=-1.0: ...``). Command-line flags (``mspray``, ``ray_jobs/``) are derived
@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from mspray.config_base import (  # noqa: F401  (re-exported: the config's public helpers)
+from mspray.config.base import (  # noqa: F401  (re-exported: the config's public helpers)
     DEVICE_HELP,
     ConfigError,
     Device,
@@ -29,8 +29,8 @@ from mspray.config_base import (  # noqa: F401  (re-exported: the config's publi
     validate,
     with_overrides,
 )
-from mspray.config_base import check as _check
-from mspray.config_serve import BATCH_WAIT_S, MODEL_NAME, ServeConfig  # noqa: F401
+from mspray.config.base import check as _check
+from mspray.config.serve import BATCH_WAIT_S, MODEL_NAME, ServeConfig  # noqa: F401
 from mspray.model.scales import (
     SUPPORTED_SCALES,
     check_bank_stride,
@@ -211,7 +211,7 @@ class BankConfig(Section):
     search: Literal["torch", "faiss"] = setting(
         "torch",
         "scoring search of a flat bank: torch (exact, tiled matrix products on the scoring "
-        "device; see mspray/search.py) or faiss (the index; an ivf bank always uses faiss)",
+        "device; see mspray/bank/search.py) or faiss (the index; an ivf bank always uses faiss)",
     )
     search_precision: Literal["auto", "fp32", "bf16", "fp16"] = setting(
         "auto",
@@ -243,7 +243,7 @@ class ScoreConfig(Section):
     target_fpr: float = flag(
         0.01,
         "wanted false-alarm rate on new normal images: the threshold is the order statistic "
-        "of the calibration scores that promises it (see mspray/threshold.py)",
+        "of the calibration scores that promises it (see mspray/decisions/threshold.py)",
         gt=0,
         lt=1,
     )

@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 import torch
 
-from mspray.search import sync_faiss_threads
+from mspray.bank.search import sync_faiss_threads
 
 
 def greedy_coreset(

@@ -1,0 +1,1 @@
+"""What mspray writes and reads back: bundles, scoring outputs, leases."""

@@ -1,0 +1,1 @@
+"""What the detector decides from normal images alone: threshold, calibration, near-duplicates."""

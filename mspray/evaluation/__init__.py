@@ -1,0 +1,1 @@
+"""Metrics on labelled test sets and the evaluation of a detector."""
