@@ -41,7 +41,8 @@ from mspray.data.synthetic import make_synthetic_dataset
 from mspray.device import resolve_device
 from mspray.evaluation.evaluate import evaluate
 from mspray.pipeline.steps import fit_detector
-from mspray.ray.data.scoring import ScoreSummary, score_prefix
+from mspray.ray.data.scoring import score_prefix
+from mspray.ray.data.summary import ScoreSummary
 from mspray.ray.runtime import init_ray
 
 

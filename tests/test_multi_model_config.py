@@ -10,7 +10,7 @@ from mspray.cli import build_parser
 from mspray.cli.flags import serve_config_from_args, split_named_bundle
 from mspray.config import ConfigError, ServeConfig, validate
 from mspray.ray.metrics import error_reason
-from mspray.ray.serve.app import NoModel, pick_model
+from mspray.ray.serve.slots import NoModel, pick_model
 
 
 def _serve(*argv: str) -> ServeConfig:

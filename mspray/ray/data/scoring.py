@@ -47,7 +47,7 @@ from mspray.detector import stage_seconds_per_image
 from mspray.ray.data.inputs import InputRules
 from mspray.ray.data.pending import check_rows, mark_inputs, units_dataset
 from mspray.ray.data.plan import ScoringPlan
-from mspray.ray.data.reading import decode_memory, decode_units, unsafe_key_error
+from mspray.ray.data.reading import decode_memory, decode_units
 from mspray.ray.data.scorer import UnitScorer
 from mspray.ray.data.summary import ScoreSummary
 from mspray.ray.runtime import (
@@ -67,7 +67,6 @@ log = logging.getLogger(__name__)
 DECODE_AHEAD = 2
 
 #: Part of the scoring rules, importable from here as before the split into modules.
-__all__ = ["ScoreSummary", "UnitScorer", "score_prefix", "unsafe_key_error"]
 
 
 def score_prefix(

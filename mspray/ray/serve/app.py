@@ -60,23 +60,12 @@ from mspray.ray.serve.slots import (
     ModelSlot,
     ModelSlots,
     NoModel,
-    apply_user_config,
-    pick_model,
 )
 
 # Serve's replica logger: lines land in the replica log with the request id.
 log = logging.getLogger("ray.serve")
 
 DEPLOYMENT_NAME = "MSPrayDetector"
-# Re-exported: the deploy job and tests read them from here.
-__all__ = [
-    "DEPLOYMENT_NAME",
-    "MSPrayDetector",
-    "NoModel",
-    "apply_user_config",
-    "build_app",
-    "pick_model",
-]
 
 
 def error(status: int, message: str) -> JSONResponse:

@@ -27,7 +27,8 @@ from typing import Any
 
 from mspray.config import ConfigError, ServeConfig, validate
 from mspray.ray.serve.app import DEPLOYMENT_NAME as DEPLOYMENT
-from mspray.ray.serve.app import apply_user_config, deployment_options
+from mspray.ray.serve.app import deployment_options
+from mspray.ray.serve.slots import apply_user_config
 from mspray.ray.serve.verify import (
     VerifyError,
     reachable,

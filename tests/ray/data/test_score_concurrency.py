@@ -17,7 +17,8 @@ from mspray.artifacts.bundle import load_bundle, save_bundle
 from mspray.artifacts.lease import Lease, LeaseHeld
 from mspray.artifacts.output import map_uri, read_results
 from mspray.config import PoolConfig
-from mspray.ray.data.scoring import score_prefix, unsafe_key_error
+from mspray.ray.data.reading import unsafe_key_error
+from mspray.ray.data.scoring import score_prefix
 
 
 def _inputs(spec: str, base: str, n: int | None = None) -> list[str]:

@@ -12,7 +12,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from mspray.config import ConfigError, ServeConfig, validate
 from mspray.ray.serve import DEPLOYMENT_NAME, build_app, deployment_options
-from mspray.ray.serve.app import apply_user_config
+from mspray.ray.serve.slots import apply_user_config
 
 CONFIG = Path(__file__).resolve().parents[3] / "serve_config.yaml"
 
