@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 from faulty_s3 import FaultyS3Proxy
 
-from mspray.artifacts import output, storage
+from mspray import storage
+from mspray.artifacts import output
 from mspray.artifacts.output import map_uri, read_results
 from mspray.cli import main
 
