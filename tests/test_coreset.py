@@ -103,7 +103,12 @@ def test_cell_pruned_greedy_picks_equal_plain_greedy(
     plain = greedy_coreset(x, 800, seed=2, prune=False, init_dist=init)
     assert not stats  # prune=False never reaches the cell loop
     cells = greedy_coreset(x, 800, seed=2, init_dist=init)
-    assert torch.equal(plain, cells)
+    # The same picks up to float ties: the same set, in the same order but where two
+    # distances tie within float32 rounding (the kernels round differently on AVX2 and
+    # AVX-512), and farthest-first throughout.
+    assert set(plain.tolist()) == set(cells.tolist())
+    assert int((plain != cells).sum()) <= 4
+    assert _farthest_first_shortfall(x, cells, init) < 1e-6
     # The data exercises the pruning: most picks run on cells and skip a third of them.
     assert stats["cell_picks"] > 400
     assert stats["cells_skipped"] > 0.3 * stats["cell_picks"] * stats["cells"]

@@ -156,6 +156,9 @@ HARDWARE_RETRIES = 2
 #: Restarts of one model actor (a node whose GPU keeps faulting stops getting processes);
 #: Ray Data's default is unbounded.
 ACTOR_RESTARTS = 4
+#: Ray's retries of one unit's task on a restarted actor: every submission that meets the
+#: actor mid-restart counts, so a few per restart.
+TASK_RETRIES = 4 * (HARDWARE_RETRIES + 1)
 #: Exit status of an actor that exits for a hardware fault.
 DEVICE_FAILURE_EXIT = 70
 
@@ -412,13 +415,16 @@ def map_with_detector(
     """``ds.map_batches`` with ``actor`` on an autoscaling actor pool (see :func:`actor_pool`),
     each actor reserving ``resources`` (default: :func:`actor_resources`); ``kwargs`` go to
     the actor's constructor after the :class:`DetectorActor` ones. An actor is restarted at
-    most :data:`ACTOR_RESTARTS` times and a unit retried at most once more than
-    :data:`HARDWARE_RETRIES` (Ray Data's defaults retry for ever)."""
+    most :data:`ACTOR_RESTARTS` times and a unit's task at most :data:`TASK_RETRIES` times
+    (Ray Data's defaults retry for ever)."""
     res = resources or actor_resources(pool, cfg)
     reserve: dict[str, Any] = {
         "num_cpus": res.cpus,
         "max_restarts": ACTOR_RESTARTS,
-        "max_task_retries": HARDWARE_RETRIES + 1,
+        # bounded, with room for the submissions that fail while an actor restarts ("actor
+        # temporarily unavailable" uses up a retry too); the unit itself is given up after
+        # HARDWARE_RETRIES faults by its own count (see DetectorActor.check_device)
+        "max_task_retries": TASK_RETRIES,
     }
     if res.gpus > 0:
         reserve["num_gpus"] = res.gpus

@@ -47,6 +47,7 @@ from mspray.model.multiscale import (
 )
 from mspray.ray.runtime import init_ray
 from mspray.train.loop import ScaleTrainer, run_summary
+from mspray.train.sampling import ssl_skip_reason
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,14 @@ def train_worker(config: dict[str, Any]) -> None:
         None if config.get(k) is None else ray.get(config[k]) for k in ("vgg_ref", "stem_ref")
     )
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(build_scale_model(cfg, scale, vgg_state, stem))
+    # A skipped SSL term (its pairs would leak the angle at this size) leaves the angle
+    # head without gradients: DDP must expect unused parameters then.
+    size, losses = cfg.model.image_size, cfg.train.losses
+    unused = "ssl" in losses and losses != ("ssl",) and ssl_skip_reason(size, size, scale)
+    model = ray.train.torch.prepare_model(
+        build_scale_model(cfg, scale, vgg_state, stem),
+        parallel_strategy_kwargs={"find_unused_parameters": True} if unused else None,
+    )
     ddp = dist.is_available() and dist.is_initialized()
     comm = TorchDistComm(device) if ddp else LocalComm()
     tr = ScaleTrainer(cfg, scale, model, device, comm)

@@ -223,7 +223,8 @@ def _every_loss_subset(config: dict):
     torch.set_num_threads(1)
     comm = TorchDistComm()
     g = torch.Generator().manual_seed(comm.rank)
-    images, val = torch.rand(2, 3, 48, 48, generator=g), torch.rand(1, 3, 48, 48, generator=g)
+    # 64 px: scale 16's angle pairs are label-free there, so the SSL term (and head) runs
+    images, val = torch.rand(2, 3, 64, 64, generator=g), torch.rand(1, 3, 64, 64, generator=g)
     steps = []
     for losses in _LOSS_SUBSETS:
         cfg = _cfg(
@@ -232,7 +233,7 @@ def _every_loss_subset(config: dict):
                 "train.epochs": 1,
                 "train.batch_size": 4,
                 "train.n_centers": 3,
-                "model.image_size": 48,
+                "model.image_size": 64,
                 "model.embed_dim": 8,
             }
         )
