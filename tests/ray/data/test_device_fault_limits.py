@@ -18,7 +18,7 @@ from mspray import storage
 from mspray.artifacts.output import read_results
 from mspray.config import PoolConfig
 from mspray.ray.data.scoring import score_prefix
-from mspray.ray.runtime import HARDWARE_RETRIES
+from mspray.ray.runtime import ACTOR_RESTARTS, HARDWARE_RETRIES
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -66,4 +66,6 @@ def test_device_errors_become_error_rows_after_bounded_restarts(
         assert all("illegal memory access" in e for e in errors), errors
         assert sum(f"given up after {HARDWARE_RETRIES} retries" in e for e in errors) == 3
         assert sum("on a GPU that failed before" in e for e in errors) == 3
-        assert len(set(_pids(state))) == HARDWARE_RETRIES + 1  # one process per try
+        # a fresh process per try, and never more than the bounded restarts (a process can
+        # also die between two units: the restarts, not the processes, are what is bounded)
+        assert HARDWARE_RETRIES + 1 <= len(set(_pids(state))) <= ACTOR_RESTARTS + 1
