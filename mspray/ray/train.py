@@ -84,6 +84,14 @@ def default_storage_for(bundle_uri: str) -> str:
     return store.normalize(bundle_uri).rstrip("/") + ".ray_runs"
 
 
+def run_location(root: str) -> dict[str, Any]:
+    """``RunConfig`` arguments that put a Ray Train run under ``root`` (local or remote)."""
+    if store.is_local(root):
+        return {"storage_path": root}
+    fs, path = store.filesystem(root)
+    return {"storage_path": path, "storage_filesystem": fs}
+
+
 def new_run_name() -> str:
     return f"mspray-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
@@ -321,11 +329,7 @@ class RayScaleTrainer:
         run_dir = self.run_dir(root, scale)
         self._check_run(cfg, run_dir)
         name = f"{self.run_name}-s{scale}"
-        if store.is_local(root):
-            location: dict[str, Any] = {"storage_path": root}
-        else:
-            fs, path = store.filesystem(root)
-            location = {"storage_path": path, "storage_filesystem": fs}
+        location = run_location(root)
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={

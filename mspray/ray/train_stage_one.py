@@ -20,7 +20,7 @@ import torch
 import mspray.storage as store
 from mspray.config import MSPrayConfig
 from mspray.ray.runtime import init_ray
-from mspray.ray.train import new_run_name, torch_backend
+from mspray.ray.train import new_run_name, run_location, torch_backend
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +82,7 @@ def ray_stage_one(
     init_ray(address, min_cpus=workers + 2)
     root = storage or t.storage
     root = store.normalize(root) if root else os.path.expanduser("~/ray_results")
-    if store.is_local(root):
-        location: dict[str, Any] = {"storage_path": root}
-    else:
-        fs, path = store.filesystem(root)
-        location = {"storage_path": path, "storage_filesystem": fs}
+    location = run_location(root)
     trainer = TorchTrainer(
         stage_one_worker,
         train_loop_config={
