@@ -21,6 +21,8 @@ mspray modes (one detector: encoders, banks, stats and threshold shared; only
 - ``default-random``: the default on a second detector fitted from a random-init trunk
   (every scale its own stem, computed per scale; the others use the ImageNet path with
   a stand-in weights file, where the scales share one stem);
+- ``stage-one``: the default on a detector whose random-init trunk stage one trained
+  (``train.stage_one``), shared by the scales as one stem (``model.shared_stem=true``);
 - ``bf16``: bf16 autocast + channels_last (only fast on CPUs with AVX512-BF16 / AMX);
 - ``fp16``: fp16 autocast (CUDA only);
 - ``onnx``: encoders on ONNX Runtime (``score.runtime="onnx"``);
@@ -217,6 +219,21 @@ def make_photo_dataset(
         write_png(str(cat / "ground_truth" / defect / f"{k:04d}_mask.png"), mask_png)
 
 
+#: Trunks fitted without ImageNet weights, scored in mode ``default``: ``default-random`` a
+#: random-init trunk (a stem per scale, the no-ImageNet default); ``stage-one`` the trunk
+#: stage one trains (mspray/train/stage_one.py), which the scales share as one stem like an
+#: ImageNet trunk. Its speed does not depend on the weights' values, so a few steps do.
+NO_IMAGENET_MODES: dict[str, dict] = {
+    "default-random": {"model.pretrained": False},
+    "stage-one": {
+        "model.pretrained": False,
+        "train.stage_one": True,
+        "train.stage_one_steps": 4,
+        "model.shared_stem": True,
+    },
+}
+
+
 def mode_detector(base: Detector, mode: str) -> Detector:
     """A detector sharing ``base``'s weights, banks and calibration, in ``mode``."""
     over = {
@@ -261,7 +278,7 @@ def main() -> None:
         "--modes",
         default="auto",
         help="comma-separated subset of fp32-nchw,fp32,fp32-dense,default,default-dense,"
-        "default-random,default-faiss,bf16,"
+        "default-random,stage-one,default-faiss,bf16,"
         "fp16,onnx,"
         "compile,padim,"
         "padim-onnx; 'auto': those that can be fast on this device",
@@ -355,9 +372,12 @@ def main() -> None:
             pad.fit(load_images(train_paths(spec, "synthetic"), size, progress=False))
             runners[mode] = pad.predict
         else:
-            if mode == "default-random":
-                random_init = cfg.replace(**{"model.pretrained": False})
-                fitted = fit_detector(random_init, train_paths(spec, "synthetic"), progress=False)
+            if mode in NO_IMAGENET_MODES:
+                fitted = fit_detector(
+                    cfg.replace(**NO_IMAGENET_MODES[mode]),
+                    train_paths(spec, "synthetic"),
+                    progress=False,
+                )
                 det = mode_detector(fitted, "default")
             else:
                 det = mode_detector(base, mode)
