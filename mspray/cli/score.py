@@ -187,7 +187,7 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
         "'calibration').",
     )
     add_config_flags(p, "cal", CalibrateRun, ["bundle", "input"])
-    # one of the two promises, required (argparse's own group, as before)
+    # exactly one of the two promises: argparse refuses both or neither (a usage error)
     promise = p.add_mutually_exclusive_group(required=True)
     add_config_flags(promise, "cal", CalibrateRun, ["normal", "expected_anomaly_rate"])
     add_config_flags(p, "cal", CalibrateRun, ["target_fpr", "out", "device"])

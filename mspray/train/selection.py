@@ -135,7 +135,7 @@ class SelectionSet:
         """Normals are ``val_images``, topped up to :data:`MIN_NORMALS` with up to half of
         ``train_images`` only when there are fewer held-out images (logged); the bank comes
         from (at most :data:`MAX_BANK_IMAGES` of) the other training images, whole;
-        :data:`COPIES` anomalies of :func:`~mspray.data.anomalies.selection_kinds` are pasted
+        :data:`COPIES` anomalies of :func:`selection_kinds` are pasted
         into each normal. Deterministic in ``cfg.train.seed``."""
         seed = cfg.train.seed + 7
         w = window_size(cfg)
