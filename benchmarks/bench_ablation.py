@@ -21,6 +21,7 @@ import tempfile
 import time
 
 from mspray.config import MSPrayConfig
+from mspray.config.run import use_run
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.synthetic import make_synthetic_dataset
 from mspray.evaluation.evaluate import evaluate
@@ -85,7 +86,7 @@ class LastKeeper(LocalExecutor):
     rows; ``after``: config overrides applied after the no-ImageNet switch."""
 
     def __init__(self, after: dict | None = None) -> None:
-        super().__init__(progress=False)
+        super().__init__()
         self.last: dict[int, ScaleModel] = {}
         self.after = after or {}
 
@@ -98,7 +99,7 @@ class LastKeeper(LocalExecutor):
         for scale in training_order(cfg):
             model = build_scale_model(cfg, scale, state, stem)
             tr = ScaleTrainer(cfg, scale, model)
-            hist = tr.fit(train, val, progress=False)
+            hist = tr.fit(train, val)
             best = build_scale_model(cfg, scale, None, stem)
             best.load_state_dict(tr.best_model_state())
             best.train_summary = run_summary(hist, cfg, tr.candidates)
@@ -125,7 +126,7 @@ class StageOne(LastKeeper):
         self._size = cfg.model.image_size
         key = (cfg.train.seed, tuple(train_uris))
         if key not in _TRUNKS:
-            _TRUNKS[key] = train_stage_one(cfg, self.images(train_uris), state, progress=False)
+            _TRUNKS[key] = train_stage_one(cfg, self.images(train_uris), state)
             print(f"stage one: {_TRUNKS[key][1]}", flush=True)
         trunk = _TRUNKS[key][0]
         if not self.train:
@@ -137,7 +138,7 @@ class GivenModels(LocalExecutor):
     """An in-process executor whose train step returns already trained models."""
 
     def __init__(self, models: dict[int, ScaleModel]) -> None:
-        super().__init__(progress=False)
+        super().__init__()
         self.models = models
 
     def train_scales(self, cfg, train_uris, val_uris, state):
@@ -153,7 +154,7 @@ def _ms(xs: list[float]) -> str:
 
 
 def _record(det, samples, t0: float, scales) -> dict:
-    m = evaluate(det, samples, progress=False)
+    m = evaluate(det, samples)
     m["seconds"] = time.perf_counter() - t0
     runs_ = [det.meta["training"][str(s)] or {} for s in scales]
     hist = [h for r in runs_ for h in r.get("history", [])[-1:]]
@@ -224,7 +225,7 @@ def main() -> None:
                 keeper = LastKeeper(after) if name == "selected" or after else None
                 if name in STAGE_ONE:
                     keeper = StageOne(train=name == "stage one + training")
-                det = fit_detector(cfg, uris, executor=keeper, progress=False)
+                det = fit_detector(cfg, uris, executor=keeper)
                 got = {name: _record(det, samples, t0, scales)}
                 if name == "selected":
                     t0 = time.perf_counter()
@@ -234,7 +235,6 @@ def main() -> None:
                         cfg.replace(**{"train.selection": "last"}),
                         uris,
                         executor=GivenModels(last_models),
-                        progress=False,
                     )
                     got["last epoch"] = _record(last, samples, t0, scales)
                     got["last epoch"]["val_ssl_acc"] = got[name]["val_ssl_acc"]
@@ -273,4 +273,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with use_run(progress=False):  # figures, not bars
+        main()

@@ -44,6 +44,7 @@ import torch
 from mspray.bank import PatchBank
 from mspray.bank.search import CellSearch, TorchSearch
 from mspray.config import BankConfig
+from mspray.config.run import use_run
 from mspray.detector import cpu_has_native_bf16
 
 
@@ -199,8 +200,8 @@ def encoder_sets(args: argparse.Namespace):
     cfg = MSPrayConfig().replace(**{"model.image_size": 256, "model.pretrained": False})
     torch.manual_seed(0)
     model = MultiScaleEncoder(cfg).eval()
-    train = load_images(train_paths(spec, "synthetic"), 256, progress=False)
-    test = load_images([s.path for s in test_samples(spec, "synthetic")], 256, progress=False)
+    train = load_images(train_paths(spec, "synthetic"), 256)
+    test = load_images([s.path for s in test_samples(spec, "synthetic")], 256)
     for scale in (32, 16):
         with torch.inference_mode():
             b = torch.cat([model.embed(train[i : i + 4], scale, 4) for i in range(0, n_train, 4)])
@@ -299,4 +300,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with use_run(progress=False):  # figures, not bars
+        main()

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from mspray.config import tiny_config
+from mspray.config.run import use_run
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
 from mspray.data.synthetic import make_strip_dataset, make_synthetic_dataset
@@ -95,30 +96,30 @@ def run_scenario(root: str, name: str, spec: dict, target: float) -> list[dict]:
     cfg = tiny_config(**BASE, **{"score.target_fpr": target})
     rows = []
     # one detector (banks from the 90 % training split), recalibrated four ways
-    det = fit_detector(cfg.replace(**{"score.calibration": "holdout"}), uris, progress=False)
+    det = fit_detector(cfg.replace(**{"score.calibration": "holdout"}), uris)
     train_uris, val_uris = split_holdout(uris, cfg.train.val_fraction, cfg.train.seed)
-    val = load_images(val_uris, 64, progress=False)
+    val = load_images(val_uris, 64)
     det.cfg = cfg.replace(**{"score.threshold_quantile": 0.99, "score.calibration": "holdout"})
     calibrate(det, val)
-    rows.append(row(name, "holdout q0.99 (old)", evaluate(det, samples, progress=False)))
+    rows.append(row(name, "holdout q0.99 (old)", evaluate(det, samples)))
     det.cfg = cfg.replace(**{"score.calibration": "holdout"})
     calibrate(det, val)
-    rows.append(row(name, "holdout order-stat", evaluate(det, samples, progress=False)))
+    rows.append(row(name, "holdout order-stat", evaluate(det, samples)))
     det.cfg = cfg  # crossfit, measured gap
     names = sorted(uris)
     in_bank = np.isin(names, train_uris)
-    calibrate_normal_images(det, load_images(names, 64, progress=False), in_bank)
-    rows.append(row(name, "crossfit order-stat", evaluate(det, samples, progress=False)))
+    calibrate_normal_images(det, load_images(names, 64), in_bank)
+    rows.append(row(name, "crossfit order-stat", evaluate(det, samples)))
     if spec["production"]:
         # recalibrate copies of the crossfit detector's decision (banks and stats are kept)
         threshold, meta = det.threshold, dict(det.meta)
-        prod = score_images(det, load_images(list_files(spec["production"]), 64, progress=False))
+        prod = score_images(det, load_images(list_files(spec["production"]), 64))
         recalibrate(det, prod, expected_anomaly_rate=0.05)
-        rows.append(row(name, "recal trimmed R=0.05", evaluate(det, samples, progress=False)))
+        rows.append(row(name, "recal trimmed R=0.05", evaluate(det, samples)))
         det.threshold, det.meta = threshold, meta
-        imgs = load_images(list_files(spec["production_normal"]), 64, progress=False)
+        imgs = load_images(list_files(spec["production_normal"]), 64)
         recalibrate(det, score_images(det, imgs), normal=True)
-        rows.append(row(name, "recal --normal", evaluate(det, samples, progress=False)))
+        rows.append(row(name, "recal --normal", evaluate(det, samples)))
     return rows
 
 
@@ -163,4 +164,5 @@ def print_row(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with use_run(progress=False):  # figures, not bars
+        main()

@@ -17,6 +17,7 @@ import time
 import torch
 
 from mspray.cli.demo import demo_config
+from mspray.config.run import use_run
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_images
 from mspray.data.synthetic import make_synthetic_dataset
@@ -59,10 +60,10 @@ def main() -> None:
     )
     spec = f"mvtec:{root}"
     uris, samples = train_paths(spec, "synthetic"), test_samples(spec, "synthetic")
-    det = fit_detector(cfg, uris, progress=False)
+    det = fit_detector(cfg, uris)
     train_uris, _ = split_holdout(uris, cfg.train.val_fraction, cfg.train.seed)
-    train = load_images(train_uris, args.image_size, progress=False)
-    test = load_images([s.path for s in samples[:8]], args.image_size, progress=False)
+    train = load_images(train_uris, args.image_size)
+    test = load_images([s.path for s in samples[:8]], args.image_size)
     rows = []
     for name, ratio in (("full bank", 1.0), (f"coreset {args.ratio:g}", args.ratio)):
         det.cfg = dataclasses.replace(
@@ -71,7 +72,7 @@ def main() -> None:
         t0 = time.perf_counter()
         det.build_banks(train)
         build = time.perf_counter() - t0
-        m = evaluate(det, samples, progress=False)
+        m = evaluate(det, samples)
         sizes = "/".join(str(det.banks[s].ntotal) for s in det.scales)
         rows.append((name, sizes, build, search_seconds(det, test), m))
     print(
@@ -94,4 +95,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with use_run(progress=False):  # figures, not bars
+        main()

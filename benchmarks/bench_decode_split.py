@@ -33,6 +33,7 @@ from typing import Any
 import pyarrow as pa
 
 from mspray.config import MSPrayConfig, PoolConfig
+from mspray.config.run import use_run
 from mspray.data.datasets import train_paths
 from mspray.data.synthetic import make_synthetic_dataset
 from mspray.pipeline.steps import fit_detector
@@ -124,7 +125,7 @@ def main() -> None:
     data = str(work / "data")
     make_synthetic_dataset(data, n_train=4, n_test_good=0, n_test_defect=0, size=args.image_size)
     bundle = str(work / "bundle")
-    fit_detector(cfg, train_paths(f"mvtec:{data}", "synthetic"), out=bundle, progress=False)
+    fit_detector(cfg, train_paths(f"mvtec:{data}", "synthetic"), out=bundle)
     src = str(work / "src")
     make_synthetic_dataset(src, n_train=args.n, n_test_good=0, n_test_defect=0,
                            size=args.source_size)  # fmt: skip
@@ -133,7 +134,7 @@ def main() -> None:
 
     import ray
 
-    init_ray(progress=False, min_cpus=1 + max(tasks))
+    init_ray(min_cpus=1 + max(tasks))
     load = os.getloadavg()[0]
     best: dict[str, float] = {}
     for r in range(args.repeats):
@@ -152,4 +153,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with use_run(progress=False):  # figures, not bars
+        main()

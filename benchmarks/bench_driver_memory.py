@@ -30,6 +30,7 @@ CHILD = """
 import json, os, resource, sys, threading, time
 from mspray.artifacts.bundle import load_bundle
 from mspray.config import PoolConfig
+from mspray.config.run import use_run
 from mspray.data.datasets import train_paths
 from mspray.pipeline.steps import build_banks
 from mspray.ray.executor import RayExecutor
@@ -72,14 +73,15 @@ def sample():
         peak["worker"] = max([peak["worker"], *pss])
         peak["workers"] = max(peak["workers"], sum(pss))
 
-init_ray(progress=False)
-load_bundle(bundle, with_banks=False)  # the model, as build_banks loads it
-base = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
-t0 = time.perf_counter()
-sampler = threading.Thread(target=sample, daemon=True)
-sampler.start()
-r = build_banks(bundle, uris, RayExecutor(pool=PoolConfig(workers=2), progress=False), out=out,
-                overrides=json.loads(over))
+with use_run(progress=False):
+    init_ray()
+    load_bundle(bundle, with_banks=False)  # the model, as build_banks loads it
+    base = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+    t0 = time.perf_counter()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    r = build_banks(bundle, uris, RayExecutor(pool=PoolConfig(workers=2)), out=out,
+                    overrides=json.loads(over))
 stop.set()
 sampler.join()
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -100,6 +102,7 @@ def main() -> None:
 
     from mspray.artifacts.bundle import save_bundle
     from mspray.config import MSPrayConfig
+    from mspray.config.run import use_run
     from mspray.data.datasets import train_paths
     from mspray.data.synthetic import make_synthetic_dataset
     from mspray.pipeline.steps import fit_detector
@@ -113,7 +116,8 @@ def main() -> None:
     cfg = MSPrayConfig().replace(
         **{"model.image_size": args.image_size, "model.pretrained": False, "train.epochs": 0}
     )
-    det = fit_detector(cfg, sorted(train_paths(spec, "synthetic"))[:4], progress=False)
+    with use_run(progress=False):
+        det = fit_detector(cfg, sorted(train_paths(spec, "synthetic"))[:4])
     bundle = os.path.join(root, "bundle")
     save_bundle(det, bundle)
     over = json.dumps(

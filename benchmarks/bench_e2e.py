@@ -58,6 +58,7 @@ from torch import nn
 from mspray import maps as M
 from mspray.artifacts.bundle import load_bundle
 from mspray.config import MSPrayConfig
+from mspray.config.run import use_run
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.images import load_image, load_images, load_mask
 from mspray.data.synthetic import DEFECTS, _add_defect, make_synthetic_dataset, write_png
@@ -340,7 +341,7 @@ def main() -> None:
     if args.bundle and Path(args.bundle).exists():  # the same data (seeded) fitted before
         base = load_bundle(args.bundle, config=cfg)
     else:
-        base = fit_detector(cfg, train_paths(spec, "synthetic"), out=args.bundle, progress=False)
+        base = fit_detector(cfg, train_paths(spec, "synthetic"), out=args.bundle)
     base_fit = time.perf_counter() - t0
     base = Detector(base.cfg, base.model, base.banks, base.stats, base.threshold, base.meta, device)
 
@@ -369,14 +370,12 @@ def main() -> None:
                 from mspray.onnx.convert import encoder_to_onnx, onnx_session
 
                 pad.onnx = onnx_session(encoder_to_onnx(vgg, 64))
-            pad.fit(load_images(train_paths(spec, "synthetic"), size, progress=False))
+            pad.fit(load_images(train_paths(spec, "synthetic"), size))
             runners[mode] = pad.predict
         else:
             if mode in NO_IMAGENET_MODES:
                 fitted = fit_detector(
-                    cfg.replace(**NO_IMAGENET_MODES[mode]),
-                    train_paths(spec, "synthetic"),
-                    progress=False,
+                    cfg.replace(**NO_IMAGENET_MODES[mode]), train_paths(spec, "synthetic")
                 )
                 det = mode_detector(fitted, "default")
             else:
@@ -457,4 +456,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with use_run(progress=False):  # figures, not bars
+        main()

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from mspray.config.run import use_run
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -103,7 +105,7 @@ def make_data(work: Path, args: argparse.Namespace) -> tuple[str, str, str]:
         }
     )
     bundle = str(work / "bundle")
-    fit_detector(cfg, train_paths(f"mvtec:{root}", "synthetic"), out=bundle, progress=False)
+    fit_detector(cfg, train_paths(f"mvtec:{root}", "synthetic"), out=bundle)
     return bundle, f"mvtec:{root}", str(images)
 
 
@@ -133,6 +135,7 @@ def part_inprocess(bundle: str, folder: str, args: argparse.Namespace) -> None:
 
 
 def part_scoring(bundle: str, folder: str, work: Path) -> None:
+    from mspray.config.runs import ScoreRun
     from mspray.ray.data.scoring import score_prefix
     from mspray.ray.runtime import init_ray
 
@@ -141,7 +144,7 @@ def part_scoring(bundle: str, folder: str, work: Path) -> None:
     print(f"\n[2] batch scoring on Ray Data, {n_gpu} GPU(s), defaults of mspray score")
     for rep in range(2):  # the first run includes actor start-up and CUDA warm-up
         with GpuBusy() as busy:
-            s = score_prefix(bundle, folder, str(work / f"out{rep}"), progress=False)
+            s = score_prefix(ScoreRun(bundle=bundle, input=folder, output=str(work / f"out{rep}")))
         window = s.score_seconds - s.first_part_seconds
         unit = s.scored / max(1, s.parts)
         steady = max(s.scored - s.actors * unit, 0) / window if window > 0 else float("nan")
@@ -190,4 +193,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with use_run(progress=False):  # figures, not bars
+        main()

@@ -35,6 +35,7 @@ import torch
 
 from mspray.bank.coreset import greedy_coreset
 from mspray.config import MSPrayConfig
+from mspray.config.run import use_run
 from mspray.data.datasets import train_paths
 from mspray.data.images import load_images
 from mspray.data.synthetic import make_synthetic_dataset
@@ -126,7 +127,7 @@ def embeddings(n_images: int, scale: int) -> torch.Tensor:
     cfg = MSPrayConfig().replace(**{"model.pretrained": False})
     torch.manual_seed(0)
     det = Detector(cfg, MultiScaleEncoder(cfg))
-    imgs = load_images(train_paths(f"mvtec:{root}", "s"), 256, progress=False)
+    imgs = load_images(train_paths(f"mvtec:{root}", "s"), 256)
     return torch.cat(
         [
             torch.from_numpy(det.bank_embeddings(imgs[i : i + 2], scale))
@@ -211,4 +212,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with use_run(progress=False):  # figures, not bars
+        main()

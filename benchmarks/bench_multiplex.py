@@ -53,6 +53,8 @@ import numpy as np
 from bench_serve import load as serve_load
 from bench_serve import test_image
 
+from mspray.config.run import use_run
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -88,7 +90,7 @@ def make_bundle(root: str, category: str, seed: int, size: int) -> str:
         }
     )
     out = f"{root}/bundle_{category}"
-    fit_detector(cfg, train_paths(f"mvtec:{root}", category), out=out, progress=False)
+    fit_detector(cfg, train_paths(f"mvtec:{root}", category), out=out)
     return out
 
 
@@ -199,4 +201,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with use_run(progress=False):  # figures, not bars
+        main()

@@ -36,6 +36,8 @@ from pathlib import Path
 from mspray import storage
 from mspray.artifacts.bundle import load_bundle
 from mspray.config import MSPrayConfig, PoolConfig
+from mspray.config.run import use_run
+from mspray.config.runs import ScoreRun
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.synthetic import make_synthetic_dataset
 from mspray.device import resolve_device
@@ -140,7 +142,9 @@ def run(bundle: str, inp: str, out: str, pool: PoolConfig, part_size: int | None
     reading /proc costs CPU that a timed run on 2 cores would feel."""
     wait_for_no_actors()
     with MemorySampler() if sample else contextlib.nullcontext() as mem:
-        s = score_prefix(bundle, inp, out, pool=pool, part_size=part_size, progress=False)
+        s = score_prefix(
+            ScoreRun(bundle=bundle, input=inp, output=out, part_size=part_size), pool=pool
+        )
     assert s.missing == 0 and s.duplicates == 0 and s.errors == 0, s.line()
     return s, mem
 
@@ -150,7 +154,7 @@ def run_evaluate(bundle: str, inp: str) -> tuple[float, dict]:
     det = load_bundle(bundle, device=resolve_device("auto"))
     samples = test_samples(f"folder:{inp}")
     t0 = time.perf_counter()
-    metrics = evaluate(det, samples, progress=False)
+    metrics = evaluate(det, samples)
     return time.perf_counter() - t0, metrics
 
 
@@ -187,7 +191,7 @@ def main() -> None:
     data = str(work / "data")
     make_synthetic_dataset(data, n_train=8, n_test_good=4 * n, n_test_defect=0, size=size)
     bundle = str(work / "bundle")
-    fit_detector(cfg, train_paths(f"mvtec:{data}", "synthetic"), out=bundle, progress=False)
+    fit_detector(cfg, train_paths(f"mvtec:{data}", "synthetic"), out=bundle)
     images = storage.list_files(f"{data}/synthetic/test/good")
     small, large = work / "in_n", work / "in_4n"
     for i, p in enumerate(images):
@@ -195,7 +199,7 @@ def main() -> None:
             d.mkdir(exist_ok=True)
             (d / Path(p).name).write_bytes(Path(p).read_bytes())
 
-    init_ray(progress=False)
+    init_ray()
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 0))
@@ -274,4 +278,5 @@ def memory(bundle: str, small: Path, large: Path, work: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with use_run(progress=False):  # figures, not bars
+        main()

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mspray import maps as M  # noqa: E402
 from mspray.config import MSPrayConfig  # noqa: E402
+from mspray.config.run import use_run  # noqa: E402
 from mspray.data.anomalies import paste_anomalies  # noqa: E402
 from mspray.data.datasets import train_paths  # noqa: E402
 from mspray.data.images import load_images  # noqa: E402
@@ -103,8 +104,8 @@ def main() -> None:
     )  # fmt: skip
     uris = train_paths(f"mvtec:{root}", "synthetic")
     tr_uris, val_uris = split_holdout(uris, cfg.train.val_fraction, cfg.train.seed)
-    train = load_images(tr_uris, args.image_size, progress=False)
-    val = load_images(val_uris, args.image_size, progress=False)
+    train = load_images(tr_uris, args.image_size)
+    val = load_images(val_uris, args.image_size)
     print(
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, fp32; {len(tr_uris)} train + {len(val_uris)} "
@@ -120,10 +121,10 @@ def main() -> None:
         t0 = time.perf_counter()
         tr.update_centers(x, 0)
         t_centers = time.perf_counter() - t0
-        tr.train_epoch(x, 0, progress=False)  # warm-up
+        tr.train_epoch(x, 0)  # warm-up
         t0 = time.perf_counter()
         tr.steps = 0
-        tr.train_epoch(x, 0, progress=False)
+        tr.train_epoch(x, 0)
         per_step = (time.perf_counter() - t0) / args.steps
         t_epoch = per_step * tr._steps(x.shape[0], cfg.train.batch_size) + t_centers
         selection._CACHE.clear()
@@ -150,4 +151,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with use_run(progress=False):  # figures, not bars
+        main()

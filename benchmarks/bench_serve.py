@@ -46,6 +46,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from mspray.config.run import use_run
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -80,7 +82,7 @@ def make_bundle(root: str, size: int, scales: tuple[int, ...]) -> str:
         }
     )
     out = f"{root}/bundle"
-    fit_detector(cfg, train_paths(f"mvtec:{root}", "synthetic"), out=out, progress=False)
+    fit_detector(cfg, train_paths(f"mvtec:{root}", "synthetic"), out=out)
     return out
 
 
@@ -230,4 +232,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with use_run(progress=False):  # figures, not bars
+        main()

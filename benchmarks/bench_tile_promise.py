@@ -18,6 +18,7 @@ import tempfile
 import time
 
 from mspray.config import tiny_config
+from mspray.config.run import use_run
 from mspray.data.datasets import test_samples, train_paths
 from mspray.data.tiles import make_tile_dataset
 from mspray.evaluation.evaluate import evaluate
@@ -60,9 +61,9 @@ def main() -> None:
         })  # fmt: skip
         uris = train_paths(f"mvtec:{root}", "tiles")
         t0 = time.perf_counter()
-        det = fit_detector(cfg, uris, None, progress=False)
+        det = fit_detector(cfg, uris, None)
         fit_s = time.perf_counter() - t0
-        fa = evaluate(det, test_samples(f"mvtec:{root}", "tiles"), progress=False)["false_alarms"]
+        fa = evaluate(det, test_samples(f"mvtec:{root}", "tiles"))["false_alarms"]
     cal = det.meta["calibration"]
     keys = ("source", "n", "fold_order", "gap", "near_duplicate_pairs", "promised_fpr")
     print(json.dumps({k: cal.get(k) for k in keys}))
@@ -77,4 +78,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with use_run(progress=False):  # figures, not bars
+        main()

@@ -41,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mspray.config import MSPrayConfig  # noqa: E402
+from mspray.config.run import use_run  # noqa: E402
 from mspray.data.datasets import train_paths  # noqa: E402
 from mspray.data.synthetic import make_synthetic_dataset  # noqa: E402
 from mspray.ray import train as ray_train  # noqa: E402
@@ -78,12 +79,18 @@ def main() -> int:
         "(interleaved); the best round of each is reported (shared machines)",
     )
     args = ap.parse_args()
+    with use_run(progress=False, address=args.address):  # the benchmark's one run
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train every configuration of ``args`` and print their throughput side by side."""
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
     import ray
 
-    init_ray(args.address)
+    init_ray()
     if args.configs:
         configs = parse_configs(args.configs)
     elif args.use_gpu:
@@ -124,12 +131,10 @@ def main() -> int:
         best: dict[tuple[int, int], tuple] = {}
         for workers, cpus in [c for _ in range(args.repeats) for c in configs]:
             tr = ray_train.ray_scale_trainer(
-                address=args.address,
                 run_name=f"bench-{workers}x{cpus}-{time.time_ns()}",
                 storage=os.path.join(tmp, "runs"),
                 cpus_per_worker=cpus,
                 keep_checkpoints=1,
-                progress=False,
             )
             t0 = time.perf_counter()
             tr(cfg.replace(**{"train.workers": workers}), uris, [])

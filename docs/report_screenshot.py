@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 from mspray.config import PoolConfig, tiny_config
+from mspray.config.run import use_run
+from mspray.config.runs import ScoreRun
 from mspray.data.datasets import train_paths
 from mspray.data.synthetic import make_synthetic_dataset
 from mspray.pipeline.steps import fit_detector
@@ -39,13 +41,17 @@ def main() -> None:
     data = work / "data"
     make_synthetic_dataset(str(data), "synthetic", 40, 24, 12, size=64, seed=0)
     bundle = str(work / "bundle")
-    fit_detector(cfg, train_paths(f"mvtec:{data}", "synthetic"), out=bundle, progress=True)
+    fit_detector(cfg, train_paths(f"mvtec:{data}", "synthetic"), out=bundle)
     night = work / "archive" / "2024-03-07"
     shutil.copytree(data / "synthetic" / "test", night)
     (night / "good" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (night / "good" / "empty.png").write_bytes(b"")
     out = str(work / "scores" / "2024-03-07")
-    score_prefix(bundle, str(night), out, pool=PoolConfig(workers=1), maps=True, progress=False)
+    with use_run(progress=False):
+        score_prefix(
+            ScoreRun(bundle=bundle, input=str(night), output=out, maps=True),
+            pool=PoolConfig(workers=1),
+        )
     report = build_report(out, top_k=args.top_k)  # the run wrote one; fewer images here
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run(

@@ -19,6 +19,7 @@ import torch
 from mspray import maps as M
 from mspray.bank import PatchBank
 from mspray.config import MSPrayConfig
+from mspray.config.run import progress_bar
 from mspray.model.multiscale import MultiScaleEncoder, normalize
 
 
@@ -230,25 +231,20 @@ class Detector:
         images: torch.Tensor,
         scales: Iterable[int] | None = None,
         batch_size: int | None = None,
-        progress: bool = False,
     ) -> dict[int, np.ndarray]:
         """:meth:`bank_embeddings_scales` of ``images`` embedded ``batch_size`` at a time
         (default ``score.batch_size``), the rows of each scale concatenated in image order."""
-        from tqdm.auto import tqdm
-
         scales = tuple(scales or self.scales)
         bs = batch_size or self.cfg.score.batch_size
         parts: dict[int, list[np.ndarray]] = {s: [] for s in scales}
-        for i in tqdm(range(0, images.shape[0], bs), desc="bank embeddings", disable=not progress):
+        for i in progress_bar(range(0, images.shape[0], bs), desc="bank embeddings"):
             for s, emb in self.bank_embeddings_scales(images[i : i + bs], scales).items():
                 parts[s].append(emb)
         return {s: np.concatenate(parts.pop(s)) for s in scales}
 
-    def build_banks(
-        self, images: torch.Tensor, batch_size: int | None = None, progress: bool = False
-    ) -> None:
+    def build_banks(self, images: torch.Tensor, batch_size: int | None = None) -> None:
         """Banks of every scale from normal ``images`` (``N×3×H×W`` in [0, 1])."""
-        embeddings = self.bank_embeddings_batched(images, None, batch_size, progress)
+        embeddings = self.bank_embeddings_batched(images, None, batch_size)
         for s in self.scales:
             emb = embeddings.pop(s)
             self.banks[s] = PatchBank.build(emb, self.cfg.bank, seed=self.cfg.train.seed)

@@ -6,6 +6,8 @@
 - ``s3_bucket`` (function): a fresh, empty bucket on that server, as ``s3://<name>``.
 - ``synthetic_root`` (session): a small synthetic MVTec-layout dataset on local disk
   (category ``synthetic``, 64×64 images) as a ``pathlib.Path`` to its root.
+- ``quiet_run`` (autouse): every test runs in ``RunContext(progress=False)`` (no progress
+  bars); a test that wants bars or an address enters ``use_run(...)`` itself.
 
 Add new fixtures below with a one-line docstring each.
 """
@@ -40,6 +42,15 @@ def _fix_moto_complete_multipart() -> None:
 
     serialized._mspray_fixed = True  # type: ignore[attr-defined]
     S3Response.serialized = serialized
+
+
+@pytest.fixture(autouse=True)
+def quiet_run():
+    """The run context of every test: no progress bars (see :mod:`mspray.config.run`)."""
+    from mspray.config.run import RunContext, use_run
+
+    with use_run(RunContext(progress=False)):
+        yield
 
 
 @pytest.fixture(scope="session")

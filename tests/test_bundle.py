@@ -35,9 +35,9 @@ def trained(synthetic_root, tiny_cfg):
     from mspray.pipeline.steps import fit_detector
 
     spec = f"mvtec:{synthetic_root}"
-    det = fit_detector(tiny_cfg, train_paths(spec, "synthetic"), progress=False)
+    det = fit_detector(tiny_cfg, train_paths(spec, "synthetic"))
     paths = [s.path for s in test_samples(spec, "synthetic")[:3]]
-    return det, load_images(paths, 64, progress=False)
+    return det, load_images(paths, 64)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -202,7 +202,7 @@ def test_a_version_without_banks_never_becomes_latest(trained, root, synthetic_r
 
     uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
     cfg = tiny_cfg.replace(**{"train.epochs": 0, "train.seed": 7})
-    encoders = fit_detector(cfg, uris, out=root, build_banks=False, progress=False)
+    encoders = fit_detector(cfg, uris, out=root, build_banks=False)
     new = storage.join(storage.normalize(root), "versions", encoders.version)
     assert new != complete and storage.is_file(storage.join(new, "meta.json"))
     # during (and after a failed) bank build: still the complete version
@@ -210,8 +210,8 @@ def test_a_version_without_banks_never_becomes_latest(trained, root, synthetic_r
     assert torch.equal(load_bundle(root).predict(images).image_scores, want)
     # the banks built from the new version (as build-bank does): now it is current
     built = load_bundle(new, with_banks=False)
-    train = load_images(uris, 64, progress=False)
-    built.build_banks(train, progress=False)
+    train = load_images(uris, 64)
+    built.build_banks(train)
     calibrate(built, train, source="bank")
     assert resolve_bundle(save_bundle(built, root)) == resolve_bundle(root) != complete
 

@@ -55,7 +55,7 @@ def strip(tmp_path_factory) -> str:
 
 def _fit(root: str, category: str, calibration: str):
     cfg = tiny_config(**STRIP_CFG, **{"score.calibration": calibration})
-    return fit_detector(cfg, train_paths(f"mvtec:{root}", category), progress=False)
+    return fit_detector(cfg, train_paths(f"mvtec:{root}", category))
 
 
 def test_fold_plan_blocks_and_gaps() -> None:
@@ -71,7 +71,7 @@ def test_fold_plan_blocks_and_gaps() -> None:
 
 def test_crossfit_keeps_its_promise_on_overlapping_crops(strip: str) -> None:
     samples = test_samples(f"mvtec:{strip}", "strip")
-    crossfit = evaluate(_fit(strip, "strip", "crossfit"), samples, progress=False)
+    crossfit = evaluate(_fit(strip, "strip", "crossfit"), samples)
     cal, fa = crossfit["calibration"], crossfit["false_alarms"]
     assert cal["source"] == "crossfit" and cal["n"] == 80 and cal["method"] == "order_statistic"
     assert 3 <= cal["gap"] <= 7  # measured: a crop overlaps the next 7
@@ -82,7 +82,7 @@ def test_crossfit_keeps_its_promise_on_overlapping_crops(strip: str) -> None:
     assert fa["within_promise"]
     assert crossfit["at_threshold"]["true_positives"] >= 4  # of 12 defects: still useful
     # the held-out split has near-duplicates in the bank: its threshold breaks its promise
-    holdout = evaluate(_fit(strip, "strip", "holdout"), samples, progress=False)
+    holdout = evaluate(_fit(strip, "strip", "holdout"), samples)
     assert holdout["calibration"]["source"] == "holdout"
     assert not holdout["false_alarms"]["within_promise"]
     assert holdout["false_alarms"]["observed_fpr"] > holdout["calibration"]["fpr_interval"][1]
@@ -92,14 +92,14 @@ def test_recalibration_on_drifted_production_images(strip: str, tmp_path) -> Non
     det = _fit(strip, "drift", "crossfit")
     old_threshold, old_cal = det.threshold, dict(det.meta["calibration"])
     prod = list_files(f"{strip}/drift/production")
-    scores = score_images(det, load_images(prod, 64, progress=False))
+    scores = score_images(det, load_images(prod, 64))
     samples = test_samples(f"mvtec:{strip}", "drift")
-    before = evaluate(det, samples, progress=False)["false_alarms"]
+    before = evaluate(det, samples)["false_alarms"]
     assert not before["within_promise"]  # brightness/contrast drift: far more false alarms
 
     cal = recalibrate(det, scores, expected_anomaly_rate=0.05)
     assert cal.method == "trimmed" and det.threshold == cal.threshold != old_threshold
-    after = evaluate(det, samples, progress=False)["false_alarms"]
+    after = evaluate(det, samples)["false_alarms"]
     lo, hi = after["expected_flagged"]
     assert lo <= after["flagged"] <= hi, after
     check = det.meta["calibration"]["production_check"]
@@ -119,7 +119,7 @@ def test_recalibration_on_drifted_production_images(strip: str, tmp_path) -> Non
 def test_calibrate_cli_writes_a_new_bundle_version(strip: str, tmp_path, capsys) -> None:
     bundle = str(tmp_path / "b")
     cfg = tiny_config(**STRIP_CFG, **{"score.calibration": "holdout"})
-    fit_detector(cfg, train_paths(f"mvtec:{strip}", "drift"), out=bundle, progress=False)
+    fit_detector(cfg, train_paths(f"mvtec:{strip}", "drift"), out=bundle)
     old = resolve_bundle(bundle)
     before = read_meta(old)
     prod = f"{strip}/drift/production"
@@ -176,7 +176,7 @@ def test_overlapping_tiles_in_random_name_order_keep_the_false_alarm_promise(tmp
     assert cal["source"] == "crossfit" and cal["n"] == 169
     assert cal["gap"] == 0 and cal["fold_order"] == "content"
     assert cal["near_duplicate_pairs"] >= 169  # each tile has several overlapping ones
-    fa = evaluate(det, test_samples(spec, "tiles"), progress=False)["false_alarms"]
+    fa = evaluate(det, test_samples(spec, "tiles"))["false_alarms"]
     assert fa["n_normal"] == 30 and fa["within_promise"], fa
 
 
@@ -184,7 +184,7 @@ def test_a_fallback_to_held_out_calibration_is_never_silent(strip: str) -> None:
     # a name-order gap wider than the set empties every fold bank: cross-calibration is not
     # possible, and the held-out calibration that replaces it says so in meta.json
     cfg = tiny_config(**{**STRIP_CFG, "score.calibration_gap": 200, "train.val_fraction": 0.2})
-    det = fit_detector(cfg, train_paths(f"mvtec:{strip}", "strip"), progress=False)
+    det = fit_detector(cfg, train_paths(f"mvtec:{strip}", "strip"))
     cal = det.meta["calibration"]
     assert cal["source"] == "holdout" and "fallback" in cal
     assert "fold bank would be empty" in cal["fallback"]

@@ -20,14 +20,14 @@ def tiny(synthetic_root, tmp_path_factory, tiny_cfg):
     cfg = tiny_cfg
     spec = f"mvtec:{synthetic_root}"
     out = str(tmp_path_factory.mktemp("bundle") / "b")
-    det = fit_detector(cfg, train_paths(spec, "synthetic"), out=out, progress=False)
+    det = fit_detector(cfg, train_paths(spec, "synthetic"), out=out)
     return det, out, spec
 
 
 def test_predict_shapes_and_threshold_from_held_out_normals(tiny):
     det, _, spec = tiny
     samples = test_samples(spec, "synthetic")
-    images = load_images([s.path for s in samples[:3]], 64, progress=False)
+    images = load_images([s.path for s in samples[:3]], 64)
     pred = det.predict(images)
     assert pred.maps.shape == (3, 64, 64) and pred.image_scores.shape == (3,)
     assert set(pred.scale_maps) == {32, 16} and pred.scale_scores[16].shape == (3,)
@@ -39,8 +39,8 @@ def test_predict_shapes_and_threshold_from_held_out_normals(tiny):
 def test_bank_images_score_near_zero_and_holdout_does_not(tiny):
     det, _, spec = tiny
     train, val = split_holdout(train_paths(spec, "synthetic"), 0.25, det.cfg.train.seed)
-    raw_train = det.raw_scale_maps(load_images(train[:2], 64, progress=False))
-    raw_val = det.raw_scale_maps(load_images(val[:2], 64, progress=False))
+    raw_train = det.raw_scale_maps(load_images(train[:2], 64))
+    raw_val = det.raw_scale_maps(load_images(val[:2], 64))
     for s in det.scales:
         # coreset keeps half the patches, so bank images are close but not all at 0
         assert raw_train[s].mean() < raw_val[s].mean()
@@ -54,7 +54,7 @@ def test_bundle_round_trip_gives_identical_scores(tiny, tmp_path):
     assert {s: b.ntotal for s, b in loaded.banks.items()} == {
         s: b.ntotal for s, b in det.banks.items()
     }
-    images = load_images([s.path for s in test_samples(spec, "synthetic")[:4]], 64, progress=False)
+    images = load_images([s.path for s in test_samples(spec, "synthetic")[:4]], 64)
     a, b = det.predict(images), loaded.predict(images)
     assert torch.equal(a.image_scores, b.image_scores)
     assert torch.equal(a.maps, b.maps)
@@ -77,7 +77,7 @@ def test_bundle_stores_the_calibration_scores_its_threshold_came_from(tiny):
         _, val = split_holdout(
             train_paths(spec, "synthetic"), det.cfg.train.val_fraction, det.cfg.train.seed
         )
-        scores = det.predict(load_images(val, 64, progress=False)).image_scores.numpy()
+        scores = det.predict(load_images(val, 64)).image_scores.numpy()
         np.testing.assert_allclose(cal, np.sort(scores), rtol=1e-5, atol=1e-6)
 
 
@@ -142,7 +142,7 @@ def test_channels_last_and_bf16_modes_score_like_fp32_nchw(tiny):
     from mspray.detector import Detector
 
     det, _, spec = tiny
-    images = load_images([s.path for s in test_samples(spec, "synthetic")[:2]], 64, progress=False)
+    images = load_images([s.path for s in test_samples(spec, "synthetic")[:2]], 64)
 
     def scored(**over):
         d = Detector(det.cfg.replace(**over), det.model, det.banks, det.stats, det.threshold)
@@ -164,7 +164,7 @@ def test_map_summaries_give_predict_scores_under_any_stats(tiny):
     """Calibration keeps only moments and window means of the raw maps (MapSummary): the
     fused scores it derives must be predict's, and the stats those of the pixels."""
     det, _, spec = tiny
-    images = load_images([s.path for s in test_samples(spec, "synthetic")[:4]], 64, progress=False)
+    images = load_images([s.path for s in test_samples(spec, "synthetic")[:4]], 64)
     raw = det.raw_scale_maps(images)
     summary = summarize_maps(det, raw)
     for s in det.scales:
@@ -187,7 +187,7 @@ def test_torch_and_faiss_search_give_the_same_maps(tiny):
     from mspray.detector import Detector
 
     det, _, spec = tiny
-    images = load_images([s.path for s in test_samples(spec, "synthetic")[:3]], 64, progress=False)
+    images = load_images([s.path for s in test_samples(spec, "synthetic")[:3]], 64)
     assert det.cfg.bank.search == "torch"  # the default
     other = det.cfg.replace(**{"bank.search": "faiss"})
     faiss_det = Detector(other, det.model, det.banks, det.stats, det.threshold, det.meta)
@@ -202,7 +202,7 @@ def test_cell_and_dense_torch_searches_give_identical_maps(tiny):
     from mspray.detector import Detector
 
     det, _, spec = tiny
-    images = load_images([s.path for s in test_samples(spec, "synthetic")[:3]], 64, progress=False)
+    images = load_images([s.path for s in test_samples(spec, "synthetic")[:3]], 64)
     assert det.search_cells  # auto, on CPU
     dense_cfg = det.cfg.replace(**{"bank.search_cells": "off"})
     dense = Detector(dense_cfg, det.model, det.banks, det.stats, det.threshold, det.meta)
@@ -218,7 +218,7 @@ def test_evaluate_records_where_the_time_goes(tiny):
     from mspray.evaluation.evaluate import evaluate
 
     det, _, spec = tiny
-    report = evaluate(det, test_samples(spec, "synthetic")[:5], batch_size=2, progress=False)
+    report = evaluate(det, test_samples(spec, "synthetic")[:5], batch_size=2)
     stages = report["stage_seconds_per_image"]
     # a random-init trunk has a stem per scale: no shared "stem" stage
     assert det.model.shared_stem(det.scales) is None
@@ -229,7 +229,7 @@ def test_evaluate_records_where_the_time_goes(tiny):
     shared.banks, shared.stats = det.banks, det.stats
     timings: dict[str, float] = {}
     paths = [s.path for s in test_samples(spec, "synthetic")[:2]]
-    shared.predict(load_images(paths, det.cfg.model.image_size, progress=False), timings)
+    shared.predict(load_images(paths, det.cfg.model.image_size), timings)
     assert list(stage_seconds_per_image(timings, 2, det.scales)) == stage_order(det.scales)[1:]
     model = sum(v for k, v in stages.items() if k != "decode")
     assert model == pytest.approx(report["seconds_per_image"], rel=0.2)

@@ -152,7 +152,8 @@ def test_scale_table_has_a_row_per_scale() -> None:
 
 
 def test_every_config_field_has_help() -> None:
-    from mspray.config.docs import sections
+    _generator()  # puts docs/ on the path: config_docs.py sits beside the generator
+    from config_docs import sections
 
     missing = [
         f"{name}.{field}"

@@ -22,7 +22,7 @@ def test_stage_one_trains_the_trunk_before_the_scales_when_no_imagenet_weights(
         }
     )
     uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
-    det = fit_detector(cfg, uris, progress=False)
+    det = fit_detector(cfg, uris)
     steps = det.meta["pipeline"]["steps"]
     assert [r["step"] for r in steps] == list(STEPS[:-1])
     assert steps[1]["stage_one"] is True
@@ -34,5 +34,5 @@ def test_stage_one_trains_the_trunk_before_the_scales_when_no_imagenet_weights(
     key = next(iter(initial)).removeprefix("features.")
     assert not torch.equal(stem[key], initial[next(iter(initial))])
 
-    plain = fit_detector(cfg.replace(**{"train.stage_one": False}), uris, progress=False)
+    plain = fit_detector(cfg.replace(**{"train.stage_one": False}), uris)
     assert plain.meta["stage_one"] is None and "stage_one" not in plain.meta["pipeline"]["steps"][1]

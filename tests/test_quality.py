@@ -44,9 +44,9 @@ def run(request, tmp_path_factory):
     spec = f"mvtec:{root}"
     cfg = tiny_config(**{"train.epochs": 0})
     uris = train_paths(spec, "q")
-    det = fit_detector(cfg, uris, progress=False)
+    det = fit_detector(cfg, uris)
     samples = test_samples(spec, "q")
-    images = load_images([s.path for s in samples], SIZE, progress=False)
+    images = load_images([s.path for s in samples], SIZE)
     masks = torch.stack([load_mask(s.mask_path, SIZE) for s in samples]).numpy() > 0
     labels = np.array([s.label for s in samples])
     return kind, det, uris, images, masks, labels
@@ -74,7 +74,7 @@ def test_the_detector_clears_the_floor_and_broken_variants_do_not(run):
 
     # 2. a bank whose embeddings have their dimensions shuffled: distances mean nothing
     train, _ = split_holdout(uris, det.cfg.train.val_fraction, det.cfg.train.seed)
-    bank_images = load_images(train, SIZE, progress=False)
+    bank_images = load_images(train, SIZE)
     rng = np.random.default_rng(0)
     banks = det.banks
     try:
@@ -116,8 +116,8 @@ def test_overlapping_training_crops_keep_the_false_alarm_promise(tmp_path):
     for a, b in zip(names, perm, strict=True):
         os.rename(os.path.join(d, "x" + a), os.path.join(d, b))
     spec = f"mvtec:{root}"
-    det = fit_detector(tiny_config(**{"train.epochs": 0}), train_paths(spec, "s"), progress=False)
-    m = evaluate(det, test_samples(spec, "s"), progress=False)
+    det = fit_detector(tiny_config(**{"train.epochs": 0}), train_paths(spec, "s"))
+    m = evaluate(det, test_samples(spec, "s"))
     fa = m["false_alarms"]
     # promise ~2.4 % (40 calibration images): 30 normal crops may show at most 3 flags
     # (a near-duplicate gap of 0 on such crops flagged 22.5 % of the normals on real gravel)

@@ -19,6 +19,7 @@ from mspray.cli.score import add_calibrate, add_report, add_score
 from mspray.cli.serve import add_deploy, add_export, add_serve
 from mspray.cli.train import add_build_bank, add_train
 from mspray.config import ConfigError
+from mspray.config.run import RunContext, use_run
 
 #: Every sub-command, in ``--help`` order.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -67,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # the one place the CLI's --quiet and --address reach the library
+    run = RunContext(progress=not args.quiet, address=getattr(args, "ray_address", None))
     try:
-        return int(args.func(args) or 0)
+        with use_run(run):
+            return int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"mspray {args.command}: error: {e}", file=sys.stderr)
         return 2

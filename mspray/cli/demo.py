@@ -47,9 +47,7 @@ def format_table(rows: list[tuple[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(
-    out: str, epochs: int | None = None, use_ray: bool = True, progress: bool = True
-) -> dict:
+def run_demo(out: str, epochs: int | None = None, use_ray: bool = True) -> dict:
     """Run the whole demo under ``out``; returns the metrics dict.
 
     With ``use_ray``: Ray Train trains the three scales, Ray Data builds the banks and
@@ -78,9 +76,9 @@ def run_demo(
     if use_ray:
         from mspray.ray.demo import run_ray_demo
 
-        metrics, extra = run_ray_demo(cfg, uris, samples, root, bundle, maps, progress)
+        metrics, extra = run_ray_demo(cfg, uris, samples, root, bundle, maps)
     else:
-        metrics, extra = _demo_local(cfg, uris, samples, bundle, maps, progress), []
+        metrics, extra = _demo_local(cfg, uris, samples, bundle, maps), []
     (root / "metrics.json").write_text(json.dumps(metrics, indent=2))
     keys = (
         "image_auroc",
@@ -100,13 +98,13 @@ def run_demo(
     return metrics
 
 
-def _demo_local(cfg: MSPrayConfig, uris, samples, bundle: str, maps: str, progress: bool):
+def _demo_local(cfg: MSPrayConfig, uris, samples, bundle: str, maps: str):
     from mspray.artifacts.bundle import load_bundle
     from mspray.evaluation.evaluate import evaluate
     from mspray.pipeline.steps import fit_detector
 
-    fit_detector(cfg, uris, out=bundle, progress=progress)
-    return evaluate(load_bundle(bundle), samples, maps_dir=maps, progress=progress)
+    fit_detector(cfg, uris, out=bundle)
+    return evaluate(load_bundle(bundle), samples, maps_dir=maps)
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
@@ -127,5 +125,5 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    run_demo(args.out, epochs=args.epochs, use_ray=not args.local, progress=not args.quiet)
+    run_demo(args.out, epochs=args.epochs, use_ray=not args.local)
     return 0

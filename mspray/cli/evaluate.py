@@ -65,8 +65,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             maps_dir=args.maps,
             pool=pool,
             overrides=overrides,
-            progress=not args.quiet,
-            address=args.address,
         )
     else:
         from mspray.artifacts.bundle import load_bundle, load_config
@@ -81,7 +79,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             samples,
             maps_dir=args.maps,
             batch_size=overrides.get("score.batch_size"),
-            progress=not args.quiet,
         )
     text = json.dumps(metrics, indent=2)
     storage.write_text(args.json, text + "\n")

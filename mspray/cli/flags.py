@@ -9,6 +9,7 @@ derives them from the fields of :mod:`mspray.config` (name, type, choices, help)
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import types
 import typing
@@ -32,7 +33,6 @@ from mspray.config.base import DEVICE_PATTERN
 from mspray.model.scales import default_strides
 from mspray.train.recipes import apply_recipe
 
-DATA_HELP = "mvtec:ROOT, btad:ROOT, folder:PATH or s3://bucket/prefix"
 SERVE_BUNDLE_HELP = (
     "model bundle (local path or s3://); repeat as --bundle NAME=URI to serve several "
     "bundles, picked per request with ?model=NAME [bundle_uri, models]"
@@ -55,30 +55,49 @@ def add_config_flags(
     p: argparse.ArgumentParser | Any, prefix: str, root: type[BaseModel], keys: Iterable[str]
 ) -> None:
     """One flag per dotted config ``key`` of ``root``, derived from the field: its ``cli``
-    name (else ``--<field-name>``), type, choices and description. Parsed values land in
-    ``args`` as ``<prefix>:<key>`` (``None`` when the flag is absent)."""
+    name (else ``--<field-name>``), type, choices, ``metavar`` and description (a run
+    object's :func:`~mspray.config.base.option` as written, a setting's with its key and
+    default). A field without a default is a required flag. ``p`` may be a parser, an
+    argument group or a mutually exclusive group. Parsed values land in ``args`` as
+    ``<prefix>:<key>`` (``None`` when the flag is absent)."""
     for key in keys:
         info = field_info(root, key)
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         cli = extra.get("cli")
         name = cli if isinstance(cli, str) else "--" + key.rsplit(".", 1)[-1].replace("_", "-")
-        default = info.get_default(call_default_factory=True)
-        shown = json.dumps(list(default) if isinstance(default, tuple) else default)
         kw: dict[str, Any] = {"dest": f"{prefix}:{key}", "default": None}
-        kw["help"] = f"{info.description} [{key}; default: {shown}]"
-        ann = _strip_optional(info.annotation)
-        if any(getattr(m, "pattern", None) == DEVICE_PATTERN for m in info.metadata):
-            kw.update(type=device_arg, metavar="DEVICE")  # the one device type, checked now
-        elif ann is bool:
-            # --no-x turns a default-on setting off; --x turns a default-off one on
-            kw.update(action="store_const", const=not name.startswith("--no-"))
-        elif typing.get_origin(ann) is tuple:
-            kw.update(type=_csv(typing.get_args(ann)[0]), metavar="A,B,...")
-        elif typing.get_origin(ann) is typing.Literal:
-            kw.update(choices=list(typing.get_args(ann)))
+        if info.is_required():
+            kw["required"] = True
+        if extra.get("verbatim"):
+            kw["help"] = info.description
         else:
-            kw.update(type=ann, metavar=key.rsplit(".", 1)[-1].upper())
+            default = info.get_default(call_default_factory=True)
+            shown = json.dumps(list(default) if isinstance(default, tuple) else default)
+            kw["help"] = f"{info.description} [{key}; default: {shown}]"
+        kw.update(_flag_type(info, key, name))
+        if "metavar" in extra:
+            kw["metavar"] = extra["metavar"]
         p.add_argument(name, **kw)
+
+
+def _flag_type(info: Any, key: str, name: str) -> dict[str, Any]:
+    """How argparse reads the field's value: type (or action), choices, metavar."""
+    ann = _strip_optional(info.annotation)
+    if any(getattr(m, "pattern", None) == DEVICE_PATTERN for m in info.metadata):
+        return {"type": device_arg, "metavar": "DEVICE"}  # the one device type, checked now
+    if ann is bool:
+        # --no-x turns a default-on setting off; --x turns a default-off one on
+        return {"action": "store_const", "const": not name.startswith("--no-")}
+    if typing.get_origin(ann) is tuple:
+        return {"type": _csv(typing.get_args(ann)[0]), "metavar": "A,B,..."}
+    if typing.get_origin(ann) is typing.Literal:
+        return {"choices": list(typing.get_args(ann))}
+    metavar = key.rsplit(".", 1)[-1].upper()
+    if ann is dt.date:
+        return {"type": dt.date.fromisoformat, "metavar": metavar}
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        return {"metavar": metavar}  # e.g. str | datetime: the string, validated by the model
+    return {"type": ann, "metavar": metavar}
 
 
 def device_arg(text: str) -> str:
@@ -171,8 +190,9 @@ def config_from_args(args: argparse.Namespace, base: MSPrayConfig | None = None)
 
 # ---------------------------------------------------------------------------- Ray
 def add_address_flag(p: argparse.ArgumentParser | Any) -> None:
-    """``--address``: which Ray to join (see :data:`ADDRESS_HELP`)."""
-    p.add_argument("--address", help=ADDRESS_HELP)
+    """``--address``: which Ray to join (see :data:`ADDRESS_HELP`); the CLI's dispatch puts
+    it in the run context (``mspray deploy``'s own ``--address``, a dashboard URL, is not)."""
+    p.add_argument("--address", dest="ray_address", metavar="ADDRESS", help=ADDRESS_HELP)
 
 
 def add_pool_args(p: argparse.ArgumentParser, keys: Iterable[str] = POOL_KEYS) -> None:
@@ -207,7 +227,7 @@ def refuse_node_local(args: argparse.Namespace, paths: Iterable[tuple[str, str |
         return
     from mspray.ray.runtime import node_local_refusal
 
-    why = node_local_refusal(getattr(args, "address", None))
+    why = node_local_refusal()
     if why:
         raise ConfigError(
             f"{', '.join(local)}: on this machine's disk, but {why}. Use storage every node "

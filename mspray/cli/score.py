@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 from dataclasses import asdict
@@ -13,7 +12,6 @@ from mspray.cli.flags import (
     SCORE_POOL_KEYS,
     add_bundle_flag,
     add_config_flags,
-    add_device_flag,
     add_pool_args,
     add_shared_fs_flag,
     flag_values,
@@ -21,7 +19,8 @@ from mspray.cli.flags import (
     print_json,
     refuse_node_local,
 )
-from mspray.config import ConfigError, MSPrayConfig
+from mspray.config import MSPrayConfig, validate
+from mspray.config.runs import CalibrateRun, ScoreRun, run_fields
 
 SCORE_EPILOG = """\
 Rows: path, image_score, is_anomalous, score_<scale> for each scale, threshold,
@@ -87,91 +86,7 @@ def add_score(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_bundle_flag(p, "score", SCORE_BUNDLE_HELP)
-    p.add_argument(
-        "--input",
-        required=True,
-        help="folder or s3:// prefix of images (searched recursively; may contain {date})",
-    )
-    p.add_argument(
-        "--route",
-        metavar="TEMPLATE",
-        help="with --bundle NAME=URI ...: which bundle scores an image, from its path: "
-        "'PREFIX/{model}/**' ({model} = one path segment naming the bundle, * and ** "
-        "wildcards; may contain {date}); a path matching no model gets an error row",
-    )
-    p.add_argument(
-        "--manifest",
-        metavar="FILE",
-        help="with --bundle NAME=URI ...: a Parquet or CSV file of path,model (paths "
-        "relative to --input or absolute); exactly these images are scored",
-    )
-    p.add_argument(
-        "--input-manifest",
-        metavar="FILE",
-        help="score the images this Parquet/CSV file (or folder of them) names instead of "
-        "listing --input: an S3 Inventory report (bucket, key, last_modified_date), a 'path' "
-        "column of URIs, or a 'key' column relative to --input; a 'model' column picks the "
-        "bundle with --bundle NAME=URI",
-    )
-    p.add_argument(
-        "--modified-since",
-        metavar="DATE|last-run",
-        help="only images modified at or after this date / ISO time (S3 LastModified, the "
-        "manifest's last_modified_date), or 'last-run': since the output's last complete "
-        "run; only the parts written since then are read to skip what is scored",
-    )
-    p.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="plan only: read the manifest (or listing) and the output, print the pending and "
-        "skipped counts and the units (and --summary-json them), score and write nothing",
-    )
-    p.add_argument(
-        "--output",
-        required=True,
-        help="output folder or s3:// prefix for Parquet parts and heatmaps (may contain {date})",
-    )
-    p.add_argument(
-        "--date",
-        type=dt.date.fromisoformat,
-        metavar="YYYY-MM-DD",
-        help="date for {date} templates (default: today, UTC)",
-    )
-    p.add_argument(
-        "--maps", action="store_true", help="also write a heatmap PNG per image under OUTPUT/_maps/"
-    )
-    p.add_argument(
-        "--part-size",
-        type=int,
-        default=None,
-        metavar="N",
-        help="images per work unit = rows per Parquet part (default: sized for the cluster, "
-        "several units per actor, at most 256)",
-    )
-    p.add_argument(
-        "--summary-json", metavar="FILE", help="also write the run summary (counts, timing) here"
-    )
-    p.add_argument(
-        "--lease-wait",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="when another run holds the output, wait this long for it to finish, then exit "
-        "with status 3 (default: %(default)s, exit at once)",
-    )
-    p.add_argument(
-        "--lease-ttl",
-        type=float,
-        default=300.0,
-        metavar="SECONDS",
-        help="a run renews its lease every TTL/3 s; a crashed run's lease is taken over this "
-        "long after its last renewal (default: %(default)s)",
-    )
-    p.add_argument(
-        "--retry-errors",
-        action="store_true",
-        help="also rescore the images that have an error row (their parts are rewritten)",
-    )
+    add_config_flags(p, "score", ScoreRun, run_fields(ScoreRun))
     add_config_flags(
         p,
         "cfg",
@@ -189,52 +104,26 @@ def cmd_score(args: argparse.Namespace) -> int:
     run holds the output's lease."""
     from mspray import storage
     from mspray.artifacts.lease import LeaseHeld
-    from mspray.artifacts.output import expand_date
     from mspray.ray.data.scoring import score_prefix
 
-    named = getattr(args, "score:models", None)
-    bundle = named or getattr(args, "score:bundle_uri", None)
-    if not bundle:
-        raise ConfigError("--bundle is required")
-    if named and getattr(args, "score:bundle_uri", None):
-        raise ConfigError("--bundle: name every bundle (NAME=URI) when giving several")
-    source, dest = expand_date(args.input, args.date), expand_date(args.output, args.date)
-    bundles = list(named.values()) if named else [bundle]
+    run = validate(ScoreRun, flag_values(args, "score")).dated()
     refuse_node_local(
         args,
         [
-            ("--input", source),
-            ("--output", dest),
-            *(("--bundle", b) for b in bundles),
-            *((f, m) for f, m in (("--input-manifest", args.input_manifest),) if m),
+            ("--input", run.input),
+            ("--output", run.output),
+            *(("--bundle", b) for b in [*run.models.values(), run.bundle_uri] if b),
+            *((f, m) for f, m in (("--input-manifest", run.input_manifest),) if m),
         ],
     )
     try:
-        summary = score_prefix(
-            bundle,
-            source,
-            dest,
-            route=expand_date(args.route, args.date) if args.route else None,
-            manifest=args.manifest,
-            input_manifest=args.input_manifest,
-            modified_since=args.modified_since,
-            dry_run=args.dry_run,
-            pool=pool_from_args(args),
-            maps=args.maps,
-            part_size=args.part_size,
-            overrides=flag_values(args, "cfg"),
-            progress=not args.quiet,
-            address=args.address,
-            lease_wait=args.lease_wait,
-            lease_ttl=args.lease_ttl,
-            retry_errors=args.retry_errors,
-        )
+        summary = score_prefix(run, pool=pool_from_args(args), overrides=flag_values(args, "cfg"))
     except LeaseHeld as e:
         print(f"mspray score: {e}", file=sys.stderr, flush=True)
         return 3
-    if args.summary_json:
-        storage.write_text(args.summary_json, json.dumps(asdict(summary), indent=2) + "\n")
-    if args.dry_run:
+    if run.summary_json:
+        storage.write_text(run.summary_json, json.dumps(asdict(summary), indent=2) + "\n")
+    if run.dry_run:
         print(summary.plan_line(), flush=True)
         return 0
     print(summary.line(), flush=True)
@@ -297,43 +186,18 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
         "promise and how many images the previous threshold flagged (meta.json "
         "'calibration').",
     )
-    p.add_argument("--bundle", required=True, help="bundle directory (local path or s3://)")
-    p.add_argument("--input", required=True, help="folder / s3:// prefix of production images")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--normal", action="store_true", help="all the input images are normal")
-    g.add_argument(
-        "--expected-anomaly-rate",
-        type=float,
-        metavar="R",
-        help="at most this fraction of the input images is anomalous",
-    )
-    p.add_argument(
-        "--target-fpr",
-        type=float,
-        help="false-alarm rate to promise (default: the bundle's score.target_fpr)",
-    )
-    p.add_argument(
-        "--out",
-        help="bundle root to save the new version under (default: the root of --bundle, whose "
-        "`latest` then names it; the version it came from is never modified)",
-    )
-    add_device_flag(p, "where the model runs")
+    add_config_flags(p, "cal", CalibrateRun, ["bundle", "input"])
+    # exactly one of the two promises: argparse refuses both or neither (a usage error)
+    promise = p.add_mutually_exclusive_group(required=True)
+    add_config_flags(promise, "cal", CalibrateRun, ["normal", "expected_anomaly_rate"])
+    add_config_flags(p, "cal", CalibrateRun, ["target_fpr", "out", "device"])
     p.set_defaults(func=cmd_calibrate)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from mspray.decisions.calibration import recalibrate_bundle
 
-    out, cal = recalibrate_bundle(
-        args.bundle,
-        args.input,
-        args.out,
-        normal=args.normal,
-        expected_anomaly_rate=args.expected_anomaly_rate,
-        target_fpr=args.target_fpr,
-        device=args.device,
-        progress=not args.quiet,
-    )
+    out, cal = recalibrate_bundle(validate(CalibrateRun, flag_values(args, "cal")))
     from mspray.artifacts.bundle import read_meta
 
     meta = read_meta(out)

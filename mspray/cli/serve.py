@@ -25,6 +25,7 @@ from mspray.cli.flags import (
     serve_overrides,
 )
 from mspray.config import ConfigError
+from mspray.config.run import use_run
 
 log = logging.getLogger("mspray")
 
@@ -78,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = serve_config_from_args(args)  # validated before anything starts
     refuse_node_local(args, [("--bundle", uri) for uri in cfg.named_models().values()])
-    return serve_forever(cfg, host=args.host, port=args.port, address=args.address)
+    return serve_forever(cfg, host=args.host, port=args.port)
 
 
 # ---------------------------------------------------------------------------- deploy
@@ -237,7 +238,8 @@ def refuse_node_local_bundles(args: argparse.Namespace, url: str, settings: Any)
             "(s3://...), or pass --shared-fs if every node mounts it at the same path."
         )
     if os.environ.get("RAY_ADDRESS"):
-        refuse_node_local(argparse.Namespace(address=os.environ["RAY_ADDRESS"]), local)
+        with use_run(address=os.environ["RAY_ADDRESS"]):
+            refuse_node_local(args, local)
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:

@@ -7,7 +7,6 @@ import logging
 from dataclasses import asdict
 
 from mspray.cli.flags import (
-    DATA_HELP,
     add_address_flag,
     add_config_flags,
     add_model_config_args,
@@ -20,7 +19,8 @@ from mspray.cli.flags import (
     print_json,
     refuse_node_local,
 )
-from mspray.config import MSPrayConfig
+from mspray.config import MSPrayConfig, validate
+from mspray.config.runs import BankRun, TrainRun, run_fields
 from mspray.train.recipes import RECIPES
 
 log = logging.getLogger("mspray")
@@ -59,22 +59,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "bundle. With --workers N the encoders train on Ray Train (DDP) and the banks and "
         "the threshold are then built on a Ray Data actor pool (as build-bank does).",
     )
-    p.add_argument("--data", required=True, help=DATA_HELP)
-    p.add_argument("--category", help="category (sub-folder) of an mvtec/btad dataset")
-    p.add_argument("--out", required=True, help="bundle directory (local path or s3://)")
-    p.add_argument(
-        "--run-name",
-        help="Ray Train run name; rerunning with the same name and storage resumes from its "
-        "last checkpoint (default: a new name, logged)",
-    )
+    add_config_flags(p, "run", TrainRun, ["data", "category", "out", "run_name"])
     add_address_flag(p)
     add_shared_fs_flag(p)
-    p.add_argument(
-        "--no-banks",
-        action="store_true",
-        help="only train and save the encoders; build the banks and the threshold afterwards "
-        "on Ray Data with `mspray build-bank --bundle OUT --data ...`",
-    )
+    add_config_flags(p, "run", TrainRun, ["banks"])
     p.add_argument(
         "--recipe",
         choices=sorted(RECIPES),
@@ -92,38 +80,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mspray.pipeline.steps import fit_detector
 
     cfg = config_from_args(args)
-    uris = train_paths(args.data, args.category)
-    log.info("training on %d normal images from %s", len(uris), args.data)
+    run = validate(TrainRun, flag_values(args, "run"))
+    uris = train_paths(run.data, run.category)
+    log.info("training on %d normal images from %s", len(uris), run.data)
     executor = None
     if cfg.train.workers > 0:
         from mspray.ray.executor import RayExecutor
         from mspray.ray.train import default_storage_for, ray_scale_trainer
 
-        storage = cfg.train.storage or default_storage_for(args.out)
+        storage = cfg.train.storage or default_storage_for(run.out)
         refuse_node_local(
             args,
-            [("--data", dataset_root(args.data)), ("--out", args.out), ("--storage", storage)],
+            [("--data", dataset_root(run.data)), ("--out", run.out), ("--storage", storage)],
         )
         # Ray Train for the scales, Ray Data for the banks and the threshold: the job's
         # driver never holds the training images. The steps are the in-process ones.
-        executor = RayExecutor(
-            address=args.address,
-            trainer=ray_scale_trainer(run_name=args.run_name, storage=storage),
-            progress=not args.quiet,
-        )
-    det = fit_detector(
-        cfg,
-        uris,
-        out=args.out,
-        executor=executor,
-        progress=not args.quiet,
-        build_banks=not args.no_banks,
-    )
+        executor = RayExecutor(trainer=ray_scale_trainer(run_name=run.run_name, storage=storage))
+    det = fit_detector(cfg, uris, out=run.out, executor=executor, build_banks=run.banks)
     print_json(
         {
-            "bundle": args.out,
+            "bundle": run.out,
             "version": det.version,
-            "version_uri": version_uri(args.out, det.version),
+            "version_uri": version_uri(run.out, det.version),
             "threshold": det.threshold,
             "calibration": det.meta.get("calibration", {}).get("source"),
             # a widened false-alarm promise, or a fallback, is said here, not only in meta.json
@@ -163,29 +141,7 @@ def add_build_bank(sub: argparse._SubParsersAction) -> None:
         epilog=BUILD_BANK_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--bundle", required=True, help="model bundle with trained encoders (local or s3://)"
-    )
-    p.add_argument("--data", required=True, help=DATA_HELP + " (the training split is used)")
-    p.add_argument("--category", help="category of an mvtec/btad dataset")
-    p.add_argument(
-        "--out",
-        help="bundle root to save the new version under (default: the root of --bundle); its "
-        "`latest` pointer is moved to the new version",
-    )
-    p.add_argument(
-        "--append",
-        action="store_true",
-        help="add the images to the existing banks instead of rebuilding them",
-    )
-    p.add_argument(
-        "--append-all", action="store_true", help="with --append: add every patch, no coreset"
-    )
-    p.add_argument(
-        "--no-calibrate",
-        action="store_true",
-        help="keep the bundle's threshold instead of recalibrating it on the held-out images",
-    )
+    add_config_flags(p, "run", BankRun, run_fields(BankRun))
     g = p.add_argument_group("bank")
     add_config_flags(
         g,
@@ -209,20 +165,19 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
     from mspray.pipeline.steps import build_banks
     from mspray.ray.executor import RayExecutor
 
-    if args.append_all and not args.append:
-        raise ValueError("--append-all needs --append")
-    refuse_node_local(args, [("--data", dataset_root(args.data)), ("--bundle", args.bundle)])
-    uris = train_paths(args.data, args.category)
-    log.info("%d images from %s", len(uris), args.data)
-    executor = RayExecutor(address=args.address, pool=pool_from_args(args), progress=not args.quiet)
+    run = validate(BankRun, flag_values(args, "run"))
+    refuse_node_local(args, [("--data", dataset_root(run.data)), ("--bundle", run.bundle)])
+    uris = train_paths(run.data, run.category)
+    log.info("%d images from %s", len(uris), run.data)
+    executor = RayExecutor(pool=pool_from_args(args))
     result = build_banks(
-        args.bundle,
+        run.bundle,
         uris,
         executor,
-        out=args.out,
-        append=args.append,
-        append_all=args.append_all,
-        calibrate=not args.no_calibrate,
+        out=run.out,
+        append=run.append,
+        append_all=run.append_all,
+        calibrate=run.calibrate,
         overrides=flag_values(args, "cfg"),
     )
     print_json(asdict(result))

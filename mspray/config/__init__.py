@@ -7,7 +7,9 @@ bundle. :class:`PoolConfig` sizes the Ray Data actor pools and :class:`ServeConf
 validated and coerced once, here, and an invalid value raises :class:`ConfigError` naming the
 field (``train.lr=-1.0: ...``). Command-line flags (``mspray``, ``ray_jobs/``) are derived
 from the fields (see :func:`flag`) by the CLI package :mod:`mspray.cli`; nothing else
-re-declares them. Per-scale facts come from :mod:`mspray.model.scales`.
+re-declares them. Per-scale facts come from :mod:`mspray.model.scales`. What one run works
+on is a run object (:mod:`mspray.config.runs`); how it shows itself and which Ray it joins
+is the run context (:mod:`mspray.config.run`).
 """
 
 from __future__ import annotations

@@ -30,6 +30,16 @@ def setting(default: Any, help: str, **constraints: Any) -> Any:
     return Field(default, description=help, **constraints)
 
 
+def option(default: Any, help: str, cli: str | None = None, metavar: str | None = None,
+           **constraints: Any) -> Any:  # fmt: skip
+    """A field of a run object (:mod:`mspray.config.runs`): a flag whose ``help`` is shown as
+    written (it states its own default), not a stored setting. ``default=...``: required."""
+    extra: dict[str, Any] = {"cli": cli or True, "verbatim": True}
+    if metavar:
+        extra["metavar"] = metavar
+    return Field(default, description=help, json_schema_extra=extra, **constraints)
+
+
 class Section(BaseModel):
     """Base of every config model: unknown fields are errors, assignments are validated."""
 
@@ -93,7 +103,9 @@ def describe(e: ValidationError, where: str = "") -> str:
         msg = str(err.get("msg", "")).removeprefix("Value error, ")
         loc = ".".join(str(p) for p in err.get("loc", ()) if not isinstance(p, int))
         loc = ".".join(p for p in (where, loc) if p)
-        if err.get("type") == "extra_forbidden":
+        if not loc and err.get("type") == "value_error":
+            lines.append(msg)  # a rule between fields (model validator) says it all
+        elif err.get("type") == "extra_forbidden":
             lines.append(f"{loc}: unknown config field")
         elif err.get("type") == "value_error" and "=" in msg.split(":")[0]:
             lines.append(msg)  # our own checks already name the field

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 from mspray import storage
+from mspray.config.run import progress_bar
 
 # Modes PIL converts to RGB faithfully; alpha channels are dropped, not composited.
 _TO_RGB = {
@@ -138,9 +138,7 @@ def load_mask(uri: str | None, size: int) -> torch.Tensor:
     return (m > 0.5).to(torch.uint8)
 
 
-def load_images(
-    uris: list[str], size: int, progress: bool = True, desc: str = "loading images"
-) -> torch.Tensor:
+def load_images(uris: list[str], size: int, desc: str = "loading images") -> torch.Tensor:
     """Load many images into an N×3×size×size float32 tensor, in order.
 
     A few threads overlap S3 round trips (and PIL's zlib/JPEG work, which drops the GIL).
@@ -151,7 +149,7 @@ def load_images(
     workers = min(8 if any(storage.is_remote(u) for u in uris) else 4, len(uris))
     with (
         ThreadPoolExecutor(max_workers=workers) as pool,
-        tqdm(total=len(uris), desc=desc, disable=not progress, unit="img") as bar,
+        progress_bar(total=len(uris), desc=desc, unit="img") as bar,
     ):
         for i, t in enumerate(pool.map(lambda u: load_image(u, size), uris)):
             out[i] = t

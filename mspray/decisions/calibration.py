@@ -26,6 +26,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from mspray.config.run import progress_bar, use_run
+from mspray.config.runs import CalibrateRun
 from mspray.decisions import near_duplicates as ND
 from mspray.decisions.fold_banks import FoldBankConfig, fold_banks
 from mspray.decisions.near_duplicates import GAP_SAMPLE, gap_sample, near_duplicate_gap
@@ -135,7 +137,8 @@ def image_embeddings(
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per scale: the bank embeddings of ``images`` and the index of the image of each row
     (a stem the encoders share runs once per batch)."""
-    embeddings = det.bank_embeddings_batched(images, scales, batch_size)
+    with use_run(progress=False):  # called per fold and batch: no bar for each
+        embeddings = det.bank_embeddings_batched(images, scales, batch_size)
     n = len(images)
     return {
         s: (emb, np.repeat(np.arange(n), emb.shape[0] // max(n, 1)))
@@ -374,50 +377,38 @@ def recalibrate(
     return cal
 
 
-def recalibrate_bundle(
-    bundle: str,
-    input_uri: str,
-    out: str | None = None,
-    *,
-    normal: bool | None = None,
-    expected_anomaly_rate: float | None = None,
-    target_fpr: float | None = None,
-    device: str = "auto",
-    progress: bool = True,
-) -> tuple[str, Calibration]:
-    """Score every image under ``input_uri`` with ``bundle``, recalibrate (see
-    :func:`recalibrate`) and save the result as a new version under ``out`` (default: the
-    bundle's own root, whose ``latest`` then names it; the version it came from is kept
-    as is). Returns ``(new version URI, calibration)``."""
+def recalibrate_bundle(run: CalibrateRun) -> tuple[str, Calibration]:
+    """Score every image under ``run.input`` with ``run.bundle`` on ``run.device``,
+    recalibrate for ``run``'s promise (see :func:`recalibrate`) and save the result as a new
+    version under ``run.out`` (default: the bundle's own root, whose ``latest`` then names
+    it; the version it came from is kept as is). Returns ``(new version URI, calibration)``."""
     from mspray import storage
     from mspray.artifacts.bundle import bundle_root, load_bundle, resolve_bundle, save_bundle
     from mspray.data.images import load_images
     from mspray.device import resolve_device
 
-    source = resolve_bundle(bundle)
-    out = out or bundle_root(bundle)
-    det = load_bundle(source, device=resolve_device(device))
-    uris = storage.list_files(storage.normalize(input_uri))
+    source = resolve_bundle(run.bundle)
+    out = run.out or bundle_root(run.bundle)
+    det = load_bundle(source, device=resolve_device(run.device))
+    uris = storage.list_files(storage.normalize(run.input))
     if not uris:
-        raise ValueError(f"no images under {input_uri}")
-    from tqdm.auto import tqdm
-
+        raise ValueError(f"no images under {run.input}")
     size, bs = det.cfg.model.image_size, det.cfg.score.batch_size
     chunk = max(bs, 256)  # bounds memory on big batches
-    scores = np.concatenate(
-        [
-            score_images(det, load_images(uris[i : i + chunk], size, progress=False), bs)
-            for i in tqdm(range(0, len(uris), chunk), desc="scoring", disable=not progress)
-        ]
-    )
-    log.info("scored %d production images from %s", len(uris), input_uri)
+    parts = []
+    for i in progress_bar(range(0, len(uris), chunk), desc="scoring"):
+        with use_run(progress=False):  # the bar above counts the chunks
+            images = load_images(uris[i : i + chunk], size)
+        parts.append(score_images(det, images, bs))
+    scores = np.concatenate(parts)
+    log.info("scored %d production images from %s", len(uris), run.input)
     cal = recalibrate(
         det,
         scores,
-        normal=normal,
-        expected_anomaly_rate=expected_anomaly_rate,
-        target_fpr=target_fpr,
-        input_uri=input_uri,
+        normal=run.normal,
+        expected_anomaly_rate=run.expected_anomaly_rate,
+        target_fpr=run.target_fpr,
+        input_uri=run.input,
     )
     det.meta["recalibrated_from"] = {"bundle": source, "version": det.version}
     return save_bundle(det, out), cal

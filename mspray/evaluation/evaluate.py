@@ -7,9 +7,9 @@ from pathlib import PurePosixPath
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mspray import storage, viz
+from mspray.config.run import progress_bar
 from mspray.data.datasets import Sample
 from mspray.data.images import load_image, load_mask
 from mspray.decisions.threshold import expected_flags
@@ -116,7 +116,6 @@ def evaluate(
     samples: list[Sample],
     maps_dir: str | None = None,
     batch_size: int | None = None,
-    progress: bool = True,
 ) -> dict:
     """Score every sample and compute image/pixel metrics.
 
@@ -133,7 +132,7 @@ def evaluate(
         raise ValueError("no test images")
     bs = batch_size or det.cfg.score.batch_size
     gather = EvalGather(samples, det.scales, det.cfg.model.image_size)
-    with tqdm(total=len(samples), desc="evaluating", disable=not progress) as bar:
+    with progress_bar(total=len(samples), desc="evaluating") as bar:
         for i in range(0, len(samples), bs):
             chunk = samples[i : i + bs]
             gather.add(

@@ -143,14 +143,13 @@ def train_scales(
     train: torch.Tensor,
     val: torch.Tensor | None,
     state: dict | None,
-    progress: bool = True,
 ) -> dict[int, ScaleModel]:
     """Every scale trained one after another in this process on normal ``train`` images
     (``val``: held out, for selection), the shared stem's scale first and the others from
     its trained stem."""
     models, stem = {}, None
     for scale in training_order(cfg):
-        models[scale], history = train_scale(cfg, scale, train, val, state, progress, stem)
+        models[scale], history = train_scale(cfg, scale, train, val, state, stem)
         if scale == stem_scale(cfg):
             stem = stem_state(models[scale])
         if history:
@@ -170,8 +169,7 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, progress: bool = True) -> None:
-        self.progress = progress
+    def __init__(self) -> None:
         self._images: dict[str, torch.Tensor] = {}
 
     def images(self, uris: list[str], desc: str = "loading images") -> torch.Tensor:
@@ -179,7 +177,7 @@ class LocalExecutor:
         missing = [u for u in dict.fromkeys(uris) if u not in self._images]
         if missing:
             size = self._size
-            loaded = load_images(missing, size, progress=self.progress, desc=desc)
+            loaded = load_images(missing, size, desc=desc)
             self._images.update(zip(missing, loaded, strict=True))
         if not uris:
             return torch.empty(0, 3, self._size, self._size)
@@ -191,7 +189,7 @@ class LocalExecutor:
         self._size = cfg.model.image_size
         train = self.images(train_uris, "loading train images")
         val = self.images(val_uris) if val_uris else None
-        return train_scales(cfg, train, val, state, self.progress)
+        return train_scales(cfg, train, val, state)
 
     def stage_one(
         self, cfg: MSPrayConfig, train_uris: list[str], state: dict | None
@@ -199,7 +197,7 @@ class LocalExecutor:
         self._size = cfg.model.image_size
         images = self.images(train_uris, "loading train images")
         device = resolve_device(cfg.train.device)
-        return train_stage_one(cfg, images, state, device, self.progress)
+        return train_stage_one(cfg, images, state, device)
 
     def select(
         self,
@@ -223,7 +221,7 @@ class LocalExecutor:
         # budget for shards that reach a driver), the global coreset sees them all.
         self._size = det.cfg.model.image_size
         images = self.images(uris, "loading bank images")
-        rows = det.bank_embeddings_batched(images, progress=self.progress)
+        rows = det.bank_embeddings_batched(images)
         n = len(uris)
         owners = {s: np.repeat(np.arange(n), len(r) // max(n, 1)) for s, r in rows.items()}
         return Embeddings(rows, owners)

@@ -245,7 +245,6 @@ def fit_detector(
     image_uris: list[str],
     out: str | None = None,
     executor: Executor | None = None,
-    progress: bool = True,
     build_banks: bool = True,
 ) -> Detector:
     """Train on normal ``image_uris`` and, with ``build_banks``, build the banks from the
@@ -257,7 +256,7 @@ def fit_detector(
     """
     if not image_uris:
         raise ValueError("no training images")
-    ex = executor or LocalExecutor(progress=progress)
+    ex = executor or LocalExecutor()
     run = StepLog(ex.name)
     with run.step("split") as info:
         train_uris, val_uris = split_holdout(image_uris, cfg.train.val_fraction, cfg.train.seed)

@@ -13,13 +13,14 @@ from mspray.config import MSPrayConfig
 
 
 def run_ray_demo(
-    cfg: MSPrayConfig, uris, samples, root: Path, bundle: str, maps: str, progress: bool
+    cfg: MSPrayConfig, uris, samples, root: Path, bundle: str, maps: str
 ) -> tuple[dict, list[tuple[str, object]]]:
     """Train (Ray Train) -> banks (Ray Data) -> batch scoring + evaluation (Ray Data) ->
     one request to a Ray Serve endpoint."""
     import ray
 
     from mspray.config import PoolConfig
+    from mspray.config.runs import ScoreRun
     from mspray.pipeline.steps import fit_detector
     from mspray.ray.data.evaluation import evaluate_ray
     from mspray.ray.data.scoring import score_prefix
@@ -27,22 +28,23 @@ def run_ray_demo(
     from mspray.ray.runtime import init_ray
     from mspray.ray.train import ray_scale_trainer
 
-    init_ray(progress=progress)  # >= 4 logical CPUs: see README "Things worth knowing"
+    init_ray()  # >= 4 logical CPUs: see README "Things worth knowing"
     try:
         cfg = cfg.replace(**{"train.workers": 1})
         pool = PoolConfig(workers=2)
         trainer = ray_scale_trainer(storage=str(root / "ray_runs"))
-        executor = RayExecutor(pool=pool, trainer=trainer, progress=progress)
-        fit_detector(cfg, uris, out=bundle, executor=executor, progress=progress)
+        executor = RayExecutor(pool=pool, trainer=trainer)
+        fit_detector(cfg, uris, out=bundle, executor=executor)
         summary = score_prefix(
-            bundle,
-            str(root / "data" / "synthetic" / "test"),
-            str(root / "scores"),
+            ScoreRun(
+                bundle=bundle,
+                input=str(root / "data" / "synthetic" / "test"),
+                output=str(root / "scores"),
+                maps=True,
+            ),
             pool=pool,
-            maps=True,
-            progress=progress,
         )
-        metrics = evaluate_ray(bundle, samples, maps_dir=maps, pool=pool, progress=progress)
+        metrics = evaluate_ray(bundle, samples, maps_dir=maps, pool=pool)
         served = _serve_one(bundle, samples[-1].path)
     finally:
         ray.shutdown()

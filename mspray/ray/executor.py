@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mspray.config import MSPrayConfig, PoolConfig
+from mspray.config.run import RunContext, current_run, use_run
 from mspray.decisions.calibration import FoldBankConfig
 from mspray.decisions.threshold import Calibration
 from mspray.detector import Detector
@@ -29,30 +30,32 @@ log = logging.getLogger(__name__)
 
 
 def _select_on_worker(
-    cfg: MSPrayConfig, candidates: Candidates, train_uris: list[str], val_uris: list[str]
+    run: RunContext,
+    cfg: MSPrayConfig,
+    candidates: Candidates,
+    train_uris: list[str],
+    val_uris: list[str],
 ) -> tuple[str, dict[str, dict]]:
-    """Ray task: the in-process selection check, on a worker (its images decoded there)."""
-    return LocalExecutor(progress=False).select(cfg, candidates, train_uris, val_uris)
+    """Ray task: the in-process selection check, on a worker (its images decoded there),
+    in the driver's run context ``run`` (contextvars do not cross into Ray tasks)."""
+    with use_run(run):
+        return LocalExecutor().select(cfg, candidates, train_uris, val_uris)
 
 
 @dataclass
 class RayExecutor:
-    """Run the pipeline's steps on the Ray cluster ``address`` (default: ``$RAY_ADDRESS``,
-    else a local Ray started on demand). ``trainer`` holds the Ray Train settings (run name,
-    checkpoint storage, fault tolerance); ``pool`` the Ray Data actor pools'."""
+    """Run the pipeline's steps on the Ray cluster of the run context
+    (:func:`mspray.config.run.current_run`; default: ``$RAY_ADDRESS``, else a local Ray
+    started on demand), showing progress as it says. ``trainer`` holds the Ray Train
+    settings (run name, checkpoint storage, fault tolerance); ``pool`` the Ray Data actor
+    pools'."""
 
-    address: str | None = None
     pool: PoolConfig = field(default_factory=PoolConfig)
     trainer: RayScaleTrainer = field(default_factory=RayScaleTrainer)
-    progress: bool = True
     name: str = "ray"
 
-    def __post_init__(self) -> None:
-        self.trainer.address = self.trainer.address or self.address
-        self.trainer.progress = self.progress
-
     def _init(self) -> None:
-        init_ray(self.address, self.progress)
+        init_ray()
 
     def train_scales(
         self, cfg: MSPrayConfig, train_uris: list[str], val_uris: list[str], state: dict | None
@@ -69,8 +72,6 @@ class RayExecutor:
             train_uris,
             state,
             storage=self.trainer.storage,
-            address=self.address,
-            progress=self.progress,
         )
 
     def select(
@@ -91,7 +92,7 @@ class RayExecutor:
         task = ray.remote(_select_on_worker).options(**resources)
         # absolute URIs: a worker's working directory is not the driver's
         uris = [[normalize(u) for u in us] for us in (train_uris, val_uris)]
-        return ray.get(task.remote(cfg, candidates, *uris))
+        return ray.get(task.remote(current_run(), cfg, candidates, *uris))
 
     def model_uri(self, det: Detector, source: str | None, out: str | None) -> str | None:
         if source is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from mspray.config import MSPrayConfig, PoolConfig
+from mspray.config.run import current_run
 from mspray.device import resolve_device, wants_gpu
 from mspray.ray.capacity import (
     NodeKind,
@@ -38,26 +39,26 @@ log = logging.getLogger(__name__)
 LOCAL_MIN_CPUS = 4
 
 
-def init_ray(address: str | None = None, progress: bool = True, min_cpus: int = 0) -> bool:
-    """Join the Ray cluster that ``address`` or ``$RAY_ADDRESS`` names, else start a private
-    local Ray; a Ray that is already initialised is reused.
+def init_ray(min_cpus: int = 0) -> bool:
+    """Join the Ray cluster that the run context names, else start a private local Ray; a
+    Ray that is already initialised is reused.
 
-    The address rule: ``address`` (a Ray address, or ``"auto"`` for the cluster that ``ray
-    start`` runs on this machine) or ``$RAY_ADDRESS`` (set inside ``ray job submit``) joins
-    that cluster. Without either, a new local Ray is started with at least
-    :data:`LOCAL_MIN_CPUS` (and ``min_cpus``) logical CPUs, never fewer than the machine's
-    cores, even when a ``ray start`` head (or the address file a dead one left) is on this
-    machine. It runs with its dashboard: Ray Train's placement-group cleaner polls the state
-    API, which lives there, and warns every second without it.
+    The address rule: the run's address (:func:`mspray.config.run.current_run`: a Ray
+    address, or ``"auto"`` for the one ``ray start`` runs here) or ``$RAY_ADDRESS`` (set
+    inside ``ray job submit``) joins that cluster. Without either, a new local Ray is
+    started with at least :data:`LOCAL_MIN_CPUS` (and ``min_cpus``) logical CPUs, never
+    fewer than the machine's cores, even when a ``ray start`` head (or the address file a
+    dead one left) is on this machine. With its dashboard: Ray Train's placement-group
+    cleaner polls the state API, which lives there, and warns every second without it.
 
-    ``progress`` switches Ray Data's progress bars. Returns whether this call started a
-    local Ray (its caller may then shut it down)."""
+    The run's ``progress`` switches Ray Data's progress bars. Returns whether this call
+    started a local Ray (its caller may then shut it down)."""
     import ray
     from ray.data import DataContext
 
     started = False
     if not ray.is_initialized():
-        join = _address_to_join(address)
+        join = _address_to_join()
         if join:
             ray.init(address=join)
         else:
@@ -66,27 +67,27 @@ def init_ray(address: str | None = None, progress: bool = True, min_cpus: int = 
             # "local": never the cluster Ray would otherwise find through its address file
             ray.init(address="local", num_cpus=cpus, include_dashboard=True)
             started = True
-    DataContext.get_current().enable_progress_bars = progress
+    DataContext.get_current().enable_progress_bars = current_run().progress
     return started
 
 
-def _address_to_join(address: str | None) -> str | None:
-    """The cluster :func:`init_ray` joins for ``address``; None for a private local Ray."""
-    join = address or os.environ.get("RAY_ADDRESS")
+def _address_to_join() -> str | None:
+    """The cluster :func:`init_ray` joins; None for a private local Ray."""
+    join = current_run().address or os.environ.get("RAY_ADDRESS")
     return join if join and join != "local" else None
 
 
-def node_local_refusal(address: str | None = None) -> str | None:
-    """Why paths on this machine's disk cannot serve the Ray that :func:`init_ray`
-    (``address``) uses, None when they can: the cluster is this machine alone and its
+def node_local_refusal() -> str | None:
+    """Why paths on this machine's disk cannot serve the Ray that :func:`init_ray` uses,
+    None when they can: the cluster is this machine alone and its
     autoscaler has no worker node types (nodes that come up later could not see them
     either). A private local Ray (not started for the question) is this machine alone."""
     import ray
 
     if not ray.is_initialized():
-        if _address_to_join(address) is None:
+        if _address_to_join() is None:
             return None
-        init_ray(address, progress=False)
+        init_ray()
     nodes = alive_node_records()
     if len(nodes) > 1:
         return f"the Ray cluster has {len(nodes)} nodes, whose workers cannot see it"
@@ -113,12 +114,12 @@ def this_machine(host: str) -> bool:
         return False
 
 
-def ray_dashboard_url(address: str | None = None) -> str:
-    """The dashboard address of the Ray that ``address`` names (joined as :func:`init_ray`
-    does), ``""`` when that cluster runs without a dashboard."""
+def ray_dashboard_url() -> str:
+    """The dashboard address of the Ray that the run context names (joined as
+    :func:`init_ray` does), ``""`` when that cluster runs without a dashboard."""
     import ray
 
-    init_ray(address, progress=False)
+    init_ray()
     # Once connected, ray.init returns the context of the existing connection.
     return ray.init(ignore_reinit_error=True).dashboard_url or ""
 

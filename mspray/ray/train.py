@@ -38,6 +38,7 @@ import torch
 
 import mspray.storage as store
 from mspray.config import MSPrayConfig
+from mspray.config.run import current_run, use_run
 from mspray.model.multiscale import (
     ScaleModel,
     build_scale_model,
@@ -123,7 +124,13 @@ def load_state(checkpoint: Any) -> dict[str, Any]:
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train per-worker function: train one scale with the core loop under DDP."""
+    """Ray Train per-worker function: train one scale with the core loop under DDP, in the
+    driver's run context (``config["run"]``)."""
+    with use_run(config["run"]):
+        _train_worker(config)
+
+
+def _train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -168,8 +175,9 @@ def train_worker(config: dict[str, Any]) -> None:
     train_uris = config["train_uris"][rank::world]
     val_uris = config["val_uris"][rank::world]
     size = cfg.model.image_size
-    train = load_images(train_uris, size, progress=False)
-    val = load_images(val_uris, size, progress=False) if config["val_uris"] else None
+    with use_run(progress=False):
+        train = load_images(train_uris, size)
+        val = load_images(val_uris, size) if config["val_uris"] else None
 
     def on_epoch_end(t: ScaleTrainer, metrics: dict[str, float]) -> None:
         # ``metrics`` is also the history entry: recording the attempt's first epoch there
@@ -200,14 +208,9 @@ def train_worker(config: dict[str, Any]) -> None:
     # in its collective): an AUROC cannot be summed over shards.
     select = None
     if rank == 0 and config["val_uris"]:
-        select = load_images(config["val_uris"], size, progress=False)
-    tr.fit(
-        train,
-        val,
-        on_epoch_end=on_epoch_end,
-        progress=bool(config.get("progress")),
-        select_images=select,
-    )
+        with use_run(progress=False):
+            select = load_images(config["val_uris"], size)
+    tr.fit(train, val, on_epoch_end=on_epoch_end, select_images=select)
 
 
 # ---------------------------------------------------------------------------- driver side
@@ -221,14 +224,11 @@ class RayScaleTrainer:
     each scale's Ray ``Result`` after a call (metrics, checkpoint paths).
     """
 
-    address: str | None = None
     run_name: str | None = None
     #: checkpoint root (default: ``cfg.train.storage``, else ``~/ray_results``)
     storage: str | None = None
     cpus_per_worker: float = 1.0
     keep_checkpoints: int | None = 2
-    #: Progress bars (epochs, steps) from rank 0 only, forwarded by Ray to the driver's log.
-    progress: bool = True
     #: Called on every worker after each epoch, before its checkpoint (see module docstring).
     epoch_hook: Callable[..., None] | None = None
     results: dict[int, Any] = field(default_factory=dict)
@@ -255,7 +255,7 @@ class RayScaleTrainer:
             )
             workers = max(1, len(train_uris))
         n_parallel = len(cfg.model.scales) if t.parallel_scales else 1
-        init_ray(self.address, min_cpus=n_parallel * (workers + 1) + 1)
+        init_ray(min_cpus=n_parallel * (workers + 1) + 1)
         if self.run_name is None:
             self.run_name = new_run_name()
             log.info("Ray Train run name %s (pass it again to resume this run)", self.run_name)
@@ -341,7 +341,9 @@ class RayScaleTrainer:
                 "stem_ref": stem_ref,
                 "epoch_hook": self.epoch_hook,
                 "threads": self.cpus_per_worker,
-                "progress": self.progress,
+                # progress bars (epochs, steps) from rank 0 only, forwarded by Ray to the
+                # driver's log; contextvars do not reach the workers
+                "run": current_run(),
             },
             torch_config=TorchConfig(backend=torch_backend(t.use_gpu)),
             scaling_config=ScalingConfig(
@@ -381,17 +383,15 @@ class RayScaleTrainer:
 
 
 def ray_scale_trainer(
-    address: str | None = None,
     run_name: str | None = None,
     storage: str | None = None,
     **kwargs: Any,
 ) -> RayScaleTrainer:
     """The Ray Train scale trainer of a :class:`mspray.ray.executor.RayExecutor`.
 
-    ``address``: Ray cluster (default: ``RAY_ADDRESS`` or a local Ray started on demand).
     ``run_name``: rerunning with the same name and ``storage`` resumes from the last
     checkpoint (default: a new name). ``storage``: local path or s3:// for checkpoints
     (default: ``cfg.train.storage``, else ``~/ray_results``). Other keyword arguments are
     :class:`RayScaleTrainer` fields.
     """
-    return RayScaleTrainer(address=address, run_name=run_name, storage=storage, **kwargs)
+    return RayScaleTrainer(run_name=run_name, storage=storage, **kwargs)

@@ -19,6 +19,7 @@ import torch
 
 import mspray.storage as store
 from mspray.config import MSPrayConfig
+from mspray.config.run import current_run, use_run
 from mspray.ray.runtime import init_ray
 from mspray.ray.train import new_run_name, run_location, torch_backend
 
@@ -28,7 +29,13 @@ TRUNK_FILE = "stage_one.pt"
 
 
 def stage_one_worker(config: dict[str, Any]) -> None:
-    """Ray Train per-worker function: stage one on this rank's share of the images."""
+    """Ray Train per-worker function: stage one on this rank's share of the images, in the
+    driver's run context (``config["run"]``)."""
+    with use_run(config["run"]):
+        _stage_one_worker(config)
+
+
+def _stage_one_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
@@ -39,14 +46,14 @@ def stage_one_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    images = load_images(config["uris"][rank::world], cfg.model.image_size, progress=False)
+    with use_run(progress=False):
+        images = load_images(config["uris"][rank::world], cfg.model.image_size)
     trunk = None if config.get("trunk_ref") is None else ray.get(config["trunk_ref"])
     state, summary = train_stage_one(
         cfg,
         images,
         trunk,
         ray.train.torch.get_device(),
-        progress=bool(config.get("progress")),
         rank=rank,
         wrap=ray.train.torch.prepare_model,
     )
@@ -65,9 +72,7 @@ def ray_stage_one(
     trunk_state: dict[str, torch.Tensor] | None = None,
     workers: int | None = None,
     storage: str | None = None,
-    address: str | None = None,
     cpus_per_worker: float = 1.0,
-    progress: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """:func:`mspray.train.stage_one.train_stage_one` on ``workers`` Ray Train DDP workers
     (default ``cfg.train.workers``, at least 1) over the training images ``uris``; returns
@@ -79,7 +84,7 @@ def ray_stage_one(
 
     t = cfg.train
     workers = max(1, min(workers if workers is not None else t.workers, len(uris)))
-    init_ray(address, min_cpus=workers + 2)
+    init_ray(min_cpus=workers + 2)
     root = storage or t.storage
     root = store.normalize(root) if root else os.path.expanduser("~/ray_results")
     location = run_location(root)
@@ -90,7 +95,7 @@ def ray_stage_one(
             "uris": [store.normalize(u) for u in uris],
             "trunk_ref": None if trunk_state is None else ray.put(trunk_state),
             "threads": cpus_per_worker,
-            "progress": progress,
+            "run": current_run(),  # contextvars do not reach the workers
         },
         torch_config=TorchConfig(backend=torch_backend(t.use_gpu)),
         scaling_config=ScalingConfig(

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mspray.config import MSPrayConfig
+from mspray.config.run import progress_bar
 from mspray.device import resolve_device
 from mspray.model.multiscale import ScaleModel, build_scale_model, normalize
 from mspray.train import losses, sampling
@@ -192,9 +192,7 @@ class ScaleTrainer:
         return loss, terms
 
     # ------------------------------------------------------------------ epochs
-    def train_epoch(
-        self, images: torch.Tensor, epoch: int, progress: bool = True
-    ) -> dict[str, float]:
+    def train_epoch(self, images: torch.Tensor, epoch: int) -> dict[str, float]:
         """One epoch over ``images`` (normalised, on device). Returns mean loss terms.
 
         With ``train.max_steps`` the epoch ends once that many optimiser steps have been
@@ -213,11 +211,11 @@ class ScaleTrainer:
         left = self.t.max_steps - self.steps if self.t.max_steps else steps
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
-        bar = tqdm(
+        bar = progress_bar(
             range(min(steps, max(0, left))),
             desc=f"scale {self.scale} epoch {epoch + 1}",
             leave=False,
-            disable=not progress or self.comm.rank != 0,
+            disable=self.comm.rank != 0,
         )
         done = 0
         for step in bar:
@@ -269,7 +267,6 @@ class ScaleTrainer:
         train_images: torch.Tensor,
         val_images: torch.Tensor | None = None,
         on_epoch_end: Callable[[ScaleTrainer, dict[str, float]], None] | None = None,
-        progress: bool = True,
         select_images: torch.Tensor | None = None,
     ) -> list[dict[str, float]]:
         """Train from ``self.epoch`` to ``cfg.train.epochs``; images in [0, 1] (``B×3×H×W``).
@@ -298,12 +295,12 @@ class ScaleTrainer:
                 self.selection_info = sel.info
             if self.epoch == 0 and not self.candidates and self.t.epochs > 0:
                 # epoch 0: the untrained encoder
-                self._consider(self._detect(sel, progress), mode)
+                self._consider(self._detect(sel), mode)
         epochs = range(self.epoch, self.t.epochs)
-        bar = tqdm(
+        bar = progress_bar(
             epochs,
             desc=f"train scale {self.scale}",
-            disable=not progress or self.comm.rank != 0,
+            disable=self.comm.rank != 0,
             initial=self.epoch,
             total=self.t.epochs,
         )
@@ -320,12 +317,12 @@ class ScaleTrainer:
                 )
             ):
                 self.update_centers(train, epoch)
-            metrics = self.train_epoch(train, epoch, progress=progress)
+            metrics = self.train_epoch(train, epoch)
             if use_val:
                 metrics.update(self.validate(val))
             if mode == "synthetic":
                 t1 = time.perf_counter()
-                metrics.update({f"sel_{k}": v for k, v in self._detect(sel, progress).items()})
+                metrics.update({f"sel_{k}": v for k, v in self._detect(sel).items()})
                 metrics["selection_seconds"] = time.perf_counter() - t1
             metrics["epoch"] = epoch + 1
             metrics["seconds"] = time.perf_counter() - t0
@@ -368,12 +365,12 @@ class ScaleTrainer:
             self.best_epoch = self.epoch
             self.best_state = _cpu_copy(self.core.state_dict())
 
-    def _detect(self, sel: SelectionSet | None, progress: bool = False) -> dict[str, float]:
+    def _detect(self, sel: SelectionSet | None) -> dict[str, float]:
         """Synthetic-anomaly detection metrics of the current encoder, computed where
         ``sel`` is (rank 0) and summed to every rank. Collective."""
         v = torch.zeros(4, dtype=torch.float64)
         if sel is not None:
-            maps = scale_maps(self.core.encoder, sel, self.cfg, self.device, progress=progress)
+            maps = scale_maps(self.core.encoder, sel, self.cfg, self.device)
             m = detection_metrics(maps, sel, self.cfg)
             v = torch.tensor(
                 [1.0, m["image_auroc"], m["pixel_auroc"], m["score"]], dtype=torch.float64
@@ -431,7 +428,6 @@ def train_scale(
     train_images: torch.Tensor,
     val_images: torch.Tensor | None,
     vgg_state: dict | None = None,
-    progress: bool = True,
     stem: dict[str, torch.Tensor] | None = None,
 ) -> tuple[ScaleModel, list[dict[str, float]]]:
     """Train one scale on one process (from the shared ``stem`` when given); returns the
@@ -439,7 +435,7 @@ def train_scale(
     device = resolve_device(cfg.train.device)
     model = build_scale_model(cfg, scale, vgg_state, stem).to(device)
     trainer = ScaleTrainer(cfg, scale, model, device)
-    history = trainer.fit(train_images, val_images, progress=progress)
+    history = trainer.fit(train_images, val_images)
     best = build_scale_model(cfg, scale, None)
     best.load_state_dict(trainer.best_model_state())
     best.train_summary = run_summary(history, cfg, trainer.candidates, scale)  # for meta.json

@@ -139,12 +139,6 @@ def angle_offsets(
     return _offsets(labels, d)
 
 
-def offset_angle_class(off: torch.Tensor) -> torch.Tensor:
-    """Nearest angle class of ``n×2`` (dy, dx) offsets (inverse of :func:`angle_offsets`)."""
-    ang = torch.atan2(-off[:, 0].double(), off[:, 1].double()) % (2 * math.pi)
-    return torch.round(ang / (2 * math.pi / N_ANGLES)).long() % N_ANGLES
-
-
 def _own_box(off: torch.Tensor, h: int, w: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per offset, the lowest and highest corner of m for which m and m + off fit."""
     hi = torch.tensor([h - p, w - p])

@@ -31,13 +31,14 @@ import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from mspray import maps as M
 from mspray.bank import PatchBank
 from mspray.config import MSPrayConfig
+from mspray.config.run import progress_bar
 from mspray.data.anomalies import KINDS, paste_anomalies
 from mspray.evaluation import metrics
 from mspray.model.encoder import PatchEncoder
@@ -134,7 +135,7 @@ class SelectionSet:
         """Normals are ``val_images``, topped up to :data:`MIN_NORMALS` with up to half of
         ``train_images`` only when there are fewer held-out images (logged); the bank comes
         from (at most :data:`MAX_BANK_IMAGES` of) the other training images, whole;
-        :data:`COPIES` anomalies of :func:`~mspray.data.anomalies.selection_kinds` are pasted
+        :data:`COPIES` anomalies of :func:`selection_kinds` are pasted
         into each normal. Deterministic in ``cfg.train.seed``."""
         seed = cfg.train.seed + 7
         w = window_size(cfg)
@@ -182,7 +183,7 @@ class SelectionSet:
 
 @torch.no_grad()
 def _grid(
-    enc: PatchEncoder, images: torch.Tensor, step: int, device, bs: int, bar: tqdm
+    enc: PatchEncoder, images: torch.Tensor, step: int, device, bs: int, bar: Any
 ) -> torch.Tensor:
     out = []
     for i in range(0, images.shape[0], bs):
@@ -205,7 +206,7 @@ def bank_ratio(cfg: MSPrayConfig, enc: PatchEncoder, sel: SelectionSet, rows: in
 
 
 def _patch_scores(
-    enc: PatchEncoder, sel: SelectionSet, cfg: MSPrayConfig, stride: int, device, progress: bool
+    enc: PatchEncoder, sel: SelectionSet, cfg: MSPrayConfig, stride: int, device
 ) -> torch.Tensor:
     """Nearest-neighbour distance of every window patch (clean then anomalous, ``N×h×w``)
     to the coreset bank of the bank images; cached by the encoder's weights."""
@@ -217,12 +218,11 @@ def _patch_scores(
         return _CACHE[key]
     queries = torch.cat([sel.clean, sel.anomalous])
     bank_step = (cfg.bank.bank_stride or enc.stride) // enc.stride
-    bar = tqdm(
+    bar = progress_bar(
         total=sel.bank_images.shape[0] + queries.shape[0],
         desc=f"selection scale {enc.patch_size}",
         unit="img",
         leave=False,
-        disable=not progress,
     )
     was_training = enc.training
     enc.eval()
@@ -249,7 +249,6 @@ def scale_maps(
     cfg: MSPrayConfig,
     device: torch.device | str = "cpu",
     stride: int | None = None,
-    progress: bool = False,
 ) -> torch.Tensor:
     """Raw pixel maps (``N×w×w``) of the clean then the anomalous windows at one scale
     (``stride``: default the config's inference stride): nearest-neighbour distance to the
@@ -259,7 +258,7 @@ def scale_maps(
         stride = cfg.stride_for(s) if s in cfg.model.scales else enc.stride
     if stride % enc.stride:
         raise ValueError(f"stride {stride} is not a multiple of the network stride {enc.stride}")
-    scores = _patch_scores(enc, sel, cfg, stride, device, progress)
+    scores = _patch_scores(enc, sel, cfg, stride, device)
     return M.patch_scores_to_map(scores, enc.patch_size, stride, tuple(sel.clean.shape[-2:]))
 
 
@@ -296,7 +295,6 @@ def fused_choice(
     train_images: torch.Tensor,
     val_images: torch.Tensor,
     device: torch.device | str = "cpu",
-    progress: bool = True,
 ) -> tuple[str, dict[str, dict]]:
     """Rank whole detectors (``{name: {scale: encoder}}``, e.g. the selected encoders and
     the untrained ones) by the fused map's synthetic-anomaly score; per-scale metrics ride
@@ -305,7 +303,7 @@ def fused_choice(
     sel = SelectionSet.build(cfg, train_images, val_images)
     table: dict[str, dict] = {}
     for name, encoders in candidates.items():
-        per = {s: scale_maps(e, sel, cfg, device, progress=progress) for s, e in encoders.items()}
+        per = {s: scale_maps(e, sel, cfg, device) for s, e in encoders.items()}
         row = fused_metrics(per, sel, cfg)
         row["per_scale"] = {str(s): detection_metrics(m, sel, cfg) for s, m in per.items()}
         table[name] = row

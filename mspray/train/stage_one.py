@@ -24,9 +24,9 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mspray.config import MSPrayConfig
+from mspray.config.run import progress_bar
 from mspray.data.anomalies import paste_anomaly
 from mspray.model.backbone import init_prefix, vgg16_prefix
 from mspray.model.multiscale import normalize
@@ -90,7 +90,6 @@ def train_stage_one(
     images: torch.Tensor,
     trunk_state: dict[str, torch.Tensor] | None = None,
     device: torch.device | str = "cpu",
-    progress: bool = True,
     rank: int = 0,
     wrap: Callable[[nn.Module], nn.Module] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
@@ -112,9 +111,7 @@ def train_stage_one(
     losses: list[float] = []
     correct: list[float] = []
     t0 = time.perf_counter()
-    bar = tqdm(
-        range(t.stage_one_steps), desc="stage one", leave=False, disable=not progress or rank
-    )
+    bar = progress_bar(range(t.stage_one_steps), desc="stage one", leave=False, disable=rank)
     net.train()
     for step in bar:
         g = torch.Generator().manual_seed((t.seed * 1_000_003 + step * 7_919 + rank * 31) % 2**63)

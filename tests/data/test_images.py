@@ -175,11 +175,11 @@ def test_load_images_keeps_order_local_and_s3(tmp_path, s3_bucket):
         storage.write_bytes(lu, _encode(Image.fromarray(a)))
         storage.write_bytes(ru, _encode(Image.fromarray(a)))
     for uris in (local, remote):
-        batch = load_images(uris, 8, progress=False)
+        batch = load_images(uris, 8)
         assert batch.shape == (3, 3, 8, 8)
         torch.testing.assert_close(
             batch.mean(dim=(1, 2, 3)), torch.tensor([10.0, 120.0, 250.0]) / 255
         )
-    assert load_images([], 8, progress=False).shape == (0, 3, 8, 8)
+    assert load_images([], 8).shape == (0, 3, 8, 8)
     with pytest.raises(FileNotFoundError, match="gone.png"):
-        load_images(local + [os.path.join(tmp_path, "gone.png")], 8, progress=False)
+        load_images(local + [os.path.join(tmp_path, "gone.png")], 8)

@@ -270,6 +270,7 @@ def _expand(entrypoint: str) -> list[str]:
 )
 def test_entrypoint_runs_a_ray_jobs_script_with_flags_mspray_accepts(name):
     from mspray.cli import build_parser
+    from mspray.cli.flags import flag_values
 
     entrypoint = _job_spec(_manifests()[name])["entrypoint"]
     assert shutil.which("bash")
@@ -281,9 +282,10 @@ def test_entrypoint_runs_a_ray_jobs_script_with_flags_mspray_accepts(name):
     args = build_parser().parse_args(_job_argv(local, argv))  # SystemExit(2) on a bad flag
     assert callable(args.func)
     if local.name == "score.py":  # the nightly run scores the previous day (UTC)
+        run = flag_values(args, "score")  # the ScoreRun's fields
         today = dt.datetime.now(dt.timezone.utc).date()
-        assert args.date in (today - dt.timedelta(days=1), today - dt.timedelta(days=2))
-        assert "{date}" in args.input and "{date}" in args.output
+        assert run["date"] in (today - dt.timedelta(days=1), today - dt.timedelta(days=2))
+        assert "{date}" in run["input"] and "{date}" in run["output"]
     if local.name == "train.py":
         flags = vars(args)
         assert flags["cfg:train.use_gpu"] and flags["cfg:train.workers"] >= 1

@@ -36,7 +36,7 @@ def tiny_bundle(synthetic_root, tmp_path_factory, tiny_cfg) -> tuple[str, str]:
     spec = f"mvtec:{synthetic_root}"
     out = str(tmp_path_factory.mktemp("scoring_bundle") / "bundle")
     cfg = tiny_cfg
-    fit_detector(cfg, train_paths(spec, "synthetic"), out=out, progress=False)
+    fit_detector(cfg, train_paths(spec, "synthetic"), out=out)
     return out, spec
 
 
@@ -95,7 +95,7 @@ def category_bundles(tmp_path_factory, tiny_cfg) -> dict[str, tuple[str, str]]:
         )
         bundle = str(root / "bundles" / name)
         cfg = tiny_cfg.replace(**{"train.seed": seed})
-        fit_detector(cfg, train_paths(f"mvtec:{root / 'data'}", name), out=bundle, progress=False)
+        fit_detector(cfg, train_paths(f"mvtec:{root / 'data'}", name), out=bundle)
         out[name] = (bundle, cat)
     return out
 

@@ -20,10 +20,12 @@ from cluster import _free_port, private_ray_env, ray_start_head  # tests/ray/clu
 
 PROBE = """
 import json, sys, ray
+from mspray.config.run import use_run
 from mspray.ray.runtime import LOCAL_MIN_CPUS, init_ray
 out = {"min_cpus": LOCAL_MIN_CPUS}
 for name, address in [("default", None), *([("auto", "auto")] if "auto" in sys.argv else [])]:
-    started = init_ray(address, progress=False)
+    with use_run(progress=False, address=address):
+        started = init_ray()
     out[name] = {"started": started, "cpus": ray.cluster_resources().get("CPU"),
                  "gcs": ray.get_runtime_context().gcs_address}
     ray.shutdown()

@@ -34,7 +34,7 @@ def weights(tmp_path_factory) -> str:
 
 def _ray(tmp_path) -> RayExecutor:
     trainer = ray_scale_trainer(storage=str(tmp_path / "runs"))
-    return RayExecutor(pool=PoolConfig(workers=1), trainer=trainer, progress=False)
+    return RayExecutor(pool=PoolConfig(workers=1), trainer=trainer)
 
 
 def _records(out: str) -> list[dict]:
@@ -54,9 +54,9 @@ def test_both_executors_run_the_same_steps_and_the_fused_check(
     )
     uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
 
-    fit_detector(cfg, uris, out=str(tmp_path / "local"), progress=False)
+    fit_detector(cfg, uris, out=str(tmp_path / "local"))
     assert loads == [weights]
-    fit_detector(cfg, uris, out=str(tmp_path / "ray"), executor=_ray(tmp_path), progress=False)
+    fit_detector(cfg, uris, out=str(tmp_path / "ray"), executor=_ray(tmp_path))
     # once per fit: the Ray workers get the weights the split step loaded
     assert loads == [weights, weights]
 
@@ -91,8 +91,8 @@ def test_without_held_out_images_both_executors_calibrate_on_the_bank(
         }
     )
     uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
-    local = fit_detector(cfg, uris, out=str(tmp_path / "local"), progress=False)
-    fit_detector(cfg, uris, out=str(tmp_path / "ray"), executor=_ray(tmp_path), progress=False)
+    local = fit_detector(cfg, uris, out=str(tmp_path / "local"))
+    fit_detector(cfg, uris, out=str(tmp_path / "ray"), executor=_ray(tmp_path))
     on_ray = load_bundle(str(tmp_path / "ray"))  # `latest`: the complete version
     for det in (local, on_ray):
         assert det.meta["calibration"]["source"] == "bank"

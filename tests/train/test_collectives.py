@@ -65,9 +65,7 @@ def test_a_whole_fit_hands_every_collective_a_tensor_on_the_group_device(lazy_de
     comm = DeviceCheckingComm(lazy_device)
     tr = ScaleTrainer(cfg, 16, build_scale_model(cfg, 16, None), "cpu", comm)
     g = torch.Generator().manual_seed(0)
-    hist = tr.fit(
-        torch.rand(4, 3, 48, 48, generator=g), torch.rand(2, 3, 48, 48, generator=g), progress=False
-    )
+    hist = tr.fit(torch.rand(4, 3, 48, 48, generator=g), torch.rand(2, 3, 48, 48, generator=g))
     # Step counts, validation sums, k-means sums/counts, its init sample and broadcast.
     assert {"all_reduce", "all_gather", "broadcast"} <= set(comm.calls)
     assert len(hist) == 2 and tr.centers.device.type == "cpu"

@@ -13,7 +13,7 @@ def test_two_single_process_runs_write_bit_identical_weights(tiny_cfg, synthetic
     cfg = tiny_cfg.replace(**{"train.epochs": 2, "model.scales": (16,), "model.strides": (4,)})
     uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
     for name in ("a", "b"):
-        fit_detector(cfg, uris, out=str(tmp_path / name), progress=False)
+        fit_detector(cfg, uris, out=str(tmp_path / name))
     a, b = (Path(resolve_bundle(str(tmp_path / n)), "model.safetensors") for n in "ab")
     assert a.read_bytes() == b.read_bytes()
     meta = read_meta(str(tmp_path / "a"))
@@ -57,7 +57,7 @@ def test_same_thread_count_gives_identical_weights():
             states = []
             for _ in range(2):
                 tr = ScaleTrainer(cfg, 16, build_scale_model(cfg, 16, None))
-                tr.fit(images, images[:2], progress=False)
+                tr.fit(images, images[:2])
                 states.append(tr.core.state_dict())
             for k, v in states[0].items():
                 assert torch.equal(v, states[1][k]), (threads, k)

@@ -35,7 +35,7 @@ def test_training_updates_every_parameter_and_selects_by_validation_score():
     model = build_scale_model(cfg, 16, None)
     before = copy.deepcopy(model.state_dict())
     tr = ScaleTrainer(cfg, 16, model)
-    hist = tr.fit(_images(), _images(2, seed=1), progress=False)
+    hist = tr.fit(_images(), _images(2, seed=1))
     assert [h["epoch"] for h in hist] == [1, 2, 3]
     for k in ("svdd", "cos", "ssl", "kmeans", "ssl_acc", "spread", "val_score", "val_spread"):
         assert k in hist[-1], k
@@ -81,7 +81,6 @@ def test_fit_keeps_the_last_weights_for_resuming_and_the_selected_ones_apart():
     tr.fit(
         _images(),
         _images(2, seed=1),
-        progress=False,
         on_epoch_end=lambda t, m: seen.setdefault(t.epoch, copy.deepcopy(t.core.state_dict())),
     )
     assert tr.best_epoch == 1
@@ -98,7 +97,7 @@ def test_synthetic_selection_ranks_every_epoch_the_untrained_one_included():
     model = build_scale_model(cfg, 16, None)
     start = copy.deepcopy(model.state_dict())
     tr = ScaleTrainer(cfg, 16, model)
-    hist = tr.fit(_images(), _images(2, seed=1), progress=False)
+    hist = tr.fit(_images(), _images(2, seed=1))
     table = tr.candidates
     assert [c["epoch"] for c in table] == [0, 1, 2]
     for c in table:
@@ -113,7 +112,7 @@ def test_synthetic_selection_ranks_every_epoch_the_untrained_one_included():
     cfg = _cfg(**{"train.epochs": 2, "train.lr": 10.0})
     tr = ScaleTrainer(cfg, 16, build_scale_model(cfg, 16, None))
     smooth = lambda x: torch.nn.functional.avg_pool2d(x, 5, 1, 2)  # noqa: E731
-    tr.fit(smooth(_images()), smooth(_images(2, seed=1)), progress=False)
+    tr.fit(smooth(_images()), smooth(_images(2, seed=1)))
     assert tr.best_epoch == 0, tr.candidates
     for k, v in tr.best_model_state().items():
         assert torch.equal(v, start[k]), k
@@ -124,7 +123,7 @@ def test_ablation_trains_without_a_loss_and_without_its_head():
     model = build_scale_model(cfg, 16, None)
     assert model.head is None  # an unused head would break DDP (no gradient for it)
     tr = ScaleTrainer(cfg, 16, model)
-    hist = tr.fit(_images(), _images(2, seed=1), progress=False)
+    hist = tr.fit(_images(), _images(2, seed=1))
     assert "ssl" not in hist[0] and "val_ssl" not in hist[0] and "val_score" in hist[0]
     assert build_scale_model(_cfg(), 16, None).head is not None
 
@@ -132,7 +131,7 @@ def test_ablation_trains_without_a_loss_and_without_its_head():
 def test_without_held_out_images_the_last_epoch_is_kept():
     cfg = _cfg(**{"train.epochs": 2})
     tr = ScaleTrainer(cfg, 16, build_scale_model(cfg, 16, None))
-    tr.fit(_images(), None, progress=False)
+    tr.fit(_images(), None)
     assert tr.best_epoch == 2
     for k, v in tr.best_model_state().items():
         assert torch.equal(v, tr.core.state_dict()[k])
@@ -142,14 +141,14 @@ def test_resume_from_state_matches_an_uninterrupted_run_bit_for_bit():
     cfg = _cfg(**{"train.epochs": 3})
     imgs, val = _images(), _images(2, seed=1)
     full = ScaleTrainer(cfg, 16, build_scale_model(cfg, 16, None))
-    full.fit(imgs, val, progress=False)
+    full.fit(imgs, val)
 
     short = cfg.replace(**{"train.epochs": 2})
     first = ScaleTrainer(short, 16, build_scale_model(cfg, 16, None))
-    first.fit(imgs, val, progress=False)
+    first.fit(imgs, val)
     resumed = ScaleTrainer(cfg, 16, build_scale_model(cfg, 16, None))
     resumed.load_state_dict(first.state_dict())
-    resumed.fit(imgs, val, progress=False)
+    resumed.fit(imgs, val)
     assert resumed.epoch == 3
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     for k, v in full.core.state_dict().items():
@@ -162,7 +161,7 @@ def test_step_budget_stops_at_the_same_step_every_time():
     runs = []
     for _ in range(2):
         tr = ScaleTrainer(cfg, 16, build_scale_model(cfg, 16, None))
-        hist = tr.fit(_images(), _images(2, seed=1), progress=False)
+        hist = tr.fit(_images(), _images(2, seed=1))
         runs.append(tr)
     # 6 images × 8 samples / batch 16 = 3 steps per epoch: the budget ends epoch 2 early.
     assert [h["steps"] for h in hist] == [3, 5]
@@ -192,7 +191,7 @@ def test_the_smallest_scale_trains_the_shared_stem_and_the_others_keep_it_frozen
             "train.selection": "last",
         }
     )
-    models = train_scales(cfg, _images(), _images(2, seed=1), None, progress=False)
+    models = train_scales(cfg, _images(), _images(2, seed=1), None)
     initial = random_stem_state(STEM_LAYERS, cfg.train.seed)
     for key, init in initial.items():
         k = key.removeprefix("features.")

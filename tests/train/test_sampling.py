@@ -11,6 +11,16 @@ def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+def _angle(off):
+    """The angle of ``n×2`` (dy, dx) offsets, in [0, 2π) (y points down)."""
+    return torch.atan2(-off[:, 0].double(), off[:, 1].double()) % (2 * math.pi)
+
+
+def _angle_class(off):
+    """Nearest angle class of offsets: the inverse of ``sampling.angle_offsets``."""
+    return torch.round(_angle(off) / (2 * math.pi / N_ANGLES)).long() % N_ANGLES
+
+
 def _inside(pos, h, w, p):
     return bool((pos >= 0).all() and (pos[:, 0] <= h - p).all() and (pos[:, 1] <= w - p).all())
 
@@ -24,9 +34,8 @@ def test_angle_labels_are_correct_by_construction(p):
     assert _inside(m, h, w, p) and _inside(n, h, w, p)  # nothing ever clipped
     off = n - m
     # Recompute the angle of every pair from the positions alone.
-    ang = torch.atan2(-off[:, 0].double(), off[:, 1].double()) % (2 * math.pi)
-    expected = torch.round(ang / (2 * math.pi / N_ANGLES)).long() % N_ANGLES
-    assert torch.equal(expected, s.labels)
+    ang = _angle(off)
+    assert torch.equal(_angle_class(off), s.labels)
     # ... and the angle is within a few degrees of the class centre, not merely nearest.
     centre = s.labels.double() * 2 * math.pi / N_ANGLES
     diff = torch.remainder(ang - centre + math.pi, 2 * math.pi) - math.pi
@@ -39,7 +48,7 @@ def test_angle_labels_are_correct_by_construction(p):
 def test_offset_angle_class_inverts_angle_offsets():
     labels = torch.arange(N_ANGLES).repeat(50)
     off = sampling.angle_offsets(labels, 28.0, 36.0, _gen())
-    assert torch.equal(sampling.offset_angle_class(off), labels)
+    assert torch.equal(_angle_class(off), labels)
 
 
 @pytest.mark.parametrize("p, r", [(64, 4), (32, 2), (16, 1)])

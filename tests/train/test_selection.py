@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mspray.config import tiny_config
+from mspray.config.run import use_run
 from mspray.detector import Detector
 from mspray.model.multiscale import MultiScaleEncoder, build_scale_model
 from mspray.train import selection
@@ -64,7 +65,7 @@ def test_selection_scores_are_the_scores_of_inference_with_its_bank_images():
     assert det.banks[16].ntotal == math.ceil(0.02 * 30 * 13**2)  # the real bank's size
     want = det.all_patch_scores(torch.cat([sel.clean, sel.anomalous]))
     for s, m in models.items():
-        got = selection._patch_scores(m.encoder, sel, cfg, cfg.stride_for(s), "cpu", False)
+        got = selection._patch_scores(m.encoder, sel, cfg, cfg.stride_for(s), "cpu")
         torch.testing.assert_close(got, want[s], rtol=1e-4, atol=1e-4)
 
 
@@ -72,7 +73,7 @@ def test_the_fused_check_reuses_the_scores_of_encoders_scored_in_training():
     cfg = tiny_config(**{"model.scales": (16,), "model.strides": (4,)})
     train, val = _images(8), _images(3, seed=1)
     tr = ScaleTrainer(cfg, 16, build_scale_model(cfg, 16, None))
-    tr.fit(train, val, progress=False)
+    tr.fit(train, val)
     best = build_scale_model(cfg, 16, None)
     best.load_state_dict(tr.best_model_state())
     untrained = build_scale_model(cfg, 16, None)
@@ -92,7 +93,8 @@ def test_selection_shows_progress(capsys):
     sel = SelectionSet.make(cfg, _images(8), _images(3, seed=1))
     enc = build_scale_model(cfg, 16, None).encoder
     selection._CACHE.clear()  # scored by another test with the same weights
-    selection.scale_maps(enc, sel, cfg, progress=True)
+    with use_run(progress=True):  # the suite runs quiet (tests/conftest.py)
+        selection.scale_maps(enc, sel, cfg)
     assert "selection scale 16" in capsys.readouterr().err
 
 

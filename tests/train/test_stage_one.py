@@ -20,10 +20,10 @@ def _images(n=4, seed=0):
 
 def test_stage_one_is_deterministic_and_initialises_every_scale_like_imagenet_weights():
     cfg = _cfg()
-    a, summary = train_stage_one(cfg, _images(), progress=False)
-    b, _ = train_stage_one(cfg, _images(), progress=False)
+    a, summary = train_stage_one(cfg, _images())
+    b, _ = train_stage_one(cfg, _images())
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    c, _ = train_stage_one(_cfg(**{"train.seed": 1}), _images(), progress=False)
+    c, _ = train_stage_one(_cfg(**{"train.seed": 1}), _images())
     assert not torch.equal(a["features.0.weight"], c["features.0.weight"])
     assert summary["steps"] == 3 and summary["kinds"] == ["cutpaste", "scar"]
     assert summary["crop"] == 32 and summary["from"] == "random init"
@@ -35,8 +35,8 @@ def test_stage_one_is_deterministic_and_initialises_every_scale_like_imagenet_we
 
 def test_stage_one_trains_the_trunk_it_is_given():
     cfg = _cfg()
-    start, _ = train_stage_one(cfg, _images(), progress=False)
-    after, summary = train_stage_one(cfg, _images(), start, progress=False)
+    start, _ = train_stage_one(cfg, _images())
+    after, summary = train_stage_one(cfg, _images(), start)
     assert summary["from"] == "given trunk"
     assert all(k in after for k in start)
     assert not torch.equal(after["features.0.weight"], start["features.0.weight"])

@@ -50,8 +50,6 @@ def evaluate_ray(
     *,
     pool: PoolConfig | None = None,
     overrides: dict[str, Any] | None = None,
-    progress: bool = True,
-    address: str | None = None,
 ) -> dict:
     """Metrics of ``bundle`` (a version or a root) on ``samples``: the dict of
     :func:`mspray.evaluation.evaluate.evaluate`."""
@@ -64,7 +62,7 @@ def evaluate_ray(
     bundle = resolve_bundle(bundle)  # every actor loads the same version
     cfg = load_config(bundle, overrides)
     meta = read_meta(bundle)
-    init_ray(address, progress)
+    init_ray()
     rows = [
         {
             "idx": i,

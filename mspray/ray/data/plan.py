@@ -4,7 +4,7 @@ A single bundle is a fleet of one (named :data:`DEFAULT`): every bundle of a run
 once (its version resolved, its config with the run's overrides, its meta), and the
 pipeline, the actors and the run summary all take their settings from the plan instead of
 long argument lists. Only named fleets (``--bundle NAME=URI``) write the name into the
-``model`` column; a single bundle leaves it null, as it always did.
+``model`` column; a single bundle leaves it null.
 
 The plan says which images the run is about (:meth:`ScoringPlan.input_rules`: a listing
 or a manifest, a route, a ``since`` time) and how big its work units are: one model per

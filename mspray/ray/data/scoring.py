@@ -36,13 +36,14 @@ import datetime as dt
 import json
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
-from mspray.artifacts.lease import DEFAULT_TTL_S, Lease
+from mspray.artifacts.lease import Lease
 from mspray.artifacts.output import error_units, resolve_since, write_run_summary
 from mspray.config import PoolConfig
+from mspray.config.run import progress_bar
+from mspray.config.runs import ScoreRun
 from mspray.detector import stage_seconds_per_image
 from mspray.ray.data.inputs import InputRules
 from mspray.ray.data.pending import check_rows, mark_inputs, units_dataset
@@ -66,83 +67,49 @@ log = logging.getLogger(__name__)
 #: Decode tasks running at once, per actor of a pool of known size.
 DECODE_AHEAD = 2
 
-#: Part of the scoring rules, importable from here as before the split into modules.
-
 
 def score_prefix(
-    bundle: str | Mapping[str, str],
-    input: str,
-    output: str,
-    *,
-    route: str | None = None,
-    manifest: str | None = None,
-    input_manifest: str | None = None,
-    modified_since: str | dt.datetime | None = None,
-    dry_run: bool = False,
-    pool: PoolConfig | None = None,
-    maps: bool = False,
-    part_size: int | None = None,
-    overrides: dict[str, Any] | None = None,
-    progress: bool = True,
-    address: str | None = None,
-    lease_wait: float = 0.0,
-    lease_ttl: float = DEFAULT_TTL_S,
-    retry_errors: bool = False,
+    run: ScoreRun, *, pool: PoolConfig | None = None, overrides: dict[str, Any] | None = None
 ) -> ScoreSummary:
-    """Score every image under ``input`` (or of ``input_manifest``) that has no row in
-    ``output`` yet.
+    """Score every image under ``run.input`` (or of ``run.input_manifest``) that has no row
+    in ``run.output`` yet (``{date}`` templates filled, see :meth:`ScoreRun.dated`).
 
-    Args:
-        bundle: model bundle (local or s3://), or several by name (``{name: uri}``): each
-            image is then scored by the bundle ``route`` or the manifest gives it, in the
-            same run, and its row has the name in ``model`` (a path with no model gets an
-            error row).
-        route: with named bundles, a template such as ``PREFIX/{model}/**`` (see
-            :mod:`mspray.ray.data.routing`).
-        manifest: with named bundles, a manifest with a ``model`` column (as
-            ``input_manifest``).
-        input_manifest: score the images of this manifest instead of listing ``input``
-            (Parquet/CSV, a file or a folder): an S3 Inventory report, a ``path`` column,
-            or ``key`` relative to ``input`` (see :mod:`mspray.ray.data.inputs`).
-        modified_since: only images modified at or after this time (a datetime, an ISO
-            date/time, or ``"last-run"``: where the output's last complete run left off).
-        dry_run: plan only: count the inputs, the skipped and pending images and the
-            units, score nothing, write nothing.
-        input, output: folders / prefixes (local or s3://); see :mod:`mspray.artifacts.output` for
-            the output layout.
-        pool: actor pool (size bounds, GPUs and CPUs per actor, reader threads).
-        maps: also write a heatmap PNG per good image under ``output/_maps/``.
-        part_size: images per work unit = rows per Parquet part (default: sized for the
-            cluster, at most 256; see :meth:`ScoringPlan.unit_size`).
-        overrides: dotted config overrides of runtime settings (``score.batch_size``,
-            ``bank.use_gpu``, ...); the model itself always comes from the bundle.
-        progress: Ray Data progress bars and an images progress bar.
-        address: Ray cluster address; default ``$RAY_ADDRESS`` or a local Ray.
-        lease_wait: seconds to wait when another run holds the output's lease (see
-            :mod:`mspray.artifacts.lease`); then
-            :class:`~mspray.artifacts.lease.LeaseHeld` is raised.
-        lease_ttl: seconds after its last renewal that a crashed run's lease can be
-            taken over (it is renewed every ``lease_ttl / 3`` seconds while running).
-        retry_errors: also rescore the images that have an error row: every part holding
-            one is scored again as a whole and rewritten under its own name.
+    ``run`` (:class:`~mspray.config.runs.ScoreRun`) says what to score and how the run
+    behaves; its fields document each option:
+
+    - the bundle, or several by name (``models``): each image is then scored by the bundle
+      ``route`` or the ``manifest`` gives it (see :mod:`mspray.ray.data.routing`), in the
+      same run, and its row has the name in ``model`` (a path with no model gets an error
+      row);
+    - ``input_manifest``: the images of a manifest instead of a listing of ``input`` (see
+      :mod:`mspray.ray.data.inputs`); ``modified_since``: only images modified at or after
+      this time (a datetime, an ISO date/time, or ``"last-run"``);
+    - ``dry_run``: count the inputs, the skipped and pending images and the units; score
+      and write nothing;
+    - ``part_size``: images per work unit = rows per Parquet part (default: sized for the
+      cluster, see :meth:`ScoringPlan.unit_size`); ``maps``: heatmap PNGs under
+      ``output/_maps/`` (see :mod:`mspray.artifacts.output` for the layout);
+    - ``lease_wait`` / ``lease_ttl``: the output's lease (:mod:`mspray.artifacts.lease`):
+      :class:`~mspray.artifacts.lease.LeaseHeld` after waiting ``lease_wait`` seconds;
+    - ``retry_errors``: every part holding an error row is scored again and rewritten.
+
+    ``pool``: the actor pool. ``overrides``: dotted config overrides of runtime settings
+    (``score.batch_size``, ``bank.use_gpu``, ...); the model itself always comes from the
+    bundle. Progress bars and the Ray cluster come from the run context
+    (:mod:`mspray.config.run`).
     """
-    if part_size is not None and part_size < 1:
-        raise ValueError(f"part_size must be >= 1, got {part_size}")
-    if manifest and input_manifest:
-        raise ValueError("give either --manifest or --input-manifest, not both")
+    run = run.dated()
     t0 = time.perf_counter()
     started = dt.datetime.now(dt.timezone.utc)
     plan = ScoringPlan.build(
-        bundle, input, output, overrides=overrides, maps=maps, part_size=part_size,
-        pool=pool or PoolConfig(), since=resolve_since(modified_since, output),
-        read_bundles=not dry_run,
+        run.bundles(), run.input, run.output, overrides=overrides, maps=run.maps,
+        part_size=run.part_size, pool=pool or PoolConfig(),
+        since=resolve_since(run.modified_since, run.output), read_bundles=not run.dry_run,
     )  # fmt: skip
-    if manifest and not plan.named:
-        raise ValueError("route/manifest need named bundles (--bundle NAME=URI)")
-    rules = plan.input_rules(route, manifest or input_manifest)
-    source = manifest or input_manifest
-    if dry_run:
-        init_ray(address, progress)
+    rules = plan.input_rules(run.route, run.manifest or run.input_manifest)
+    source = run.manifest or run.input_manifest
+    if run.dry_run:
+        init_ray()
         summary, _ = _plan(plan, rules, source, [], dry=True)
         summary.seconds = time.perf_counter() - t0
         log.info("%s", summary.plan_line())
@@ -152,15 +119,15 @@ def score_prefix(
     # into other parts.
     lease = Lease(
         plan.output,
-        ttl_s=lease_ttl,
-        wait_s=lease_wait,
+        ttl_s=run.lease_ttl,
+        wait_s=run.lease_wait,
         purpose=f"mspray score of {plan.input_root} with {plan.describe()}",
     )
     with lease:
-        init_ray(address, progress)
-        redo = error_units(plan.output) if retry_errors else []
+        init_ray()
+        redo = error_units(plan.output) if run.retry_errors else []
         summary, marked = _plan(plan, rules, source, redo)
-        _score_pending(plan, marked, summary, redo, lease, progress)
+        _score_pending(plan, marked, summary, redo, lease)
     # where the next `--modified-since last-run` starts: what this run saw of the inputs
     summary.modified_until = str(summary.modified_until or started)
     calibration = None
@@ -229,7 +196,6 @@ def _score_pending(
     summary: ScoreSummary,
     redo: list[tuple[list[str], str | None]],
     lease: Lease,
-    progress: bool,
 ) -> None:
     """The body of :func:`score_prefix`, run while holding the output's lease: the
     pending images and the ``redo`` parts are scored, then the output is checked."""
@@ -252,8 +218,7 @@ def _score_pending(
         largest = max([size, *(len(u["paths"]) for u in redo_units)])
         total = summary.pending + summary.retried_error_rows
         with gpu_nodes_requested(res, actors):  # GPU nodes boot while the pool starts
-            _run_units(plan, units, (summary.units, largest, total), res, progress, summary,
-                       lease)  # fmt: skip
+            _run_units(plan, units, (summary.units, largest, total), res, summary, lease)
     after = check_rows(plan, marked)
     summary.missing, summary.duplicates = after["missing"], after["duplicates"]
     lease.check()
@@ -264,7 +229,6 @@ def _run_units(
     units: Any,
     shape: tuple[int, int, int],
     res: ActorResources,
-    progress: bool,
     summary: ScoreSummary,
     lease: Lease,
 ) -> None:
@@ -272,7 +236,6 @@ def _run_units(
     ``units`` dataset (``shape``: about how many, the largest, images in all); adds its
     counts to ``summary``."""
     import ray
-    from tqdm.auto import tqdm
 
     t_pipe = time.perf_counter()
     first, pool = plan.first, plan.pool
@@ -315,7 +278,7 @@ def _run_units(
     )
     actors, nodes, decoders, modes = set(), set(), set(), set()
     stages: dict[str, float] = {}
-    with tqdm(total=total, desc="scored", unit="img", disable=not progress) as bar:
+    with progress_bar(total=total, desc="scored", unit="img") as bar:
         for row in ds.iter_rows():
             lease.check()  # taken over (we were presumed dead): stop, do not race it
             if (row["failure"] or "").startswith("LeaseLost"):

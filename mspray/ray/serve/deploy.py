@@ -203,9 +203,11 @@ def dashboard_url(address: str | None = None) -> str:
     if not (address or os.environ.get("RAY_ADDRESS")):
         return LOCAL_DASHBOARD
     # A Ray address (e.g. inside `ray job submit`): join the cluster, ask for its dashboard.
+    from mspray.config.run import use_run
     from mspray.ray.runtime import ray_dashboard_url
 
-    url = ray_dashboard_url(address)
+    with use_run(address=address):
+        url = ray_dashboard_url()
     if not url:
         raise DeployError("this Ray cluster runs without a dashboard (the Serve REST API)")
     return url if "://" in url else f"http://{url}"

@@ -47,7 +47,6 @@ def serve_forever(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    address: str | None = None,
     stop: threading.Event | None = None,
 ) -> int:
     """Run the endpoint for ``cfg`` until Ctrl-C, SIGTERM or ``stop`` is set; then remove it.
@@ -61,6 +60,7 @@ def serve_forever(
     from ray import serve
 
     from mspray.artifacts.bundle import BundleError, resolve_bundle
+    from mspray.config.run import use_run
     from mspray.ray.runtime import init_ray
     from mspray.ray.serve.app import build_app
 
@@ -79,7 +79,8 @@ def serve_forever(
         update["bundle_uri"] = pinned[cfg.DEFAULT_MODEL]
     cfg = cfg.model_copy(update=update)
     app = build_app(cfg)  # validate the settings before starting anything
-    started = init_ray(address, progress=False)
+    with use_run(progress=False):  # Serve has no Ray Data stages to show
+        started = init_ray()
     stop = stop or threading.Event()
 
     def cleanup() -> None:

@@ -65,7 +65,7 @@ def test_bank_build_from_s3_equals_core_banks(ray_local, tiny_bundle, s3_bucket,
         result = build_banks(
             bundle,
             uris,
-            RayExecutor(pool=PoolConfig(workers=2), progress=False),
+            RayExecutor(pool=PoolConfig(workers=2)),
             out=out,
             overrides={"bank.coreset_ratio": 1.0},
         )
@@ -75,13 +75,13 @@ def test_bank_build_from_s3_equals_core_banks(ray_local, tiny_bundle, s3_bucket,
     # the core on the same split: same bank vectors in the same order, same threshold
     bank_uris, val_uris = split_holdout(uris, det.cfg.train.val_fraction, det.cfg.train.seed)
     ref = load_bundle(out, with_banks=False)
-    ref.build_banks(load_images(bank_uris, 64, progress=False))
+    ref.build_banks(load_images(bank_uris, 64))
     for s in det.scales:
         np.testing.assert_allclose(det.banks[s].vectors(), ref.banks[s].vectors(), atol=1e-5)
     # cross-calibration on the actor pool = the core's on the same images
     assert det.cfg.score.calibration == "crossfit"
     names = sorted(uris)
-    calibrate_normal_images(ref, load_images(names, 64, progress=False), np.isin(names, bank_uris))
+    calibrate_normal_images(ref, load_images(names, 64), np.isin(names, bank_uris))
     assert det.threshold == pytest.approx(ref.threshold, rel=1e-4)
     assert det.meta["calibration"]["source"] == "crossfit"
     assert det.meta["calibration"]["n"] == len(uris)
@@ -100,7 +100,7 @@ def test_holdout_calibration_on_the_pool_equals_the_core(
         build_banks(
             bundle,
             uris,
-            RayExecutor(pool=PoolConfig(workers=2), progress=False),
+            RayExecutor(pool=PoolConfig(workers=2)),
             out=str(tmp_path / "h"),
             overrides=over,
         )
@@ -108,7 +108,7 @@ def test_holdout_calibration_on_the_pool_equals_the_core(
     assert det.meta["calibration"]["source"] == "holdout"
     _, val_uris = split_holdout(uris, det.cfg.train.val_fraction, det.cfg.train.seed)
     ref = load_bundle(str(tmp_path / "h"))
-    calibrate(ref, load_images(sorted(val_uris), 64, progress=False))
+    calibrate(ref, load_images(sorted(val_uris), 64))
     assert det.meta["calibration"]["n"] == len(val_uris) >= 2
     assert det.threshold == pytest.approx(ref.threshold, rel=1e-5)
     for s in det.scales:
@@ -124,7 +124,7 @@ def test_large_bank_is_reduced_per_shard_then_globally(ray_local, tiny_bundle, t
     result = build_banks(
         bundle,
         uris + [str(bad)],
-        RayExecutor(pool=PoolConfig(workers=2), progress=False),
+        RayExecutor(pool=PoolConfig(workers=2)),
         out=str(tmp_path / "b"),
         append=True,  # all images in the bank: easy to count patches
         # a tiny candidate budget forces the per-shard step
@@ -134,7 +134,7 @@ def test_large_bank_is_reduced_per_shard_then_globally(ray_local, tiny_bundle, t
     assert result.n_errors == 1 and "bad.png" in result.errors[0]
     before = load_bundle(bundle)
     after = load_bundle(str(tmp_path / "b"))
-    probe = load_images(uris[:1], 64, progress=False)
+    probe = load_images(uris[:1], 64)
     for s in before.scales:
         total = before.bank_embeddings(probe, s).shape[0] * len(uris)
         assert total > 300  # so the shards were reduced before the global coreset
@@ -156,7 +156,7 @@ def test_append_adds_new_images_whose_patches_then_score_zero(ray_local, tiny_bu
     shutil.copytree(os.path.join(root, "synthetic", "test", "good"), new)
     new_uris = storage.list_files(str(new))
     before = load_bundle(bundle)
-    images = load_images(new_uris, 64, progress=False)
+    images = load_images(new_uris, 64)
     raw_before = before.raw_scale_maps(images)
     assert all(float(raw_before[s].min()) > 1e-3 for s in before.scales)
 

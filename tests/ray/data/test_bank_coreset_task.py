@@ -33,24 +33,22 @@ def test_global_coreset_runs_on_a_worker_and_equals_the_core(
         build_banks(
             bundle,
             uris,
-            RayExecutor(pool=PoolConfig(workers=1), progress=False),
+            RayExecutor(pool=PoolConfig(workers=1)),
             out=out,
             calibrate=False,
         )
         built = load_bundle(out)
         # append: the picks start from the existing bank, also on the worker
-        build_banks(
-            out, uris[:3], RayExecutor(pool=PoolConfig(workers=1), progress=False), append=True
-        )
+        build_banks(out, uris[:3], RayExecutor(pool=PoolConfig(workers=1)), append=True)
     appended = load_bundle(out)
     assert built.cfg.bank.coreset_ratio == 0.5  # so there was a coreset to run
     # the core on the same images (here, in the driver): the same banks
     bank_uris, _ = split_holdout(uris, built.cfg.train.val_fraction, built.cfg.train.seed)
     ref = load_bundle(out, with_banks=False)
-    ref.build_banks(load_images(bank_uris, 64, progress=False))
+    ref.build_banks(load_images(bank_uris, 64))
     for s in built.scales:
         np.testing.assert_allclose(built.banks[s].vectors(), ref.banks[s].vectors(), atol=1e-5)
         before = ref.banks[s].ntotal
-        emb = ref.bank_embeddings(load_images(uris[:3], 64, progress=False), s)
+        emb = ref.bank_embeddings(load_images(uris[:3], 64), s)
         assert ref.banks[s].add(emb, ref.cfg.bank) == appended.banks[s].ntotal - before > 0
         np.testing.assert_allclose(appended.banks[s].vectors(), ref.banks[s].vectors(), atol=1e-5)

@@ -18,6 +18,7 @@ from mspray import storage
 from mspray.artifacts.bundle import load_bundle, resolve_bundle, save_bundle
 from mspray.artifacts.output import map_uri, read_results
 from mspray.config import PoolConfig
+from mspray.config.runs import ScoreRun
 from mspray.data.images import load_images
 from mspray.ray.data.scoring import score_prefix
 from mspray.report import REPORT_NAME
@@ -45,14 +46,9 @@ def test_s3_to_s3_one_row_per_input_errors_marked_scores_equal_core(
     out = f"{s3_bucket}/scores/2024-03-07"
 
     s = score_prefix(
-        bundle,
-        inp,
-        out,
+        ScoreRun(bundle=bundle, input=inp, output=out, maps=True, part_size=4),
         pool=PoolConfig(workers=2),
-        maps=True,
-        part_size=4,
         overrides={"score.max_image_bytes": 100_000},
-        progress=False,
     )
     n_in = len(good) + len(bad_inputs)
     assert (s.images, s.scored, s.skipped, s.errors) == (n_in, n_in, 0, len(bad_inputs))
@@ -68,7 +64,7 @@ def test_s3_to_s3_one_row_per_input_errors_marked_scores_equal_core(
     assert (ok["model_version"] == det.version).all()
     assert np.allclose(ok["threshold"], det.threshold)
     # the same images through the core, in one batch: same scores
-    pred = det.predict(load_images(list(ok.index), 64, progress=False))
+    pred = det.predict(load_images(list(ok.index), 64))
     np.testing.assert_allclose(ok["image_score"], pred.image_scores.numpy(), rtol=1e-4, atol=1e-5)
     for scale in det.scales:
         np.testing.assert_allclose(
@@ -109,7 +105,7 @@ def test_s3_to_s3_one_row_per_input_errors_marked_scores_equal_core(
     assert f'src="{map_uri(out, inp, top)[len(out) + 1 :]}"' in report
 
     # same day again: nothing to do
-    again = score_prefix(bundle, inp, out, pool=PoolConfig(workers=2), progress=False)
+    again = score_prefix(ScoreRun(bundle=bundle, input=inp, output=out), pool=PoolConfig(workers=2))
     assert (again.scored, again.skipped, again.missing, again.duplicates) == (0, n_in, 0, 0)
 
 
@@ -184,5 +180,5 @@ def test_score_cli_onnx_runtime_scores_like_torch_fp32(ray_local, tiny_bundle, t
     df = read_results(str(out)).to_pandas().sort_values("path")
     assert len(df) == len(storage.list_files(inp)) and df["error"].isna().all()
     fp32 = load_bundle(bundle, config=read_config(bundle).replace(**{"score.precision": "fp32"}))
-    pred = fp32.predict(load_images(list(df["path"]), 64, progress=False))
+    pred = fp32.predict(load_images(list(df["path"]), 64))
     np.testing.assert_allclose(df["image_score"], pred.image_scores.numpy(), rtol=1e-4, atol=1e-5)

@@ -24,7 +24,7 @@ def test_a_failed_bank_build_leaves_the_previous_complete_version_current(
     complete = save_bundle(load_bundle(bundle), root)
 
     cfg = tiny_cfg.replace(**{"train.epochs": 0, "train.seed": 3})
-    encoders = fit_detector(cfg, uris, out=root, build_banks=False, progress=False)
+    encoders = fit_detector(cfg, uris, out=root, build_banks=False)
     new = version_uri(root, encoders.version)
     assert resolve_bundle(root) == complete  # while the banks are being built
 
@@ -35,8 +35,6 @@ def test_a_failed_bank_build_leaves_the_previous_complete_version_current(
     assert resolve_bundle(root) == complete  # after the failed build
     assert load_bundle(root).version == load_bundle(complete).version
 
-    result = build_banks(
-        new, uris, RayExecutor(pool=PoolConfig(workers=1), progress=False), out=root
-    )
+    result = build_banks(new, uris, RayExecutor(pool=PoolConfig(workers=1)), out=root)
     assert resolve_bundle(root) == result.version_uri != complete
     assert result.source == new and set(load_bundle(root).banks) == set(cfg.model.scales)

@@ -14,6 +14,7 @@ from cluster import worker_nodes
 from mspray import storage
 from mspray.artifacts.output import read_results
 from mspray.config import PoolConfig
+from mspray.config.runs import ScoreRun
 from mspray.ray.data.scoring import score_prefix
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -54,12 +55,8 @@ def test_pool_grows_from_zero_worker_nodes_to_several_gpu_nodes(
     # one GPU per model actor, at least 2 actors, no upper bound: the pool is not sized
     # from the (empty) cluster at submit time; the autoscaler adds "GPU" nodes for it
     s = score_prefix(
-        bundle,
-        str(tmp_path / "in"),
-        str(out),
+        ScoreRun(bundle=bundle, input=str(tmp_path / "in"), output=str(out), part_size=8),
         pool=PoolConfig(min_workers=2, gpus_per_worker=1),
-        part_size=8,
-        progress=False,
     )
     nodes = {n["NodeID"]: n["Resources"] for n in worker_nodes()}
     print(f"autoscaling: {s.actors} model actors on {len(s.actor_nodes)} nodes; "
@@ -87,13 +84,11 @@ def test_decoding_runs_on_cpu_nodes_and_the_model_on_the_gpu_node(
         (tmp_path / "in" / name).write_bytes(data)
         expected.append(str(tmp_path / "in" / name))
     s = score_prefix(
-        bundle,
-        str(tmp_path / "in"),
-        str(tmp_path / "out"),
+        ScoreRun(
+            bundle=bundle, input=str(tmp_path / "in"), output=str(tmp_path / "out"), part_size=5
+        ),
         pool=PoolConfig(gpus_per_worker=1),
-        part_size=5,
         overrides={"score.max_image_bytes": 100_000},
-        progress=False,
     )
     nodes = {n["NodeID"]: n["Resources"] for n in worker_nodes()}
     gpu = [n for n, r in nodes.items() if r.get("GPU", 0) > 0]

@@ -37,7 +37,7 @@ def test_the_actors_score_decoded_units(ray_local, tiny_bundle, tmp_path, png_by
     unit = _unit(uris, cfg)
     actor = {"bundle": bundle, "config_json": cfg.to_json(), "cpus": 1, "gpus": 0}
     det = load_bundle(bundle)
-    images = load_images(good, cfg.model.image_size, progress=False)
+    images = load_images(good, cfg.model.image_size)
 
     scale = max(det.scales)
     positions = {u: 10 + i for i, u in enumerate(uris)}

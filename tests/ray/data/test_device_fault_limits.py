@@ -17,6 +17,7 @@ from cluster import multi_node_cluster
 from mspray import storage
 from mspray.artifacts.output import read_results
 from mspray.config import PoolConfig
+from mspray.config.runs import ScoreRun
 from mspray.ray.data.scoring import score_prefix
 from mspray.ray.runtime import ACTOR_RESTARTS, HARDWARE_RETRIES
 
@@ -49,7 +50,7 @@ def test_device_errors_become_error_rows_after_bounded_restarts(
         # a kernel built for another GPU: every call fails the same way, in any process
         (state / "every").write_text("CUDA error: no kernel image is available for execution")
         out = str(tmp_path / "deterministic")
-        s = score_prefix(bundle, str(inp), out, part_size=3, progress=False, **run)
+        s = score_prefix(ScoreRun(bundle=bundle, input=str(inp), output=out, part_size=3), **run)
         assert (s.scored, s.errors, s.failed_units, s.missing) == (6, 6, 0, 0)
         errors = read_results(out, ["error"]).column("error").to_pylist()
         assert all("no kernel image" in e and "not retried" in e for e in errors), errors
@@ -60,7 +61,7 @@ def test_device_errors_become_error_rows_after_bounded_restarts(
         (state / "every").write_text("CUDA error: an illegal memory access was encountered")
         (state / "calls.log").unlink()
         out = str(tmp_path / "hardware")
-        s = score_prefix(bundle, str(inp), out, part_size=3, progress=False, **run)
+        s = score_prefix(ScoreRun(bundle=bundle, input=str(inp), output=out, part_size=3), **run)
         assert (s.scored, s.errors, s.failed_units, s.missing) == (6, 6, 0, 0)
         errors = sorted(read_results(out, ["error"]).column("error").to_pylist())
         assert all("illegal memory access" in e for e in errors), errors

@@ -16,6 +16,7 @@ from cluster import multi_node_cluster
 from mspray import storage
 from mspray.artifacts.output import read_results
 from mspray.config import PoolConfig
+from mspray.config.runs import ScoreRun
 from mspray.ray.data.scoring import score_prefix
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -41,13 +42,9 @@ def test_a_gpu_actor_with_a_broken_cuda_context_is_replaced_and_its_unit_retried
     out = str(tmp_path / "out")
     with multi_node_cluster(cpu_nodes=1, gpu_nodes=1, env=env):
         s = score_prefix(
-            bundle,
-            str(inp),
-            out,
+            ScoreRun(bundle=bundle, input=str(inp), output=out, part_size=4),
             pool=PoolConfig(workers=1),
-            part_size=4,
-            overrides={"score.device": "cuda"},  # the model actor on the "GPU" node
-            progress=False,
+            overrides={"score.device": "cuda"},
         )
     calls = [line.split() for line in (state / "calls.log").read_text().splitlines()]
     failed = [pid for pid, outcome in calls if outcome == "fail"]

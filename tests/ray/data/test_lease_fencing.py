@@ -13,6 +13,7 @@ import pytest
 from mspray import storage
 from mspray.artifacts.lease import LeaseLost
 from mspray.config import PoolConfig
+from mspray.config.runs import ScoreRun
 from mspray.ray.data.scoring import score_prefix
 
 pytestmark = pytest.mark.ray
@@ -45,8 +46,16 @@ def test_actors_stop_writing_parts_when_the_lease_is_taken_over(ray_local, tiny_
         # one image per part, one actor: many writes, each after a fence check; the TTL is
         # long, so the driver's own heartbeat would not notice the takeover for 200 s
         with pytest.raises(LeaseLost, match="no longer current"):
-            score_prefix(bundle, str(tmp_path / "in"), str(out), pool=PoolConfig(workers=1),
-                         part_size=1, lease_ttl=600, progress=False)  # fmt: skip
+            score_prefix(
+                ScoreRun(
+                    bundle=bundle,
+                    input=str(tmp_path / "in"),
+                    output=str(out),
+                    part_size=1,
+                    lease_ttl=600,
+                ),
+                pool=PoolConfig(workers=1),
+            )
     finally:
         done.set()
         thief.join()

@@ -14,6 +14,7 @@ import pytest
 from mspray.artifacts.bundle import load_bundle
 from mspray.artifacts.output import read_results
 from mspray.config import PoolConfig
+from mspray.config.runs import ScoreRun
 from mspray.data.images import load_images
 from mspray.ray.data.routing import NO_MODEL, route_paths
 from mspray.ray.data.scoring import score_prefix
@@ -45,7 +46,7 @@ def _check_rows(out: str, bundles: dict[str, str], inp: Path) -> None:
         assert len(rows) == 5 and (rows["model"] == name).all() and rows["error"].isna().all()
         det = load_bundle(uri)
         assert (rows["model_version"] == det.version).all()
-        pred = det.predict(load_images(list(rows.index), 64, progress=False))
+        pred = det.predict(load_images(list(rows.index), 64))
         np.testing.assert_allclose(rows["image_score"], pred.image_scores.numpy(), rtol=1e-4)
     for lost in (inp / "bolt" / "x.png", inp / "loose.png"):
         row = df.loc[str(lost)]
@@ -58,24 +59,21 @@ def test_route_scores_each_image_with_its_bundle_and_resumes(
     bundles = {n: b for n, (b, _) in category_bundles.items()}
     out = str(tmp_path / "out")
     s = score_prefix(
-        bundles,
-        str(archive),
-        out,
-        route=f"{archive}/{{model}}/**",
+        ScoreRun(
+            bundle=bundles,
+            input=str(archive),
+            output=out,
+            route=f"{archive}/{{model}}/**",
+            part_size=3,
+        ),
         pool=PoolConfig(workers=1),
-        part_size=3,
-        progress=False,
     )
     assert (s.images, s.scored, s.errors, s.missing, s.duplicates) == (12, 12, 2, 0, 0)
     assert s.model_versions == {n: load_bundle(b).version for n, b in bundles.items()}
     _check_rows(out, bundles, archive)
     again = score_prefix(
-        bundles,
-        str(archive),
-        out,
-        route="{model}/**",
+        ScoreRun(bundle=bundles, input=str(archive), output=out, route="{model}/**"),
         pool=PoolConfig(workers=1),
-        progress=False,
     )  # the same route, relative to the input; nothing left to do
     assert (again.skipped, again.scored, again.stale_version_rows) == (12, 0, 0)
 
@@ -122,10 +120,14 @@ def test_route_template_matching(tmp_path):
 def test_route_needs_named_bundles(category_bundles, archive, tmp_path):
     bundle = category_bundles["nut"][0]
     with pytest.raises(ValueError, match="named bundles"):
-        score_prefix(bundle, str(archive), str(tmp_path / "o"), route="{model}/**")
+        score_prefix(
+            ScoreRun(
+                bundle=bundle, input=str(archive), output=str(tmp_path / "o"), route="{model}/**"
+            )
+        )
     two = {n: b for n, (b, _) in category_bundles.items()}
     with pytest.raises(ValueError, match="--route"):
-        score_prefix(two, str(archive), str(tmp_path / "o"))
+        score_prefix(ScoreRun(bundle=two, input=str(archive), output=str(tmp_path / "o")))
 
 
 def test_scoring_counters_reach_rays_prometheus_endpoint(
@@ -136,12 +138,10 @@ def test_scoring_counters_reach_rays_prometheus_endpoint(
     n_scored = prometheus.value("mspray_score_images_total", text, model="nut", outcome="scored")
     n_lost = prometheus.value("mspray_score_errors_total", text, reason="no_model")
     score_prefix(
-        bundles,
-        str(archive),
-        str(tmp_path / "out"),
-        route="{model}/**",
+        ScoreRun(
+            bundle=bundles, input=str(archive), output=str(tmp_path / "out"), route="{model}/**"
+        ),
         pool=PoolConfig(workers=1),
-        progress=False,
     )
 
     def moved(t: str) -> bool:

@@ -25,7 +25,7 @@ def test_ray_evaluate_matches_core_metrics_json(ray_local, tiny_bundle, tmp_path
     assert main(args) == 0
     got = json.loads(out.read_text())
     samples = test_samples(spec, "synthetic")
-    ref = evaluate(load_bundle(bundle), samples, progress=False)
+    ref = evaluate(load_bundle(bundle), samples)
     assert set(got) == set(ref)
     assert got["n_images"] == len(samples) and got["pixel_auroc"] is not None
     for key in ("image_auroc", "pixel_auroc", "pixel_aupro", "f1_max", "threshold"):

@@ -17,6 +17,7 @@ from mspray.artifacts.bundle import load_bundle, save_bundle
 from mspray.artifacts.lease import Lease, LeaseHeld
 from mspray.artifacts.output import map_uri, read_results
 from mspray.config import PoolConfig
+from mspray.config.runs import ScoreRun
 from mspray.ray.data.reading import unsafe_key_error
 from mspray.ray.data.scoring import score_prefix
 
@@ -51,13 +52,14 @@ def test_two_runs_started_at_once_give_one_row_per_image(
             # Different part sizes: without the lease the two runs would write the same
             # images into differently named parts, i.e. duplicate rows.
             results[part_size] = score_prefix(
-                bundle,
-                storage.join(base, "in"),
-                out,
+                ScoreRun(
+                    bundle=bundle,
+                    input=storage.join(base, "in"),
+                    output=out,
+                    part_size=part_size,
+                    lease_wait=600,
+                ),
                 pool=PoolConfig(workers=1),
-                part_size=part_size,
-                progress=False,
-                lease_wait=600,  # the second waits for the first (bounded)
             )
         except BaseException as e:  # reported below
             results[part_size] = e
@@ -93,7 +95,9 @@ def test_a_run_on_a_held_output_exits_naming_the_holder(tiny_bundle, tmp_path, c
         err = capsys.readouterr().err
         assert holder.owner in err and "the nightly job" in err and "--lease-wait" in err
         with pytest.raises(LeaseHeld):
-            score_prefix(bundle, str(tmp_path / "in"), out, lease_wait=0.2, progress=False)
+            score_prefix(
+                ScoreRun(bundle=bundle, input=str(tmp_path / "in"), output=out, lease_wait=0.2)
+            )
     assert not list((tmp_path / "scores").glob("part-*"))
 
 
@@ -101,7 +105,7 @@ def test_the_lease_is_released_when_a_run_fails(tiny_bundle, tmp_path):
     bundle, _ = tiny_bundle
     out = str(tmp_path / "scores")
     with pytest.raises(FileNotFoundError, match="no-such-input"):
-        score_prefix(bundle, str(tmp_path / "no-such-input"), out, progress=False)
+        score_prefix(ScoreRun(bundle=bundle, input=str(tmp_path / "no-such-input"), output=out))
     gen, rec = Lease(out).current()
     assert gen == 0 and rec.released
     Lease(out).acquire().release()  # the next run starts at once
@@ -120,8 +124,10 @@ def test_stale_lease_of_a_crashed_run_is_taken_over(ray_local, tiny_bundle, tmp_
     record.write_text(json.dumps(crashed))
     # last renewed 600 s ago by the storage's clock (the file's mtime), which decides expiry
     os.utime(record, (time.time() - 600, time.time() - 600))
-    s = score_prefix(bundle, str(tmp_path / "in"), str(out), pool=PoolConfig(workers=1),
-                     progress=False)  # fmt: skip
+    s = score_prefix(
+        ScoreRun(bundle=bundle, input=str(tmp_path / "in"), output=str(out)),
+        pool=PoolConfig(workers=1),
+    )
     assert s.scored == len(images) and s.duplicates == 0
     gen, rec = Lease(str(out)).current()
     assert gen == 1 and rec.released and rec.owner != crashed["owner"]
@@ -154,8 +160,10 @@ def test_keys_with_dot_segments_get_error_rows_and_are_never_followed(
     for key in ("in/../outside.png", "in/./cam0/dot.png", "in/cam1//double.png"):
         s3.put_object(Bucket=name, Key=key, Body=png)
     out = f"{s3_bucket}/scores"
-    s = score_prefix(bundle, f"{s3_bucket}/in", out, pool=PoolConfig(workers=1), maps=True,
-                     progress=False)  # fmt: skip
+    s = score_prefix(
+        ScoreRun(bundle=bundle, input=f"{s3_bucket}/in", output=out, maps=True),
+        pool=PoolConfig(workers=1),
+    )
     assert (s.images, s.errors, s.missing, s.duplicates) == (5, 3, 0, 0)
     df = read_results(out).to_pandas().set_index("path")
     bad = df[df["error"].notna()]

@@ -21,9 +21,7 @@ def test_two_ddp_workers_train_one_trunk_from_the_given_one(ray_local, synthetic
     )
     uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
     start = random_stem_state(trunk_layers(cfg), seed=5)
-    trunk, summary = ray_stage_one(
-        cfg, uris, start, workers=2, storage=str(tmp_path), progress=False
-    )
+    trunk, summary = ray_stage_one(cfg, uris, start, workers=2, storage=str(tmp_path))
     assert summary["workers"] == 2 and summary["steps"] == 2
     assert summary["from"] == "given trunk"
     assert trunk.keys() == start.keys()

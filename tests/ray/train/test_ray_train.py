@@ -7,8 +7,10 @@ on two cores.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from fault_hooks import FailOnce
 
 from mspray.artifacts.bundle import read_meta, resolve_bundle
 from mspray.config import MSPrayConfig
+from mspray.config.run import RunContext, use_run
 from mspray.data.datasets import train_paths
 from mspray.model.multiscale import build_scale_model, normalize
 from mspray.pipeline.steps import split_holdout
@@ -239,7 +242,7 @@ def _every_loss_subset(config: dict):
         )
         model = DistributedDataParallel(build_scale_model(cfg, SCALE, None))
         tr = ScaleTrainer(cfg, SCALE, model, "cpu", comm)
-        hist = tr.fit(images, val, progress=False)
+        hist = tr.fit(images, val)
         steps.append(hist[-1]["steps"])
     return torch.tensor(steps)
 
@@ -262,11 +265,9 @@ def test_two_gloo_runs_with_one_seed_write_bit_identical_weights(
     cfg = _cfg(**{"train.epochs": 2, "train.val_fraction": 0.25, "train.workers": 2})
     uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
     for name in ("a", "b"):
-        rt = ray_train.ray_scale_trainer(
-            run_name=f"det-{name}", storage=str(tmp_path / "runs"), progress=False
-        )
-        ex = RayExecutor(trainer=rt, progress=False)
-        fit_detector(cfg, uris, out=str(tmp_path / name), executor=ex, progress=False)
+        rt = ray_train.ray_scale_trainer(run_name=f"det-{name}", storage=str(tmp_path / "runs"))
+        ex = RayExecutor(trainer=rt)
+        fit_detector(cfg, uris, out=str(tmp_path / name), executor=ex)
     a, b = (Path(resolve_bundle(str(tmp_path / n)), "model.safetensors") for n in "ab")
     assert a.read_bytes() == b.read_bytes()
     # rank 0 ranked every epoch, the untrained one included, on synthetic anomalies
@@ -350,3 +351,27 @@ def test_killed_run_resumes_with_the_same_name(ray_local, split, s3_bucket):
         ray_train.ray_scale_trainer(run_name="killed", storage=storage)(
             _cfg(**{"model.embed_dim": 8, "train.workers": 1}), *split
         )
+
+
+# ---------------------------------------------------------------------------- run context
+@dataclass(frozen=True)
+class _RecordRun:
+    """Epoch hook: every rank writes the run context it trains in."""
+
+    folder: str
+
+    def __call__(self, *, epoch: int, rank: int, world_size: int) -> None:
+        from mspray.config.run import current_run
+
+        Path(self.folder, f"rank{rank}.json").write_text(json.dumps(asdict(current_run())))
+
+
+def test_the_drivers_run_context_reaches_the_train_workers(ray_local, split, tmp_path):
+    # contextvars stay in the driver: the trainer hands the context to its workers
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    rt = ray_train.ray_scale_trainer(storage=str(tmp_path), epoch_hook=_RecordRun(str(seen)))
+    with use_run(RunContext(progress=True, address="auto")):  # Ray is up: not joined again
+        rt(_cfg(**{"train.workers": 2, "train.epochs": 1}), *split)
+    runs = [json.loads(p.read_text()) for p in sorted(seen.glob("rank*.json"))]
+    assert runs == [{"progress": True, "address": "auto"}] * 2

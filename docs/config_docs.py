@@ -4,8 +4,8 @@ the table of scales (docs/concepts.md).
 Every section and field of :mod:`mspray.config` becomes a table row with its default, the
 command-line flag that sets it (and which commands take it) and its description, so the
 reference cannot drift from the code. Which commands take which flag is known only to the
-CLI; ``docs/generate.py`` collects it from the parser and passes it in, so this
-module stays in the core (no CLI, no Ray). The table of scales is rendered from
+CLI; ``docs/generate.py`` (beside this module, its one user) collects it from the parser
+and passes it in. The table of scales is rendered from
 :data:`mspray.model.scales.SCALES`, the one place a scale is defined.
 """
 
