@@ -1,10 +1,14 @@
-"""Cross-calibration's fold banks: a fresh greedy coreset per fold and scale (before) against
-fold banks derived from one shared greedy run per scale (:mod:`mspray.decisions.fold_banks`, after).
+"""Cross-calibration's fold banks: a fresh greedy coreset per fold and scale, the former
+derived banks (half of the shared greedy run's picks, then a greedy continuation over all
+of a fold's rows to its target size) and today's (every usable pick of the shared run, then
+a greedy continuation over the orphans only: :mod:`mspray.decisions.fold_banks`).
 
 Synthetic patch embeddings of overlapping "tiles" (rows of one smooth random field, so
-neighbouring images share content). Prints, per method, the seconds spent on the fold banks
-and how close each fold's scored images come to their fold bank (mean nearest distance: the
-derived banks must cover as a fresh coreset does, or the promise would move).
+neighbouring images share content). Prints, per method, the CPU seconds spent on the fold
+banks (one thread, so a loaded machine changes them little), the fold banks' size, and how
+close each fold's scored images come to their fold bank (mean nearest distance: the derived
+banks must cover as a fresh coreset does, or the promise would move), with the ratios of
+the former and the fresh method's seconds to today's measured in the same run.
 
     python benchmarks/bench_fold_banks.py --images 180 --patches 169 --dim 64
 """
@@ -12,6 +16,8 @@ derived banks must cover as a fresh coreset does, or the promise would move).
 from __future__ import annotations
 
 import argparse
+import math
+import platform
 import time
 from types import SimpleNamespace
 
@@ -19,9 +25,32 @@ import numpy as np
 import torch
 
 from mspray.bank import PatchBank
+from mspray.bank.coreset import greedy_coreset
 from mspray.config import MSPrayConfig
 from mspray.decisions.calibration import fold_plan
 from mspray.decisions.fold_banks import fold_banks
+
+
+def former_fold_banks(cfg, plan, emb):
+    """The fold banks of the previous revision: the first half of the shared run's usable
+    picks, topped up by a greedy continuation over all of the fold's rows."""
+    full = {}
+    for s, (x, _) in emb.items():
+        n_pick = math.ceil(cfg.bank.coreset_ratio * len(x))
+        full[s] = greedy_coreset(torch.from_numpy(x), n_pick, seed=0).numpy()
+    for scored, excluded in plan:
+        banks = {}
+        for s, (x, owner) in emb.items():
+            keep = ~np.isin(owner, excluded)
+            target = math.ceil(cfg.bank.coreset_ratio * keep.sum())
+            kept = full[s][keep[full[s]]][: math.ceil(0.5 * target)]
+            rest = np.setdiff1d(np.flatnonzero(keep), kept)
+            init = torch.cdist(torch.from_numpy(x[rest]), torch.from_numpy(x[kept]))
+            more = greedy_coreset(torch.from_numpy(x[rest]), target - len(kept), seed=0,
+                                  init_dist=init.amin(1).square())  # fmt: skip
+            rows = np.concatenate([kept, rest[more.numpy()]])
+            banks[s] = PatchBank.build(x[rows], cfg.bank.replace(coreset_ratio=1.0))
+        yield scored, banks
 
 
 def main() -> None:
@@ -46,7 +75,7 @@ def main() -> None:
     in_bank = np.ones(n, bool)
     plan = fold_plan(n, 5, gap=4)
 
-    def fresh():  # before: a coreset per fold and scale
+    def fresh():  # a coreset per fold and scale
         for scored, excluded in plan:
             yield (
                 scored,
@@ -56,25 +85,36 @@ def main() -> None:
                 },
             )
 
+    methods = {
+        "fresh": fresh,
+        "former": lambda: former_fold_banks(cfg, plan, emb),
+        "derived": lambda: fold_banks(det, plan, in_bank, emb),
+    }
+    print(
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
+        f"fp32; {n} images x {p} rows x {d} dims, {args.scales} scales, 5 folds (gap 4), "
+        f"coreset {args.coreset}"
+    )
+    print("| fold banks | CPU s | rows per fold bank | fold images' mean distance to it |")
+    print("|---|---|---|---|")
     out = {}
-    for name, make in (("fresh", fresh), ("derived", lambda: fold_banks(det, plan, in_bank, emb))):
-        built, dist, it = 0.0, [], make()
+    for name, make in methods.items():
+        built, dist, size, it = 0.0, [], [], make()
         while True:
             t0 = time.process_time()
             item = next(it, None)
-            built += time.process_time() - t0  # CPU time (one thread): robust to a loaded machine
+            built += time.process_time() - t0
             if item is None:
                 break
             scored, banks = item
             q = np.isin(owner, scored)
             dist.append(float(np.mean([banks[s].search(rows[s][q]).mean() for s in rows])))
-        out[name] = (built, float(np.mean(dist)))
-    (tf, df), (td, dd) = out["fresh"], out["derived"]
+            size.append(np.mean([b.ntotal for b in banks.values()]))
+        out[name] = built
+        print(f"| {name} | {built:.1f} | {np.mean(size):.0f} | {np.mean(dist):.4f} |", flush=True)
     print(
-        f"{n} images x {p} rows x {d} dims, {args.scales} scales, 5 folds, coreset "
-        f"{args.coreset}: fresh {tf:.1f} CPU s, derived {td:.1f} CPU s ({tf / td:.1f}x faster); "
-        f"fold images' mean distance to their fold bank: fresh {df:.4f}, derived {dd:.4f} "
-        f"({dd / df:.3f}x)"
+        f"derived vs former: {out['former'] / out['derived']:.1f}x faster; "
+        f"vs fresh: {out['fresh'] / out['derived']:.1f}x faster"
     )
 
 

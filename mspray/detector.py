@@ -18,7 +18,7 @@ import torch
 
 from mspray import maps as M
 from mspray.bank import PatchBank
-from mspray.config import MSPrayConfig
+from mspray.config import BankConfig, MSPrayConfig
 from mspray.config.run import progress_bar
 from mspray.model.multiscale import MultiScaleEncoder, normalize
 
@@ -70,6 +70,24 @@ def resolve_search_cells(cells: str, device: torch.device) -> bool:
     if cells not in ("auto", "on", "off"):
         raise ValueError(f"bank.search_cells={cells!r}: expected auto, on or off")
     return device.type == "cpu" if cells == "auto" else cells == "on"
+
+
+def search_bank(
+    bank: PatchBank, queries: torch.Tensor, cfg: BankConfig, device: torch.device | str
+) -> torch.Tensor:
+    """Min distance of each query (``M×D``) to ``bank`` as inference searches it: float32
+    on ``device`` for the torch search (``bank.search``; the cell search on CPU), on CPU
+    for faiss (always for an IVF bank)."""
+    device = torch.device(device)
+    if cfg.search == "torch" and cfg.index == "flat":
+        searcher = bank.searcher(
+            device,
+            resolve_search_precision(cfg.search_precision, device),
+            cfg.search_candidates,
+            resolve_search_cells(cfg.search_cells, device),
+        )
+        return searcher.search(queries)
+    return torch.from_numpy(bank.search(queries))
 
 
 def stage_order(scales: tuple[int, ...]) -> list[str]:
@@ -275,15 +293,8 @@ class Detector:
         return scores
 
     def search(self, bank: PatchBank, queries: torch.Tensor) -> torch.Tensor:
-        """Min distance of each query (``M×D``) to ``bank``, float32 on the detector's device
-        for the torch search (``bank.search``), on CPU for faiss (always for an IVF bank)."""
-        c = self.cfg.bank
-        if c.search == "torch" and c.index == "flat":
-            searcher = bank.searcher(
-                self.device, self.search_precision, c.search_candidates, self.search_cells
-            )
-            return searcher.search(queries)
-        return torch.from_numpy(bank.search(queries))
+        """Min distance of each query (``M×D``) to ``bank`` (:func:`search_bank`)."""
+        return search_bank(bank, queries, self.cfg.bank, self.device)
 
     def raw_scale_maps(
         self,

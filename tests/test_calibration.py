@@ -261,3 +261,30 @@ def test_fold_banks_derive_from_one_greedy_run_and_cover_like_fresh_ones() -> No
         derived_d, fresh_d = banks[32].search(emb[q]).mean(), fresh.search(emb[q]).mean()
         assert abs(derived_d / fresh_d - 1) < 0.1
     assert timings["fold_coreset_shared_s"] > 0 and timings["fold_banks_s"] > 0
+
+
+def test_a_fold_bank_picks_among_the_shared_picks_and_its_orphans_only() -> None:
+    # A fold's greedy continuation does not run over all its rows: its candidates are the
+    # shared run's usable picks and the fold's orphans (rows whose nearest shared pick lies
+    # in an excluded image); every other row is within the shared run's radius of a pick.
+    from mspray.bank import PatchBank
+    from mspray.decisions.fold_banks import fold_rows, shared_run
+
+    n, p = 30, 36
+    emb = _tile_embeddings(n).numpy().reshape(n * p, -1)
+    owner = np.repeat(np.arange(n), p)
+    cfg = tiny_config(**{"bank.coreset_ratio": 0.2}).bank
+    run = shared_run(emb, cfg, seed=0)
+    bank = PatchBank.build(emb, cfg, seed=0)  # the bank's own coreset: the same picks
+    assert np.array_equal(np.sort(run.picks), np.flatnonzero(bank.search(emb) == 0))
+    nearest = torch.cdist(torch.from_numpy(emb), torch.from_numpy(emb[run.picks])).argmin(1)
+    assert (run.nearest == nearest.numpy()).mean() > 0.99  # (float ties aside)
+    for excluded in (np.arange(3, 9), np.arange(0, 14, 2)):
+        keep = ~np.isin(owner, excluded)
+        usable = keep[run.picks]
+        orphans = run.candidates[keep[run.candidates] & ~usable[run.nearest]]
+        rows = fold_rows(emb, keep, cfg, 0, run)
+        assert len(rows) == PatchBank.build(emb[keep], cfg, seed=0).ntotal  # its own target
+        assert keep[rows].all()
+        assert np.isin(rows, np.concatenate([run.picks[usable], orphans])).all()
+        assert len(orphans) < 0.5 * keep.sum()  # a bounded set, not all of the fold's rows

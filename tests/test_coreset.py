@@ -229,3 +229,19 @@ def test_near_duplicate_data_far_from_origin_equals_float64_farthest_first(
         work, work.square().sum(1), min_dist, torch.tensor(sel[0]), 50
     )
     assert raw.tolist() != sel[:50]
+
+
+@pytest.mark.parametrize("prune", [True, False])
+def test_the_cover_gives_every_point_its_nearest_pick(
+    prune: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the cover is what the fold banks derive from (mspray/decisions/fold_banks.py)
+    stats = _cell_stats(monkeypatch)
+    x = _manifold(4000, 16, seed=2)
+    cover: dict[str, torch.Tensor] = {}
+    picks = greedy_coreset(x, 400, seed=1, prune=prune, cover=cover)
+    assert torch.equal(picks, greedy_coreset(x, 400, seed=1, prune=prune))  # same picks
+    assert bool(stats.get("cell_picks")) == prune
+    d = torch.cdist(x.double(), x[picks].double())
+    assert (cover["nearest"] == d.argmin(1)).float().mean() > 0.999  # (float ties aside)
+    torch.testing.assert_close(cover["sq_dist"].double(), d.amin(1).square(), atol=1e-4, rtol=0)

@@ -25,6 +25,7 @@ def greedy_coreset(
     chunk: int = 65536,
     init_dist: torch.Tensor | None = None,
     prune: bool = True,
+    cover: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Greedy k-center (farthest point) selection, as in PatchCore.
 
@@ -49,6 +50,9 @@ def greedy_coreset(
             as fast on data with no structure). ``False``, a GPU input, or a problem small
             enough for the plain loop to run in cache (N·D < 2²⁰, or under 128 picks) runs
             the plain loop, one full matrix-vector product per pick.
+        cover: if given, gets ``nearest`` (per point, the number of its nearest pick in
+            selection order; -1 where the ``init_dist`` set is nearer) and ``sq_dist`` (its
+            squared distance to it), as the greedy loop leaves them.
 
     Returns:
         LongTensor of ``n_select`` distinct indices, in selection order, on the input's device.
@@ -92,8 +96,12 @@ def greedy_coreset(
         cur = torch.randint(n, (), generator=gen).to(device)
     n_cells = _n_cells(n, width, n_select)
     if prune and device.type == "cpu" and n_cells:  # on a GPU a full pass per pick is cheap
-        return _greedy_cells(work, sq_norms, min_dist, cur, n_select, n_cells)
-    return _greedy_plain(work, sq_norms, min_dist, cur, n_select)[0]
+        return _greedy_cells(work, sq_norms, min_dist, cur, n_select, n_cells, cover)
+    nearest = torch.full((n,), -1, dtype=torch.long, device=device) if cover is not None else None
+    picks = _greedy_plain(work, sq_norms, min_dist, cur, n_select, nearest)[0]
+    if cover is not None:
+        cover.update(nearest=nearest, sq_dist=min_dist.clamp_min(0))
+    return picks
 
 
 def _greedy_plain(
@@ -103,11 +111,13 @@ def _greedy_plain(
     cur: torch.Tensor,
     n_pick: int,
     nearest: torch.Tensor | None = None,
+    first: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n_pick`` farthest-point picks, each with a full pass over ``work``.
 
-    Updates ``min_dist`` (and, if given, ``nearest``: the pick number that set it) in place;
-    returns the picks and the next start point, both device tensors (no host sync per pick).
+    Updates ``min_dist`` (and, if given, ``nearest``: the pick number, from ``first``, that
+    set it) in place; returns the picks and the next start point, both device tensors (no
+    host sync per pick).
     """
     selected = torch.empty(n_pick, dtype=torch.long, device=work.device)
     dist = torch.empty_like(min_dist)
@@ -118,7 +128,7 @@ def _greedy_plain(
         torch.addmv(sq_norms, work, center, alpha=-2.0, out=dist)
         dist += sq_norms.index_select(0, cur.view(1))
         if nearest is not None:
-            nearest.masked_fill_(dist < min_dist, i)
+            nearest.masked_fill_(dist < min_dist, first + i)
         torch.minimum(min_dist, dist, out=min_dist)
         # Rounding can leave a picked point at a tiny positive distance; -inf makes sure it
         # is never picked again (which also keeps picks distinct on duplicated data).
@@ -163,6 +173,7 @@ def _greedy_cells(
     cur: torch.Tensor,
     n_select: int,
     n_cells: int,
+    cover: dict[str, torch.Tensor] | None = None,
     stats: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """Farthest-point picks that update only the cells a new center can reach.
@@ -180,7 +191,7 @@ def _greedy_cells(
     O(N·D); the next pick is the farthest row of the cell with the largest maximum. Where
     most rows would need measuring anyway (early picks, unstructured data) a few plain full
     passes run instead. The bounds carry a slack (``_CELL_SLACK``) for float rounding, so the
-    picks equal the plain loop's up to float ties.
+    picks equal the plain loop's up to float ties. ``cover``: as in :func:`greedy_coreset`.
     """
     if work.device.type != "cpu":
         raise ValueError("the cell-pruned greedy loop runs on CPU; use prune=False on a GPU")
@@ -190,6 +201,7 @@ def _greedy_cells(
     nearest = torch.full((n,), -1, dtype=torch.long)
     first, cur = _greedy_plain(work, sq_norms, min_dist, cur, n_cells, nearest)
     selected[:n_cells] = first.numpy()
+    owner = nearest.clone() if cover is not None else None  # before orphans join a cell
 
     # ---- cells: the Voronoi cells of the first picks, rows permuted cell by cell
     x = work.numpy()  # views of the same buffers, permuted in place below
@@ -213,6 +225,10 @@ def _greedy_cells(
     work.copy_(work.index_select(0, perm))
     sq_norms.copy_(sq_norms[perm])
     min_dist.copy_(min_dist[perm])
+    owner_np = None
+    if owner is not None:
+        owner = owner[perm]
+        owner_np = owner.numpy()  # a view: the plain passes below update it too
     best = min_dist.numpy()
     starts = np.zeros(c_total + 1, dtype=np.int64)
     np.cumsum(np.bincount(cell, minlength=c_total), out=starts[1:])
@@ -258,7 +274,9 @@ def _greedy_cells(
             m = int((hi - lo).sum())
             if m > _DENSE_ABOVE * n:
                 run = min(_REPROBE_EVERY, n_select - i)
-                picks, nxt = _greedy_plain(work, sq_norms, min_dist, torch.tensor(cur_i), run)
+                picks, nxt = _greedy_plain(
+                    work, sq_norms, min_dist, torch.tensor(cur_i), run, owner, i
+                )
                 selected[i : i + run] = order[picks.numpy()]
                 i, cur_i = i + run, int(nxt)
                 refresh(slice(None), best, starts[:-1])
@@ -270,6 +288,8 @@ def _greedy_cells(
             closer = dist[:m] < best[rows]
             changed = rows[closer]
             best[changed] = dist[:m][closer]
+            if owner_np is not None:
+                owner_np[changed] = i
             best[cur_i] = -np.inf  # never picked again, even at a rounded distance > 0
             cells = np.union1d(cell[changed], cell[cur_i])
             in_cells, offsets = _ranges(starts[cells], starts[cells + 1])
@@ -285,4 +305,7 @@ def _greedy_cells(
         faiss.omp_set_num_threads(threads)
     if stats is not None:
         stats.update(counts, cells=c_total)
+    if cover is not None:  # back to the input's row order
+        back = torch.from_numpy(np.argsort(order))
+        cover.update(nearest=owner[back], sq_dist=min_dist[back].clamp_min(0))
     return torch.from_numpy(selected)

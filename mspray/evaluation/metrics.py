@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import precision_recall_curve, roc_auc_score
+from sklearn.metrics import precision_recall_curve
 
 
 def _np(x, dtype=None) -> np.ndarray:
@@ -51,7 +51,19 @@ def image_auroc(labels, scores) -> float:
         raise ValueError(f"{y.size} labels but {s.size} scores")
     if y.all() or not y.any():
         return float("nan")
-    return float(roc_auc_score(y, s))
+    return _auroc(y, s)
+
+
+def _auroc(y: np.ndarray, s: np.ndarray) -> float:
+    """The ROC AUC (sklearn's ``roc_auc_score``, ties counted half) as the Mann-Whitney count
+    of (anomalous, normal) pairs ranked right, in exact integers: a sort of the normal scores
+    and a binary search per anomalous one, several times faster than sklearn on the
+    millions of pixels of a pixel AUROC (selection computes one per candidate epoch)."""
+    neg = np.sort(s[~y])
+    pos = s[y]
+    # 2 × (normals strictly below + half the normals equal), summed over anomalous scores
+    twice = int(np.searchsorted(neg, pos, "left").sum() + np.searchsorted(neg, pos, "right").sum())
+    return twice / (2 * pos.size * neg.size)
 
 
 def pixel_auroc(masks, maps) -> float:

@@ -26,6 +26,7 @@ What keeps it cheap (it runs once per epoch and scale, and once more for the fus
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -40,6 +41,7 @@ from mspray.bank import PatchBank
 from mspray.config import MSPrayConfig
 from mspray.config.run import progress_bar
 from mspray.data.anomalies import KINDS, paste_anomalies
+from mspray.detector import search_bank
 from mspray.evaluation import metrics
 from mspray.model.encoder import PatchEncoder
 from mspray.model.multiscale import normalize
@@ -181,13 +183,20 @@ class SelectionSet:
         return sel
 
 
+def _layout(cfg: MSPrayConfig, device) -> torch.memory_format:
+    """The detector's layout: channels_last (oneDNN's convolutions are faster in it) unless
+    ``score.channels_last`` is off or on MPS."""
+    cl = cfg.score.channels_last and torch.device(device).type != "mps"
+    return torch.channels_last if cl else torch.contiguous_format
+
+
 @torch.no_grad()
 def _grid(
-    enc: PatchEncoder, images: torch.Tensor, step: int, device, bs: int, bar: Any
+    enc: PatchEncoder, images: torch.Tensor, step: int, device, bs: int, bar: Any, layout
 ) -> torch.Tensor:
     out = []
     for i in range(0, images.shape[0], bs):
-        x = normalize(images[i : i + bs].to(device))
+        x = normalize(images[i : i + bs].to(device)).contiguous(memory_format=layout)
         out.append(enc(x, step=step).permute(0, 2, 3, 1).float().cpu())
         bar.update(x.shape[0])
     return torch.cat(out)
@@ -224,19 +233,20 @@ def _patch_scores(
         unit="img",
         leave=False,
     )
-    was_training = enc.training
-    enc.eval()
+    layout = _layout(cfg, device)
+    # a copy in eval mode and the detector's layout: the model in training keeps its own
+    scoring = copy.deepcopy(enc).eval().to(memory_format=layout)
     try:
-        rows = _grid(enc, sel.bank_images, bank_step, device, 8, bar).flatten(0, 2)
+        rows = _grid(scoring, sel.bank_images, bank_step, device, 8, bar, layout).flatten(0, 2)
         ratio = bank_ratio(cfg, enc, sel, rows.shape[0])
         bank_cfg = bank_cfg.model_copy(update={"coreset_ratio": ratio})
         bank = PatchBank.build(rows.numpy(), bank_cfg, seed=cfg.train.seed)  # as inference
-        grid = _grid(enc, queries, stride // enc.stride, device, 8, bar)
+        grid = _grid(scoring, queries, stride // enc.stride, device, 8, bar, layout)
     finally:
-        enc.train(was_training)
         bar.close()
     b, h, w, d = grid.shape
-    scores = torch.from_numpy(bank.search(grid.reshape(-1, d).numpy())).view(b, h, w)
+    # the detector's search (the exact cell search on CPU), not a dense faiss pass
+    scores = search_bank(bank, grid.reshape(-1, d), bank_cfg, device).view(b, h, w).cpu()
     _CACHE[key] = scores
     while len(_CACHE) > CACHE_ENTRIES:
         _CACHE.popitem(last=False)
