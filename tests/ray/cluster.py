@@ -1,6 +1,7 @@
 """A simulated multi-node Ray cluster on this machine, for the tests of cluster behaviour.
 
-- :func:`multi_node_cluster`: Ray's own :class:`ray.cluster_utils.Cluster`: a head with
+- :func:`start_multi_node`, then :func:`connected` for each job (the nodes outlive the
+  jobs): Ray's own :class:`ray.cluster_utils.Cluster`: a head with
   0 CPUs (like ``cluster.yaml``'s head, which runs no tasks) plus CPU worker nodes and
   "GPU" worker nodes (raylets that declare ``num_gpus=1`` and one CPU; CUDA is absent
   here, so model code on them falls back to the CPU, see
@@ -14,8 +15,9 @@
   2 cores (the CPUs are logical). mspray finds these node types through the config file
   its autoscaler monitor runs with, as on a ``ray up`` head.
 
-Only one Ray can be connected per process: both disconnect the driver first (the session
-``ray_local`` is restarted afterwards by its own fixture, see the root ``conftest.py``).
+Only one Ray can be connected per process: connecting disconnects the driver first (the
+tests that do are run last, after every test of the session's ``ray_local``, see the root
+``conftest.py``).
 
 ``ray.cluster_utils.AutoscalingCluster`` is not used as is: its ``start``/``shutdown`` run
 ``ray stop --force``, which kills every Ray on the machine, not only the one it started.
@@ -78,7 +80,7 @@ def _pids_of(cluster: Any) -> list[int]:
     return pids
 
 
-def _stop(cluster: Any) -> None:
+def stop_cluster(cluster: Any) -> None:
     """Disconnect, stop the cluster's nodes, then any descendant still alive (by pid)."""
     import psutil
     import ray
@@ -106,17 +108,12 @@ def _connect(cluster: Any, env: dict[str, str] | None) -> None:
     ray.init(address=cluster.address, runtime_env=runtime_env, log_to_driver=True)
 
 
-@contextmanager
-def multi_node_cluster(
-    cpu_nodes: int = 1, gpu_nodes: int = 1, env: dict[str, str] | None = None
-) -> Iterator[Any]:
-    """A head (0 CPUs) plus ``cpu_nodes`` CPU and ``gpu_nodes`` "GPU" worker nodes, with the
-    driver connected (``env``: extra environment of the job's workers). Yields the
+def start_multi_node(cpu_nodes: int = 1, gpu_nodes: int = 1) -> Any:
+    """A head (0 CPUs) plus ``cpu_nodes`` CPU and ``gpu_nodes`` "GPU" worker nodes, not
+    connected; stop it with :func:`stop_cluster`. Returns the
     :class:`ray.cluster_utils.Cluster`."""
-    import ray
     from ray.cluster_utils import Cluster
 
-    ray.shutdown()
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 0, "object_store_memory": OBJECT_STORE_BYTES},
@@ -130,10 +127,25 @@ def multi_node_cluster(
                 num_gpus=GPU_NODE["GPU"],
                 object_store_memory=OBJECT_STORE_BYTES,
             )
-        _connect(cluster, env)
+    except BaseException:
+        stop_cluster(cluster)
+        raise
+    return cluster
+
+
+@contextmanager
+def connected(cluster: Any, env: dict[str, str] | None = None) -> Iterator[Any]:
+    """The driver connected to ``cluster`` as a new job (``env``: extra environment of the
+    job's workers), disconnected afterwards; the job's workers and actors end with it, the
+    nodes stay up. Yields ``cluster``."""
+    import ray
+
+    ray.shutdown()
+    _connect(cluster, env)
+    try:
         yield cluster
     finally:
-        _stop(cluster)
+        ray.shutdown()
 
 
 def autoscaler_config(gcs_address: str, max_cpu_workers: int, max_gpu_workers: int) -> dict:
@@ -219,7 +231,7 @@ def autoscaling_cluster(
         _connect(cluster, env)
         yield cluster
     finally:
-        _stop(cluster)
+        stop_cluster(cluster)
 
 
 def worker_nodes() -> list[dict]:

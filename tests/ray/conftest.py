@@ -8,12 +8,16 @@
 - ``bad_inputs`` (session): name -> bytes of one of each kind of bad file a nightly archive
   can hold (zero-byte, truncated, not an image, decompression bomb, over 100 kB).
 - ``sim_cluster`` (function): a simulated multi-node Ray (0-CPU head, one CPU node, one
-  "GPU" node), connected; yields the ``ray.cluster_utils.Cluster``.
+  "GPU" node), connected; yields the ``ray.cluster_utils.Cluster``. Its nodes are started
+  once per session (starting and stopping three raylets costs tens of seconds on two
+  cores); each test is a job of its own on them.
+- ``sim_connect`` (function): ``with sim_connect(env): ...`` connects to the same nodes as
+  a job whose workers get the extra environment ``env``.
 - ``autoscaling_sim_cluster`` (function): the 0-CPU head with Ray's autoscaler over its fake
   multi-node provider and zero worker nodes (up to 1 CPU and 2 "GPU" nodes), connected.
 
-The two cluster fixtures live in ``tests/ray/cluster.py`` (see there for their node types);
-they use ``ray_exclusive``, so the session's local Ray is stopped while they run.
+The cluster fixtures use ``tests/ray/cluster.py`` (see there for their node types); they use
+``ray_exclusive``, so the session's local Ray is stopped while they run.
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ import re
 
 import numpy as np
 import pytest
-from cluster import autoscaling_cluster, multi_node_cluster  # tests/ray/cluster.py
+from cluster import (  # tests/ray/cluster.py
+    autoscaling_cluster,
+    connected,
+    start_multi_node,
+    stop_cluster,
+)
 from PIL import Image
 
 
@@ -146,10 +155,25 @@ def prometheus(ray_local) -> Prometheus:
     return Prometheus(ray_local)
 
 
+@pytest.fixture(scope="session")
+def _sim_nodes():
+    """The nodes of ``sim_cluster`` (started on first use, stopped at the session's end)."""
+    cluster = start_multi_node(cpu_nodes=1, gpu_nodes=1)
+    yield cluster
+    stop_cluster(cluster)
+
+
 @pytest.fixture
-def sim_cluster(ray_exclusive):
+def sim_connect(ray_exclusive, _sim_nodes):
+    """``sim_connect(env=None)``: a context manager connecting the driver to the simulated
+    cluster's nodes as a new job (``env``: its workers' extra environment)."""
+    return lambda env=None: connected(_sim_nodes, env)
+
+
+@pytest.fixture
+def sim_cluster(sim_connect):
     """A 0-CPU head, one CPU node and one "GPU" node, the driver connected."""
-    with multi_node_cluster(cpu_nodes=1, gpu_nodes=1) as cluster:
+    with sim_connect() as cluster:
         yield cluster
 
 

@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cluster import multi_node_cluster
 
 from mspray import storage
 from mspray.artifacts.output import read_results
@@ -30,9 +29,7 @@ def _pids(state: Path) -> list[str]:
     return [line.split()[0] for line in (state / "calls.log").read_text().splitlines()]
 
 
-def test_device_errors_become_error_rows_after_bounded_restarts(
-    ray_exclusive, tiny_bundle, tmp_path
-):
+def test_device_errors_become_error_rows_after_bounded_restarts(sim_connect, tiny_bundle, tmp_path):
     bundle, spec = tiny_bundle
     src = storage.list_files(os.path.join(spec.split(":", 1)[1], "synthetic", "test"))
     inp = tmp_path / "in"
@@ -46,7 +43,7 @@ def test_device_errors_become_error_rows_after_bounded_restarts(
         "MSPRAY_TEST_GPU_FAULT": str(state),
     }
     run = {"pool": PoolConfig(workers=1), "overrides": {"score.device": "cuda"}}
-    with multi_node_cluster(cpu_nodes=1, gpu_nodes=1, env=env):
+    with sim_connect(env):
         # a kernel built for another GPU: every call fails the same way, in any process
         (state / "every").write_text("CUDA error: no kernel image is available for execution")
         out = str(tmp_path / "deterministic")

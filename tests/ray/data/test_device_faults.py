@@ -11,7 +11,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from cluster import multi_node_cluster
 
 from mspray import storage
 from mspray.artifacts.output import read_results
@@ -25,7 +24,7 @@ HOOKS = str(Path(__file__).parent / "gpu_fault")
 
 
 def test_a_gpu_actor_with_a_broken_cuda_context_is_replaced_and_its_unit_retried(
-    ray_exclusive, tiny_bundle, tmp_path
+    sim_connect, tiny_bundle, tmp_path
 ):
     bundle, spec = tiny_bundle
     src = storage.list_files(os.path.join(spec.split(":", 1)[1], "synthetic", "test"))
@@ -40,7 +39,7 @@ def test_a_gpu_actor_with_a_broken_cuda_context_is_replaced_and_its_unit_retried
         "MSPRAY_TEST_GPU_FAULT": str(state),
     }
     out = str(tmp_path / "out")
-    with multi_node_cluster(cpu_nodes=1, gpu_nodes=1, env=env):
+    with sim_connect(env):
         s = score_prefix(
             ScoreRun(bundle=bundle, input=str(inp), output=out, part_size=4),
             pool=PoolConfig(workers=1),

@@ -14,7 +14,6 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
-from cluster import multi_node_cluster
 from faulty_s3 import FaultyS3Proxy
 
 from mspray import storage
@@ -106,7 +105,7 @@ def faulty_proxy(s3_server):
 
 @pytest.mark.slow
 def test_scoring_through_s3_faults_loses_nothing_and_marks_nothing_bad_wrongly(
-    ray_exclusive, faulty_proxy, tiny_bundle, s3_bucket, bad_inputs, png_bytes, tmp_path
+    sim_connect, faulty_proxy, tiny_bundle, s3_bucket, bad_inputs, png_bytes, tmp_path
 ):
     bundle, _ = tiny_bundle
     # the bundle's own byte limit (50 MB) applies: huge.png (270 kB) is not bad here
@@ -121,7 +120,7 @@ def test_scoring_through_s3_faults_loses_nothing_and_marks_nothing_bad_wrongly(
     cli = ["-q", "score", "--bundle", bundle, "--input", inp, "--output", out,
            "--part-size", "4", "--gpus-per-worker", "1", "--shared-fs"]  # fmt: skip
     summary = tmp_path / "summary.json"
-    with multi_node_cluster(cpu_nodes=1, gpu_nodes=1, env=env):
+    with sim_connect(env):
         assert main([*cli, "--summary-json", str(summary)]) == 1  # a unit failed: exit 1
         s = json.loads(summary.read_text())
         assert set(faulty_proxy.injected) == {"slowdown", "reset", "truncate"}

@@ -77,8 +77,44 @@ def _worker_entry(config: dict):
 
 def _map_tensors(obj, fn):
     if isinstance(obj, dict):
-        return {k: fn(v) for k, v in obj.items()}
-    return fn(obj)
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj if isinstance(obj, str) else fn(obj)
+
+
+def _gloo_checks(config: dict) -> dict:
+    """Every two-worker check of this module in one worker group (a Ray Train run costs
+    seconds of process start-up on two cores; what each check computes is independent).
+    A check that raises returns its traceback, which its test shows."""
+    import traceback
+
+    out = {}
+    for name, fn in config["checks"].items():
+        try:
+            out[name] = fn(config)
+        except Exception:
+            out[name] = traceback.format_exc()
+    return out
+
+
+@pytest.fixture(scope="module")
+def gloo_checks(ray_local, tmp_path_factory) -> dict:
+    """The results of the module's two-worker gloo checks, from one Ray Train run: check
+    name -> rank 0's return value (or the traceback of its failure)."""
+    checks = {
+        "ddp_steps": _ddp_steps,
+        "kmeans": _dist_kmeans,
+        "kmeans_seed": _dist_kmeans_other_seed_per_rank,
+        "loss_subsets": _every_loss_subset,  # last: a DDP failure may leave the group broken
+    }
+    storage = str(tmp_path_factory.mktemp("gloo_checks"))
+    config = {"fn": _gloo_checks, "checks": checks, "cfg": _cfg().to_dict(), "storage": storage}
+    return _fit_ray(config, num_workers=2)
+
+
+def _result(gloo_checks: dict, name: str):
+    got = gloo_checks[name]
+    assert not isinstance(got, str), got  # the check raised on the workers
+    return got
 
 
 # ---------------------------------------------------------------------------- DDP equality
@@ -118,15 +154,14 @@ def _ddp_steps(config: dict):
     return _train_steps(cfg, model, TorchDistComm())
 
 
-def test_two_gloo_workers_match_one_worker_on_the_same_global_batch(ray_local, tmp_path):
+def test_two_gloo_workers_match_one_worker_on_the_same_global_batch(gloo_checks):
     # Every loss term is a mean over samples, and DDP averages gradients over ranks, so two
     # ranks with half of a global batch each take the same optimiser step as one process
     # with the whole batch: equal up to float32 reduction order.
     cfg = _cfg()
     assert GLOBAL_BATCH % 2 == 0
     single = _train_steps(cfg, build_scale_model(cfg, SCALE, None), LocalComm())
-    config = {"fn": _ddp_steps, "cfg": cfg.to_dict(), "storage": str(tmp_path)}
-    ddp = _fit_ray(config, num_workers=2)
+    ddp = _result(gloo_checks, "ddp_steps")  # _ddp_steps on two workers, with cfg
     init = build_scale_model(cfg, SCALE, None).state_dict()
     moved = max(float((single[k] - init[k]).abs().max()) for k in init)
     assert moved > 1e-4  # the steps did change the weights (lr 1e-3)
@@ -152,8 +187,8 @@ def _dist_kmeans(config: dict):
     return every
 
 
-def test_distributed_kmeans_equals_single_process_kmeans_on_the_union(ray_local, tmp_path):
-    every = _fit_ray({"fn": _dist_kmeans, "storage": str(tmp_path)}, num_workers=2)
+def test_distributed_kmeans_equals_single_process_kmeans_on_the_union(gloo_checks):
+    every = _result(gloo_checks, "kmeans")  # _dist_kmeans on two workers
     assert every.shape == (2, 6, 3)
     assert torch.equal(every[0], every[1])  # all workers end with identical centers
     union = torch.cat([_shard(0), _shard(1)])  # rank order: the all-gather's order
@@ -172,8 +207,8 @@ def _dist_kmeans_other_seed_per_rank(config: dict):
     return comm.all_gather_cat(centers[None])
 
 
-def test_kmeans_seeding_runs_on_rank_0_and_is_broadcast(ray_local, tmp_path):
-    every = _fit_ray({"fn": _dist_kmeans_other_seed_per_rank, "storage": str(tmp_path)}, 2)
+def test_kmeans_seeding_runs_on_rank_0_and_is_broadcast(gloo_checks):
+    every = _result(gloo_checks, "kmeans_seed")  # _dist_kmeans_other_seed_per_rank
     assert torch.equal(every[0], every[1])
     union = torch.cat([_shard(0), _shard(0)])
     assert torch.allclose(every[0], fit_centers(union, 6, 3, LocalComm(), seed=7), atol=1e-4)
@@ -247,10 +282,10 @@ def _every_loss_subset(config: dict):
     return torch.tensor(steps)
 
 
-def test_ddp_trains_with_every_subset_of_the_losses(ray_local, tmp_path):
+def test_ddp_trains_with_every_subset_of_the_losses(gloo_checks):
     # With a loss off, its parameters must not exist: DDP fails at step 2 otherwise
     # ("Expected to have finished reduction in the prior iteration ...").
-    steps = _fit_ray({"fn": _every_loss_subset, "storage": str(tmp_path)}, num_workers=2)
+    steps = _result(gloo_checks, "loss_subsets")  # _every_loss_subset on two workers
     # 4 images × 4 samples / global batch 4 = 4 steps per subset.
     assert steps.tolist() == [4.0] * len(_LOSS_SUBSETS)
 
