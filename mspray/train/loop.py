@@ -98,7 +98,7 @@ class ScaleTrainer:
             % (2**63)
         )
 
-    def _draw(
+    def draw(
         self, n_images: int, n: int, h: int, w: int, g: torch.Generator
     ) -> dict[str, sampling.Samples]:
         """Positions for one epoch, keyed by sample kind. As in the paper (sec. 3.3), SVDD
@@ -206,7 +206,7 @@ class ScaleTrainer:
         h, w = images.shape[-2:]
         # The whole epoch's draw is made even when max_steps cuts it short, so the samples of
         # every step do not depend on the budget.
-        s = self._draw(images.shape[0], steps * local_batch, h, w, g)
+        s = self.draw(images.shape[0], steps * local_batch, h, w, g)
         self._aug = self._generator(epoch, 3)
         left = self.t.max_steps - self.steps if self.t.max_steps else steps
         sums: dict[str, float] = {}

@@ -37,7 +37,7 @@ def loss_validation(self: Any, images: torch.Tensor) -> dict[str, float]:
     s: dict[str, sampling.Samples] = {}
     if n_local:
         g = torch.Generator().manual_seed(self.t.seed + 12_345 + self.comm.rank)
-        s = self._draw(n_local, n, *images.shape[-2:], g)
+        s = self.draw(n_local, n, *images.shape[-2:], g)
     bs = max(1, self.t.batch_size)
 
     def embed(name: str) -> list[torch.Tensor]:

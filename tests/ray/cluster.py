@@ -52,7 +52,8 @@ FIXED_GPU_NODE_CPUS = 1
 OBJECT_STORE_BYTES = 150 * 2**20
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -204,7 +205,7 @@ def autoscaling_cluster(
     from ray.util import get_node_ip_address
 
     ray.shutdown()
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "autoscaler.json"
     gcs = f"{get_node_ip_address()}:{port}"
     config.write_text(json.dumps(autoscaler_config(gcs, max_cpu_workers, max_gpu_workers)))
@@ -261,7 +262,7 @@ def ray_start_head(tmp_root: Path, num_cpus: int = 2) -> Iterator[str]:
     starts a small local cluster; yields its GCS address. Stopped by signalling the ``ray
     start --block`` process and killing, by pid, what is left of its process group; never
     ``ray stop``, which would stop every Ray on the machine."""
-    ports = sorted({_free_port() for _ in range(8)})[:6]
+    ports = sorted({free_port() for _ in range(8)})[:6]
     gcs, agent_http, agent_grpc, rt_env, metrics, nm = ports
     cmd = [
         _ray_executable(), "start", "--head", "--block", "--disable-usage-stats",

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from cluster import _free_port, private_ray_env, ray_start_head  # tests/ray/cluster.py
+from cluster import free_port, private_ray_env, ray_start_head  # tests/ray/cluster.py
 
 PROBE = """
 import json, sys, ray
@@ -64,6 +64,6 @@ def test_no_address_is_private_next_to_a_ray_start_head_and_auto_joins_it(short_
 def test_a_stale_address_file_does_not_stop_a_local_command(short_tmp):
     address_file = short_tmp / "ray" / "ray_current_cluster"
     address_file.parent.mkdir()
-    address_file.write_text(f"127.0.0.1:{_free_port()}")  # a head that died
+    address_file.write_text(f"127.0.0.1:{free_port()}")  # a head that died
     got = _probe(short_tmp)
     assert got["default"]["started"] and got["default"]["cpus"] >= got["min_cpus"]

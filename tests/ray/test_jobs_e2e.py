@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cluster import free_port  # tests/ray/cluster.py
 
 from mspray.model.backbone import random_stem_state
 from mspray.model.scales import STEM_LAYERS
@@ -50,16 +51,10 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
-
-
 def _free_ports(n: int) -> list[int]:
     ports: set[int] = set()
     while len(ports) < n:
-        ports.add(_free_port())
+        ports.add(free_port())
     return sorted(ports)
 
 
@@ -386,7 +381,7 @@ def test_deploy_job_serves_the_bundle_and_updates_in_place(
     setting is applied by the same replica (no restart) and also waits for RUNNING."""
     from mspray.ray.serve.deploy import apply_overrides, deploy, load_config
 
-    port = _free_port()
+    port = free_port()
     _, logs = ray_cluster.run_job(
         f"python ray_jobs/deploy.py --bundle {trained.bundle} --device cpu --num-cpus 1 "
         f"--replicas 1 --max-replicas 1 --http-host 127.0.0.1 --http-port {port} "

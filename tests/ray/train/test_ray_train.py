@@ -128,7 +128,7 @@ def _fixed_problem(cfg: MSPrayConfig):
     images = normalize(torch.rand(4, 3, 64, 64, generator=g))
     centers = torch.randn(cfg.train.n_centers, cfg.model.embed_dim, generator=g)
     probe = ScaleTrainer(cfg, SCALE, build_scale_model(cfg, SCALE, None))
-    draws = probe._draw(images.shape[0], STEPS * GLOBAL_BATCH, 64, 64, g)
+    draws = probe.draw(images.shape[0], STEPS * GLOBAL_BATCH, 64, 64, g)
     return images, centers, draws
 
 
