@@ -103,8 +103,8 @@ def calibrate_from_summary(
     det.meta["calibration"] = cal.to_dict()
     # kept in the bundle so a nightly report can compare the night's normal-looking
     # scores with these (drift) and state the expected anomaly rate
+    det.meta.pop("threshold_quantile", None)  # the legacy rule's key: the promise replaces it
     det.meta.update(
-        threshold_quantile=1.0 - cal.promised_fpr,
         threshold_margin=det.cfg.score.threshold_margin,
         calibration_scores=quantile_sketch(scores, MAX_CALIBRATION_SCORES),
     )

@@ -118,12 +118,13 @@ def calibration_from_bundle(bundle: str) -> Reference:
     threshold = _float_or_none(meta.get("threshold"))
     scores = meta.get("calibration_scores")
     scores = [float(s) for s in scores] if scores else None
-    quantile, margin = meta.get("threshold_quantile"), meta.get("threshold_margin")
-    if quantile is None:
-        score_cfg = read_config(bundle).score
-        quantile, margin = score_cfg.threshold_quantile, score_cfg.threshold_margin
+    margin = meta.get("threshold_margin")
     cal = _calibration(meta["calibration"]) if isinstance(meta.get("calibration"), dict) else None
-    if cal is None:
+    if cal is None:  # a bundle calibrated before the promise was stored
+        quantile = meta.get("threshold_quantile")
+        if quantile is None:
+            score_cfg = read_config(bundle).score
+            quantile, margin = score_cfg.threshold_quantile, score_cfg.threshold_margin
         cal = _quantile_calibration(threshold, _float_or_none(quantile), scores)
     return Reference(
         version=meta.get("version"),
