@@ -11,8 +11,10 @@ batch 64, 20 epochs) on ``--n-images`` synthetic texture images (10 % held out):
   bank images and 32 + 128 whole query images at inference stride, a random 20 000-row
   bank, ``torch.cdist``), kept here as :func:`former_selection`;
 - ``added``: selection's share of the scale's training time over ``--epochs`` epochs:
-  (set + (epochs + 1 candidates) × select) / (epochs × train). The fused check costs nothing more
-  in one process (its candidates are cached); the former one ran every scale twice more.
+  (set + candidates × select) / (epochs × train), the candidates being epoch 0, every
+  ``train.select_every``-th epoch and the last (6 of 21 at the defaults; ``--every 1``: all).
+  The fused check costs nothing more in one process (its candidates are cached); the
+  former one ran every scale twice more.
 
     nice python benchmarks/bench_selection.py --image-size 256 --n-images 40
 """
@@ -85,6 +87,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="timed optimiser steps per scale")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--no-former", action="store_true", help="skip the former selection")
+    ap.add_argument("--every", type=int, default=None, help="train.select_every (default: its)")
     args = ap.parse_args()
     scales = tuple(int(s) for s in args.scales.split(","))
     cfg = MSPrayConfig().replace(
@@ -96,6 +99,8 @@ def main() -> None:
             "train.epochs": args.epochs,
         }
     )
+    if args.every:
+        cfg = cfg.replace(**{"train.select_every": args.every})
     cfg = no_imagenet_defaults(cfg, False)
     root = tempfile.mkdtemp(prefix="mspray-bench-selection-")
     make_synthetic_dataset(
@@ -110,7 +115,8 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, fp32; {len(tr_uris)} train + {len(val_uris)} "
         f"held-out images, {args.image_size}px, {cfg.train.samples_per_image} samples/image, "
-        f"batch {cfg.train.batch_size}, {args.epochs} epochs"
+        f"batch {cfg.train.batch_size}, {args.epochs} epochs, selection every "
+        f"{cfg.train.select_every}"
     )
     print("| scale | train s/epoch | set s | select s | added | former select s | former added |")
     print("|---|---|---|---|---|---|---|")
@@ -135,8 +141,9 @@ def main() -> None:
         maps = selection.scale_maps(model.encoder, sel, cfg)
         selection.detection_metrics(maps, sel, cfg)
         t_sel = time.perf_counter() - t0 - t_build
-        e = args.epochs
-        added = (t_build + (e + 1) * t_sel) / (e * t_epoch)
+        e, every = args.epochs, cfg.train.select_every
+        n_cand = 1 + sum(1 for k in range(1, e + 1) if k % every == 0 or k == e)
+        added = (t_build + n_cand * t_sel) / (e * t_epoch)
         former = "-"
         former_added = "-"
         if not args.no_former:

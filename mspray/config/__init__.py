@@ -139,6 +139,13 @@ class TrainConfig(Section):
         "checkpoint selection: synthetic anomalies in held-out images (epoch 0 a candidate), "
         "the loss-based validation score, or the last epoch",
     )
+    # selection costs about a third of a default epoch at scale 16 (benchmarks/
+    # bench_selection.py): every 4th epoch keeps it under a quarter of the training time
+    select_every: int = setting(
+        4,
+        "synthetic selection scores epoch 0, every N-th epoch and the last one (N=1: every epoch)",
+        ge=1,
+    )
     losses: tuple[Literal["svdd", "cos", "ssl", "kmeans"], ...] = flag(
         LOSS_NAMES, "loss terms used, a subset of svdd,cos,ssl,kmeans (drop some for an ablation)"
     )

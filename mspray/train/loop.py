@@ -7,14 +7,15 @@ time: the same seed, config, device kind and torch thread count give bit-identic
 (a budget, if any, is ``max_steps``; on CUDA the kernels are made deterministic, see
 :func:`deterministic_cuda`). Another thread count or device kind rounds differently.
 
-Model selection (``train.selection``). ``synthetic`` (the default): every candidate epoch,
-epoch 0 (the encoders as they start) included, is ranked by how well it detects synthetic
-anomalies pasted into the held-out normal images, image and pixel AUROC
-(:mod:`mspray.train.selection`); training therefore never hands back encoders that detect
-worse than the untrained ones on that signal. ``loss``: the lowest validation score, a
-scale-free version of eq. 5 on a fixed draw (:meth:`ScaleTrainer.validate`; it cannot rank
-epochs when SSL stays at chance, and it never considers epoch 0). ``last``: the last epoch.
-Without held-out images the last epoch is kept.
+Model selection (``train.selection``). ``synthetic`` (the default): every candidate epoch
+(epoch 0, the encoders as they start; every ``train.select_every``-th epoch; the last) is
+ranked by how well it detects synthetic anomalies pasted into the held-out normal images,
+image and pixel AUROC (:mod:`mspray.train.selection`); training therefore never hands back
+encoders that detect worse than the untrained ones on that signal. ``loss``: the lowest
+validation score, a scale-free version of eq. 5 on a fixed draw
+(:meth:`ScaleTrainer.validate`; it cannot rank epochs when SSL stays at chance, and it
+never considers epoch 0). ``last``: the last epoch. Without held-out images the last epoch
+is kept.
 """
 
 from __future__ import annotations
@@ -320,14 +321,16 @@ class ScaleTrainer:
             metrics = self.train_epoch(train, epoch)
             if use_val:
                 metrics.update(self.validate(val))
-            if mode == "synthetic":
+            candidate = mode != "synthetic" or self._candidate(epoch + 1, metrics)
+            if mode == "synthetic" and candidate:
                 t1 = time.perf_counter()
                 metrics.update({f"sel_{k}": v for k, v in self._detect(sel).items()})
                 metrics["selection_seconds"] = time.perf_counter() - t1
             metrics["epoch"] = epoch + 1
             metrics["seconds"] = time.perf_counter() - t0
             self.epoch = epoch + 1
-            self._consider(metrics, mode)
+            if candidate:
+                self._consider(metrics, mode)
             metrics["best_val_score"] = self.best_val
             metrics["best_epoch"] = self.best_epoch
             self.history.append(metrics)
@@ -347,6 +350,13 @@ class ScaleTrainer:
             )
             log.info("scale %d: epoch %d selected (%s)", self.scale, self.best_epoch, table)
         return self.history
+
+    def _candidate(self, epoch: int, metrics: dict[str, float]) -> bool:
+        """Whether synthetic selection scores the weights after ``epoch``: every
+        ``train.select_every``-th epoch and the run's last (the same on every rank)."""
+        budget = self.t.max_steps and self.steps >= self.t.max_steps
+        last = epoch >= self.t.epochs or bool(budget or metrics.get("stopped_at_max_steps"))
+        return last or epoch % self.t.select_every == 0
 
     def _consider(self, m: dict[str, float], mode: str) -> None:
         """Keep the current weights if they beat the best so far (ties keep the earlier)."""

@@ -11,6 +11,7 @@ from mspray.pipeline.steps import fit_detector
 
 def test_two_single_process_runs_write_bit_identical_weights(tiny_cfg, synthetic_root, tmp_path):
     cfg = tiny_cfg.replace(**{"train.epochs": 2, "model.scales": (16,), "model.strides": (4,)})
+    cfg = cfg.replace(**{"train.select_every": 1})
     uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
     for name in ("a", "b"):
         fit_detector(cfg, uris, out=str(tmp_path / name))

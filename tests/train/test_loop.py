@@ -93,7 +93,7 @@ def test_fit_keeps_the_last_weights_for_resuming_and_the_selected_ones_apart():
 
 
 def test_synthetic_selection_ranks_every_epoch_the_untrained_one_included():
-    cfg = _cfg(**{"train.epochs": 2})
+    cfg = _cfg(**{"train.epochs": 2, "train.select_every": 1})
     model = build_scale_model(cfg, 16, None)
     start = copy.deepcopy(model.state_dict())
     tr = ScaleTrainer(cfg, 16, model)
@@ -116,6 +116,31 @@ def test_synthetic_selection_ranks_every_epoch_the_untrained_one_included():
     assert tr.best_epoch == 0, tr.candidates
     for k, v in tr.best_model_state().items():
         assert torch.equal(v, start[k]), k
+
+
+@pytest.mark.parametrize(
+    ("epochs", "every", "budget_epochs", "want"),
+    [
+        (5, 2, 0, [0, 2, 4, 5]),
+        (4, 4, 0, [0, 4]),
+        (20, 4, 0, [0, 4, 8, 12, 16, 20]),
+        (8, 4, 3, [0, 3]),
+    ],
+)
+def test_selection_scores_every_nth_epoch_and_the_last(epochs, every, budget_epochs, want):
+    # selection's cost is bounded by scoring fewer candidates, never by skipping the last
+    # epoch, even when a step budget ends the run early (here exactly at an epoch's end)
+    over = {"train.epochs": epochs, "train.select_every": every}
+    cfg = _cfg(**over, **{"train.samples_per_image": 4, "train.batch_size": 8})
+    per_epoch = 3  # 6 images x 4 samples / batch 8
+    cfg = cfg.replace(**{"train.max_steps": budget_epochs * per_epoch})
+    tr = ScaleTrainer(cfg, 16, build_scale_model(cfg, 16, None))
+    hist = tr.fit(_images(), _images(2, seed=1))
+    assert [int(h["steps"]) for h in hist][:1] == [per_epoch]
+    assert [int(c["epoch"]) for c in tr.candidates] == want
+    scored = [int(h["epoch"]) for h in hist if "selection_seconds" in h]
+    assert scored == want[1:]
+    assert tr.best_epoch in want
 
 
 def test_ablation_trains_without_a_loss_and_without_its_head():

@@ -297,7 +297,8 @@ def test_two_gloo_runs_with_one_seed_write_bit_identical_weights(
     from mspray.pipeline.steps import fit_detector
     from mspray.ray.executor import RayExecutor
 
-    cfg = _cfg(**{"train.epochs": 2, "train.val_fraction": 0.25, "train.workers": 2})
+    over = {"train.epochs": 2, "train.val_fraction": 0.25, "train.workers": 2}
+    cfg = _cfg(**over, **{"train.select_every": 1})
     uris = train_paths(f"mvtec:{synthetic_root}", "synthetic")
     for name in ("a", "b"):
         rt = ray_train.ray_scale_trainer(run_name=f"det-{name}", storage=str(tmp_path / "runs"))
@@ -326,7 +327,8 @@ def test_injected_failure_resumes_from_the_last_checkpoint(ray_local, split, tmp
         keep_checkpoints=None,
         epoch_hook=FailOnce(epoch=2, marker=marker, mode="raise"),
     )
-    models = rt(_cfg(**{"train.workers": 2, "train.max_failures": 1}), *split)
+    over = {"train.workers": 2, "train.max_failures": 1, "train.select_every": 1}
+    models = rt(_cfg(**over), *split)
 
     assert os.path.exists(marker)  # it did fail once
     result = rt.results[SCALE]
