@@ -7,15 +7,13 @@ time: the same seed, config, device kind and torch thread count give bit-identic
 (a budget, if any, is ``max_steps``; on CUDA the kernels are made deterministic, see
 :func:`deterministic_cuda`). Another thread count or device kind rounds differently.
 
-Model selection (``train.selection``). ``synthetic`` (the default): every candidate epoch
-(epoch 0, the encoders as they start; every ``train.select_every``-th epoch; the last) is
-ranked by how well it detects synthetic anomalies pasted into the held-out normal images,
-image and pixel AUROC (:mod:`mspray.train.selection`); training therefore never hands back
-encoders that detect worse than the untrained ones on that signal. ``loss``: the lowest
-validation score, a scale-free version of eq. 5 on a fixed draw
-(:meth:`ScaleTrainer.validate`; it cannot rank epochs when SSL stays at chance, and it
-never considers epoch 0). ``last``: the last epoch. Without held-out images the last epoch
-is kept.
+Model selection (``train.selection``). ``synthetic`` (the default): the candidate epochs
+(epoch 0, the encoders as they start; every ``train.select_every``-th; the last) are ranked
+by how well they detect synthetic anomalies pasted into held-out normal images, image and
+pixel AUROC (:mod:`mspray.train.selection`), so training never hands back encoders that
+detect them worse than the untrained ones. ``loss``: the lowest validation score, eq. 5
+made scale-free on a fixed draw (:meth:`ScaleTrainer.validate`; blind while SSL is at
+chance; never epoch 0). ``last``: the last epoch, also kept without held-out images.
 """
 
 from __future__ import annotations
@@ -321,7 +319,7 @@ class ScaleTrainer:
             metrics = self.train_epoch(train, epoch)
             if use_val:
                 metrics.update(self.validate(val))
-            candidate = mode != "synthetic" or self._candidate(epoch + 1, metrics)
+            candidate = mode != "synthetic" or self._candidate(epoch + 1)
             if mode == "synthetic" and candidate:
                 t1 = time.perf_counter()
                 metrics.update({f"sel_{k}": v for k, v in self._detect(sel).items()})
@@ -351,12 +349,11 @@ class ScaleTrainer:
             log.info("scale %d: epoch %d selected (%s)", self.scale, self.best_epoch, table)
         return self.history
 
-    def _candidate(self, epoch: int, metrics: dict[str, float]) -> bool:
+    def _candidate(self, epoch: int) -> bool:
         """Whether synthetic selection scores the weights after ``epoch``: every
         ``train.select_every``-th epoch and the run's last (the same on every rank)."""
-        budget = self.t.max_steps and self.steps >= self.t.max_steps
-        last = epoch >= self.t.epochs or bool(budget or metrics.get("stopped_at_max_steps"))
-        return last or epoch % self.t.select_every == 0
+        out_of_steps = self.t.max_steps and self.steps >= self.t.max_steps
+        return epoch >= self.t.epochs or bool(out_of_steps) or epoch % self.t.select_every == 0
 
     def _consider(self, m: dict[str, float], mode: str) -> None:
         """Keep the current weights if they beat the best so far (ties keep the earlier)."""
