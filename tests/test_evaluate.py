@@ -5,32 +5,17 @@ import pytest
 from mspray.cli import main
 
 
+def _train(root, out, *flags: str) -> int:
+    """``mspray train`` on the synthetic set, random init at 64 px, plus ``flags``."""
+    base = ["-q", "train", "--data", f"mvtec:{root}", "--category", "synthetic"]
+    return main([*base, "--out", str(out), "--no-pretrained", "--image-size", "64", *flags])
+
+
 @pytest.fixture(scope="module")
 def bundle(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "bundle"
-    rc = main(
-        [
-            "-q",
-            "train",
-            "--data",
-            f"mvtec:{synthetic_root}",
-            "--category",
-            "synthetic",
-            "--out",
-            str(out),
-            "--epochs",
-            "1",
-            "--no-pretrained",
-            "--image-size",
-            "64",
-            "--scales",
-            "32,16",
-            "--samples-per-image",
-            "4",
-            "--device",
-            "cpu",
-        ]
-    )
+    rc = _train(synthetic_root, out, "--epochs", "1", "--scales", "32,16",
+                "--samples-per-image", "4", "--device", "cpu")  # fmt: skip
     assert rc == 0
     return out
 
@@ -149,26 +134,7 @@ def test_cli_train_no_banks_saves_encoders_only(synthetic_root, tmp_path, capsys
     from mspray.artifacts.bundle import BundleError, load_bundle, resolve_bundle
 
     out = tmp_path / "enc"
-    rc = main(
-        [
-            "-q",
-            "train",
-            "--data",
-            f"mvtec:{synthetic_root}",
-            "--category",
-            "synthetic",
-            "--out",
-            str(out),
-            "--epochs",
-            "0",
-            "--no-pretrained",
-            "--image-size",
-            "64",
-            "--scales",
-            "16",
-            "--no-banks",
-        ]
-    )
+    rc = _train(synthetic_root, out, "--epochs", "0", "--scales", "16", "--no-banks")
     assert rc == 0
     assert not list(out.rglob("bank_*.faiss")) and list(out.glob("versions/*/meta.json"))
     printed = json.loads(capsys.readouterr().out)

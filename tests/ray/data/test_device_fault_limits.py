@@ -7,13 +7,10 @@ node by ``gpu_fault/sitecustomize.py``."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from mspray import storage
 from mspray.artifacts.output import read_results
 from mspray.config import PoolConfig
 from mspray.config.runs import ScoreRun
@@ -22,26 +19,16 @@ from mspray.ray.runtime import ACTOR_RESTARTS, HARDWARE_RETRIES
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
-HOOKS = str(Path(__file__).parent / "gpu_fault")
-
 
 def _pids(state: Path) -> list[str]:
     return [line.split()[0] for line in (state / "calls.log").read_text().splitlines()]
 
 
-def test_device_errors_become_error_rows_after_bounded_restarts(sim_connect, tiny_bundle, tmp_path):
-    bundle, spec = tiny_bundle
-    src = storage.list_files(os.path.join(spec.split(":", 1)[1], "synthetic", "test"))
-    inp = tmp_path / "in"
-    inp.mkdir()
-    for i in range(6):
-        shutil.copy(src[i % len(src)], inp / f"{i:03d}.png")
-    state = tmp_path / "fault"
-    state.mkdir()
-    env = {
-        "PYTHONPATH": os.pathsep.join(p for p in (HOOKS, os.environ.get("PYTHONPATH")) if p),
-        "MSPRAY_TEST_GPU_FAULT": str(state),
-    }
+def test_device_errors_become_error_rows_after_bounded_restarts(
+    sim_connect, tiny_bundle, gpu_fault, tmp_path
+):
+    bundle = tiny_bundle[0]
+    inp, state, env = gpu_fault(6)
     run = {"pool": PoolConfig(workers=1), "overrides": {"score.device": "cuda"}}
     with sim_connect(env):
         # a kernel built for another GPU: every call fails the same way, in any process

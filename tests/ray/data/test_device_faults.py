@@ -5,14 +5,10 @@ failing every unit it pulls. The fault is injected on a simulated "GPU" node by
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-from mspray import storage
 from mspray.artifacts.output import read_results
 from mspray.config import PoolConfig
 from mspray.config.runs import ScoreRun
@@ -20,24 +16,12 @@ from mspray.ray.data.scoring import score_prefix
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-HOOKS = str(Path(__file__).parent / "gpu_fault")
-
 
 def test_a_gpu_actor_with_a_broken_cuda_context_is_replaced_and_its_unit_retried(
-    sim_connect, tiny_bundle, tmp_path
+    sim_connect, tiny_bundle, gpu_fault, tmp_path
 ):
-    bundle, spec = tiny_bundle
-    src = storage.list_files(os.path.join(spec.split(":", 1)[1], "synthetic", "test"))
-    inp = tmp_path / "in"
-    inp.mkdir()
-    for i in range(12):
-        shutil.copy(src[i % len(src)], inp / f"{i:03d}.png")
-    state = tmp_path / "fault"
-    state.mkdir()
-    env = {
-        "PYTHONPATH": os.pathsep.join(p for p in (HOOKS, os.environ.get("PYTHONPATH")) if p),
-        "MSPRAY_TEST_GPU_FAULT": str(state),
-    }
+    bundle = tiny_bundle[0]
+    inp, state, env = gpu_fault(12)
     out = str(tmp_path / "out")
     with sim_connect(env):
         s = score_prefix(
