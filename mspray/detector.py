@@ -72,6 +72,13 @@ def resolve_search_cells(cells: str, device: torch.device) -> bool:
     return device.type == "cpu" if cells == "auto" else cells == "on"
 
 
+def resolve_memory_format(channels_last: bool, device: torch.device | str) -> torch.memory_format:
+    """``score.channels_last`` -> the encoders' layout: NHWC (same values; oneDNN's
+    convolutions are faster in it) unless off or on MPS."""
+    on = channels_last and torch.device(device).type != "mps"
+    return torch.channels_last if on else torch.contiguous_format
+
+
 def search_bank(
     bank: PatchBank, queries: torch.Tensor, cfg: BankConfig, device: torch.device | str
 ) -> torch.Tensor:
@@ -159,10 +166,10 @@ class Detector:
         self.threshold = threshold
         self.meta: dict = dict(meta or {})
         self.precision = resolve_precision(cfg.score.precision, self.device)
-        self.channels_last = cfg.score.channels_last and self.device.type != "mps"
+        layout = resolve_memory_format(cfg.score.channels_last, self.device)
+        self.channels_last = layout == torch.channels_last
         if self.channels_last:
-            # same values, NHWC storage: oneDNN's convolutions are faster in this layout
-            self.model.to(memory_format=torch.channels_last)
+            self.model.to(memory_format=layout)
         self.search_precision = resolve_search_precision(cfg.bank.search_precision, self.device)
         self.search_cells = resolve_search_cells(cfg.bank.search_cells, self.device)
         self.runtime = cfg.score.runtime

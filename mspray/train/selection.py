@@ -41,7 +41,7 @@ from mspray.bank import PatchBank
 from mspray.config import MSPrayConfig
 from mspray.config.run import progress_bar
 from mspray.data.anomalies import KINDS, paste_anomalies
-from mspray.detector import search_bank
+from mspray.detector import resolve_memory_format, search_bank
 from mspray.evaluation import metrics
 from mspray.model.encoder import PatchEncoder
 from mspray.model.multiscale import normalize
@@ -183,13 +183,6 @@ class SelectionSet:
         return sel
 
 
-def _layout(cfg: MSPrayConfig, device) -> torch.memory_format:
-    """The detector's layout: channels_last (oneDNN's convolutions are faster in it) unless
-    ``score.channels_last`` is off or on MPS."""
-    cl = cfg.score.channels_last and torch.device(device).type != "mps"
-    return torch.channels_last if cl else torch.contiguous_format
-
-
 @torch.no_grad()
 def _grid(
     enc: PatchEncoder, images: torch.Tensor, step: int, device, bs: int, bar: Any, layout
@@ -233,7 +226,7 @@ def _patch_scores(
         unit="img",
         leave=False,
     )
-    layout = _layout(cfg, device)
+    layout = resolve_memory_format(cfg.score.channels_last, device)
     # a copy in eval mode and the detector's layout: the model in training keeps its own
     scoring = copy.deepcopy(enc).eval().to(memory_format=layout)
     try:
