@@ -174,10 +174,15 @@ def _train_worker(config: dict[str, Any]) -> None:
 
     train_uris = config["train_uris"][rank::world]
     val_uris = config["val_uris"][rank::world]
-    size = cfg.model.image_size
+    # Synthetic-anomaly selection runs on rank 0 over all held-out images (the others wait
+    # in its collective): an AUROC cannot be summed over shards. One worker's share is all
+    # of them (``select`` None: fit selects on ``val``).
+    select = None
     with use_run(progress=False):
         train = load_images(train_uris, size)
         val = load_images(val_uris, size) if config["val_uris"] else None
+        if rank == 0 and world > 1 and config["val_uris"]:
+            select = load_images(config["val_uris"], size)
 
     def on_epoch_end(t: ScaleTrainer, metrics: dict[str, float]) -> None:
         # ``metrics`` is also the history entry: recording the attempt's first epoch there
@@ -204,12 +209,6 @@ def _train_worker(config: dict[str, Any]) -> None:
                 consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
             )
 
-    # Synthetic-anomaly selection runs on rank 0 over all held-out images (the others wait
-    # in its collective): an AUROC cannot be summed over shards.
-    select = None
-    if rank == 0 and config["val_uris"]:
-        with use_run(progress=False):
-            select = load_images(config["val_uris"], size)
     tr.fit(train, val, on_epoch_end=on_epoch_end, select_images=select)
 
 
